@@ -1,0 +1,68 @@
+//! Counters every part of the daemon bumps and the status answer (and later
+//! the HTTP metrics endpoint) reads. Plain relaxed atomics: no locks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// The daemon's counters and gauges.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Metrics {
+            /// Every counter with its name, for exposition.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections accepted since start.
+    connections_accepted,
+    /// Connections open now.
+    connections_open,
+    /// Connections refused (limit reached).
+    connections_refused,
+    /// Frames decoded into messages.
+    frames_received,
+    /// Frames rejected as oversized, empty or undecodable.
+    frames_invalid,
+    /// Log entries received (each batch entry counts).
+    logs_received,
+    /// Log rows inserted.
+    logs_stored,
+    /// Log rows skipped because their id was already stored.
+    logs_duplicate,
+    /// Log entries rejected (nothing stored).
+    logs_rejected,
+    /// Write transactions committed.
+    commits,
+    /// Write transactions that failed.
+    commit_errors,
+    /// Queries answered.
+    queries,
+    /// Failed authentications.
+    auth_failures,
+    /// Times a connection was paused for backpressure.
+    backpressure_pauses,
+    /// Times a connection was paused by its rate limit.
+    rate_limit_pauses,
+    /// WAL checkpoints run.
+    checkpoints,
+}
+
+impl Metrics {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

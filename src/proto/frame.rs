@@ -1,0 +1,357 @@
+//! The pure frame codec: a 4-byte little-endian length, then that many bytes
+//! of MessagePack. No I/O here, so every edge is unit-testable.
+
+use super::message::Message;
+use thiserror::Error;
+
+/// Bytes in the length prefix.
+pub const HEADER_LEN: usize = 4;
+/// Largest body a frame may carry (1 MiB).
+pub const MAX_FRAME_LEN: usize = 1_048_576;
+
+/// A length prefix that cannot be resynchronised: the connection must close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum FrameError {
+    /// Declared length 0.
+    #[error("frame length 0 is invalid (1 to {MAX_FRAME_LEN} bytes allowed)")]
+    Empty,
+    /// Declared length above [`MAX_FRAME_LEN`].
+    #[error("frame length {0} exceeds the limit of {MAX_FRAME_LEN} bytes")]
+    TooLarge(u32),
+}
+
+/// A frame body that is not a valid `Message`; framing stays intact.
+#[derive(Debug, Error)]
+#[error("invalid message: {0}")]
+pub struct DecodeError(#[from] rmp_serde::decode::Error);
+
+/// A message that cannot be framed.
+#[derive(Debug, Error)]
+pub enum EncodeError {
+    /// Serialisation failed.
+    #[error("cannot encode message: {0}")]
+    Serialize(#[from] rmp_serde::encode::Error),
+    /// The encoded body exceeds [`MAX_FRAME_LEN`].
+    #[error("encoded message of {0} bytes exceeds the frame limit of {MAX_FRAME_LEN} bytes")]
+    TooLarge(usize),
+}
+
+/// Reads the length prefix at the start of `buf`.
+///
+/// `Ok(None)`: fewer than [`HEADER_LEN`] bytes so far. `Ok(Some(n))`: the
+/// body is `n` bytes (the whole frame is `HEADER_LEN + n`, which may not all
+/// be in `buf` yet). The length is checked before anything is allocated.
+pub fn frame_body_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    match len as usize {
+        0 => Err(FrameError::Empty),
+        n if n > MAX_FRAME_LEN => Err(FrameError::TooLarge(len)),
+        n => Ok(Some(n)),
+    }
+}
+
+/// Decodes one frame body, named-map or positional encoding.
+pub fn decode_message(body: &[u8]) -> Result<Message, DecodeError> {
+    Ok(rmp_serde::from_slice(body)?)
+}
+
+/// Appends `msg` as one frame (named-map encoding) to `out`.
+///
+/// On error `out` is left as it was.
+pub fn encode_message(msg: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    let result = rmp_serde::encode::write_named(out, msg);
+    let body_len = out.len() - start - HEADER_LEN;
+    if let Err(e) = result {
+        out.truncate(start);
+        return Err(e.into());
+    }
+    if body_len > MAX_FRAME_LEN {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge(body_len));
+    }
+    out[start..start + HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::message::*;
+    use uuid::Uuid;
+
+    fn log_message() -> Message {
+        Message {
+            id: Uuid::parse_str("0193f1e2-7c4a-7b3e-9d2f-1a2b3c4d5e6f").unwrap(),
+            timestamp: Timestamp::parse_rfc3339("2026-11-26T22:34:56.123456Z").unwrap(),
+            payload: Payload::LogEntry(LogFields {
+                level: LogLevel::Info,
+                component: "build".into(),
+                message: "compiled 12 crates".into(),
+                metadata: Some(rmpv::Value::Map(vec![(
+                    "crates".into(),
+                    rmpv::Value::from(12),
+                )])),
+                session_id: Some("s-1".into()),
+            }),
+        }
+    }
+
+    fn all_payloads() -> Vec<Payload> {
+        let id = Uuid::now_v7();
+        vec![
+            log_message().payload,
+            Payload::StartMonitoring {
+                path: "/tmp/x".into(),
+                recursive: true,
+                patterns: vec!["*.md".into()],
+            },
+            Payload::StopMonitoring {
+                path: "/tmp/x".into(),
+            },
+            Payload::SessionStart {
+                session_id: "s".into(),
+                identity: "me".into(),
+                agent_type: Some("claude".into()),
+                workspace: None,
+            },
+            Payload::SessionEnd {
+                session_id: "s".into(),
+            },
+            Payload::QueryLogs {
+                filter: LogFilter {
+                    min_level: Some(LogLevel::Warn),
+                    contains: Some("x".into()),
+                    since: Some(Timestamp::from_micros(5)),
+                    ..LogFilter::default()
+                },
+                limit: 10,
+            },
+            Payload::LogBatch {
+                entries: vec![LogFields {
+                    level: LogLevel::Error,
+                    component: "c".into(),
+                    message: "m".into(),
+                    metadata: None,
+                    session_id: None,
+                }],
+            },
+            Payload::Authenticate { token: "t".into() },
+            Payload::GetStatus,
+            Payload::Ping,
+            Payload::Acknowledgment {
+                request_id: id,
+                status: AckStatus::Rejected("why".into()),
+            },
+            Payload::Acknowledgment {
+                request_id: id,
+                status: AckStatus::Accepted,
+            },
+            Payload::LogResults {
+                entries: vec![StoredLog {
+                    id: 7,
+                    uuid: id,
+                    timestamp: Timestamp::from_micros(1_700_000_000_000_000),
+                    level: LogLevel::Debug,
+                    component: "c".into(),
+                    session_id: None,
+                    message: "m".into(),
+                    metadata: None,
+                }],
+                total_count: 1,
+            },
+            Payload::Error {
+                code: ErrorCode::Other("Novel".into()),
+                message: "m".into(),
+                details: Some(rmpv::Value::from("d")),
+            },
+            Payload::Status {
+                components: vec![ComponentStatus {
+                    name: "writer".into(),
+                    status: "healthy".into(),
+                    message: "ok".into(),
+                }],
+                uptime: std::time::Duration::from_millis(1500),
+            },
+        ]
+    }
+
+    fn body(frame: &[u8]) -> &[u8] {
+        let n = frame_body_len(frame).unwrap().unwrap();
+        assert_eq!(frame.len(), HEADER_LEN + n);
+        &frame[HEADER_LEN..]
+    }
+
+    #[test]
+    fn every_variant_round_trips_named() {
+        for payload in all_payloads() {
+            let msg = Message::new(payload);
+            let mut out = Vec::new();
+            encode_message(&msg, &mut out).unwrap();
+            assert_eq!(decode_message(body(&out)).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn every_variant_round_trips_positional() {
+        for payload in all_payloads() {
+            let msg = Message::new(payload);
+            let bytes = rmp_serde::to_vec(&msg).unwrap();
+            assert_eq!(decode_message(&bytes).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn named_encoding_is_a_map_with_named_keys() {
+        let mut out = Vec::new();
+        encode_message(&Message::new(Payload::Ping), &mut out).unwrap();
+        let value = rmpv::decode::read_value(&mut &out[HEADER_LEN..]).unwrap();
+        let map = value.as_map().expect("message is a map");
+        let keys: Vec<_> = map.iter().map(|(k, _)| k.as_str().unwrap()).collect();
+        assert_eq!(keys, ["id", "timestamp", "payload"]);
+        assert_eq!(map[0].1.as_slice().map(<[u8]>::len), Some(16));
+        assert_eq!(map[2].1.as_str(), Some("Ping"));
+    }
+
+    #[test]
+    fn seed_positional_log_without_session_field_decodes() {
+        // The seed's LogEntry has four fields; session_id is our extension.
+        let value = rmpv::Value::Array(vec![
+            rmpv::Value::Binary(vec![1; 16]),
+            rmpv::Value::from("2026-11-26T22:34:56Z"),
+            rmpv::Value::Map(vec![(
+                "LogEntry".into(),
+                rmpv::Value::Array(vec![
+                    "Warn".into(),
+                    "c".into(),
+                    "m".into(),
+                    rmpv::Value::Nil,
+                ]),
+            )]),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &value).unwrap();
+        let msg = decode_message(&bytes).unwrap();
+        let Payload::LogEntry(f) = msg.payload else {
+            panic!("not a log entry")
+        };
+        assert_eq!(f.level, LogLevel::Warn);
+        assert_eq!(f.session_id, None);
+    }
+
+    #[test]
+    fn id_accepts_uuid_string() {
+        let value = rmpv::Value::Map(vec![
+            ("id".into(), "0193f1e2-7c4a-7b3e-9d2f-1a2b3c4d5e6f".into()),
+            ("timestamp".into(), "2026-11-26T22:34:56+01:00".into()),
+            ("payload".into(), "Ping".into()),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &value).unwrap();
+        let msg = decode_message(&bytes).unwrap();
+        assert_eq!(msg.id, log_message().id);
+        assert_eq!(msg.timestamp.to_rfc3339(), "2026-11-26T21:34:56.000000Z");
+    }
+
+    #[test]
+    fn bad_id_and_unknown_variant_are_decode_errors() {
+        for value in [
+            rmpv::Value::Map(vec![
+                ("id".into(), rmpv::Value::Binary(vec![1; 15])),
+                ("timestamp".into(), "2026-11-26T22:34:56Z".into()),
+                ("payload".into(), "Ping".into()),
+            ]),
+            rmpv::Value::Map(vec![
+                ("id".into(), rmpv::Value::Binary(vec![1; 16])),
+                ("timestamp".into(), "2026-11-26T22:34:56Z".into()),
+                ("payload".into(), "Teleport".into()),
+            ]),
+            rmpv::Value::Map(vec![
+                ("id".into(), rmpv::Value::Binary(vec![1; 16])),
+                ("timestamp".into(), "yesterday".into()),
+                ("payload".into(), "Ping".into()),
+            ]),
+        ] {
+            let mut bytes = Vec::new();
+            rmpv::encode::write_value(&mut bytes, &value).unwrap();
+            assert!(decode_message(&bytes).is_err(), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn length_prefix_edges() {
+        assert_eq!(frame_body_len(&[]), Ok(None));
+        assert_eq!(frame_body_len(&[1, 0, 0]), Ok(None));
+        assert_eq!(frame_body_len(&0u32.to_le_bytes()), Err(FrameError::Empty));
+        assert_eq!(frame_body_len(&1u32.to_le_bytes()), Ok(Some(1)));
+        let max = MAX_FRAME_LEN as u32;
+        assert_eq!(frame_body_len(&max.to_le_bytes()), Ok(Some(MAX_FRAME_LEN)));
+        assert_eq!(
+            frame_body_len(&(max + 1).to_le_bytes()),
+            Err(FrameError::TooLarge(max + 1))
+        );
+        assert_eq!(
+            frame_body_len(&u32::MAX.to_le_bytes()),
+            Err(FrameError::TooLarge(u32::MAX))
+        );
+    }
+
+    #[test]
+    fn encode_refuses_bodies_over_the_limit_and_leaves_output_untouched() {
+        let big = |n: usize| {
+            Message::new(Payload::LogEntry(LogFields {
+                level: LogLevel::Info,
+                component: String::new(),
+                message: "x".repeat(n),
+                metadata: None,
+                session_id: None,
+            }))
+        };
+        let mut out = vec![9];
+        let probe = {
+            let mut v = Vec::new();
+            encode_message(&big(0), &mut v).unwrap();
+            v.len() - HEADER_LEN
+        };
+        // "x" * n is a str 32 header (5 bytes) for n >= 65536 instead of 1.
+        let fits = MAX_FRAME_LEN - probe - 4;
+        encode_message(&big(fits), &mut out).unwrap();
+        assert_eq!(frame_body_len(&out[1..]), Ok(Some(MAX_FRAME_LEN)));
+        let mut out = vec![9];
+        assert!(matches!(
+            encode_message(&big(fits + 1), &mut out),
+            Err(EncodeError::TooLarge(n)) if n == MAX_FRAME_LEN + 1
+        ));
+        assert_eq!(out, [9]);
+    }
+
+    #[test]
+    fn truncated_bodies_fail_to_decode() {
+        let mut out = Vec::new();
+        encode_message(&log_message(), &mut out).unwrap();
+        let full = &out[HEADER_LEN..];
+        for cut in 0..full.len() {
+            assert!(decode_message(&full[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x2545F4914F6CDD1Du64;
+        for len in 0..2000usize {
+            let bytes: Vec<u8> = (0..len % 97)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let _ = decode_message(&bytes);
+        }
+    }
+}

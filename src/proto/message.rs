@@ -1,0 +1,475 @@
+//! Message types of protocol v1, requests and answers alike.
+//!
+//! One `Payload` enum carries both directions, as in the seed design; the
+//! daemon answers an answer-only variant sent to it with `InvalidMessage`.
+
+use super::wire::uuid_bin;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// One frame's content: an id, a timestamp and a payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// The request's id (time-ordered UUIDv7 recommended); also the log's
+    /// deduplication key.
+    #[serde(with = "uuid_bin")]
+    pub id: Uuid,
+    /// When the sender created the message.
+    pub timestamp: Timestamp,
+    /// What the message says.
+    pub payload: Payload,
+}
+
+impl Message {
+    /// A message with a fresh UUIDv7 id stamped now.
+    pub fn new(payload: Payload) -> Self {
+        Message {
+            id: Uuid::now_v7(),
+            timestamp: Timestamp::now(),
+            payload,
+        }
+    }
+
+    /// An answer to the request with id `request_id`.
+    pub fn answer(payload: Payload) -> Self {
+        Message::new(payload)
+    }
+
+    /// An `Acknowledgment` answer.
+    pub fn ack(request_id: Uuid, status: AckStatus) -> Self {
+        Message::answer(Payload::Acknowledgment { request_id, status })
+    }
+
+    /// An `Error` answer.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Message::answer(Payload::Error {
+            code,
+            message: message.into(),
+            details: None,
+        })
+    }
+}
+
+/// Every variant of the protocol, externally tagged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Payload {
+    /// One structured log.
+    LogEntry(LogFields),
+    /// Start watching a directory for exports.
+    StartMonitoring {
+        /// Directory to watch.
+        path: String,
+        /// Whether subdirectories are watched too.
+        recursive: bool,
+        /// Glob patterns of export files.
+        patterns: Vec<String>,
+    },
+    /// Stop watching a directory.
+    StopMonitoring {
+        /// Directory to stop watching.
+        path: String,
+    },
+    /// An agent session begins; logs on this connection default to it.
+    SessionStart {
+        /// Caller-chosen session id.
+        session_id: String,
+        /// Who runs the session (user, agent identity).
+        identity: String,
+        /// Kind of agent, if known.
+        #[serde(default)]
+        agent_type: Option<String>,
+        /// Extension: the session's workspace directory, used to attribute
+        /// exports found below it.
+        #[serde(default)]
+        workspace: Option<String>,
+    },
+    /// An agent session ends.
+    SessionEnd {
+        /// The session that ends.
+        session_id: String,
+    },
+    /// Ask for stored logs.
+    QueryLogs {
+        /// Which logs match.
+        filter: LogFilter,
+        /// At most this many entries in the answer.
+        limit: u64,
+    },
+    /// Extension: many logs, one answer.
+    LogBatch {
+        /// The logs, each a `LogEntry` field map.
+        entries: Vec<LogFields>,
+    },
+    /// Extension: the shared token, first on a TCP connection when one is
+    /// configured.
+    Authenticate {
+        /// The shared secret.
+        token: String,
+    },
+    /// Extension: ask for the daemon's status.
+    GetStatus,
+    /// Extension: round-trip probe, answered with `Accepted`.
+    Ping,
+    /// Answer to log, batch, session, monitoring, authenticate and ping
+    /// requests.
+    Acknowledgment {
+        /// The id of the request answered.
+        #[serde(with = "uuid_bin")]
+        request_id: Uuid,
+        /// What became of it.
+        status: AckStatus,
+    },
+    /// Answer to `QueryLogs`.
+    LogResults {
+        /// The newest matches, oldest first.
+        entries: Vec<StoredLog>,
+        /// How many logs matched in all.
+        total_count: u64,
+    },
+    /// Answer to anything that failed.
+    Error {
+        /// The class of failure.
+        code: ErrorCode,
+        /// A readable sentence.
+        message: String,
+        /// Optional structured details.
+        #[serde(default)]
+        details: Option<rmpv::Value>,
+    },
+    /// Answer to `GetStatus`.
+    Status {
+        /// Each component's health.
+        components: Vec<ComponentStatus>,
+        /// Time since the daemon started.
+        uptime: Duration,
+    },
+}
+
+impl Payload {
+    /// The variant's name as it appears on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Payload::LogEntry(_) => "LogEntry",
+            Payload::StartMonitoring { .. } => "StartMonitoring",
+            Payload::StopMonitoring { .. } => "StopMonitoring",
+            Payload::SessionStart { .. } => "SessionStart",
+            Payload::SessionEnd { .. } => "SessionEnd",
+            Payload::QueryLogs { .. } => "QueryLogs",
+            Payload::LogBatch { .. } => "LogBatch",
+            Payload::Authenticate { .. } => "Authenticate",
+            Payload::GetStatus => "GetStatus",
+            Payload::Ping => "Ping",
+            Payload::Acknowledgment { .. } => "Acknowledgment",
+            Payload::LogResults { .. } => "LogResults",
+            Payload::Error { .. } => "Error",
+            Payload::Status { .. } => "Status",
+        }
+    }
+
+    /// True for variants only the daemon sends.
+    pub fn is_answer(&self) -> bool {
+        matches!(
+            self,
+            Payload::Acknowledgment { .. }
+                | Payload::LogResults { .. }
+                | Payload::Error { .. }
+                | Payload::Status { .. }
+        )
+    }
+}
+
+/// The fields of one log, in `LogEntry` and in each `LogBatch` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogFields {
+    /// Severity.
+    pub level: LogLevel,
+    /// Which part of the caller wrote it.
+    pub component: String,
+    /// The text.
+    pub message: String,
+    /// Any MessagePack value, or nil.
+    #[serde(default)]
+    pub metadata: Option<rmpv::Value>,
+    /// Extension: the session; absent means the connection's session.
+    #[serde(default)]
+    pub session_id: Option<String>,
+}
+
+/// Filters of `QueryLogs`; every key optional, all given keys must match.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogFilter {
+    /// Only logs at this level or more severe.
+    #[serde(default)]
+    pub min_level: Option<LogLevel>,
+    /// Only this component.
+    #[serde(default)]
+    pub component: Option<String>,
+    /// Only this session.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Only logs stamped at or after this time.
+    #[serde(default)]
+    pub since: Option<Timestamp>,
+    /// Only logs stamped before this time.
+    #[serde(default)]
+    pub until: Option<Timestamp>,
+    /// Only messages containing this substring.
+    #[serde(default)]
+    pub contains: Option<String>,
+    /// Extension for follow mode: only rows stored after this row id; the
+    /// answer then holds the *oldest* `limit` such rows (see PROTOCOL.md).
+    #[serde(default)]
+    pub after_id: Option<i64>,
+}
+
+/// A stored log as `QueryLogs` returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredLog {
+    /// Row id: increases with storage order.
+    pub id: i64,
+    /// The id of the message that carried the log.
+    #[serde(with = "uuid_bin")]
+    pub uuid: Uuid,
+    /// The sender's timestamp.
+    pub timestamp: Timestamp,
+    /// Severity.
+    pub level: LogLevel,
+    /// Which part of the caller wrote it.
+    pub component: String,
+    /// The log's session, if any.
+    pub session_id: Option<String>,
+    /// The text.
+    pub message: String,
+    /// The metadata as stored (JSON-shaped), or nil.
+    pub metadata: Option<rmpv::Value>,
+}
+
+/// One component's health in a `Status` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentStatus {
+    /// Component name (`ipc`, `writer`, `storage`, ...).
+    pub name: String,
+    /// `healthy`, `degraded` or `failed`.
+    pub status: String,
+    /// A readable summary with the component's key figures.
+    pub message: String,
+}
+
+/// Severity of a log, least to most severe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LogLevel {
+    /// Finest detail.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Something unexpected.
+    Warn,
+    /// A failure.
+    Error,
+}
+
+impl LogLevel {
+    /// Every level, least severe first.
+    pub const ALL: [LogLevel; 5] = [
+        LogLevel::Trace,
+        LogLevel::Debug,
+        LogLevel::Info,
+        LogLevel::Warn,
+        LogLevel::Error,
+    ];
+
+    /// The wire (and database) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "Trace",
+            LogLevel::Debug => "Debug",
+            LogLevel::Info => "Info",
+            LogLevel::Warn => "Warn",
+            LogLevel::Error => "Error",
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LogLevel {
+    type Err = String;
+
+    /// Case-insensitive; `warning` is accepted for `Warn`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "trace" => Ok(LogLevel::Trace),
+            "debug" => Ok(LogLevel::Debug),
+            "info" => Ok(LogLevel::Info),
+            "warn" | "warning" => Ok(LogLevel::Warn),
+            "error" => Ok(LogLevel::Error),
+            _ => Err(format!(
+                "unknown level `{s}` (expected trace, debug, info, warn or error)"
+            )),
+        }
+    }
+}
+
+/// What became of an acknowledged request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AckStatus {
+    /// Done; for logs: committed to the database.
+    Accepted,
+    /// Taken but not yet durable (fire-and-forget mode only).
+    Queued,
+    /// Nothing was stored; the reason says why.
+    Rejected(String),
+}
+
+/// The class of an `Error` answer, a string on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame's declared length exceeds 1 MiB.
+    FrameTooLarge,
+    /// The frame's declared length is zero.
+    InvalidFrame,
+    /// The body is not a valid `Message`.
+    InvalidMessage,
+    /// Authentication missing or wrong.
+    Unauthorized,
+    /// The client sends faster than allowed.
+    RateLimited,
+    /// The daemon cannot serve this now (shutting down, storage down).
+    Unavailable,
+    /// A valid message the daemon does not handle (yet).
+    Unsupported,
+    /// A well-formed request with invalid arguments.
+    InvalidRequest,
+    /// A bug or unexpected failure inside the daemon.
+    Internal,
+    /// A code this version does not know.
+    Other(String),
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorCode::FrameTooLarge => "FrameTooLarge",
+            ErrorCode::InvalidFrame => "InvalidFrame",
+            ErrorCode::InvalidMessage => "InvalidMessage",
+            ErrorCode::Unauthorized => "Unauthorized",
+            ErrorCode::RateLimited => "RateLimited",
+            ErrorCode::Unavailable => "Unavailable",
+            ErrorCode::Unsupported => "Unsupported",
+            ErrorCode::InvalidRequest => "InvalidRequest",
+            ErrorCode::Internal => "Internal",
+            ErrorCode::Other(s) => s,
+        }
+    }
+
+    fn from_wire(s: &str) -> Self {
+        match s {
+            "FrameTooLarge" => ErrorCode::FrameTooLarge,
+            "InvalidFrame" => ErrorCode::InvalidFrame,
+            "InvalidMessage" => ErrorCode::InvalidMessage,
+            "Unauthorized" => ErrorCode::Unauthorized,
+            "RateLimited" => ErrorCode::RateLimited,
+            "Unavailable" => ErrorCode::Unavailable,
+            "Unsupported" => ErrorCode::Unsupported,
+            "InvalidRequest" => ErrorCode::InvalidRequest,
+            "Internal" => ErrorCode::Internal,
+            other => ErrorCode::Other(other.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(ErrorCode::from_wire(&s))
+    }
+}
+
+/// A UTC instant with microsecond precision, an RFC 3339 string on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp {
+    micros: i64,
+}
+
+impl Timestamp {
+    /// The current time.
+    pub fn now() -> Self {
+        Timestamp::from_micros(Utc::now().timestamp_micros())
+    }
+
+    /// From microseconds since the Unix epoch.
+    pub fn from_micros(micros: i64) -> Self {
+        Timestamp { micros }
+    }
+
+    /// Microseconds since the Unix epoch (the database's representation).
+    pub fn as_micros(self) -> i64 {
+        self.micros
+    }
+
+    /// Parses RFC 3339 with any offset; the result is UTC.
+    pub fn parse_rfc3339(s: &str) -> Result<Self, String> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| Timestamp::from_micros(t.timestamp_micros()))
+            .map_err(|e| format!("invalid RFC 3339 timestamp `{s}`: {e}"))
+    }
+
+    /// Formats as RFC 3339 UTC with microseconds, e.g.
+    /// `2026-11-26T22:34:56.123456Z`.
+    pub fn to_rfc3339(self) -> String {
+        DateTime::<Utc>::from_timestamp_micros(self.micros)
+            .map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true))
+            .unwrap_or_else(|| "invalid-timestamp".to_owned())
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_rfc3339())
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TsVisitor;
+        impl de::Visitor<'_> for TsVisitor {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Timestamp, E> {
+                Timestamp::parse_rfc3339(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(TsVisitor)
+    }
+}

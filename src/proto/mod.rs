@@ -1,0 +1,17 @@
+//! The wire contract (`protocol-v1.md`): message types and the pure frame codec.
+//!
+//! Shared by the daemon, `codi2` and the load generator so that every party
+//! speaks exactly the same bytes.
+
+pub mod frame;
+pub mod message;
+mod wire;
+
+pub use frame::{
+    decode_message, encode_message, frame_body_len, DecodeError, EncodeError, FrameError,
+    HEADER_LEN, MAX_FRAME_LEN,
+};
+pub use message::{
+    AckStatus, ComponentStatus, ErrorCode, LogFields, LogFilter, LogLevel, Message, Payload,
+    StoredLog, Timestamp,
+};
