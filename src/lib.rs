@@ -1,8 +1,16 @@
 //! codi-monitor: collects structured logs and agent sessions from many
 //! short-lived `codi2` clients into one SQLite database on the host.
+//!
+//! The daemon is async-free by design: one mio event loop per core decodes
+//! frames and hands them over crossbeam queues to a single batched SQLite
+//! writer thread, whose acknowledgments come back through each loop's mio
+//! `Waker`. Queries run on a separate pool of read-only connections.
 #![deny(missing_docs)]
 
 pub mod budget;
+pub mod daemon;
+pub mod io;
+pub mod logger;
 pub mod metrics;
 pub mod proto;
 pub mod reply;

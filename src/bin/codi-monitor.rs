@@ -1,1 +1,133 @@
-fn main(){}
+//! `codi-monitor`: the host daemon. Thin: arguments -> configuration -> run
+//! -> exit code.
+//!
+//! Exit codes: 0 stopped cleanly (SIGTERM/SIGINT drained), 1 could not start
+//! or failed while running, 2 invalid configuration or arguments.
+
+use argh::FromArgs;
+use codi_monitor::config::{Config, Overrides};
+use codi_monitor::{daemon, logger};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// codi-monitor: collects structured logs and agent sessions from codi2
+/// clients into one SQLite database. Runs with no configuration file at all.
+#[derive(FromArgs)]
+struct Args {
+    /// configuration file (default: $CODI_CONFIG, then /etc/codi/monitor.toml if present)
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// unix socket path to listen on
+    #[argh(option)]
+    socket: Option<PathBuf>,
+    /// TCP address to listen on, e.g. 127.0.0.1:9847 (port 0 picks one)
+    #[argh(option)]
+    tcp: Option<String>,
+    /// SQLite database path
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// number of event loops (default: one per core)
+    #[argh(option)]
+    workers: Option<usize>,
+    /// log level: error, warn, info, debug or trace
+    #[argh(option)]
+    log_level: Option<String>,
+    /// file holding the TCP token (or set $CODI_MONITOR_TOKEN); never pass a secret as an argument
+    #[argh(option)]
+    token_file: Option<PathBuf>,
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+    #[argh(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Config(ConfigCommand),
+}
+
+/// inspect the configuration
+#[derive(FromArgs)]
+#[argh(subcommand, name = "config")]
+struct ConfigCommand {
+    #[argh(subcommand)]
+    action: ConfigAction,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum ConfigAction {
+    Check(CheckCommand),
+}
+
+/// validate the configuration (for ExecStartPre) and print the effective settings
+#[derive(FromArgs)]
+#[argh(subcommand, name = "check")]
+struct CheckCommand {
+    /// configuration file to check
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// print nothing on success
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    if args.version {
+        println!("codi-monitor {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let mut overrides = Overrides {
+        config: args.config,
+        socket: args.socket,
+        tcp: args.tcp,
+        db: args.db,
+        workers: args.workers,
+        log_level: args.log_level,
+        token_file: args.token_file,
+    };
+    if let Some(Command::Config(ConfigCommand {
+        action: ConfigAction::Check(check),
+    })) = args.command
+    {
+        if check.config.is_some() {
+            overrides.config = check.config;
+        }
+        return match Config::load(&overrides) {
+            Ok(config) => {
+                if !check.quiet {
+                    match &config.source {
+                        Some(path) => println!("# {} is valid", path.display()),
+                        None => println!("# no configuration file; built-in defaults are valid"),
+                    }
+                    print!("{}", config.to_toml());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("codi-monitor: invalid configuration: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+
+    let config = match Config::load(&overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("codi-monitor: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logger::init(config.general.log_level);
+    match daemon::run(config, overrides) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("codi-monitor: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

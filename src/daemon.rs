@@ -1,0 +1,302 @@
+//! Assembles the daemon: binds the listeners, opens the database, builds
+//! every thread and queue before any loop runs, then waits for a signal.
+//!
+//! Shutdown order matters for the delivery promise: loops stop accepting,
+//! answer what they already read and exit; their exit drops the last senders
+//! of the writer's queue, so the writer drains, commits and checkpoints; only
+//! then does the process exit.
+
+use crate::budget::InflightBudget;
+use crate::config::{Config, Overrides};
+use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
+use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
+use crate::io::request::{LiveSettings, Services};
+use crate::metrics::Metrics;
+use crate::reply::{self, Replies};
+use crate::store::reader::spawn_readers;
+use crate::store::writer::{spawn_writer, WriterSettings};
+use crate::store::StoreError;
+use mio::{Poll, Waker};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+use thiserror::Error;
+
+/// Queries waiting for a reader before new ones are turned away.
+const QUERY_QUEUE: usize = 256;
+
+/// Why the daemon could not start or stopped abnormally.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// A listener could not be set up.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// The database could not be opened.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// Threads, polls or signal handlers could not be created.
+    #[error("{0}: {1}")]
+    Os(&'static str, io::Error),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; `overrides` are re-applied when
+/// SIGHUP reloads the configuration file.
+pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let metrics = Arc::new(Metrics::default());
+
+    let unix = config
+        .monitor
+        .unix_socket_path
+        .as_deref()
+        .map(|p| bind_unix(p, config.monitor.socket_group.as_deref()))
+        .transpose()?;
+    let tcp = config.monitor.tcp_listen.map(bind_tcp).transpose()?;
+    let tcp_addr = tcp
+        .as_ref()
+        .map(|t| t.local_addr())
+        .transpose()
+        .map_err(|e| DaemonError::Os("cannot read the TCP address", e))?;
+
+    let workers = config.monitor.workers.max(1);
+    let mut polls = Vec::with_capacity(workers);
+    let mut sinks = Vec::with_capacity(workers);
+    let mut completion_rxs = Vec::with_capacity(workers);
+    let mut peers = Vec::with_capacity(workers);
+    let mut incoming_rxs = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let poll = Poll::new().map_err(|e| DaemonError::Os("cannot create a poll", e))?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), WAKER)
+                .map_err(|e| DaemonError::Os("cannot create a waker", e))?,
+        );
+        let (sink, rx) = reply::channel(Arc::clone(&waker));
+        let (tx, incoming) = crossbeam_channel::unbounded();
+        polls.push(poll);
+        sinks.push(sink);
+        completion_rxs.push(rx);
+        peers.push(Peer { tx, waker });
+        incoming_rxs.push(incoming);
+    }
+    let wakers: Vec<Arc<Waker>> = peers.iter().map(|p| Arc::clone(&p.waker)).collect();
+    let replies = Replies::new(sinks);
+
+    let db = &config.storage.sqlite_path;
+    let budget = Arc::new(InflightBudget::new(config.storage.inflight_bytes));
+    let writer_settings = WriterSettings {
+        cache_size_mb: config.storage.cache_size_mb,
+        batch_max_rows: config.storage.batch_max_rows,
+        ..WriterSettings::default()
+    };
+    let (writer_tx, writer) = spawn_writer(
+        db,
+        &writer_settings,
+        replies.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&budget),
+    )?;
+    let (reader_tx, readers) = spawn_readers(
+        db,
+        config.storage.reader_threads.max(1),
+        QUERY_QUEUE,
+        replies,
+        Arc::clone(&metrics),
+    )?;
+
+    let live = Arc::new(LiveSettings::default());
+    apply_live(&live, &config);
+    let services = Arc::new(Services {
+        writer: writer_tx,
+        readers: reader_tx,
+        budget,
+        metrics,
+        live: Arc::clone(&live),
+        started,
+    });
+    let limits = LoopLimits {
+        max_pending_per_connection: config.monitor.max_pending_per_connection.max(1),
+        max_connections: config.monitor.max_connections.max(1),
+    };
+    let shutdown = Arc::new(AtomicBool::new(false));
+
+    let ready_line = ready_line(unix.as_ref(), tcp_addr, &config);
+    let mut acceptor = Some(Acceptor::new(unix, tcp, peers));
+    let mut loops: Vec<JoinHandle<()>> = Vec::with_capacity(workers);
+    for (id, ((poll, completions), incoming)) in polls
+        .into_iter()
+        .zip(completion_rxs)
+        .zip(incoming_rxs)
+        .enumerate()
+    {
+        let event_loop = EventLoop::new(
+            id,
+            poll,
+            completions,
+            incoming,
+            if id == 0 { acceptor.take() } else { None },
+            Arc::clone(&services),
+            limits,
+            Arc::clone(&shutdown),
+        )
+        .map_err(|e| DaemonError::Os("cannot register the listeners", e))?;
+        let handle = thread::Builder::new()
+            .name(format!("codi-loop-{id}"))
+            .spawn(move || event_loop.run())
+            .map_err(|e| DaemonError::Os("cannot spawn an event loop", e))?;
+        loops.push(handle);
+    }
+    // From here on only the loops hold the writer's and readers' queues.
+    drop(services);
+
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| DaemonError::Os("cannot install signal handlers", e))?;
+    let signal_handle = signals.handle();
+    let signal_thread = {
+        let shutdown = Arc::clone(&shutdown);
+        let wakers = wakers.clone();
+        thread::Builder::new()
+            .name("codi-signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    if signal == SIGHUP {
+                        reload(&config, &overrides, &live);
+                    } else if shutdown.swap(true, Ordering::AcqRel) {
+                        log::warn!("second stop signal: exiting without waiting for the drain");
+                        std::process::exit(1);
+                    } else {
+                        log::info!("stop signal received: draining connections");
+                        for waker in &wakers {
+                            let _ = waker.wake();
+                        }
+                    }
+                }
+            })
+            .map_err(|e| DaemonError::Os("cannot spawn the signal thread", e))?
+    };
+
+    log::info!("{ready_line}");
+    let mut stdout = io::stdout().lock();
+    let _ = writeln!(stdout, "{ready_line}");
+    let _ = stdout.flush();
+    drop(stdout);
+
+    for handle in loops {
+        if handle.join().is_err() {
+            log::error!("an event loop panicked");
+        }
+    }
+    writer.join();
+    readers.join();
+    signal_handle.close();
+    let _ = signal_thread.join();
+    log::info!("stopped after {:.1?}", started.elapsed());
+    Ok(())
+}
+
+fn ready_line(
+    unix: Option<&UnixEndpoint>,
+    tcp: Option<std::net::SocketAddr>,
+    config: &Config,
+) -> String {
+    let mut line = String::from("READY");
+    if let Some(u) = unix {
+        line.push_str(&format!(" unix={}", u.path.display()));
+    }
+    if let Some(addr) = tcp {
+        line.push_str(&format!(" tcp={addr}"));
+    }
+    line.push_str(&format!(" db={}", config.storage.sqlite_path.display()));
+    line
+}
+
+fn apply_live(live: &LiveSettings, config: &Config) {
+    *live.token.write() = config.monitor.token.clone();
+    live.rate_limit
+        .store(config.monitor.rate_limit, Ordering::Relaxed);
+    live.rate_burst
+        .store(config.monitor.rate_burst, Ordering::Relaxed);
+    log::set_max_level(config.general.log_level);
+}
+
+/// Re-reads the configuration; applies what can change live and names what
+/// needs a restart.
+fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) {
+    let new = match Config::load(overrides) {
+        Ok(new) => new,
+        Err(e) => {
+            log::error!("reload refused, keeping the running configuration: {e}");
+            return;
+        }
+    };
+    apply_live(live, &new);
+    let restart_needed: Vec<&str> = [
+        (
+            running.monitor.unix_socket_path != new.monitor.unix_socket_path,
+            "monitor.unix_socket_path",
+        ),
+        (
+            running.monitor.socket_group != new.monitor.socket_group,
+            "monitor.socket_group",
+        ),
+        (
+            running.monitor.tcp_listen != new.monitor.tcp_listen,
+            "monitor.tcp_address",
+        ),
+        (
+            running.monitor.workers != new.monitor.workers,
+            "monitor.workers",
+        ),
+        (
+            running.monitor.max_connections != new.monitor.max_connections,
+            "monitor.max_connections",
+        ),
+        (
+            running.monitor.max_pending_per_connection != new.monitor.max_pending_per_connection,
+            "monitor.max_pending_per_connection",
+        ),
+        (
+            running.storage.sqlite_path != new.storage.sqlite_path,
+            "storage.sqlite_path",
+        ),
+        (
+            running.storage.reader_threads != new.storage.reader_threads,
+            "storage.reader_threads",
+        ),
+        (
+            running.storage.cache_size_mb != new.storage.cache_size_mb,
+            "storage.cache_size_mb",
+        ),
+        (
+            running.storage.batch_max_rows != new.storage.batch_max_rows,
+            "storage.batch_max_rows",
+        ),
+        (
+            running.storage.inflight_bytes != new.storage.inflight_bytes,
+            "storage.inflight_bytes",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(changed, key)| changed.then_some(key))
+    .collect();
+    log::info!(
+        "configuration reloaded: log_level={}, rate_limit={}/s, rate_burst={}, token {}",
+        new.general.log_level,
+        new.monitor.rate_limit,
+        new.monitor.rate_burst,
+        if new.monitor.token.is_some() {
+            "set"
+        } else {
+            "not set"
+        }
+    );
+    if !restart_needed.is_empty() {
+        log::warn!(
+            "changed but not applied until restart: {}",
+            restart_needed.join(", ")
+        );
+    }
+}

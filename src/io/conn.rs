@@ -1,0 +1,236 @@
+//! One client connection: its stream, buffers, protocol state, the answers
+//! it is owed, and why (if at all) reading from it is paused.
+
+use super::answers::AnswerQueue;
+use super::buffer::ReadBuffer;
+use super::listener::Stream;
+use crate::proto::{encode_message, ErrorCode, Message};
+use std::io::{self, Write};
+use std::time::Instant;
+
+/// Unanswered output above which the connection stops reading requests.
+pub const WRITE_HIGH_WATER: usize = 1024 * 1024;
+/// Queries one connection may have running at once.
+pub const MAX_QUERIES_IN_FLIGHT: usize = 4;
+
+/// Where a connection is in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// TCP with a token configured: only `Authenticate` is allowed.
+    AwaitingAuth,
+    /// Requests are served.
+    Open,
+    /// No more requests are read; owed answers are still sent, then the
+    /// connection closes (bad frame, failed auth, shutdown, peer EOF).
+    Closing,
+}
+
+/// Why reading is paused right now, if it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// Not paused.
+    None,
+    /// This connection's own answers or output backed up.
+    Backlog,
+    /// The writer's queue or the global in-flight budget is full.
+    Global,
+    /// The rate limit's bucket is empty until the given instant.
+    RateLimit(Instant),
+}
+
+/// A token bucket counting log entries per second.
+#[derive(Debug)]
+pub struct RateLimiter {
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    /// A full bucket.
+    pub fn new(burst: u32) -> Self {
+        RateLimiter {
+            tokens: f64::from(burst.max(1)),
+            last: Instant::now(),
+        }
+    }
+
+    /// Refills the bucket at `rate`/s up to `burst`; when it is empty,
+    /// returns the instant the next request may go. Rate 0 is unlimited.
+    pub fn ready(&mut self, rate: u32, burst: u32, now: Instant) -> Result<(), Instant> {
+        if rate == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(rate);
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(burst.max(1)));
+        self.last = now;
+        if self.tokens > 0.0 {
+            Ok(())
+        } else {
+            let wait = (1.0 - self.tokens) / rate;
+            Err(now + std::time::Duration::from_secs_f64(wait))
+        }
+    }
+
+    /// Charges `cost` tokens for a request that went through. A big batch may
+    /// drive the bucket negative (it is never split or refused), which delays
+    /// the following requests accordingly.
+    pub fn charge(&mut self, cost: u32, rate: u32) {
+        if rate != 0 {
+            self.tokens -= f64::from(cost);
+        }
+    }
+}
+
+/// A connection owned by one event loop.
+#[derive(Debug)]
+pub struct Connection {
+    /// Unique per loop over its lifetime; guards against token reuse.
+    pub serial: u64,
+    /// The socket.
+    pub stream: Stream,
+    /// Protocol state.
+    pub state: ConnState,
+    /// Undecoded input.
+    pub input: ReadBuffer,
+    /// Encoded answers not yet written, from `output_pos` on.
+    output: Vec<u8>,
+    output_pos: usize,
+    /// Answers owed, in request order.
+    pub answers: AnswerQueue,
+    /// The session started on this connection, the default for its logs.
+    pub session: Option<String>,
+    /// Rate limiting state.
+    pub rate: RateLimiter,
+    /// Why reading is paused.
+    pub pause: Pause,
+    /// The socket may have more bytes to read (edge-triggered readiness).
+    pub readable: bool,
+    /// The peer closed its side (or the socket failed).
+    pub peer_closed: bool,
+    /// Queries running for this connection.
+    pub queries_in_flight: usize,
+    /// The connection is on its loop's run list.
+    pub scheduled: bool,
+}
+
+impl Connection {
+    /// Wraps a freshly accepted stream.
+    pub fn new(serial: u64, stream: Stream, needs_auth: bool, burst: u32) -> Self {
+        Connection {
+            serial,
+            stream,
+            state: if needs_auth {
+                ConnState::AwaitingAuth
+            } else {
+                ConnState::Open
+            },
+            input: ReadBuffer::default(),
+            output: Vec::new(),
+            output_pos: 0,
+            answers: AnswerQueue::default(),
+            session: None,
+            rate: RateLimiter::new(burst),
+            pause: Pause::None,
+            readable: true,
+            peer_closed: false,
+            queries_in_flight: 0,
+            scheduled: false,
+        }
+    }
+
+    /// Bytes of encoded output still to send.
+    pub fn pending_output(&self) -> usize {
+        self.output.len() - self.output_pos
+    }
+
+    /// Moves ready answers (in order) into the output buffer, up to the
+    /// high-water mark.
+    pub fn encode_ready_answers(&mut self) {
+        while self.pending_output() < WRITE_HIGH_WATER {
+            let Some(answer) = self.answers.pop_ready() else {
+                break;
+            };
+            if let Err(e) = encode_message(&answer, &mut self.output) {
+                log::error!("cannot encode a {} answer: {e}", answer.payload.name());
+                let fallback = Message::error(ErrorCode::Internal, "answer could not be encoded");
+                // A short error always encodes.
+                let _ = encode_message(&fallback, &mut self.output);
+            }
+        }
+    }
+
+    /// Writes as much output as the socket takes. `Err` means the
+    /// connection is broken.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while self.output_pos < self.output.len() {
+            match self.stream.write(&self.output[self.output_pos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.output_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.output.clear();
+        self.output_pos = 0;
+        if self.output.capacity() > 4 * WRITE_HIGH_WATER {
+            self.output.shrink_to(WRITE_HIGH_WATER);
+        }
+        Ok(())
+    }
+
+    /// Encodes and writes ready answers until the socket is full or no
+    /// answer at the front is ready. `Err` means the connection is broken.
+    pub fn pump_output(&mut self) -> io::Result<()> {
+        loop {
+            self.encode_ready_answers();
+            self.flush()?;
+            if self.pending_output() > 0 || !self.answers.front_ready() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// True when everything owed has been answered and written.
+    pub fn is_drained(&self) -> bool {
+        self.answers.is_empty() && self.pending_output() == 0
+    }
+
+    /// True when this connection's own backlog forbids reading more.
+    pub fn backlogged(&self, max_pending: usize) -> bool {
+        self.answers.len() >= max_pending
+            || self.pending_output() >= WRITE_HIGH_WATER
+            || self.queries_in_flight >= MAX_QUERIES_IN_FLIGHT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_limiter_allows_burst_then_delays() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(10);
+        for _ in 0..10 {
+            assert!(r.ready(100, 10, t0).is_ok());
+            r.charge(1, 100);
+        }
+        let until = r.ready(100, 10, t0).unwrap_err();
+        assert_eq!(until - t0, Duration::from_millis(10));
+        assert!(r.ready(100, 10, until).is_ok());
+        assert!(r.ready(0, 10, t0).is_ok(), "rate 0 is unlimited");
+    }
+
+    #[test]
+    fn big_batch_goes_through_then_pays_back() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(10);
+        assert!(r.ready(100, 10, t0).is_ok());
+        r.charge(1000, 100);
+        let until = r.ready(100, 10, t0).unwrap_err();
+        assert!(until - t0 >= Duration::from_secs(9));
+    }
+}

@@ -1,0 +1,547 @@
+//! One mio event loop per core. Loop 0 also accepts and deals connections
+//! out round-robin; every loop reads, decodes and dispatches its own
+//! connections' frames and writes their answers back in request order.
+//!
+//! Readiness is edge-triggered: a connection is read until `WouldBlock`, or
+//! until its per-turn budget is spent, in which case it stays on the run list
+//! and the next `poll` does not sleep. Paused connections (backlog, global
+//! pressure, rate limit) are resumed from here, never by growing a buffer.
+
+use super::conn::{ConnState, Connection, Pause};
+use super::listener::{Stream, Transport, UnixEndpoint};
+use super::request::{Handled, Origin, Services};
+use crate::metrics::Metrics;
+use crate::proto::{
+    decode_message, encode_message, frame_body_len, ErrorCode, FrameError, Message, Payload,
+    HEADER_LEN,
+};
+use crate::reply::Completion;
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The token of each loop's waker.
+pub const WAKER: Token = Token(usize::MAX);
+const UNIX_LISTENER: Token = Token(usize::MAX - 1);
+const TCP_LISTENER: Token = Token(usize::MAX - 2);
+
+/// Bytes read from one connection per turn before others get theirs.
+const READ_BUDGET: usize = 256 * 1024;
+/// How much free space to offer a read when no frame size is known yet.
+const READ_CHUNK: usize = 16 * 1024;
+/// How often paused-on-global-pressure connections retry.
+const GLOBAL_RETRY: Duration = Duration::from_millis(1);
+/// After shutdown begins, connections get this long to be answered.
+pub const DRAIN_DEADLINE: Duration = Duration::from_millis(3500);
+
+/// Limits that apply to every connection of a loop.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopLimits {
+    /// Answers one connection may owe before it stops being read.
+    pub max_pending_per_connection: usize,
+    /// Connections the whole daemon holds at once.
+    pub max_connections: usize,
+}
+
+/// Where loop 0 sends a connection it accepted for another loop.
+pub struct Peer {
+    /// The other loop's queue of new connections.
+    pub tx: Sender<Stream>,
+    /// The other loop's waker.
+    pub waker: Arc<Waker>,
+}
+
+/// The listeners and the round-robin table; owned by loop 0.
+pub struct Acceptor {
+    /// The Unix socket, removed from disk when dropped.
+    pub unix: Option<UnixEndpoint>,
+    /// The TCP listener.
+    pub tcp: Option<TcpListener>,
+    /// Every loop (index = worker id); loop 0's own entry is not used.
+    pub peers: Vec<Peer>,
+    next: usize,
+}
+
+impl Acceptor {
+    /// An acceptor over the given listeners, dealing to `peers`.
+    pub fn new(unix: Option<UnixEndpoint>, tcp: Option<TcpListener>, peers: Vec<Peer>) -> Self {
+        Acceptor {
+            unix,
+            tcp,
+            peers,
+            next: 0,
+        }
+    }
+}
+
+/// One event loop and everything it owns.
+pub struct EventLoop {
+    id: usize,
+    poll: Poll,
+    conns: Slab<Connection>,
+    next_serial: u64,
+    completions: Receiver<Completion>,
+    incoming: Receiver<Stream>,
+    acceptor: Option<Acceptor>,
+    services: Arc<Services>,
+    limits: LoopLimits,
+    shutdown: Arc<AtomicBool>,
+    run_list: Vec<usize>,
+    paused_global: Vec<usize>,
+    throttled: Vec<(Instant, usize)>,
+    draining_since: Option<Instant>,
+    accept_retry: bool,
+}
+
+impl EventLoop {
+    /// Builds loop `id` around its `poll` (whose waker is registered as
+    /// [`WAKER`]); pass the acceptor to loop 0 only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: usize,
+        poll: Poll,
+        completions: Receiver<Completion>,
+        incoming: Receiver<Stream>,
+        acceptor: Option<Acceptor>,
+        services: Arc<Services>,
+        limits: LoopLimits,
+        shutdown: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
+        let mut this = EventLoop {
+            id,
+            poll,
+            conns: Slab::with_capacity(1024),
+            next_serial: 0,
+            completions,
+            incoming,
+            acceptor,
+            services,
+            limits,
+            shutdown,
+            run_list: Vec::new(),
+            paused_global: Vec::new(),
+            throttled: Vec::new(),
+            draining_since: None,
+            accept_retry: false,
+        };
+        if let Some(acc) = this.acceptor.as_mut() {
+            let registry = this.poll.registry();
+            if let Some(unix) = acc.unix.as_mut() {
+                registry.register(&mut unix.listener, UNIX_LISTENER, Interest::READABLE)?;
+            }
+            if let Some(tcp) = acc.tcp.as_mut() {
+                registry.register(tcp, TCP_LISTENER, Interest::READABLE)?;
+            }
+        }
+        Ok(this)
+    }
+
+    /// Runs until shutdown has drained every connection (or the drain
+    /// deadline passed).
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("loop {}: poll failed: {e}", self.id);
+                }
+                continue;
+            }
+            let mut accept_ready = false;
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {}
+                    UNIX_LISTENER | TCP_LISTENER => accept_ready = true,
+                    Token(key) => {
+                        if let Some(conn) = self.conns.get_mut(key) {
+                            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                                conn.readable = true;
+                            }
+                            schedule(&mut self.run_list, conn, key);
+                        }
+                    }
+                }
+            }
+            self.take_new_connections();
+            self.take_completions();
+            if !self.shutdown.load(Ordering::Acquire) && (accept_ready || self.accept_retry) {
+                self.accept();
+            }
+            if self.shutdown.load(Ordering::Acquire) && self.draining_since.is_none() {
+                self.begin_drain();
+            }
+            self.resume_paused();
+            let run = std::mem::take(&mut self.run_list);
+            for key in run {
+                self.service(key);
+            }
+            if let Some(since) = self.draining_since {
+                if self.conns.is_empty() {
+                    break;
+                }
+                if since.elapsed() >= DRAIN_DEADLINE {
+                    log::warn!(
+                        "loop {}: closing {} connections still owed answers at the drain deadline",
+                        self.id,
+                        self.conns.len()
+                    );
+                    let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                    for key in keys {
+                        self.close(key);
+                    }
+                    break;
+                }
+            }
+        }
+        log::debug!("loop {} stopped", self.id);
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.run_list.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let mut timeout: Option<Duration> = None;
+        let mut tighten = |d: Duration| timeout = Some(timeout.map_or(d, |t| t.min(d)));
+        if !self.paused_global.is_empty() || self.accept_retry {
+            tighten(GLOBAL_RETRY);
+        }
+        let now = Instant::now();
+        for (until, _) in &self.throttled {
+            tighten(until.saturating_duration_since(now));
+        }
+        if self.draining_since.is_some() {
+            tighten(Duration::from_millis(50));
+        }
+        timeout
+    }
+
+    fn take_new_connections(&mut self) {
+        while let Ok(stream) = self.incoming.try_recv() {
+            self.add_connection(stream);
+        }
+    }
+
+    fn add_connection(&mut self, mut stream: Stream) {
+        if self.draining_since.is_some() {
+            self.services
+                .metrics
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let needs_auth =
+            stream.transport() == Transport::Tcp && self.services.live.token_required();
+        let (_, burst) = self.services.live.rate();
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            stream.source(),
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("loop {}: cannot register a connection: {e}", self.id);
+            self.services
+                .metrics
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.next_serial += 1;
+        let conn = entry.insert(Connection::new(self.next_serial, stream, needs_auth, burst));
+        schedule(&mut self.run_list, conn, key);
+    }
+
+    fn take_completions(&mut self) {
+        while let Ok(Completion { to, answer }) = self.completions.try_recv() {
+            let Some(conn) = self.conns.get_mut(to.token) else {
+                continue;
+            };
+            if conn.serial != to.serial {
+                continue;
+            }
+            // Only the reader pool answers with something other than an
+            // acknowledgment.
+            if !matches!(answer.payload, Payload::Acknowledgment { .. }) {
+                conn.queries_in_flight = conn.queries_in_flight.saturating_sub(1);
+            }
+            if conn.answers.fill(to.seq, answer) {
+                schedule(&mut self.run_list, conn, to.token);
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        let Some(acc) = self.acceptor.as_mut() else {
+            return;
+        };
+        self.accept_retry = false;
+        let mut accepted = Vec::new();
+        for transport in [Transport::Unix, Transport::Tcp] {
+            loop {
+                let result = match transport {
+                    Transport::Unix => match acc.unix.as_ref() {
+                        Some(u) => u.listener.accept().map(|(s, _)| Stream::Unix(s)),
+                        None => break,
+                    },
+                    Transport::Tcp => match acc.tcp.as_ref() {
+                        Some(t) => t.accept().map(|(s, _)| {
+                            let _ = s.set_nodelay(true);
+                            Stream::Tcp(s)
+                        }),
+                        None => break,
+                    },
+                };
+                match result {
+                    Ok(stream) => accepted.push(stream),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // Out of descriptors and the like: the pending
+                        // connections stay in the backlog; retry shortly.
+                        log::warn!("accept failed: {e}");
+                        self.accept_retry = true;
+                        break;
+                    }
+                }
+            }
+        }
+        let metrics = Arc::clone(&self.services.metrics);
+        for mut stream in accepted {
+            let open = metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+            if open as usize >= self.limits.max_connections {
+                metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                Metrics::add(&metrics.connections_refused, 1);
+                refuse(&mut stream, self.limits.max_connections);
+                continue;
+            }
+            Metrics::add(&metrics.connections_accepted, 1);
+            let acc = self.acceptor.as_mut().expect("acceptor present");
+            let target = acc.next % acc.peers.len();
+            acc.next = acc.next.wrapping_add(1);
+            if target == self.id {
+                self.add_connection(stream);
+            } else {
+                let peer = &acc.peers[target];
+                if peer.tx.send(stream).is_ok() {
+                    let _ = peer.waker.wake();
+                } else {
+                    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn begin_drain(&mut self) {
+        self.draining_since = Some(Instant::now());
+        if let Some(acc) = self.acceptor.take() {
+            // Dropping the listeners stops accepting and removes the socket
+            // file; the peers' queues are dropped with them.
+            drop(acc);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let conn = &mut self.conns[key];
+            schedule(&mut self.run_list, conn, key);
+        }
+    }
+
+    fn resume_paused(&mut self) {
+        for key in std::mem::take(&mut self.paused_global) {
+            if let Some(conn) = self.conns.get_mut(key) {
+                schedule(&mut self.run_list, conn, key);
+            }
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.throttled.len() {
+            if self.throttled[i].0 <= now {
+                let (_, key) = self.throttled.swap_remove(i);
+                if let Some(conn) = self.conns.get_mut(key) {
+                    schedule(&mut self.run_list, conn, key);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Reads, decodes, dispatches and writes for one connection.
+    fn service(&mut self, key: usize) {
+        let draining = self.draining_since.is_some();
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.scheduled = false;
+        if conn.pump_output().is_err() {
+            self.close(key);
+            return;
+        }
+
+        let origin = Origin {
+            worker: self.id,
+            token: key,
+        };
+        let mut read_total = 0;
+        loop {
+            process_frames(&self.services, conn, origin, self.limits);
+            if conn.pause != Pause::None || conn.state == ConnState::Closing {
+                break;
+            }
+            if draining || conn.peer_closed || !conn.readable {
+                break;
+            }
+            if read_total >= READ_BUDGET {
+                schedule(&mut self.run_list, conn, key);
+                break;
+            }
+            match read_once(conn) {
+                Ok(0) => {
+                    conn.peer_closed = true;
+                    conn.readable = false;
+                }
+                Ok(n) => read_total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    conn.peer_closed = true;
+                    conn.readable = false;
+                }
+            }
+        }
+
+        // With nothing more to come, leftover bytes are a truncated frame.
+        if (conn.peer_closed || draining) && conn.pause == Pause::None {
+            conn.state = ConnState::Closing;
+        }
+        if conn.pump_output().is_err() {
+            self.close(key);
+            return;
+        }
+        if conn.state == ConnState::Closing && conn.is_drained() {
+            self.close(key);
+            return;
+        }
+        if conn.answers.is_empty() {
+            conn.input.shrink_if_idle();
+        }
+        match conn.pause {
+            Pause::Global => self.paused_global.push(key),
+            Pause::RateLimit(until) => self.throttled.push((until, key)),
+            Pause::Backlog | Pause::None => {}
+        }
+        // Output the socket did not take goes out on its writable event.
+    }
+
+    fn close(&mut self, key: usize) {
+        if let Some(mut conn) = self.conns.try_remove(key) {
+            let _ = self.poll.registry().deregister(conn.stream.source());
+            self.services
+                .metrics
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn schedule(run_list: &mut Vec<usize>, conn: &mut Connection, key: usize) {
+    if !conn.scheduled {
+        conn.scheduled = true;
+        run_list.push(key);
+    }
+}
+
+/// Reads once into the connection's buffer, offering room for the whole
+/// frame being received when its length is known.
+fn read_once(conn: &mut Connection) -> io::Result<usize> {
+    let want = match frame_body_len(conn.input.data()) {
+        Ok(Some(body)) => HEADER_LEN + body,
+        _ => conn.input.len() + READ_CHUNK,
+    };
+    let spare = conn.input.spare_for(want);
+    let n = conn.stream.read(spare)?;
+    conn.input.filled(n);
+    Ok(n)
+}
+
+/// Decodes and dispatches every complete frame in the buffer until the
+/// connection must pause or close.
+fn process_frames(services: &Services, conn: &mut Connection, origin: Origin, limits: LoopLimits) {
+    conn.pause = Pause::None;
+    loop {
+        if conn.state == ConnState::Closing {
+            return;
+        }
+        if conn.backlogged(limits.max_pending_per_connection) {
+            conn.pause = Pause::Backlog;
+            Metrics::add(&services.metrics.backpressure_pauses, 1);
+            return;
+        }
+        let body_len = match frame_body_len(conn.input.data()) {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(e) => {
+                Metrics::add(&services.metrics.frames_invalid, 1);
+                let code = match e {
+                    FrameError::Empty => ErrorCode::InvalidFrame,
+                    FrameError::TooLarge(_) => ErrorCode::FrameTooLarge,
+                };
+                conn.answers.push_ready(Message::error(code, e.to_string()));
+                conn.state = ConnState::Closing;
+                let all = conn.input.len();
+                conn.input.consume(all);
+                return;
+            }
+        };
+        let frame_len = HEADER_LEN + body_len;
+        if conn.input.len() < frame_len {
+            return;
+        }
+        let message = decode_message(&conn.input.data()[HEADER_LEN..frame_len]);
+        let msg = match message {
+            Ok(msg) => msg,
+            Err(e) => {
+                Metrics::add(&services.metrics.frames_invalid, 1);
+                conn.answers
+                    .push_ready(Message::error(ErrorCode::InvalidMessage, e.to_string()));
+                conn.input.consume(frame_len);
+                continue;
+            }
+        };
+        let (rate, burst) = services.live.rate();
+        if let Err(until) = conn.rate.ready(rate, burst, Instant::now()) {
+            conn.pause = Pause::RateLimit(until);
+            Metrics::add(&services.metrics.rate_limit_pauses, 1);
+            return;
+        }
+        match services.handle(conn, origin, msg, frame_len) {
+            Handled::Done(cost) => {
+                conn.rate.charge(cost, rate);
+                conn.input.consume(frame_len);
+                Metrics::add(&services.metrics.frames_received, 1);
+            }
+            Handled::Blocked => {
+                conn.pause = Pause::Global;
+                Metrics::add(&services.metrics.backpressure_pauses, 1);
+                return;
+            }
+        }
+    }
+}
+
+/// Tells a client over the connection limit why it is turned away.
+fn refuse(stream: &mut Stream, limit: usize) {
+    let mut frame = Vec::new();
+    let msg = Message::error(
+        ErrorCode::Unavailable,
+        format!("connection limit of {limit} reached; retry later"),
+    );
+    if encode_message(&msg, &mut frame).is_ok() {
+        let _ = stream.write(&frame);
+    }
+}

@@ -1,0 +1,315 @@
+//! Binding the Unix and TCP listeners safely, and the stream type both
+//! produce.
+//!
+//! The Unix socket is created under a restrictive umask (never briefly
+//! world-connectable), in a directory only its owner can write, guarded by a
+//! lock file so that a second daemon refuses to start instead of stealing a
+//! live socket. A stale socket file (nobody answers) is replaced.
+
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Why a listener could not be set up.
+#[derive(Debug, Error)]
+pub enum ListenError {
+    /// Another daemon holds the socket's lock or answers on it.
+    #[error("another codi-monitor is already running on {0} (stop it first, or choose another --socket)")]
+    AlreadyRunning(PathBuf),
+    /// The path exists and is something other than a socket.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The socket's directory is writable by others.
+    #[error("{dir} is writable by group or others (mode {mode:o}); the socket's directory must be writable only by its owner")]
+    UnsafeDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The configured group does not exist.
+    #[error("socket group `{0}` does not exist")]
+    UnknownGroup(String),
+    /// An operating-system error, with what was being done.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path or address.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(
+    what: &'static str,
+    path: impl std::fmt::Display,
+) -> impl FnOnce(io::Error) -> ListenError {
+    let path = path.to_string();
+    move |source| ListenError::Io { what, path, source }
+}
+
+/// A bound Unix listener with its lock; dropping it removes the socket file.
+#[derive(Debug)]
+pub struct UnixEndpoint {
+    /// The listener itself.
+    pub listener: UnixListener,
+    /// The socket path.
+    pub path: PathBuf,
+    _lock: File,
+    lock_path: PathBuf,
+}
+
+impl Drop for UnixEndpoint {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+/// Binds the Unix socket at `path` with mode 0600, or 0660 owned by `group`.
+pub fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixEndpoint, ListenError> {
+    let gid = group.map(lookup_group).transpose()?;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    prepare_socket_dir(dir, gid)?;
+
+    let lock_path = with_suffix(path, ".lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_err("cannot open lock file", lock_path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(ListenError::AlreadyRunning(path.to_owned()));
+    }
+
+    match fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(ListenError::NotASocket(path.to_owned()));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ListenError::AlreadyRunning(path.to_owned()));
+            }
+            log::warn!("replacing stale socket {}", path.display());
+            fs::remove_file(path).map_err(io_err("cannot remove stale socket", path.display()))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot inspect", path.display())(e)),
+    }
+
+    // SAFETY: umask only changes this process's file-creation mask; it is
+    // restored right after bind; a stricter mask meanwhile only makes files
+    // that other threads create more private.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(io_err("cannot bind", path.display()))?;
+
+    let endpoint = UnixEndpoint {
+        listener,
+        path: path.to_owned(),
+        _lock: lock,
+        lock_path,
+    };
+    if let Some(gid) = gid {
+        chown_group(path, gid)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+            .map_err(io_err("cannot chmod", path.display()))?;
+    }
+    Ok(endpoint)
+}
+
+/// Binds the TCP listener (the caller has checked the address is allowed).
+pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, ListenError> {
+    TcpListener::bind(addr).map_err(io_err("cannot listen on", addr))
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Creates the socket directory (0700, or 0750 for a group) or checks that an
+/// existing one is writable only by its owner.
+fn prepare_socket_dir(dir: &Path, gid: Option<libc::gid_t>) -> Result<(), ListenError> {
+    match fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.mode() & 0o7777;
+            if mode & 0o022 != 0 {
+                return Err(ListenError::UnsafeDirectory {
+                    dir: dir.to_owned(),
+                    mode,
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mode = if gid.is_some() { 0o750 } else { 0o700 };
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)
+                .map_err(io_err("cannot create directory", dir.display()))?;
+            if let Some(gid) = gid {
+                chown_group(dir, gid)?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(io_err("cannot inspect", dir.display())(e)),
+    }
+}
+
+fn lookup_group(name: &str) -> Result<libc::gid_t, ListenError> {
+    let c_name = CString::new(name).map_err(|_| ListenError::UnknownGroup(name.to_owned()))?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the call; buf outlives it.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return Err(ListenError::UnknownGroup(name.to_owned()));
+    }
+    Ok(grp.gr_gid)
+}
+
+fn chown_group(path: &Path, gid: libc::gid_t) -> Result<(), ListenError> {
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err("cannot chown", path.display()))
+}
+
+/// Which listener a connection came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The Unix socket (authenticated by file permissions).
+    Unix,
+    /// TCP (authenticated by token when one is configured).
+    Tcp,
+}
+
+/// An accepted connection of either kind.
+#[derive(Debug)]
+pub enum Stream {
+    /// Over the Unix socket.
+    Unix(UnixStream),
+    /// Over TCP.
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    /// The transport it arrived on.
+    pub fn transport(&self) -> Transport {
+        match self {
+            Stream::Unix(_) => Transport::Unix,
+            Stream::Tcp(_) => Transport::Tcp,
+        }
+    }
+
+    /// The mio event source to register.
+    pub fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Stream::Unix(s) => s,
+            Stream::Tcp(s) => s,
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_is_private_and_a_second_bind_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/m.sock");
+        let first = bind_unix(&path, None).unwrap();
+        let mode = fs::metadata(&path).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        assert!(matches!(
+            bind_unix(&path, None),
+            Err(ListenError::AlreadyRunning(_))
+        ));
+        drop(first);
+        assert!(!path.exists(), "socket removed on drop");
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_other_files_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists(), "stale socket file left behind");
+        let _ok = bind_unix(&path, None).unwrap();
+
+        let file = dir.path().join("plain");
+        fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            bind_unix(&file, None),
+            Err(ListenError::NotASocket(_))
+        ));
+    }
+
+    #[test]
+    fn world_writable_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            bind_unix(&open.join("m.sock"), None),
+            Err(ListenError::UnsafeDirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_group_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            bind_unix(&dir.path().join("m.sock"), Some("no-such-group-codi")),
+            Err(ListenError::UnknownGroup(_))
+        ));
+    }
+}

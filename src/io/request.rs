@@ -1,0 +1,367 @@
+//! What each request does: answered at once (ping, status, errors), or turned
+//! into a job for the writer thread or the reader pool. No I/O and no
+//! blocking here: a full queue or budget reports `Blocked` and the loop
+//! pauses the connection without consuming the frame.
+
+use super::conn::{ConnState, Connection};
+use crate::budget::InflightBudget;
+use crate::metrics::Metrics;
+use crate::proto::{AckStatus, ComponentStatus, ErrorCode, LogFields, Message, Payload};
+use crate::reply::ReplyTo;
+use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp};
+use crossbeam_channel::{Sender, TrySendError};
+use parking_lot::RwLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use uuid::Uuid;
+
+/// Longest session id, component or identity accepted.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// Settings a SIGHUP may change while connections are open.
+#[derive(Debug, Default)]
+pub struct LiveSettings {
+    /// The TCP token, if one is required.
+    pub token: RwLock<Option<String>>,
+    /// Log entries per second per connection; 0 = unlimited.
+    pub rate_limit: AtomicU32,
+    /// Bucket size of the rate limit.
+    pub rate_burst: AtomicU32,
+}
+
+impl LiveSettings {
+    /// Current rate limit and burst.
+    pub fn rate(&self) -> (u32, u32) {
+        (
+            self.rate_limit.load(Ordering::Relaxed),
+            self.rate_burst.load(Ordering::Relaxed),
+        )
+    }
+
+    /// True when TCP clients must authenticate.
+    pub fn token_required(&self) -> bool {
+        self.token.read().is_some()
+    }
+
+    fn token_matches(&self, offered: &str) -> bool {
+        match self.token.read().as_deref() {
+            Some(expected) => constant_time_eq(expected.as_bytes(), offered.as_bytes()),
+            None => true,
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Everything the loops share to serve requests.
+pub struct Services {
+    /// The writer thread's queue.
+    pub writer: Sender<WriteJob>,
+    /// The reader pool's queue.
+    pub readers: Sender<QueryJob>,
+    /// Bytes of requests in flight.
+    pub budget: Arc<InflightBudget>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Reloadable settings.
+    pub live: Arc<LiveSettings>,
+    /// When the daemon started.
+    pub started: Instant,
+}
+
+/// The result of handling one decoded request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// Taken (answered or queued); charge this many log entries to the
+    /// rate limit.
+    Done(u32),
+    /// Nothing taken: a queue or the budget is full; try again later.
+    Blocked,
+}
+
+/// The loop and connection a request came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    /// The loop's index.
+    pub worker: usize,
+    /// The connection's token.
+    pub token: usize,
+}
+
+impl Services {
+    /// Serves one request from `conn`; `frame_len` is its size on the wire.
+    pub fn handle(
+        &self,
+        conn: &mut Connection,
+        origin: Origin,
+        msg: Message,
+        frame_len: usize,
+    ) -> Handled {
+        let id = msg.id;
+        if conn.state == ConnState::AwaitingAuth {
+            return self.authenticate(conn, msg);
+        }
+        match msg.payload {
+            Payload::Ping => self.answer(conn, Message::ack(id, AckStatus::Accepted)),
+            Payload::Authenticate { .. } => self.authenticate(conn, msg),
+            Payload::GetStatus => self.answer(conn, self.status()),
+            Payload::LogEntry(fields) => {
+                let row = LogRow::from_fields(id, msg.timestamp, &fields, conn.session.as_deref());
+                match row {
+                    Ok(row) => self.write(conn, origin, id, WriteOp::Logs(vec![row]), frame_len, 1),
+                    Err(reason) => self.reject(conn, id, reason, 1),
+                }
+            }
+            Payload::LogBatch { entries } => {
+                let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+                if entries.is_empty() {
+                    return self.answer(conn, Message::ack(id, AckStatus::Accepted));
+                }
+                match batch_rows(id, msg.timestamp, &entries, conn.session.as_deref()) {
+                    Ok(rows) => self.write(conn, origin, id, WriteOp::Logs(rows), frame_len, count),
+                    Err(reason) => self.reject(conn, id, reason, count),
+                }
+            }
+            Payload::SessionStart {
+                session_id,
+                identity,
+                agent_type,
+                workspace,
+            } => {
+                if let Err(reason) = check_name("session_id", &session_id)
+                    .and_then(|()| check_name("identity", &identity))
+                {
+                    return self.reject(conn, id, reason, 0);
+                }
+                conn.session = Some(session_id.clone());
+                let op = WriteOp::SessionStart {
+                    session_id,
+                    identity,
+                    agent_type,
+                    workspace,
+                    started_at_us: msg.timestamp.as_micros(),
+                };
+                self.write(conn, origin, id, op, frame_len, 1)
+            }
+            Payload::SessionEnd { session_id } => {
+                if conn.session.as_deref() == Some(session_id.as_str()) {
+                    conn.session = None;
+                }
+                let op = WriteOp::SessionEnd {
+                    session_id,
+                    ended_at_us: msg.timestamp.as_micros(),
+                };
+                self.write(conn, origin, id, op, frame_len, 1)
+            }
+            Payload::QueryLogs { filter, limit } => {
+                let reply = self.reply_to(conn, origin);
+                match self.readers.try_send(QueryJob {
+                    reply,
+                    filter,
+                    limit,
+                }) {
+                    Ok(()) => {
+                        conn.answers.reserve();
+                        conn.queries_in_flight += 1;
+                        Handled::Done(1)
+                    }
+                    Err(TrySendError::Full(_)) => self.answer(
+                        conn,
+                        Message::error(
+                            ErrorCode::Unavailable,
+                            "too many queries in progress; retry shortly",
+                        ),
+                    ),
+                    Err(TrySendError::Disconnected(_)) => self.unavailable(conn),
+                }
+            }
+            Payload::StartMonitoring { .. } | Payload::StopMonitoring { .. } => self.answer(
+                conn,
+                Message::error(
+                    ErrorCode::Unsupported,
+                    "export monitoring is not available in this version of codi-monitor",
+                ),
+            ),
+            other => {
+                let name = other.name();
+                self.answer(
+                    conn,
+                    Message::error(
+                        ErrorCode::InvalidMessage,
+                        format!("`{name}` is an answer, not a request"),
+                    ),
+                )
+            }
+        }
+    }
+
+    fn reply_to(&self, conn: &Connection, origin: Origin) -> ReplyTo {
+        ReplyTo {
+            worker: origin.worker,
+            token: origin.token,
+            serial: conn.serial,
+            seq: conn.answers.next_seq(),
+        }
+    }
+
+    fn answer(&self, conn: &mut Connection, answer: Message) -> Handled {
+        conn.answers.push_ready(answer);
+        Handled::Done(1)
+    }
+
+    fn reject(&self, conn: &mut Connection, id: Uuid, reason: String, entries: u32) -> Handled {
+        Metrics::add(&self.metrics.logs_rejected, u64::from(entries));
+        conn.answers
+            .push_ready(Message::ack(id, AckStatus::Rejected(reason)));
+        Handled::Done(entries.max(1))
+    }
+
+    fn unavailable(&self, conn: &mut Connection) -> Handled {
+        self.answer(
+            conn,
+            Message::error(ErrorCode::Unavailable, "the daemon is shutting down"),
+        )
+    }
+
+    fn authenticate(&self, conn: &mut Connection, msg: Message) -> Handled {
+        let Payload::Authenticate { token } = &msg.payload else {
+            Metrics::add(&self.metrics.auth_failures, 1);
+            conn.state = ConnState::Closing;
+            return self.answer(
+                conn,
+                Message::error(
+                    ErrorCode::Unauthorized,
+                    format!(
+                        "authenticate first: this TCP listener requires a token before `{}`",
+                        msg.payload.name()
+                    ),
+                ),
+            );
+        };
+        if self.live.token_matches(token) {
+            if conn.state == ConnState::AwaitingAuth {
+                conn.state = ConnState::Open;
+            }
+            self.answer(conn, Message::ack(msg.id, AckStatus::Accepted))
+        } else {
+            Metrics::add(&self.metrics.auth_failures, 1);
+            conn.state = ConnState::Closing;
+            self.answer(
+                conn,
+                Message::error(ErrorCode::Unauthorized, "invalid token"),
+            )
+        }
+    }
+
+    fn write(
+        &self,
+        conn: &mut Connection,
+        origin: Origin,
+        request_id: Uuid,
+        op: WriteOp,
+        frame_len: usize,
+        entries: u32,
+    ) -> Handled {
+        // Decoded rows take roughly twice their wire size in memory.
+        let cost = 2 * frame_len + 256;
+        if !self.budget.try_acquire(cost) {
+            return Handled::Blocked;
+        }
+        let job = WriteJob {
+            reply: self.reply_to(conn, origin),
+            request_id,
+            op,
+            cost,
+        };
+        match self.writer.try_send(job) {
+            Ok(()) => {
+                conn.answers.reserve();
+                Metrics::add(&self.metrics.logs_received, u64::from(entries));
+                Handled::Done(entries)
+            }
+            Err(TrySendError::Full(_)) => {
+                self.budget.release(cost);
+                Handled::Blocked
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.budget.release(cost);
+                self.unavailable(conn)
+            }
+        }
+    }
+
+    /// The `Status` answer, built from the counters.
+    pub fn status(&self) -> Message {
+        let m = &self.metrics;
+        let get = Metrics::get;
+        let commit_errors = get(&m.commit_errors);
+        let components = vec![
+            ComponentStatus {
+                name: "ipc".into(),
+                status: "healthy".into(),
+                message: format!(
+                    "{} connections open, {} accepted, {} frames received, {} invalid",
+                    get(&m.connections_open),
+                    get(&m.connections_accepted),
+                    get(&m.frames_received),
+                    get(&m.frames_invalid)
+                ),
+            },
+            ComponentStatus {
+                name: "writer".into(),
+                status: if commit_errors == 0 { "healthy" } else { "degraded" }.into(),
+                message: format!(
+                    "{} logs stored, {} duplicates, {} rejected, {} commits, {} commit errors, {} of {} bytes in flight",
+                    get(&m.logs_stored),
+                    get(&m.logs_duplicate),
+                    get(&m.logs_rejected),
+                    get(&m.commits),
+                    commit_errors,
+                    self.budget.used(),
+                    self.budget.limit()
+                ),
+            },
+            ComponentStatus {
+                name: "readers".into(),
+                status: "healthy".into(),
+                message: format!("{} queries answered", get(&m.queries)),
+            },
+        ];
+        Message::answer(Payload::Status {
+            components,
+            uptime: self.started.elapsed(),
+        })
+    }
+}
+
+fn check_name(what: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        Err(format!("{what} must not be empty"))
+    } else if value.len() > MAX_NAME_LEN {
+        Err(format!("{what} is longer than {MAX_NAME_LEN} bytes"))
+    } else {
+        Ok(())
+    }
+}
+
+fn batch_rows(
+    batch_id: Uuid,
+    timestamp: crate::proto::Timestamp,
+    entries: &[LogFields],
+    session: Option<&str>,
+) -> Result<Vec<LogRow>, String> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, fields)| {
+            LogRow::from_fields(batch_entry_id(batch_id, i), timestamp, fields, session)
+                .map_err(|reason| format!("entry {i}: {reason}; nothing in the batch was stored"))
+        })
+        .collect()
+}
