@@ -1,0 +1,955 @@
+//! Harness for the integration tests: runs the real `codi-monitor` binary in
+//! a fresh temporary directory, talks to it with a blocking client over the
+//! real sockets, and inspects its SQLite database directly.
+//!
+//! Every wait has a deadline that only protects against hangs; no test
+//! asserts on how long something took.
+
+use codi_monitor::proto::{
+    decode_message, encode_message, frame_body_len, AckStatus, ErrorCode, LogFields, LogLevel,
+    Message, Payload, Timestamp, HEADER_LEN,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+/// Hang protection for a daemon to print its READY line.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+/// Hang protection for one answer on a client connection.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// Hang protection for a daemon to exit after a signal.
+pub const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Environment variables the daemon and codi2 read; cleared so the tests
+/// see only what they set themselves.
+const ISOLATED_ENV: &[&str] = &[
+    "CODI_CONFIG",
+    "CODI_MONITOR_MODE",
+    "CODI_MONITOR_PORT",
+    "CODI_MONITOR_TOKEN",
+    "CODI_DB",
+    "CODI_SOCKET",
+    "CODI_MONITOR_SOCKET",
+];
+
+/// Polls `cond` until it holds or `deadline` passes; true if it held.
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Raises this process's soft descriptor limit to the hard limit (children
+/// inherit it) and returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    lim.rlim_cur
+}
+
+/// A temporary directory holding one daemon's socket, database, config and
+/// logs; shared by successive daemons of one test (restarts).
+pub struct Sandbox {
+    dir: TempDir,
+    spawned: AtomicUsize,
+}
+
+impl Sandbox {
+    /// A fresh, empty sandbox.
+    pub fn new() -> Arc<Sandbox> {
+        Arc::new(Sandbox {
+            dir: tempfile::Builder::new()
+                .prefix("codi-it")
+                .tempdir()
+                .expect("create temp dir"),
+            spawned: AtomicUsize::new(0),
+        })
+    }
+
+    /// The sandbox's root.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The default socket path, `<tmp>/run/m.sock`.
+    pub fn socket(&self) -> PathBuf {
+        self.path().join("run/m.sock")
+    }
+
+    /// The default database path, `<tmp>/data/codi.db`.
+    pub fn db(&self) -> PathBuf {
+        self.path().join("data/codi.db")
+    }
+
+    /// The config file path, `<tmp>/monitor.toml`.
+    pub fn config(&self) -> PathBuf {
+        self.path().join("monitor.toml")
+    }
+
+    /// Writes the config file.
+    pub fn write_config(&self, toml: &str) {
+        fs::write(self.config(), toml).expect("write config");
+    }
+
+    /// Opens the database for inspection.
+    pub fn open_db(&self) -> Db {
+        Db::open(&self.db())
+    }
+
+    /// A `codi2` command with an isolated environment.
+    pub fn codi2(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_codi2"));
+        for key in ISOLATED_ENV {
+            cmd.env_remove(key);
+        }
+        cmd.env("HOME", self.path())
+            .env("XDG_RUNTIME_DIR", self.path().join("xdg-run"))
+            .env("XDG_DATA_HOME", self.path().join("xdg-data"))
+            .env("XDG_CONFIG_HOME", self.path().join("xdg-config"))
+            .current_dir(self.path());
+        cmd
+    }
+}
+
+/// How to start a daemon.
+#[derive(Clone)]
+pub struct Opts {
+    /// Pass `--socket <tmp>/run/m.sock`.
+    pub socket_flag: bool,
+    /// Pass `--db <tmp>/data/codi.db`.
+    pub db_flag: bool,
+    /// `--tcp` value; `None` leaves TCP off.
+    pub tcp: Option<String>,
+    /// `--workers` value.
+    pub workers: usize,
+    /// Pass `--config <tmp>/monitor.toml` (write it first).
+    pub config: bool,
+    /// Extra arguments.
+    pub args: Vec<OsString>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            socket_flag: true,
+            db_flag: true,
+            tcp: Some("127.0.0.1:0".into()),
+            workers: 2,
+            config: false,
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+impl Opts {
+    /// Adds an environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds an argument after the standard ones.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Sets the `--tcp` value (or turns TCP off).
+    pub fn tcp(mut self, addr: Option<&str>) -> Self {
+        self.tcp = addr.map(str::to_owned);
+        self
+    }
+
+    /// Passes the sandbox's config file.
+    pub fn with_config(mut self) -> Self {
+        self.config = true;
+        self
+    }
+
+    /// The daemon command for `sandbox`.
+    pub fn command(&self, sandbox: &Sandbox) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_codi-monitor"));
+        for key in ISOLATED_ENV {
+            cmd.env_remove(key);
+        }
+        cmd.env("HOME", sandbox.path())
+            .env("XDG_RUNTIME_DIR", sandbox.path().join("xdg-run"))
+            .env("XDG_DATA_HOME", sandbox.path().join("xdg-data"))
+            .env("XDG_CONFIG_HOME", sandbox.path().join("xdg-config"))
+            .current_dir(sandbox.path());
+        if self.socket_flag {
+            cmd.arg("--socket").arg(sandbox.socket());
+        }
+        if self.db_flag {
+            cmd.arg("--db").arg(sandbox.db());
+        }
+        if let Some(tcp) = &self.tcp {
+            cmd.arg("--tcp").arg(tcp);
+        }
+        cmd.arg("--workers").arg(self.workers.to_string());
+        if self.config {
+            cmd.arg("--config").arg(sandbox.config());
+        }
+        cmd.args(&self.args);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs the daemon expecting it to fail before READY; returns its exit
+    /// status and stderr (hang-protected).
+    pub fn run_expecting_failure(&self, sandbox: &Sandbox) -> (ExitStatus, String) {
+        let mut child = self
+            .command(sandbox)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn codi-monitor");
+        let mut status = None;
+        let exited = wait_until(START_DEADLINE, || {
+            status = child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("codi-monitor kept running although it should have refused to start");
+        }
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            !out.contains("READY"),
+            "daemon said READY although it should refuse to start: {out}"
+        );
+        (status.unwrap(), err)
+    }
+}
+
+/// What the READY line announced.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// `unix=` path.
+    pub unix: Option<PathBuf>,
+    /// `tcp=` address.
+    pub tcp: Option<SocketAddr>,
+    /// `db=` path.
+    pub db: PathBuf,
+}
+
+fn parse_ready(line: &str) -> Ready {
+    let mut fields = line.split_whitespace();
+    assert_eq!(fields.next(), Some("READY"), "not a READY line: {line}");
+    let mut unix = None;
+    let mut tcp = None;
+    let mut db = None;
+    for field in fields {
+        let (key, value) = field
+            .split_once('=')
+            .unwrap_or_else(|| panic!("malformed READY field `{field}` in {line}"));
+        match key {
+            "unix" => unix = Some(PathBuf::from(value)),
+            "tcp" => tcp = Some(value.parse().expect("tcp= is a socket address")),
+            "db" => db = Some(PathBuf::from(value)),
+            other => panic!("unknown READY field `{other}` in {line}"),
+        }
+    }
+    Ready {
+        unix,
+        tcp,
+        db: db.unwrap_or_else(|| panic!("READY line without db=: {line}")),
+    }
+}
+
+/// A running daemon; killed on drop if still alive.
+pub struct Daemon {
+    /// Its sandbox (shared with restarts).
+    pub sandbox: Arc<Sandbox>,
+    /// What it announced.
+    pub ready: Ready,
+    child: Child,
+    stderr_path: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Starts a daemon in a fresh sandbox with default options.
+    pub fn start_default() -> Daemon {
+        Daemon::start(Sandbox::new(), Opts::default())
+    }
+
+    /// Starts a daemon in `sandbox` and waits for its READY line.
+    pub fn start(sandbox: Arc<Sandbox>, opts: Opts) -> Daemon {
+        let n = sandbox.spawned.fetch_add(1, Ordering::Relaxed);
+        let stderr_path = sandbox.path().join(format!("daemon-{n}.stderr"));
+        let stderr = File::create(&stderr_path).expect("create stderr file");
+        let mut child = opts
+            .command(&sandbox)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn codi-monitor");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining so the daemon
+                    // never blocks on a full pipe.
+                    continue;
+                }
+            }
+        });
+        let end = Instant::now() + START_DEADLINE;
+        let ready = loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+                Ok(line) if line.starts_with("READY") => break parse_ready(&line),
+                Ok(other) => panic!("unexpected stdout line before READY: {other}"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(status) = child.try_wait().expect("try_wait") {
+                        panic!(
+                            "codi-monitor exited with {status} before READY; stderr:\n{}",
+                            fs::read_to_string(&stderr_path).unwrap_or_default()
+                        );
+                    }
+                    if Instant::now() >= end {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        panic!(
+                            "no READY line within {START_DEADLINE:?}; stderr:\n{}",
+                            fs::read_to_string(&stderr_path).unwrap_or_default()
+                        );
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().expect("wait");
+                    panic!(
+                        "codi-monitor closed stdout ({status}) before READY; stderr:\n{}",
+                        fs::read_to_string(&stderr_path).unwrap_or_default()
+                    );
+                }
+            }
+        };
+        Daemon {
+            sandbox,
+            ready,
+            child,
+            stderr_path,
+            exit: None,
+        }
+    }
+
+    /// Stops this daemon (SIGTERM, then waits) and starts a new one on the
+    /// same sandbox with `opts`.
+    pub fn restart(mut self, opts: Opts) -> Daemon {
+        self.terminate();
+        let status = self.wait_exit();
+        assert!(status.success(), "daemon exited with {status} on SIGTERM");
+        Daemon::start(Arc::clone(&self.sandbox), opts)
+    }
+
+    /// The Unix socket path from READY.
+    pub fn socket(&self) -> &Path {
+        self.ready.unix.as_deref().expect("Unix listener is on")
+    }
+
+    /// The TCP address from READY.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.ready.tcp.expect("TCP listener is on")
+    }
+
+    /// The database path from READY.
+    pub fn db_path(&self) -> &Path {
+        &self.ready.db
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// A client over the Unix socket.
+    pub fn unix(&self) -> Client {
+        Client::unix(self.socket())
+    }
+
+    /// A client over TCP.
+    pub fn tcp(&self) -> Client {
+        Client::tcp(self.tcp_addr())
+    }
+
+    /// Opens the database for inspection.
+    pub fn db(&self) -> Db {
+        Db::open(self.db_path())
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+    }
+
+    /// SIGKILL, and reaps the process.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let status = self.child.wait().expect("wait after SIGKILL");
+        self.exit = Some(status);
+    }
+
+    /// SIGTERM.
+    pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Waits (hang-protected) for the process to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        if let Some(status) = self.exit {
+            return status;
+        }
+        let mut status = None;
+        let exited = wait_until(EXIT_DEADLINE, || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        assert!(
+            exited,
+            "daemon did not exit within {EXIT_DEADLINE:?}; stderr:\n{}",
+            self.stderr()
+        );
+        self.exit = status;
+        status.unwrap()
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.exit.is_none() && self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The daemon's resident set size in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS line")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exit.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A blocking stream of either kind.
+pub enum Stream {
+    /// Unix socket.
+    Unix(UnixStream),
+    /// TCP.
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blocking protocol client with hang-protected reads.
+pub struct Client {
+    stream: Stream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Connects to a Unix socket.
+    pub fn unix(path: &Path) -> Client {
+        let s = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+        Client::from_stream(Stream::Unix(s))
+    }
+
+    /// Connects over TCP.
+    pub fn tcp(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        s.set_nodelay(true).unwrap();
+        Client::from_stream(Stream::Tcp(s))
+    }
+
+    fn from_stream(stream: Stream) -> Client {
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// A second handle on the same connection (for a separate writer
+    /// thread); its own read buffer starts empty.
+    pub fn try_clone(&self) -> Client {
+        Client::from_stream(self.stream.try_clone().expect("clone stream"))
+    }
+
+    /// Sends one message.
+    pub fn send(&mut self, msg: &Message) -> io::Result<()> {
+        let mut frame = Vec::new();
+        encode_message(msg, &mut frame).expect("encode");
+        self.stream.write_all(&frame)
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Half-closes the connection (no more requests).
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown_write();
+    }
+
+    /// The next answer; `Ok(None)` on a clean end of stream (or a reset
+    /// after the daemon closed).
+    pub fn try_recv(&mut self) -> io::Result<Option<Message>> {
+        loop {
+            match frame_body_len(&self.buf) {
+                Ok(Some(n)) if self.buf.len() >= HEADER_LEN + n => {
+                    let msg = decode_message(&self.buf[HEADER_LEN..HEADER_LEN + n])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    self.buf.drain(..HEADER_LEN + n);
+                    return Ok(Some(msg));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "connection closed inside a frame ({} bytes)",
+                            self.buf.len()
+                        ),
+                    ));
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset && self.buf.is_empty() => {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next answer; panics on end of stream or timeout.
+    pub fn recv(&mut self) -> Message {
+        match self.try_recv() {
+            Ok(Some(msg)) => msg,
+            Ok(None) => panic!("connection closed while an answer was expected"),
+            Err(e) => panic!("no answer: {e}"),
+        }
+    }
+
+    /// Asserts the daemon closed the connection.
+    pub fn expect_eof(&mut self) {
+        match self.try_recv() {
+            Ok(None) => {}
+            Ok(Some(msg)) => panic!("expected end of stream, got {msg:?}"),
+            Err(e) => panic!("expected end of stream, got error {e}"),
+        }
+    }
+
+    /// Sends a message and returns its answer.
+    pub fn request(&mut self, msg: &Message) -> Message {
+        self.send(msg).expect("send request");
+        self.recv()
+    }
+
+    /// Sends `payload` in a fresh message and returns the answer.
+    pub fn call(&mut self, payload: Payload) -> Message {
+        self.request(&Message::new(payload))
+    }
+
+    /// Sends `msg` and asserts it is acknowledged `Accepted`.
+    pub fn expect_accepted(&mut self, msg: &Message) {
+        let answer = self.request(msg);
+        assert_accepted(&answer, msg.id);
+    }
+
+    /// A ping that must come back `Accepted`.
+    pub fn ping(&mut self) {
+        self.expect_accepted(&Message::new(Payload::Ping));
+    }
+}
+
+/// A `LogEntry` message.
+pub fn log(level: LogLevel, component: &str, message: &str) -> Message {
+    Message::new(Payload::LogEntry(fields(level, component, message)))
+}
+
+/// Log fields without metadata or session.
+pub fn fields(level: LogLevel, component: &str, message: &str) -> LogFields {
+    LogFields {
+        level,
+        component: component.into(),
+        message: message.into(),
+        metadata: None,
+        session_id: None,
+    }
+}
+
+/// A message with a fixed timestamp.
+pub fn at(micros: i64, payload: Payload) -> Message {
+    Message {
+        id: Uuid::now_v7(),
+        timestamp: Timestamp::from_micros(micros),
+        payload,
+    }
+}
+
+/// The acknowledgment's request id and status; panics on anything else.
+pub fn ack(answer: &Message) -> (Uuid, &AckStatus) {
+    match &answer.payload {
+        Payload::Acknowledgment { request_id, status } => (*request_id, status),
+        other => panic!("expected an Acknowledgment, got {other:?}"),
+    }
+}
+
+/// Asserts `answer` accepts request `id`.
+pub fn assert_accepted(answer: &Message, id: Uuid) {
+    let (request_id, status) = ack(answer);
+    assert_eq!(request_id, id, "request_id must echo the request's id");
+    assert_eq!(status, &AckStatus::Accepted, "status for {id}");
+}
+
+/// Asserts `answer` rejects request `id` with a non-empty reason; returns it.
+pub fn assert_rejected(answer: &Message, id: Uuid) -> String {
+    let (request_id, status) = ack(answer);
+    assert_eq!(request_id, id, "request_id must echo the request's id");
+    match status {
+        AckStatus::Rejected(reason) => {
+            assert!(!reason.trim().is_empty(), "a rejection must say why");
+            reason.clone()
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+/// Asserts `answer` is an `Error` with `code`; returns its message.
+pub fn assert_error(answer: &Message, code: ErrorCode) -> String {
+    match &answer.payload {
+        Payload::Error {
+            code: got, message, ..
+        } => {
+            assert_eq!(got, &code, "error code (message: {message})");
+            message.clone()
+        }
+        other => panic!("expected Error {code}, got {other:?}"),
+    }
+}
+
+/// One row of the `logs` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Row id.
+    pub id: i64,
+    /// Message id.
+    pub uuid: Uuid,
+    /// Sender's timestamp, micros.
+    pub timestamp: i64,
+    /// Level name.
+    pub level: String,
+    /// Component.
+    pub component: String,
+    /// Session.
+    pub session_id: Option<String>,
+    /// Text.
+    pub message: String,
+    /// Metadata JSON text.
+    pub metadata: Option<String>,
+    /// Daemon's storage time, micros.
+    pub created_at: i64,
+}
+
+/// One row of the `sessions` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    /// Identity.
+    pub identity: String,
+    /// Agent type.
+    pub agent_type: Option<String>,
+    /// Start, micros.
+    pub started_at: i64,
+    /// End, micros.
+    pub ended_at: Option<i64>,
+    /// Workspace.
+    pub workspace: Option<String>,
+}
+
+/// A direct connection to the daemon's database, for inspection only.
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    /// Opens an existing database (never creates one).
+    pub fn open(path: &Path) -> Db {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        Db { conn }
+    }
+
+    /// The raw connection.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Rows in `logs`.
+    pub fn count_logs(&self) -> i64 {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM logs", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Rows in `logs` with this uuid.
+    pub fn count_uuid(&self, id: Uuid) -> i64 {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM logs WHERE uuid = ?",
+                [id.as_bytes().as_slice()],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// Every stored uuid.
+    pub fn uuids(&self) -> HashSet<Uuid> {
+        let mut stmt = self.conn.prepare("SELECT uuid FROM logs").unwrap();
+        let rows = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(|b| Uuid::from_slice(&b.unwrap()).expect("16-byte uuid"));
+        rows.collect()
+    }
+
+    /// The row with this uuid, if stored.
+    pub fn row(&self, id: Uuid) -> Option<Row> {
+        self.conn
+            .query_row(
+                "SELECT id, uuid, timestamp, level, component, session_id, message, metadata, \
+                 created_at FROM logs WHERE uuid = ?",
+                [id.as_bytes().as_slice()],
+                |r| {
+                    Ok(Row {
+                        id: r.get(0)?,
+                        uuid: Uuid::from_slice(&r.get::<_, Vec<u8>>(1)?).unwrap(),
+                        timestamp: r.get(2)?,
+                        level: r.get(3)?,
+                        component: r.get(4)?,
+                        session_id: r.get(5)?,
+                        message: r.get(6)?,
+                        metadata: r.get(7)?,
+                        created_at: r.get(8)?,
+                    })
+                },
+            )
+            .optional()
+            .unwrap()
+    }
+
+    /// The session row, if stored.
+    pub fn session(&self, id: &str) -> Option<SessionRow> {
+        self.conn
+            .query_row(
+                "SELECT identity, agent_type, started_at, ended_at, workspace \
+                 FROM sessions WHERE id = ?",
+                [id],
+                |r| {
+                    Ok(SessionRow {
+                        identity: r.get(0)?,
+                        agent_type: r.get(1)?,
+                        started_at: r.get(2)?,
+                        ended_at: r.get(3)?,
+                        workspace: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .unwrap()
+    }
+
+    /// `PRAGMA integrity_check`'s answer.
+    pub fn integrity_check(&self) -> String {
+        self.conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap()
+    }
+}
+
+/// Runs a command with stdin and returns its output (hang-protected by
+/// the command itself finishing; the tests only run short commands).
+pub fn run_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let feeder = thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let output = wait_output(child);
+    feeder.join().unwrap();
+    output
+}
+
+/// Runs a command without stdin and returns its output.
+pub fn run(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_output(child)
+}
+
+/// Collects a child's output, killing it if it outlives the hang deadline.
+fn wait_output(mut child: Child) -> Output {
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let mut status = None;
+    if !wait_until(START_DEADLINE, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    }) {
+        let _ = child.kill();
+        status = Some(child.wait().unwrap());
+    }
+    Output {
+        status: status.unwrap(),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
