@@ -1,0 +1,1656 @@
+//! Integration tests: the real `codi-monitor` (and `codi2`) binaries, each
+//! test with its own daemon in its own temporary directory, spoken to over
+//! the real Unix and TCP sockets, with the database inspected directly.
+//!
+//! No assertion depends on timing: deadlines only protect against hangs.
+
+mod common;
+
+use codi_monitor::proto::{
+    encode_message, AckStatus, ComponentStatus, ErrorCode, LogFields, LogFilter, LogLevel, Message,
+    Payload, StoredLog, Timestamp, MAX_FRAME_LEN,
+};
+use common::*;
+use rmpv::Value;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// A fixed instant (2023-11-14T22:13:20Z) the tests stamp messages from.
+const T0: i64 = 1_700_000_000_000_000;
+const SECOND: i64 = 1_000_000;
+
+/// The row uuid of entry `i` of a batch (SPEC: batch id plus `i`, wrapping).
+fn batch_entry(batch: Uuid, i: usize) -> Uuid {
+    Uuid::from_u128(batch.as_u128().wrapping_add(i as u128))
+}
+
+fn batch(entries: Vec<LogFields>) -> Message {
+    Message::new(Payload::LogBatch { entries })
+}
+
+/// `levels` arrays around the integer 1.
+fn nested(levels: usize) -> Value {
+    (0..levels).fold(Value::from(1), |v, _| Value::Array(vec![v]))
+}
+
+fn results(answer: &Message) -> (&[StoredLog], u64) {
+    match &answer.payload {
+        Payload::LogResults {
+            entries,
+            total_count,
+        } => (entries, *total_count),
+        other => panic!("expected LogResults, got {other:?}"),
+    }
+}
+
+fn query(filter: LogFilter, limit: u64) -> Message {
+    Message::new(Payload::QueryLogs { filter, limit })
+}
+
+/// Test 1: every request and answer type.
+mod requests {
+    use super::*;
+
+    #[test]
+    fn ping_is_accepted_and_echoes_its_id_on_both_transports() {
+        let d = Daemon::start_default();
+        for mut c in [d.unix(), d.tcp()] {
+            let ping = Message::new(Payload::Ping);
+            let answer = c.request(&ping);
+            assert_accepted(&answer, ping.id);
+            assert_ne!(answer.id, ping.id, "an answer carries its own id");
+        }
+    }
+
+    #[test]
+    fn log_entry_is_stored_with_every_field() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let metadata = Value::Map(vec![
+            ("a".into(), Value::from(1)),
+            (
+                "b".into(),
+                Value::Array(vec![Value::from(true), Value::from("x")]),
+            ),
+            ("c".into(), Value::Map(vec![("d".into(), Value::F64(1.5))])),
+        ]);
+        let full = at(
+            T0 + 123_456,
+            Payload::LogEntry(LogFields {
+                level: LogLevel::Warn,
+                component: "comp".into(),
+                message: "hello wörld \u{1F600}".into(),
+                metadata: Some(metadata),
+                session_id: Some("s-explicit".into()),
+            }),
+        );
+        c.expect_accepted(&full);
+        // Accepted means committed: visible to another connection at once.
+        let db = d.db();
+        let row = db.row(full.id).expect("accepted log is stored");
+        assert_eq!(row.uuid, full.id);
+        assert_eq!(row.timestamp, T0 + 123_456);
+        assert_eq!(row.level, "Warn");
+        assert_eq!(row.component, "comp");
+        assert_eq!(row.message, "hello wörld \u{1F600}");
+        assert_eq!(row.session_id.as_deref(), Some("s-explicit"));
+        let json: serde_json::Value =
+            serde_json::from_str(row.metadata.as_deref().expect("metadata stored")).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"a": 1, "b": [true, "x"], "c": {"d": 1.5}})
+        );
+        assert!(row.created_at > T0, "created_at is the daemon's clock");
+
+        let bare = at(T0, Payload::LogEntry(fields(LogLevel::Trace, "c2", "bare")));
+        c.expect_accepted(&bare);
+        let row = db.row(bare.id).expect("stored");
+        assert_eq!(row.level, "Trace");
+        assert_eq!(row.metadata, None, "no metadata is NULL");
+        assert_eq!(row.session_id, None);
+        assert_eq!(db.count_logs(), 2);
+    }
+
+    #[test]
+    fn every_level_round_trips() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let db = d.db();
+        for level in LogLevel::ALL {
+            let msg = log(level, "levels", level.as_str());
+            c.expect_accepted(&msg);
+            assert_eq!(db.row(msg.id).unwrap().level, level.as_str());
+        }
+    }
+
+    #[test]
+    fn positional_encoding_is_accepted() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let msg = log(LogLevel::Info, "seed-client", "positional");
+        let body = rmp_serde::to_vec(&msg).unwrap();
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        c.send_raw(&frame).unwrap();
+        assert_accepted(&c.recv(), msg.id);
+        assert_eq!(d.db().row(msg.id).unwrap().message, "positional");
+    }
+
+    #[test]
+    fn log_batch_gets_one_answer_and_consecutive_ids() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let entries: Vec<LogFields> = (0..5)
+            .map(|i| LogFields {
+                level: LogLevel::ALL[i],
+                component: "batch".into(),
+                message: format!("entry {i}"),
+                metadata: Some(Value::from(i as u64)),
+                session_id: None,
+            })
+            .collect();
+        let msg = at(T0 + 7, Payload::LogBatch { entries });
+        c.send(&msg).unwrap();
+        let ping = Message::new(Payload::Ping);
+        c.send(&ping).unwrap();
+        assert_accepted(&c.recv(), msg.id);
+        // The ping's answer comes next: the batch had exactly one answer.
+        assert_accepted(&c.recv(), ping.id);
+
+        let db = d.db();
+        assert_eq!(db.count_logs(), 5);
+        for i in 0..5 {
+            let row = db
+                .row(batch_entry(msg.id, i))
+                .unwrap_or_else(|| panic!("entry {i} stored under batch id + {i}"));
+            assert_eq!(row.message, format!("entry {i}"));
+            assert_eq!(row.level, LogLevel::ALL[i].as_str());
+            assert_eq!(row.timestamp, T0 + 7, "entries carry the batch's time");
+            assert_eq!(row.metadata.as_deref(), Some(i.to_string().as_str()));
+        }
+    }
+
+    #[test]
+    fn empty_batch_is_accepted_and_stores_nothing() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        c.expect_accepted(&batch(Vec::new()));
+        assert_eq!(d.db().count_logs(), 0);
+    }
+
+    #[test]
+    fn sessions_are_recorded_and_default_for_their_connection() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let mut other = d.unix();
+        let start = at(
+            T0 + SECOND,
+            Payload::SessionStart {
+                session_id: "sess-1".into(),
+                identity: "alice".into(),
+                agent_type: Some("claude".into()),
+                workspace: Some("/srv/w".into()),
+            },
+        );
+        c.expect_accepted(&start);
+        let in_session = log(LogLevel::Info, "s", "in session");
+        c.expect_accepted(&in_session);
+        let explicit = Message::new(Payload::LogEntry(LogFields {
+            session_id: Some("explicit".into()),
+            ..fields(LogLevel::Info, "s", "explicit session wins")
+        }));
+        c.expect_accepted(&explicit);
+        let elsewhere = log(LogLevel::Info, "s", "other connection");
+        other.expect_accepted(&elsewhere);
+        let batch_msg = batch(vec![fields(LogLevel::Debug, "s", "batched in session")]);
+        c.expect_accepted(&batch_msg);
+
+        let db = d.db();
+        let session = db.session("sess-1").expect("session row");
+        assert_eq!(session.identity, "alice");
+        assert_eq!(session.agent_type.as_deref(), Some("claude"));
+        assert_eq!(session.workspace.as_deref(), Some("/srv/w"));
+        assert_eq!(session.started_at, T0 + SECOND);
+        assert_eq!(session.ended_at, None);
+
+        let end = at(
+            T0 + 5 * SECOND,
+            Payload::SessionEnd {
+                session_id: "sess-1".into(),
+            },
+        );
+        c.expect_accepted(&end);
+        let after_end = log(LogLevel::Info, "s", "after end");
+        c.expect_accepted(&after_end);
+
+        let session = db.session("sess-1").unwrap();
+        assert_eq!(session.ended_at, Some(T0 + 5 * SECOND));
+        let session_of = |id: Uuid| db.row(id).expect("stored").session_id;
+        assert_eq!(session_of(in_session.id).as_deref(), Some("sess-1"));
+        assert_eq!(session_of(explicit.id).as_deref(), Some("explicit"));
+        assert_eq!(
+            session_of(elsewhere.id),
+            None,
+            "sessions are per connection"
+        );
+        assert_eq!(session_of(batch_msg.id).as_deref(), Some("sess-1"));
+        assert_eq!(session_of(after_end.id), None, "SessionEnd clears it");
+    }
+
+    #[test]
+    fn session_end_of_unknown_session_is_rejected() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let end = Message::new(Payload::SessionEnd {
+            session_id: "ghost".into(),
+        });
+        assert_rejected(&c.request(&end), end.id);
+        assert!(d.db().session("ghost").is_none());
+        c.ping();
+    }
+
+    #[test]
+    fn session_start_with_empty_id_is_rejected() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let start = Message::new(Payload::SessionStart {
+            session_id: String::new(),
+            identity: "me".into(),
+            agent_type: None,
+            workspace: None,
+        });
+        assert_rejected(&c.request(&start), start.id);
+        let after = log(LogLevel::Info, "s", "no session");
+        c.expect_accepted(&after);
+        assert_eq!(d.db().row(after.id).unwrap().session_id, None);
+    }
+
+    /// One stored log of the query data set.
+    #[derive(Clone)]
+    struct Seeded {
+        id: i64,
+        uuid: Uuid,
+        ts: i64,
+        level: LogLevel,
+        component: &'static str,
+        session: Option<&'static str>,
+        message: String,
+    }
+
+    /// The query semantics of SPEC.md, computed in the test.
+    fn expected(data: &[Seeded], f: &LogFilter, limit: u64) -> (Vec<Uuid>, u64) {
+        let mut matches: Vec<&Seeded> = data
+            .iter()
+            .filter(|s| f.min_level.map_or(true, |m| s.level >= m))
+            .filter(|s| f.component.as_deref().map_or(true, |c| s.component == c))
+            .filter(|s| f.session_id.is_none() || f.session_id.as_deref() == s.session)
+            .filter(|s| f.since.map_or(true, |t| s.ts >= t.as_micros()))
+            .filter(|s| f.until.map_or(true, |t| s.ts < t.as_micros()))
+            .filter(|s| {
+                f.contains
+                    .as_deref()
+                    .map_or(true, |c| s.message.contains(c))
+            })
+            .filter(|s| f.after_id.map_or(true, |a| s.id > a))
+            .collect();
+        let total = matches.len() as u64;
+        let limit = limit as usize;
+        if f.after_id.is_some() {
+            matches.sort_by_key(|s| s.id);
+            matches.truncate(limit);
+        } else {
+            matches.sort_by_key(|s| std::cmp::Reverse((s.ts, s.id)));
+            matches.truncate(limit);
+            matches.reverse();
+        }
+        (matches.iter().map(|s| s.uuid).collect(), total)
+    }
+
+    #[test]
+    fn query_logs_applies_every_filter() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let db = d.db();
+        let mut data = Vec::new();
+        for i in 0..12usize {
+            // Timestamps out of storage order, with one tie, so that
+            // "newest" (by time) and "after_id" (by row id) differ.
+            let ts = T0 + ((i * 7) % 11) as i64 * SECOND;
+            let level = LogLevel::ALL[i % 5];
+            let component = if i % 2 == 0 { "alpha" } else { "beta" };
+            let session = (i < 6).then_some("s1");
+            let message = format!("msg {i} {}", if i % 3 == 0 { "needle" } else { "hay" });
+            let msg = at(
+                ts,
+                Payload::LogEntry(LogFields {
+                    level,
+                    component: component.into(),
+                    message: message.clone(),
+                    metadata: Some(Value::Map(vec![("i".into(), Value::from(i as u64))])),
+                    session_id: session.map(str::to_owned),
+                }),
+            );
+            c.expect_accepted(&msg);
+            data.push(Seeded {
+                id: db.row(msg.id).unwrap().id,
+                uuid: msg.id,
+                ts,
+                level,
+                component,
+                session,
+                message,
+            });
+        }
+        let ts = |s: i64| Some(Timestamp::from_micros(T0 + s * SECOND));
+        let id3 = data[3].id;
+        let cases: Vec<(&str, LogFilter, u64)> = vec![
+            ("everything", LogFilter::default(), 100),
+            ("newest 3", LogFilter::default(), 3),
+            ("count only", LogFilter::default(), 0),
+            (
+                "min_level",
+                LogFilter {
+                    min_level: Some(LogLevel::Warn),
+                    ..LogFilter::default()
+                },
+                100,
+            ),
+            (
+                "component",
+                LogFilter {
+                    component: Some("alpha".into()),
+                    ..LogFilter::default()
+                },
+                100,
+            ),
+            (
+                "session_id",
+                LogFilter {
+                    session_id: Some("s1".into()),
+                    ..LogFilter::default()
+                },
+                100,
+            ),
+            (
+                "since",
+                LogFilter {
+                    since: ts(4),
+                    ..LogFilter::default()
+                },
+                100,
+            ),
+            (
+                "until",
+                LogFilter {
+                    until: ts(4),
+                    ..LogFilter::default()
+                },
+                100,
+            ),
+            (
+                "since and until",
+                LogFilter {
+                    since: ts(2),
+                    until: ts(7),
+                    ..LogFilter::default()
+                },
+                100,
+            ),
+            (
+                "contains",
+                LogFilter {
+                    contains: Some("needle".into()),
+                    ..LogFilter::default()
+                },
+                100,
+            ),
+            (
+                "contains is case-sensitive",
+                LogFilter {
+                    contains: Some("Needle".into()),
+                    ..LogFilter::default()
+                },
+                100,
+            ),
+            (
+                "after_id: oldest first by row id",
+                LogFilter {
+                    after_id: Some(id3),
+                    ..LogFilter::default()
+                },
+                4,
+            ),
+            (
+                "after_id with a filter",
+                LogFilter {
+                    after_id: Some(id3),
+                    component: Some("beta".into()),
+                    ..LogFilter::default()
+                },
+                2,
+            ),
+            (
+                "all filters at once",
+                LogFilter {
+                    min_level: Some(LogLevel::Debug),
+                    component: Some("alpha".into()),
+                    session_id: Some("s1".into()),
+                    since: ts(0),
+                    until: ts(11),
+                    contains: Some("msg".into()),
+                    after_id: None,
+                },
+                2,
+            ),
+        ];
+        for (name, filter, limit) in cases {
+            let answer = c.request(&query(filter.clone(), limit));
+            let (entries, total) = results(&answer);
+            let (want, want_total) = expected(&data, &filter, limit);
+            let got: Vec<Uuid> = entries.iter().map(|e| e.uuid).collect();
+            assert_eq!(got, want, "entries of case `{name}`");
+            assert_eq!(total, want_total, "total_count of case `{name}`");
+        }
+
+        // Every field of a returned entry.
+        let answer = c.request(&query(LogFilter::default(), 100));
+        for entry in results(&answer).0 {
+            let s = data.iter().find(|s| s.uuid == entry.uuid).unwrap();
+            let i = data.iter().position(|x| x.uuid == s.uuid).unwrap();
+            assert_eq!(entry.id, s.id);
+            assert_eq!(entry.timestamp.as_micros(), s.ts);
+            assert_eq!(entry.level, s.level);
+            assert_eq!(entry.component, s.component);
+            assert_eq!(entry.session_id.as_deref(), s.session);
+            assert_eq!(entry.message, s.message);
+            assert_eq!(
+                entry.metadata,
+                Some(Value::Map(vec![("i".into(), Value::from(i as u64))]))
+            );
+        }
+    }
+
+    #[test]
+    fn query_answer_fits_one_frame() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        // 40 logs of 100 KB: the newest ~10 fit in one 1 MiB answer.
+        let big = "z".repeat(100_000);
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            let msg = at(
+                T0 + i * SECOND,
+                Payload::LogEntry(fields(LogLevel::Info, "big", &big)),
+            );
+            c.expect_accepted(&msg);
+            ids.push(msg.id);
+        }
+        let answer = c.request(&query(LogFilter::default(), 1000));
+        let (entries, total) = results(&answer);
+        assert_eq!(total, 40, "total_count counts every match");
+        assert!(!entries.is_empty() && entries.len() < 40, "trimmed to fit");
+        let got: Vec<Uuid> = entries.iter().map(|e| e.uuid).collect();
+        assert_eq!(got, ids[40 - entries.len()..], "the newest are kept");
+        let mut frame = Vec::new();
+        encode_message(&answer, &mut frame).unwrap();
+        assert!(frame.len() - 4 <= MAX_FRAME_LEN);
+    }
+
+    #[test]
+    fn get_status_lists_components() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        c.expect_accepted(&log(LogLevel::Info, "st", "one"));
+        let answer = c.call(Payload::GetStatus);
+        let Payload::Status { components, .. } = &answer.payload else {
+            panic!("expected Status, got {answer:?}");
+        };
+        assert!(!components.is_empty());
+        let names: HashSet<&str> = components.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names.len(), components.len(), "component names are unique");
+        assert!(names.contains("writer"), "components: {components:?}");
+        for ComponentStatus { name, status, .. } in components {
+            assert!(
+                ["healthy", "degraded", "failed"].contains(&status.as_str()),
+                "{name}: {status}"
+            );
+        }
+    }
+
+    #[test]
+    fn authenticate_on_unix_is_accepted() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let auth = Message::new(Payload::Authenticate {
+            token: "anything".into(),
+        });
+        assert_accepted(&c.request(&auth), auth.id);
+        c.expect_accepted(&log(LogLevel::Info, "a", "after auth"));
+    }
+
+    #[test]
+    fn monitoring_requests_are_unsupported() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let start = c.call(Payload::StartMonitoring {
+            path: d.sandbox.path().display().to_string(),
+            recursive: true,
+            patterns: vec!["*.md".into()],
+        });
+        assert_error(&start, ErrorCode::Unsupported);
+        let stop = c.call(Payload::StopMonitoring {
+            path: d.sandbox.path().display().to_string(),
+        });
+        assert_error(&stop, ErrorCode::Unsupported);
+        c.ping();
+    }
+
+    #[test]
+    fn answers_sent_as_requests_are_invalid_messages() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let answers = [
+            Payload::Acknowledgment {
+                request_id: Uuid::now_v7(),
+                status: AckStatus::Accepted,
+            },
+            Payload::LogResults {
+                entries: Vec::new(),
+                total_count: 0,
+            },
+            Payload::Error {
+                code: ErrorCode::Internal,
+                message: "x".into(),
+                details: None,
+            },
+            Payload::Status {
+                components: Vec::new(),
+                uptime: Duration::from_secs(1),
+            },
+        ];
+        for payload in answers {
+            assert_error(&c.call(payload), ErrorCode::InvalidMessage);
+        }
+        c.ping();
+    }
+
+    #[test]
+    fn deeply_nested_metadata_is_rejected_and_nothing_stored() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let db = d.db();
+        let with_meta = |meta: Value| {
+            Message::new(Payload::LogEntry(LogFields {
+                metadata: Some(meta),
+                ..fields(LogLevel::Info, "deep", "nested")
+            }))
+        };
+        let ok = with_meta(nested(64));
+        c.expect_accepted(&ok);
+        let too_deep = with_meta(nested(65));
+        assert_rejected(&c.request(&too_deep), too_deep.id);
+        assert_eq!(db.count_uuid(too_deep.id), 0);
+
+        // One bad entry rejects the whole batch.
+        let bad_batch = batch(vec![
+            fields(LogLevel::Info, "deep", "fine"),
+            LogFields {
+                metadata: Some(nested(65)),
+                ..fields(LogLevel::Info, "deep", "too deep")
+            },
+        ]);
+        assert_rejected(&c.request(&bad_batch), bad_batch.id);
+        assert_eq!(db.count_uuid(bad_batch.id), 0);
+        assert_eq!(db.count_logs(), 1, "only the 64-level entry is stored");
+        c.ping();
+    }
+    /// A `LogEntry` frame whose metadata is `depth` nested one-element
+    /// arrays, built byte by byte (no recursion in the test).
+    fn deep_metadata_frame(depth: usize) -> (Uuid, Vec<u8>) {
+        const MARK: &str = "@@deep-metadata@@";
+        let msg = Message::new(Payload::LogEntry(LogFields {
+            metadata: Some(Value::from(MARK)),
+            ..fields(LogLevel::Info, "deep", "absurd")
+        }));
+        let body = rmp_serde::to_vec_named(&msg).unwrap();
+        let mut mark = vec![0xa0 | MARK.len() as u8];
+        mark.extend_from_slice(MARK.as_bytes());
+        let at = body
+            .windows(mark.len())
+            .position(|w| w == mark.as_slice())
+            .unwrap();
+        let mut deep = body[..at].to_vec();
+        deep.extend(std::iter::repeat(0x91).take(depth));
+        deep.push(0x01);
+        deep.extend_from_slice(&body[at + mark.len()..]);
+        let mut frame = (deep.len() as u32).to_le_bytes().to_vec();
+        frame.extend(deep);
+        (msg.id, frame)
+    }
+
+    #[test]
+    fn absurdly_deep_metadata_does_not_crash_the_daemon() {
+        let mut d = Daemon::start_default();
+        let mut c = d.unix();
+        for depth in [100, 1_000, 100_000, 1_000_000] {
+            let (id, frame) = deep_metadata_frame(depth);
+            c.send_raw(&frame).unwrap();
+            let answer = match c.try_recv() {
+                Ok(Some(answer)) => answer,
+                other => panic!(
+                    "no answer to metadata nested {depth} deep ({other:?}); daemon alive: {}; \
+                     stderr:\n{}",
+                    d.is_running(),
+                    d.stderr()
+                ),
+            };
+            match &answer.payload {
+                Payload::Acknowledgment { .. } => {
+                    assert_rejected(&answer, id);
+                }
+                Payload::Error { code, .. } => assert_eq!(code, &ErrorCode::InvalidMessage),
+                other => panic!("depth {depth}: unexpected answer {other:?}"),
+            }
+            c.ping();
+        }
+        assert_eq!(d.db().count_logs(), 0);
+        assert!(d.is_running());
+    }
+}
+
+/// Test 2: pipelining.
+mod pipelining {
+    use super::*;
+
+    #[derive(Debug)]
+    enum Want {
+        Ack(Uuid),
+        Results,
+    }
+
+    fn pipeline_500(mut c: Client, db: &Db) {
+        let mut sent = Vec::new();
+        let mut bytes = Vec::new();
+        let mut logs = 0;
+        for i in 0..500 {
+            let (msg, want) = match i % 5 {
+                0 | 1 => {
+                    logs += 1;
+                    let m = log(LogLevel::Info, "pipe", &format!("log {i}"));
+                    let id = m.id;
+                    (m, Want::Ack(id))
+                }
+                2 => {
+                    let m = Message::new(Payload::Ping);
+                    let id = m.id;
+                    (m, Want::Ack(id))
+                }
+                3 => (
+                    query(
+                        LogFilter {
+                            component: Some("pipe".into()),
+                            ..LogFilter::default()
+                        },
+                        5,
+                    ),
+                    Want::Results,
+                ),
+                _ => {
+                    logs += 3;
+                    let m = batch(
+                        (0..3)
+                            .map(|j| fields(LogLevel::Debug, "pipe", &format!("b {i}.{j}")))
+                            .collect(),
+                    );
+                    let id = m.id;
+                    (m, Want::Ack(id))
+                }
+            };
+            encode_message(&msg, &mut bytes).unwrap();
+            sent.push(want);
+        }
+        let mut writer = c.try_clone();
+        let send = thread::spawn(move || writer.send_raw(&bytes).unwrap());
+        for (i, want) in sent.iter().enumerate() {
+            let answer = c.recv();
+            match want {
+                Want::Ack(id) => {
+                    let (request_id, status) = ack(&answer);
+                    assert_eq!(request_id, *id, "answer {i} out of order");
+                    assert_eq!(status, &AckStatus::Accepted, "answer {i}");
+                }
+                Want::Results => {
+                    results(&answer);
+                }
+            }
+        }
+        send.join().unwrap();
+        c.ping();
+        assert_eq!(db.count_logs(), logs);
+    }
+
+    #[test]
+    fn five_hundred_mixed_requests_are_answered_in_order_over_unix() {
+        let d = Daemon::start_default();
+        pipeline_500(d.unix(), &d.db());
+    }
+
+    #[test]
+    fn five_hundred_mixed_requests_are_answered_in_order_over_tcp() {
+        let d = Daemon::start_default();
+        pipeline_500(d.tcp(), &d.db());
+    }
+}
+
+/// Test 3: bad frames.
+mod frames {
+    use super::*;
+
+    fn header(len: u32) -> [u8; 4] {
+        len.to_le_bytes()
+    }
+
+    fn frame(msg: &Message) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_message(msg, &mut v).unwrap();
+        v
+    }
+
+    /// A `LogEntry` whose encoded body is exactly `target` bytes.
+    fn log_with_body_len(target: usize) -> Message {
+        let mut msg = log(LogLevel::Info, "big", &"m".repeat(target - 1000));
+        let body_len = |m: &Message| rmp_serde::to_vec_named(m).unwrap().len();
+        let current = body_len(&msg);
+        if let Payload::LogEntry(f) = &mut msg.payload {
+            f.message = "m".repeat(f.message.len() + target - current);
+        }
+        assert_eq!(body_len(&msg), target);
+        msg
+    }
+
+    /// Pings over its own connection until stopped; returns how many.
+    fn pinger(d: &Daemon, stop: Arc<AtomicBool>) -> thread::JoinHandle<usize> {
+        let mut c = d.unix();
+        thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                c.ping();
+                n += 1;
+            }
+            n
+        })
+    }
+
+    #[test]
+    fn bad_frames_close_only_their_connection() {
+        let mut d = Daemon::start_default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pings = pinger(&d, Arc::clone(&stop));
+
+        // A zero-length header cannot be resynchronised.
+        let mut c = d.unix();
+        c.send_raw(&header(0)).unwrap();
+        assert_error(&c.recv(), ErrorCode::InvalidFrame);
+        c.expect_eof();
+
+        // Neither can a length above 1 MiB, announced before any body.
+        let mut c = d.tcp();
+        c.send_raw(&header(MAX_FRAME_LEN as u32 + 1)).unwrap();
+        assert_error(&c.recv(), ErrorCode::FrameTooLarge);
+        c.expect_eof();
+        let mut c = d.unix();
+        c.send_raw(&header(u32::MAX)).unwrap();
+        assert_error(&c.recv(), ErrorCode::FrameTooLarge);
+        c.expect_eof();
+
+        // A garbage body keeps the framing: same connection goes on.
+        let mut c = d.unix();
+        for garbage in [
+            &[0xc1u8][..],                                     // never-used MessagePack byte
+            &[0x81, 0xa5, b'h', b'e', b'l', b'l', b'o', 0x01], // {"hello": 1}
+            &[0x93, 0x01, 0x02],                               // truncated array
+            b"\xa5not a message",
+        ] {
+            let mut bytes = header(garbage.len() as u32).to_vec();
+            bytes.extend_from_slice(garbage);
+            c.send_raw(&bytes).unwrap();
+            assert_error(&c.recv(), ErrorCode::InvalidMessage);
+        }
+        c.ping();
+        c.expect_accepted(&log(LogLevel::Info, "frames", "after garbage"));
+
+        // Requests before a bad frame are still answered, in order, first.
+        for (bad, code) in [
+            (header(0), ErrorCode::InvalidFrame),
+            (header(MAX_FRAME_LEN as u32 + 1), ErrorCode::FrameTooLarge),
+        ] {
+            let mut c = d.unix();
+            let first = log(LogLevel::Info, "frames", "before the bad frame");
+            let second = Message::new(Payload::Ping);
+            let mut bytes = frame(&first);
+            bytes.extend(frame(&second));
+            bytes.extend_from_slice(&bad);
+            bytes.extend(frame(&Message::new(Payload::Ping)));
+            c.send_raw(&bytes).unwrap();
+            assert_accepted(&c.recv(), first.id);
+            assert_accepted(&c.recv(), second.id);
+            assert_error(&c.recv(), code);
+            c.expect_eof();
+            assert_eq!(d.db().count_uuid(first.id), 1);
+        }
+
+        // A frame cut short by the client's close harms nobody.
+        let mut c = d.unix();
+        let mut bytes = header(100).to_vec();
+        bytes.extend_from_slice(&[0x80; 10]);
+        c.send_raw(&bytes).unwrap();
+        drop(c);
+        let mut c = d.tcp();
+        c.send_raw(&[5, 0]).unwrap();
+        drop(c);
+        let mut c = d.unix();
+        let whole = log(LogLevel::Info, "frames", "answered before the cut");
+        let mut bytes = frame(&whole);
+        bytes.extend_from_slice(&header(50));
+        bytes.extend_from_slice(b"partial");
+        c.send_raw(&bytes).unwrap();
+        c.shutdown_write();
+        assert_accepted(&c.recv(), whole.id);
+        c.expect_eof();
+
+        d.unix().ping();
+        d.tcp().ping();
+        stop.store(true, Ordering::Relaxed);
+        let n = pings
+            .join()
+            .expect("the parallel client was never disturbed");
+        assert!(n > 0);
+        assert!(d.is_running());
+    }
+
+    #[test]
+    fn a_frame_of_exactly_one_mebibyte_is_accepted() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let msg = log_with_body_len(MAX_FRAME_LEN);
+        let bytes = frame(&msg);
+        assert_eq!(bytes.len(), 4 + MAX_FRAME_LEN);
+        c.send_raw(&bytes).unwrap();
+        assert_accepted(&c.recv(), msg.id);
+        let Payload::LogEntry(f) = &msg.payload else {
+            unreachable!()
+        };
+        assert_eq!(d.db().row(msg.id).unwrap().message.len(), f.message.len());
+        // And over TCP, written in small pieces.
+        let mut c = d.tcp();
+        let msg = log_with_body_len(MAX_FRAME_LEN);
+        for chunk in frame(&msg).chunks(100_003) {
+            c.send_raw(chunk).unwrap();
+        }
+        assert_accepted(&c.recv(), msg.id);
+    }
+
+    #[test]
+    fn a_body_of_one_mebibyte_plus_one_is_refused() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let msg = log_with_body_len(MAX_FRAME_LEN + 1);
+        let body = rmp_serde::to_vec_named(&msg).unwrap();
+        let mut bytes = header(body.len() as u32).to_vec();
+        bytes.extend_from_slice(&body);
+        // The daemon may close before reading it all; a failed write is fine.
+        let _ = c.send_raw(&bytes);
+        assert_error(&c.recv(), ErrorCode::FrameTooLarge);
+        c.expect_eof();
+        assert_eq!(d.db().count_logs(), 0);
+    }
+}
+
+/// Test 4: many concurrent connections.
+mod scale {
+    use super::*;
+
+    #[test]
+    fn a_thousand_concurrent_connections_each_get_their_answer() {
+        let limit = raise_nofile_limit();
+        assert!(
+            limit >= 2500,
+            "RLIMIT_NOFILE hard limit {limit} is too low for this test"
+        );
+        let d = Daemon::start_default();
+        let mut clients: Vec<(Client, Message)> = (0..1000)
+            .map(|i| {
+                let c = if i % 4 == 3 { d.tcp() } else { d.unix() };
+                (c, log(LogLevel::Info, "many", &format!("client {i}")))
+            })
+            .collect();
+        for (c, msg) in &mut clients {
+            c.send(msg).unwrap();
+        }
+        for (c, msg) in &mut clients {
+            assert_accepted(&c.recv(), msg.id);
+        }
+        let stored = d.db().uuids();
+        assert_eq!(stored.len(), 1000);
+        for (_, msg) in &clients {
+            assert!(stored.contains(&msg.id));
+        }
+        // Still all open and served.
+        for (c, _) in clients.iter_mut().step_by(97) {
+            c.ping();
+        }
+    }
+}
+
+/// Tests 5, 6, 7: the delivery promise.
+mod durability {
+    use super::*;
+
+    /// Sends windows of logs (and some batches) until the connection
+    /// breaks; records every log id that was acknowledged `Accepted`.
+    fn hammer(mut c: Client, tag: usize, accepted: Arc<Mutex<Vec<Uuid>>>) {
+        let mut round = 0usize;
+        loop {
+            let mut window = Vec::new();
+            for k in 0..16 {
+                let msg = if k == 0 && round % 4 == 0 {
+                    batch(
+                        (0..10)
+                            .map(|j| fields(LogLevel::Info, "kill", &format!("{tag}.{round}.{j}")))
+                            .collect(),
+                    )
+                } else {
+                    log(LogLevel::Info, "kill", &format!("{tag}.{round}.{k}"))
+                };
+                if c.send(&msg).is_err() {
+                    return;
+                }
+                window.push(msg);
+            }
+            for msg in window {
+                let answer = match c.try_recv() {
+                    Ok(Some(a)) => a,
+                    Ok(None) | Err(_) => return,
+                };
+                let (request_id, status) = ack(&answer);
+                assert_eq!(request_id, msg.id, "answers out of order");
+                if status == &AckStatus::Accepted {
+                    let mut acc = accepted.lock().unwrap();
+                    match &msg.payload {
+                        Payload::LogBatch { entries } => {
+                            acc.extend((0..entries.len()).map(|i| batch_entry(msg.id, i)))
+                        }
+                        _ => acc.push(msg.id),
+                    }
+                }
+            }
+            round += 1;
+        }
+    }
+
+    #[test]
+    fn kill_9_under_load_loses_no_accepted_log() {
+        let sandbox = Sandbox::new();
+        let mut d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let c = if t == 3 { d.tcp() } else { d.unix() };
+                let acc = Arc::clone(&accepted);
+                thread::spawn(move || hammer(c, t, acc))
+            })
+            .collect();
+        assert!(
+            wait_until(Duration::from_secs(60), || accepted.lock().unwrap().len()
+                >= 5000),
+            "load never got going"
+        );
+        d.kill9();
+        for t in threads {
+            t.join().expect("client thread");
+        }
+        let accepted = accepted.lock().unwrap().clone();
+        assert!(sandbox.socket().exists(), "kill -9 leaves the socket file");
+
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        let db = d.db();
+        let stored = db.uuids();
+        let lost: Vec<&Uuid> = accepted.iter().filter(|id| !stored.contains(id)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} of {} accepted logs lost after kill -9, e.g. {:?}",
+            lost.len(),
+            accepted.len(),
+            &lost[..lost.len().min(5)]
+        );
+        assert_eq!(db.integrity_check(), "ok");
+        d.unix().ping();
+    }
+
+    #[test]
+    fn sigterm_drains_stores_every_accepted_log_and_removes_the_socket() {
+        let sandbox = Sandbox::new();
+        let mut d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let accepted_ids = Arc::new(Mutex::new(Vec::new()));
+        let mut handles = Vec::new();
+        for t in 0..3 {
+            let mut reader = if t == 2 { d.tcp() } else { d.unix() };
+            let mut writer = reader.try_clone();
+            let (tx, rx) = mpsc::channel::<Uuid>();
+            handles.push(thread::spawn(move || {
+                for i in 0.. {
+                    let msg = log(LogLevel::Info, "term", &format!("{t}.{i}"));
+                    let id = msg.id;
+                    if writer.send(&msg).is_err() || tx.send(id).is_err() {
+                        return;
+                    }
+                }
+            }));
+            let accepted = Arc::clone(&accepted);
+            let ids = Arc::clone(&accepted_ids);
+            handles.push(thread::spawn(move || loop {
+                let answer = match reader.try_recv() {
+                    Ok(Some(a)) => a,
+                    Ok(None) | Err(_) => return,
+                };
+                let want = rx.recv().expect("an answer without a request");
+                if let Payload::Acknowledgment { request_id, status } = &answer.payload {
+                    assert_eq!(*request_id, want, "answers out of order");
+                    if status == &AckStatus::Accepted {
+                        ids.lock().unwrap().push(want);
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        assert!(
+            wait_until(Duration::from_secs(60), || accepted.load(Ordering::Relaxed)
+                >= 5000),
+            "load never got going"
+        );
+        d.terminate();
+        let status = d.wait_exit();
+        assert!(status.success(), "exit status after SIGTERM: {status}");
+        for h in handles {
+            h.join().expect("client thread");
+        }
+        assert!(
+            !sandbox.socket().exists(),
+            "the socket file is removed on a clean stop"
+        );
+        let ids = accepted_ids.lock().unwrap();
+        let db = sandbox.open_db();
+        let stored = db.uuids();
+        let lost = ids.iter().filter(|id| !stored.contains(id)).count();
+        assert_eq!(lost, 0, "{lost} of {} accepted logs lost", ids.len());
+        assert_eq!(db.integrity_check(), "ok");
+        assert!(
+            d.stderr().contains("stop") || d.stderr().contains("drain"),
+            "the daemon says it stops"
+        );
+    }
+
+    #[test]
+    fn sigterm_with_idle_connections_exits_cleanly() {
+        let mut d = Daemon::start_default();
+        let mut idle = d.unix();
+        let _idle_tcp = d.tcp();
+        idle.ping();
+        d.terminate();
+        assert!(d.wait_exit().success());
+        idle.expect_eof();
+    }
+
+    #[test]
+    fn resent_log_entry_is_stored_once() {
+        let d = Daemon::start_default();
+        let msg = log(LogLevel::Info, "resend", "only once");
+        let mut c = d.unix();
+        for _ in 0..3 {
+            c.expect_accepted(&msg);
+        }
+        drop(c);
+        d.tcp().expect_accepted(&msg);
+        let d = d.restart(Opts::default());
+        d.unix().expect_accepted(&msg);
+        // Same id, different content: still the first one stored.
+        let mut changed = msg.clone();
+        if let Payload::LogEntry(f) = &mut changed.payload {
+            f.message = "changed".into();
+        }
+        d.unix().expect_accepted(&changed);
+        let db = d.db();
+        assert_eq!(db.count_uuid(msg.id), 1);
+        assert_eq!(db.count_logs(), 1);
+        assert_eq!(db.row(msg.id).unwrap().message, "only once");
+    }
+
+    #[test]
+    fn resent_log_batch_is_stored_once() {
+        let d = Daemon::start_default();
+        let msg = batch(
+            (0..4)
+                .map(|i| fields(LogLevel::Warn, "resend", &format!("b{i}")))
+                .collect(),
+        );
+        let mut c = d.unix();
+        for _ in 0..3 {
+            c.expect_accepted(&msg);
+        }
+        drop(c);
+        d.unix().expect_accepted(&msg);
+        let d = d.restart(Opts::default());
+        d.tcp().expect_accepted(&msg);
+        let db = d.db();
+        assert_eq!(db.count_logs(), 4);
+        for i in 0..4 {
+            assert_eq!(db.count_uuid(batch_entry(msg.id, i)), 1, "entry {i}");
+        }
+    }
+}
+
+/// Tests 8 and 9: authentication and file permissions.
+mod security {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn auth(token: &str) -> Message {
+        Message::new(Payload::Authenticate {
+            token: token.into(),
+        })
+    }
+
+    #[test]
+    fn tcp_requires_the_token_and_unix_does_not() {
+        let d = Daemon::start(
+            Sandbox::new(),
+            Opts::default().env("CODI_MONITOR_TOKEN", "secret"),
+        );
+        let db = d.db();
+
+        let mut c = d.tcp();
+        c.send(&Message::new(Payload::Ping)).unwrap();
+        assert_error(&c.recv(), ErrorCode::Unauthorized);
+        c.expect_eof();
+
+        let mut c = d.tcp();
+        let sneaky = log(LogLevel::Info, "auth", "before authenticating");
+        c.send(&sneaky).unwrap();
+        assert_error(&c.recv(), ErrorCode::Unauthorized);
+        c.expect_eof();
+        assert_eq!(db.count_uuid(sneaky.id), 0);
+
+        for wrong in ["wrong", "", "secret ", "Secret", "secretsecret"] {
+            let mut c = d.tcp();
+            let answer = c.request(&auth(wrong));
+            assert_error(&answer, ErrorCode::Unauthorized);
+            c.expect_eof();
+        }
+
+        let mut c = d.tcp();
+        let right = auth("secret");
+        assert_accepted(&c.request(&right), right.id);
+        let entry = log(LogLevel::Info, "auth", "authenticated");
+        c.expect_accepted(&entry);
+        c.ping();
+        assert_eq!(db.count_uuid(entry.id), 1);
+
+        let mut u = d.unix();
+        u.expect_accepted(&log(LogLevel::Info, "auth", "over unix"));
+        assert_eq!(db.count_logs(), 2);
+    }
+
+    #[test]
+    fn wildcard_tcp_without_a_token_is_refused() {
+        let sandbox = Sandbox::new();
+        let (status, stderr) = Opts::default()
+            .tcp(Some("0.0.0.0:0"))
+            .run_expecting_failure(&sandbox);
+        assert!(!status.success());
+        assert!(
+            stderr.to_lowercase().contains("token"),
+            "the refusal should mention the token: {stderr}"
+        );
+        assert!(!sandbox.socket().exists());
+    }
+
+    #[test]
+    fn wildcard_tcp_with_a_token_starts() {
+        let d = Daemon::start(
+            Sandbox::new(),
+            Opts::default()
+                .tcp(Some("0.0.0.0:0"))
+                .env("CODI_MONITOR_TOKEN", "secret"),
+        );
+        let addr = d.tcp_addr();
+        assert!(addr.ip().is_unspecified(), "READY shows {addr}");
+        let mut c = Client::tcp(([127, 0, 0, 1], addr.port()).into());
+        let right = auth("secret");
+        assert_accepted(&c.request(&right), right.id);
+        c.ping();
+    }
+
+    #[test]
+    fn token_file_is_honoured() {
+        let sandbox = Sandbox::new();
+        let token_file = sandbox.path().join("token");
+        std::fs::write(&token_file, "from-file\n").unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let opts = Opts::default().arg("--token-file").arg(&token_file);
+        let d = Daemon::start(sandbox, opts);
+        let mut c = d.tcp();
+        assert_error(&c.request(&auth("wrong")), ErrorCode::Unauthorized);
+        let mut c = d.tcp();
+        let right = auth("from-file");
+        assert_accepted(&c.request(&right), right.id);
+    }
+
+    #[test]
+    fn socket_and_database_are_private() {
+        let d = Daemon::start_default();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        let socket = d.socket();
+        assert_eq!(mode(socket), 0o600, "socket mode");
+        let socket_dir = socket.parent().unwrap();
+        assert_eq!(
+            mode(socket_dir) & 0o022,
+            0,
+            "socket directory is writable by others"
+        );
+        assert_eq!(mode(d.db_path()), 0o600, "database mode");
+        assert_eq!(
+            mode(d.db_path().parent().unwrap()),
+            0o700,
+            "database dir mode"
+        );
+        d.unix().expect_accepted(&log(LogLevel::Info, "perm", "x"));
+        for suffix in ["-wal", "-shm"] {
+            let mut side = d.db_path().as_os_str().to_owned();
+            side.push(suffix);
+            let side = std::path::PathBuf::from(side);
+            if side.exists() {
+                assert_eq!(
+                    mode(&side) & 0o077,
+                    0,
+                    "{} is readable by others",
+                    side.display()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn second_daemon_on_the_same_socket_refuses() {
+        let d = Daemon::start_default();
+        let opts = Opts {
+            db_flag: false,
+            ..Opts::default()
+        }
+        .arg("--db")
+        .arg(d.sandbox.path().join("other/codi.db"));
+        let (status, stderr) = opts.run_expecting_failure(&d.sandbox);
+        assert!(!status.success());
+        assert!(
+            stderr.contains("already running"),
+            "stderr should say another daemon is already running: {stderr}"
+        );
+        assert!(
+            d.socket().exists(),
+            "the first daemon's socket is untouched"
+        );
+        d.unix().ping();
+    }
+
+    #[test]
+    fn stale_socket_from_kill_9_is_replaced() {
+        let sandbox = Sandbox::new();
+        let mut d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        d.unix().ping();
+        d.kill9();
+        assert!(
+            sandbox.socket().exists(),
+            "kill -9 leaves the socket behind"
+        );
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        d.unix().ping();
+    }
+
+    #[test]
+    fn world_writable_socket_directory_is_refused() {
+        let sandbox = Sandbox::new();
+        let dir = sandbox.socket().parent().unwrap().to_owned();
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let (status, stderr) = Opts::default().run_expecting_failure(&sandbox);
+        assert!(!status.success());
+        assert!(stderr.contains(&dir.display().to_string()), "{stderr}");
+    }
+
+    #[test]
+    fn a_regular_file_at_the_socket_path_is_not_replaced() {
+        let sandbox = Sandbox::new();
+        let socket = sandbox.socket();
+        std::fs::create_dir(socket.parent().unwrap()).unwrap();
+        std::fs::set_permissions(
+            socket.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        std::fs::write(&socket, "precious").unwrap();
+        let (status, _) = Opts::default().run_expecting_failure(&sandbox);
+        assert!(!status.success());
+        assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
+    }
+}
+
+/// Tests 11, 12, 13: limits and reloading.
+mod limits {
+    use super::*;
+
+    #[test]
+    fn rate_limited_client_is_slowed_never_dropped() {
+        let sandbox = Sandbox::new();
+        sandbox.write_config("[monitor]\nrate_limit = 50\nrate_burst = 10\n");
+        let check = run(Opts::default()
+            .arg("config")
+            .arg("check")
+            .arg("--config")
+            .arg(sandbox.config())
+            .command(&sandbox));
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+        let mut c = d.unix();
+        let msgs: Vec<Message> = (0..100)
+            .map(|i| log(LogLevel::Info, "rate", &format!("r{i}")))
+            .collect();
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            encode_message(m, &mut bytes).unwrap();
+        }
+        let mut writer = c.try_clone();
+        let send = thread::spawn(move || writer.send_raw(&bytes).unwrap());
+        for m in &msgs {
+            assert_accepted(&c.recv(), m.id);
+        }
+        send.join().unwrap();
+        assert_eq!(d.db().count_logs(), 100);
+        let stdout = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            check.status.success() && stdout.contains("rate_limit = 50"),
+            "config check should show the rate limit in effect: {stdout}{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_cannot_grow_the_daemon() {
+        const N: usize = 20_000;
+        const MAX_RSS_KIB: u64 = 300 * 1024;
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let msgs: Vec<Message> = (0..N)
+            .map(|i| {
+                let mut m = log(
+                    LogLevel::Info,
+                    "flood",
+                    &format!("flood {i} {}", "f".repeat(200)),
+                );
+                if i % 100 == 0 {
+                    m.payload = Payload::Ping;
+                }
+                m
+            })
+            .collect();
+        let ids: Vec<Uuid> = msgs.iter().map(|m| m.id).collect();
+        let written = Arc::new(AtomicUsize::new(0));
+        let mut writer = c.try_clone();
+        let progress = Arc::clone(&written);
+        let send = thread::spawn(move || {
+            for m in &msgs {
+                writer.send(m).unwrap();
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let mut max_rss = d.rss_kib();
+        // Not reading: wait until the writer is stuck on backpressure (or
+        // done), sampling the daemon's memory meanwhile.
+        let mut last = usize::MAX;
+        let mut still = 0;
+        wait_until(Duration::from_secs(20), || {
+            max_rss = max_rss.max(d.rss_kib());
+            let now = written.load(Ordering::Relaxed);
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+            now == N || still >= 40
+        });
+        assert!(
+            written.load(Ordering::Relaxed) < N,
+            "a daemon that keeps reading from a client that never reads has no backpressure"
+        );
+        for (i, id) in ids.iter().enumerate() {
+            if i % 500 == 0 {
+                max_rss = max_rss.max(d.rss_kib());
+            }
+            assert_accepted(&c.recv(), *id);
+        }
+        send.join().unwrap();
+        max_rss = max_rss.max(d.rss_kib());
+        assert!(
+            max_rss < MAX_RSS_KIB,
+            "daemon RSS reached {max_rss} KiB (bound {MAX_RSS_KIB} KiB)"
+        );
+        assert_eq!(d.db().count_logs(), (N - N / 100) as i64);
+    }
+
+    fn paths_config(sandbox: &Sandbox, socket: &std::path::Path, extra: &str) -> String {
+        format!(
+            "[general]\nlog_level = \"info\"\n\n[storage]\nsqlite_path = \"{}\"\n\n\
+             [monitor]\nunix_socket_path = \"{}\"\n{extra}",
+            sandbox.db().display(),
+            socket.display()
+        )
+    }
+
+    #[test]
+    fn sighup_reloads_live_settings_and_names_what_needs_a_restart() {
+        let sandbox = Sandbox::new();
+        sandbox.write_config(&paths_config(
+            &sandbox,
+            &sandbox.socket(),
+            "rate_limit = 0\n",
+        ));
+        let opts = Opts {
+            socket_flag: false,
+            db_flag: false,
+            tcp: None,
+            config: true,
+            ..Opts::default()
+        };
+        let d = Daemon::start(Arc::clone(&sandbox), opts);
+        assert_eq!(d.socket(), sandbox.socket());
+        let mut c = d.unix();
+        c.ping();
+
+        let moved = sandbox.path().join("run/other.sock");
+        sandbox.write_config(&paths_config(
+            &sandbox,
+            &moved,
+            "rate_limit = 1000\nrate_burst = 100\n",
+        ));
+        let before = d.stderr().len();
+        d.signal(libc::SIGHUP);
+        let new_lines = || d.stderr()[before..].to_owned();
+        assert!(
+            wait_until(Duration::from_secs(10), || new_lines()
+                .contains("unix_socket_path")),
+            "no reload message naming the socket path; stderr:\n{}",
+            d.stderr()
+        );
+        let lines = new_lines();
+        assert!(lines.contains("reload"), "{lines}");
+        assert!(
+            lines.contains("1000"),
+            "the new rate limit is reported: {lines}"
+        );
+        let restart_line = lines
+            .lines()
+            .find(|l| l.contains("unix_socket_path"))
+            .unwrap();
+        assert!(restart_line.contains("restart"), "{restart_line}");
+
+        // Still serving, on the old socket, with the same connection.
+        c.ping();
+        c.expect_accepted(&log(LogLevel::Info, "hup", "after reload"));
+        d.unix().ping();
+        assert!(!moved.exists(), "the socket does not move before a restart");
+
+        // A broken file is refused and the running settings stay.
+        std::fs::write(sandbox.config(), "[monitor\nrate_limit = ").unwrap();
+        let before = d.stderr().len();
+        d.signal(libc::SIGHUP);
+        assert!(
+            wait_until(Duration::from_secs(10), || d.stderr()[before..]
+                .to_lowercase()
+                .contains("reload")),
+            "no message about the refused reload; stderr:\n{}",
+            d.stderr()
+        );
+        c.ping();
+        c.expect_accepted(&log(LogLevel::Info, "hup", "after a bad reload"));
+    }
+}
+
+/// Test 10: codi2 against a daemon and without one.
+mod cli {
+    use super::*;
+
+    fn codi2(sandbox: &Sandbox, args: &[&str]) -> std::process::Command {
+        let mut cmd = sandbox.codi2();
+        cmd.arg("--socket")
+            .arg(sandbox.socket())
+            .arg("--db")
+            .arg(sandbox.db())
+            .args(args);
+        cmd
+    }
+
+    fn show(out: &std::process::Output) -> String {
+        format!(
+            "status {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    #[test]
+    fn log_without_a_daemon_writes_directly_and_the_daemon_serves_it() {
+        let sandbox = Sandbox::new();
+        let out = run(codi2(
+            &sandbox,
+            &["log", "-l", "warn", "-c", "t", "offline entry"],
+        ));
+        assert!(out.status.success(), "{}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            stderr.contains("direct"),
+            "codi2 should say it wrote directly: {}",
+            show(&out)
+        );
+
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        let mut c = d.unix();
+        let answer = c.request(&query(
+            LogFilter {
+                component: Some("t".into()),
+                ..LogFilter::default()
+            },
+            10,
+        ));
+        let (entries, total) = results(&answer);
+        assert_eq!(total, 1);
+        assert_eq!(entries[0].message, "offline entry");
+        assert_eq!(entries[0].level, LogLevel::Warn);
+    }
+
+    #[test]
+    fn log_ping_status_and_stdin_through_a_daemon() {
+        let sandbox = Sandbox::new();
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        let db = d.db();
+
+        let out = run(codi2(
+            &sandbox,
+            &["log", "-l", "error", "-c", "cli", "online entry"],
+        ));
+        assert!(out.status.success(), "{}", show(&out));
+        assert!(
+            !String::from_utf8_lossy(&out.stderr)
+                .to_lowercase()
+                .contains("direct"),
+            "with a daemon running codi2 must not write directly: {}",
+            show(&out)
+        );
+        let rows: Vec<(String, String)> = db
+            .conn()
+            .prepare("SELECT level, message FROM logs WHERE component = 'cli'")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(rows, vec![("Error".to_owned(), "online entry".to_owned())]);
+
+        let out = run(codi2(&sandbox, &["ping"]));
+        assert!(out.status.success(), "{}", show(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.chars().any(|ch| ch.is_ascii_digit()),
+            "ping prints a round trip: {}",
+            show(&out)
+        );
+
+        let out = run(codi2(&sandbox, &["status"]));
+        assert!(out.status.success(), "{}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("writer"),
+            "status lists the components: {}",
+            show(&out)
+        );
+
+        let out = run_with_stdin(
+            codi2(&sandbox, &["log", "-c", "stdin", "-"]),
+            b"first line\nsecond line\nthird line\n",
+        );
+        assert!(out.status.success(), "{}", show(&out));
+        let mut lines: Vec<String> = db
+            .conn()
+            .prepare("SELECT message FROM logs WHERE component = 'stdin' ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        lines.sort();
+        assert_eq!(lines, ["first line", "second line", "third line"]);
+
+        let out = run(codi2(&sandbox, &["logs", "--json"]));
+        assert!(out.status.success(), "{}", show(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let messages: Vec<String> = stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let v: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+                v["message"].as_str().unwrap_or_default().to_owned()
+            })
+            .collect();
+        assert!(messages.contains(&"online entry".to_owned()), "{stdout}");
+        assert!(messages.contains(&"third line".to_owned()), "{stdout}");
+    }
+}
