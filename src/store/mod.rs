@@ -1,9 +1,98 @@
 //! Storage: the one writer thread that owns the read-write SQLite connection,
 //! the read-only query pool, the schema and its migrations.
+//!
+//! Every SQL statement that changes the database lives in [`ops`], so the
+//! daemon's writer and `codi2`'s standalone fallback cannot drift apart.
+
+pub mod schema;
 
 use crate::proto::{LogFilter, LogLevel};
 use crate::reply::ReplyTo;
+use std::path::PathBuf;
+use thiserror::Error;
 use uuid::Uuid;
+
+/// Why the storage layer could not do what was asked.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// A filesystem operation on the database or its directory failed.
+    #[error("cannot {action} `{path}`: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The database directory may be written by other users.
+    #[error(
+        "refusing to use database directory `{path}`: it is group- or world-writable \
+         (mode {mode:o}); run `chmod go-w {path}` or choose another location"
+    )]
+    InsecureDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The database's parent path exists but is not a directory.
+    #[error("database directory `{0}` exists but is not a directory")]
+    NotADirectory(PathBuf),
+    /// SQLite could not open the database.
+    #[error("cannot open database `{path}`: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// The underlying error.
+        source: rusqlite::Error,
+    },
+    /// WAL journaling could not be enabled (e.g. on a network filesystem).
+    #[error("cannot enable WAL journal mode on `{path}` (SQLite reports `{mode}`)")]
+    WalUnavailable {
+        /// The database file.
+        path: PathBuf,
+        /// The journal mode SQLite kept.
+        mode: String,
+    },
+    /// The database was written by a newer version of this program.
+    #[error(
+        "database `{path}` has schema version {found}, but this program only knows \
+         versions up to {supported}; upgrade codi-monitor or use another database"
+    )]
+    SchemaTooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its `user_version`.
+        found: i64,
+        /// The newest version this binary knows.
+        supported: i64,
+    },
+    /// A read-only connection found a schema it cannot read.
+    #[error("database `{path}` has schema version {found}, expected {expected}")]
+    SchemaMismatch {
+        /// The database file.
+        path: PathBuf,
+        /// Its `user_version`.
+        found: i64,
+        /// The version this binary reads.
+        expected: i64,
+    },
+    /// A query filter that cannot be run.
+    #[error("invalid filter: {0}")]
+    InvalidFilter(String),
+    /// A storage thread could not be started.
+    #[error("cannot start thread `{name}`: {source}")]
+    Spawn {
+        /// The thread's name.
+        name: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Any other SQLite failure.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
 
 /// A log ready to insert.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,3 +163,4 @@ pub struct QueryJob {
     /// How many at most.
     pub limit: u64,
 }
+
