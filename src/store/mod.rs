@@ -4,9 +4,10 @@
 //! Every SQL statement that changes the database lives in [`ops`], so the
 //! daemon's writer and `codi2`'s standalone fallback cannot drift apart.
 
+pub mod metadata;
 pub mod schema;
 
-use crate::proto::{LogFilter, LogLevel};
+use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
 use crate::reply::ReplyTo;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -113,6 +114,45 @@ pub struct LogRow {
     pub metadata_json: Option<String>,
 }
 
+impl LogRow {
+    /// Builds the row for one `LogEntry` (or one `LogBatch` entry) carried
+    /// by the message `uuid` stamped `timestamp`.
+    ///
+    /// Nil or absent metadata is stored as NULL; otherwise it is converted
+    /// to JSON, which fails (with a readable reason) only when it is nested
+    /// too deeply. The log's own `session_id` wins over the connection's.
+    pub fn from_fields(
+        uuid: Uuid,
+        timestamp: Timestamp,
+        fields: &LogFields,
+        connection_session: Option<&str>,
+    ) -> Result<LogRow, String> {
+        let metadata_json = match &fields.metadata {
+            None | Some(rmpv::Value::Nil) => None,
+            Some(value) => Some(metadata::to_json(value)?),
+        };
+        Ok(LogRow {
+            uuid,
+            timestamp_us: timestamp.as_micros(),
+            level: fields.level,
+            component: fields.component.clone(),
+            session_id: fields
+                .session_id
+                .clone()
+                .or_else(|| connection_session.map(str::to_owned)),
+            message: fields.message.clone(),
+            metadata_json,
+        })
+    }
+}
+
+/// The row uuid of entry `index` of the `LogBatch` whose message id is
+/// `batch_id`: the id plus `index`, wrapping. Entry 0 keeps the batch id, and
+/// a resent batch maps to the same uuids, so it is stored once.
+pub fn batch_entry_id(batch_id: Uuid, index: usize) -> Uuid {
+    Uuid::from_u128(batch_id.as_u128().wrapping_add(index as u128))
+}
+
 /// One change to the database, answered by one acknowledgment.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WriteOp {
@@ -164,3 +204,61 @@ pub struct QueryJob {
     pub limit: u64,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(metadata: Option<rmpv::Value>, session_id: Option<&str>) -> LogFields {
+        LogFields {
+            level: LogLevel::Debug,
+            component: "c".into(),
+            message: "m".into(),
+            metadata,
+            session_id: session_id.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn batch_entry_ids_offset_the_batch_id_and_wrap() {
+        let batch = Uuid::from_u128(0x10);
+        assert_eq!(batch_entry_id(batch, 0), batch);
+        assert_eq!(batch_entry_id(batch, 5), Uuid::from_u128(0x15));
+        assert_eq!(
+            batch_entry_id(Uuid::from_u128(u128::MAX), 2),
+            Uuid::from_u128(1)
+        );
+    }
+
+    #[test]
+    fn row_from_fields() {
+        let id = Uuid::now_v7();
+        let ts = Timestamp::from_micros(77);
+        let row = LogRow::from_fields(id, ts, &fields(None, None), Some("conn")).unwrap();
+        assert_eq!(
+            row,
+            LogRow {
+                uuid: id,
+                timestamp_us: 77,
+                level: LogLevel::Debug,
+                component: "c".into(),
+                session_id: Some("conn".into()),
+                message: "m".into(),
+                metadata_json: None,
+            }
+        );
+        let own = fields(Some(rmpv::Value::Nil), Some("own"));
+        let row = LogRow::from_fields(id, ts, &own, Some("conn")).unwrap();
+        assert_eq!(row.session_id.as_deref(), Some("own"));
+        assert_eq!(row.metadata_json, None, "nil metadata is NULL");
+        let row = LogRow::from_fields(id, ts, &fields(None, None), None).unwrap();
+        assert_eq!(row.session_id, None);
+
+        let meta = rmpv::Value::Map(vec![("k".into(), rmpv::Value::Binary(vec![1, 2]))]);
+        let row = LogRow::from_fields(id, ts, &fields(Some(meta), None), None).unwrap();
+        assert_eq!(row.metadata_json.as_deref(), Some(r#"{"k":[1,2]}"#));
+
+        let deep = (0..100).fold(rmpv::Value::Nil, |v, _| rmpv::Value::Array(vec![v]));
+        let err = LogRow::from_fields(id, ts, &fields(Some(deep), None), None).unwrap_err();
+        assert!(err.contains("nested"), "{err}");
+    }
+}
