@@ -5,6 +5,7 @@
 //! daemon's writer and `codi2`'s standalone fallback cannot drift apart.
 
 pub mod metadata;
+pub mod ops;
 pub mod schema;
 
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
@@ -178,6 +179,16 @@ pub enum WriteOp {
         /// End time, microseconds since the epoch.
         ended_at_us: i64,
     },
+}
+
+impl WriteOp {
+    /// How many log rows the operation carries (0 for session changes).
+    pub fn row_count(&self) -> usize {
+        match self {
+            WriteOp::Logs(rows) => rows.len(),
+            WriteOp::SessionStart { .. } | WriteOp::SessionEnd { .. } => 0,
+        }
+    }
 }
 
 /// A write on its way to the writer thread.
