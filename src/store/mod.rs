@@ -6,6 +6,7 @@
 
 pub mod metadata;
 pub mod ops;
+pub mod query;
 pub mod schema;
 
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
