@@ -8,6 +8,7 @@ pub mod metadata;
 pub mod ops;
 pub mod query;
 pub mod schema;
+pub mod writer;
 
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
 use crate::reply::ReplyTo;
