@@ -7,7 +7,9 @@
 pub mod metadata;
 pub mod ops;
 pub mod query;
+pub mod reader;
 pub mod schema;
+pub mod standalone;
 pub mod writer;
 
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
