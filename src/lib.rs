@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod budget;
+pub mod client;
 pub mod config;
 pub mod metrics;
 pub mod proto;
