@@ -31,7 +31,14 @@ fn main() {
             .arg(&socket)
             .arg("--db")
             .arg(&db)
-            .args(["log", "-l", "info", "-c", "bench", "codi2 end-to-end latency probe"])
+            .args([
+                "log",
+                "-l",
+                "info",
+                "-c",
+                "bench",
+                "codi2 end-to-end latency probe",
+            ])
             .stdout(Stdio::null())
             .status()
             .expect("run codi2");
