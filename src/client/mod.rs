@@ -11,6 +11,8 @@
 
 pub mod conn;
 pub mod discover;
+pub mod input;
+pub mod output;
 pub mod standalone;
 
 use crate::proto::{AckStatus, Message, Payload};
