@@ -14,6 +14,7 @@ pub mod discover;
 pub mod input;
 pub mod output;
 pub mod standalone;
+pub mod stream;
 
 use crate::proto::{AckStatus, Message, Payload};
 use crate::store::StoreError;
