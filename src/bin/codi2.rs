@@ -6,7 +6,8 @@
 //!
 //! Exit codes:
 //! - 0: success (also when stdout is a closed pipe)
-//! - 1: usage error (bad arguments, invalid config, unparsable stdin lines)
+//! - 1: usage error (bad arguments, invalid config, a log larger than one
+//!   frame, unparsable stdin lines)
 //! - 2: rejected by the daemon (a `Rejected` acknowledgment or an `Error`
 //!   answer, including a refused token)
 //! - 3: cannot deliver (daemon unreachable and standalone mode failed or not
@@ -226,6 +227,7 @@ impl Exit {
 impl From<ClientError> for Exit {
     fn from(e: ClientError) -> Exit {
         let code = match &e {
+            ClientError::Unsendable(_) => 1,
             ClientError::AuthRefused { .. } => 2,
             ClientError::Protocol(_) => 4,
             ClientError::Unreachable { .. }
