@@ -11,7 +11,10 @@
 
 pub mod conn;
 pub mod discover;
+pub mod input;
+pub mod output;
 pub mod standalone;
+pub mod stream;
 
 use crate::proto::{AckStatus, Message, Payload};
 use crate::store::StoreError;
@@ -92,6 +95,9 @@ pub enum ClientError {
         /// The daemon's reason.
         reason: String,
     },
+    /// The request itself cannot be sent (larger than a frame).
+    #[error("cannot send request: {0}")]
+    Unsendable(String),
     /// The daemon said something that makes no sense here.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -233,7 +239,10 @@ impl Client {
             Err(e) if e.is_transient() => self.recover(e),
             Err(e) => {
                 self.outstanding.pop_back();
-                Err(ClientError::Protocol(e.to_string()))
+                Err(match e {
+                    ConnError::Encode(e) => ClientError::Unsendable(e.to_string()),
+                    e => ClientError::Protocol(e.to_string()),
+                })
             }
         }
     }

@@ -250,3 +250,25 @@ fn tcp_authenticates_first_when_a_token_is_known() {
     );
     assert_eq!(ping, Payload::Ping);
 }
+
+#[test]
+fn a_request_larger_than_a_frame_is_unsendable() {
+    let (_dir, path, server) = {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            assert!(read_frame(&mut s).is_none(), "nothing is sent");
+        });
+        (dir, path, server)
+    };
+    let mut client = Client::connect(options(vec![Endpoint::Unix(path)])).unwrap();
+    let e = client
+        .send(log(&"x".repeat(crate::proto::MAX_FRAME_LEN)))
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Unsendable(_)), "{e}");
+    assert_eq!(client.pending(), 0);
+    drop(client);
+    server.join().unwrap();
+}

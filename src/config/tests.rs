@@ -607,3 +607,9 @@ fn unreadable_files() {
         "{e}"
     );
 }
+
+#[test]
+fn config_doc_shows_the_packaged_example() {
+    let doc = include_str!("../../docs/CONFIG.md");
+    assert!(doc.contains(include_str!("../../packaging/monitor.toml")));
+}
