@@ -8,6 +8,8 @@
 #![deny(missing_docs)]
 
 pub mod budget;
+pub mod client;
+pub mod config;
 pub mod daemon;
 pub mod io;
 pub mod logger;

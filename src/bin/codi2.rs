@@ -1,1 +1,607 @@
-fn main() {}
+//! `codi2`: send logs and sessions to codi-monitor and read them back.
+//!
+//! Thin by design: arguments -> [`codi_monitor::client::Client`] -> exit
+//! code. When no daemon runs, writes and queries go straight to the SQLite
+//! database (standalone mode), said once on stderr.
+//!
+//! Exit codes:
+//! - 0: success (also when stdout is a closed pipe)
+//! - 1: usage error (bad arguments, invalid config, a log larger than one
+//!   frame, unparsable stdin lines)
+//! - 2: rejected by the daemon (a `Rejected` acknowledgment or an `Error`
+//!   answer, including a refused token)
+//! - 3: cannot deliver (daemon unreachable and standalone mode failed or not
+//!   possible, or retries used up)
+//! - 4: protocol or internal error (an answer that makes no sense)
+
+use argh::FromArgs;
+use codi_monitor::client::discover::{self, Explicit};
+use codi_monitor::client::input::{self, LineDefaults};
+use codi_monitor::client::output;
+use codi_monitor::client::stream;
+use codi_monitor::client::{Client, ClientError, ClientOptions, RetryPolicy};
+use codi_monitor::config::paths;
+use codi_monitor::config::{Config, Overrides};
+use codi_monitor::proto::{
+    AckStatus, LogFields, LogFilter, LogLevel, Message, Payload, StoredLog, Timestamp,
+};
+use std::io::{self, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Pause between follow-mode polls that found nothing new.
+const FOLLOW_POLL: Duration = Duration::from_millis(50);
+/// Rows per follow-mode query.
+const FOLLOW_PAGE: u64 = 1000;
+
+#[derive(FromArgs)]
+/// Send logs and sessions to codi-monitor, and read them back.
+struct Cli {
+    /// config file (default: $CODI_CONFIG, else /etc/codi/monitor.toml if it exists)
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// use only this daemon Unix socket
+    #[argh(option)]
+    socket: Option<PathBuf>,
+    /// use only this daemon TCP address, e.g. 127.0.0.1:9847
+    #[argh(option)]
+    tcp: Option<String>,
+    /// database for standalone mode (default: from the config)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// connect, read and write timeout (default 5s)
+    #[argh(option, default = "Duration::from_secs(5)", from_str_fn(parse_timeout))]
+    timeout: Duration,
+    #[argh(subcommand)]
+    command: Command,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Log(LogCmd),
+    Session(SessionCmd),
+    Logs(LogsCmd),
+    Status(StatusCmd),
+    Ping(PingCmd),
+}
+
+#[derive(FromArgs)]
+/// Store one log, or one log per stdin line with MESSAGE `-`.
+#[argh(subcommand, name = "log")]
+struct LogCmd {
+    /// level: trace, debug, info, warn, error (default info)
+    #[argh(option, short = 'l', default = "LogLevel::Info")]
+    level: LogLevel,
+    /// component name (default codi2)
+    #[argh(option, short = 'c', default = "String::from(\"codi2\")")]
+    component: String,
+    /// session id
+    #[argh(option, short = 's')]
+    session: Option<String>,
+    /// metadata as JSON
+    #[argh(option, short = 'm')]
+    metadata: Option<String>,
+    /// metadata entry KEY=VALUE (repeatable; numbers and booleans stay typed)
+    #[argh(option)]
+    meta: Vec<String>,
+    /// the message, or `-` to read one log per line from stdin
+    #[argh(positional)]
+    message: String,
+}
+
+#[derive(FromArgs)]
+/// Start or end an agent session.
+#[argh(subcommand, name = "session")]
+struct SessionCmd {
+    #[argh(subcommand)]
+    action: SessionAction,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum SessionAction {
+    Start(SessionStartCmd),
+    End(SessionEndCmd),
+}
+
+#[derive(FromArgs)]
+/// Record that a session starts.
+#[argh(subcommand, name = "start")]
+struct SessionStartCmd {
+    /// who runs the session (default $USER)
+    #[argh(option)]
+    identity: Option<String>,
+    /// kind of agent
+    #[argh(option)]
+    agent_type: Option<String>,
+    /// workspace directory (default: the current directory)
+    #[argh(option)]
+    workspace: Option<PathBuf>,
+    /// the session id
+    #[argh(positional)]
+    session_id: String,
+}
+
+#[derive(FromArgs)]
+/// Record that a session ends.
+#[argh(subcommand, name = "end")]
+struct SessionEndCmd {
+    /// the session id
+    #[argh(positional)]
+    session_id: String,
+}
+
+#[derive(FromArgs)]
+/// Show stored logs, newest last.
+#[argh(subcommand, name = "logs")]
+struct LogsCmd {
+    /// only this level and more severe
+    #[argh(option)]
+    level: Option<LogLevel>,
+    /// only this component
+    #[argh(option)]
+    component: Option<String>,
+    /// only this session
+    #[argh(option)]
+    session: Option<String>,
+    /// only logs at or after T (RFC 3339, or a duration like 10m meaning ago)
+    #[argh(option)]
+    since: Option<String>,
+    /// only logs before T (RFC 3339, or a duration like 10m meaning ago)
+    #[argh(option)]
+    until: Option<String>,
+    /// only messages containing TEXT (case-sensitive)
+    #[argh(option)]
+    contains: Option<String>,
+    /// how many of the newest matches to show (default 100)
+    #[argh(option, default = "100")]
+    limit: u64,
+    /// keep printing new logs until interrupted
+    #[argh(switch, short = 'f')]
+    follow: bool,
+    /// one JSON object per line
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// Show the daemon's components and uptime.
+#[argh(subcommand, name = "status")]
+struct StatusCmd {}
+
+#[derive(FromArgs)]
+/// Measure round trips to the daemon.
+#[argh(subcommand, name = "ping")]
+struct PingCmd {
+    /// how many pings (default 1)
+    #[argh(option, default = "1")]
+    count: u32,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("timeout must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("invalid timeout `{text}`: {e}")),
+    }
+}
+
+/// A failure with its exit code.
+struct Exit {
+    code: u8,
+    message: String,
+}
+
+impl Exit {
+    fn usage(message: impl Into<String>) -> Exit {
+        Exit {
+            code: 1,
+            message: message.into(),
+        }
+    }
+    fn rejected(message: impl Into<String>) -> Exit {
+        Exit {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    fn protocol(message: impl Into<String>) -> Exit {
+        Exit {
+            code: 4,
+            message: message.into(),
+        }
+    }
+    /// Stdout went away (e.g. `codi2 logs | head`): success, quietly.
+    fn closed_stdout() -> Exit {
+        Exit {
+            code: 0,
+            message: String::new(),
+        }
+    }
+}
+
+impl From<ClientError> for Exit {
+    fn from(e: ClientError) -> Exit {
+        let code = match &e {
+            ClientError::Unsendable(_) => 1,
+            ClientError::AuthRefused { .. } => 2,
+            ClientError::Protocol(_) => 4,
+            ClientError::Unreachable { .. }
+            | ClientError::Standalone { .. }
+            | ClientError::GaveUp { .. }
+            | ClientError::Store(_) => 3,
+        };
+        Exit {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn stdout_error(e: io::Error) -> Exit {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Exit::closed_stdout()
+    } else {
+        Exit::protocol(format!("cannot write to stdout: {e}"))
+    }
+}
+
+/// Stands for a lone `-` argument, which argh would take for an option.
+/// Command-line arguments cannot contain NUL, so no real argument collides.
+const DASH: &str = "\0-";
+
+/// Undoes the [`DASH`] substitution in an argument value.
+fn undash(s: String) -> String {
+    if s == DASH {
+        "-".to_owned()
+    } else {
+        s
+    }
+}
+
+/// Parses the command line like `argh::from_env`, but lets `-` through as a
+/// value.
+fn parse_args() -> Result<Cli, ExitCode> {
+    let args: Vec<String> = std::env::args().collect();
+    let name = args
+        .first()
+        .map_or("codi2", |a| a.rsplit('/').next().unwrap_or(a));
+    let rest: Vec<&str> = args
+        .iter()
+        .skip(1)
+        .map(|a| if a == "-" { DASH } else { a.as_str() })
+        .collect();
+    Cli::from_args(&[name], &rest).map_err(|early| {
+        if early.status.is_ok() {
+            println!("{}", early.output);
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("{}\nRun {name} --help for more information.", early.output);
+            ExitCode::from(1)
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(exit) => {
+            if !exit.message.is_empty() {
+                eprintln!("codi2: error: {}", exit.message);
+            }
+            ExitCode::from(exit.code)
+        }
+    }
+}
+
+fn notice(sentence: &str) {
+    eprintln!("codi2: {sentence}");
+}
+
+fn run(cli: Cli) -> Result<(), Exit> {
+    let overrides = Overrides {
+        config: cli.config.clone(),
+        db: cli.db.clone(),
+        ..Overrides::default()
+    };
+    let config = Config::load_client_with_env(&overrides, &paths::process_env)
+        .map_err(|e| Exit::usage(e.to_string()))?;
+    let tcp = match &cli.tcp {
+        Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+            Exit::usage(format!("--tcp `{a}` is not an address like 127.0.0.1:9847"))
+        })?),
+        None => None,
+    };
+    let explicit = Explicit {
+        socket: cli.socket.clone(),
+        tcp,
+    };
+    let endpoints = discover::endpoints(
+        &config,
+        &explicit,
+        &paths::process_env,
+        paths::current_euid(),
+        &|p| p.exists(),
+    );
+    let needs_daemon = matches!(cli.command, Command::Status(_) | Command::Ping(_));
+    let opts = ClientOptions {
+        endpoints,
+        token: config.monitor.token.clone(),
+        timeout: cli.timeout,
+        retry: RetryPolicy::default(),
+        standalone_db: (!needs_daemon).then(|| config.storage.sqlite_path.clone()),
+        notice,
+    };
+    match cli.command {
+        Command::Log(cmd) => log(cmd, opts),
+        Command::Session(cmd) => session(cmd, opts),
+        Command::Logs(cmd) => logs(cmd, opts),
+        Command::Status(_) => status(opts),
+        Command::Ping(cmd) => ping(cmd, opts),
+    }
+}
+
+/// Checks an acknowledgment-style answer.
+fn expect_ack(answer: &Message) -> Result<(), Exit> {
+    match &answer.payload {
+        Payload::Acknowledgment {
+            status: AckStatus::Accepted | AckStatus::Queued,
+            ..
+        } => Ok(()),
+        Payload::Acknowledgment {
+            status: AckStatus::Rejected(why),
+            ..
+        } => Err(Exit::rejected(format!("rejected: {why}"))),
+        Payload::Error { code, message, .. } => Err(Exit::rejected(format!("{code}: {message}"))),
+        other => Err(Exit::protocol(format!(
+            "unexpected {} answer",
+            other.name()
+        ))),
+    }
+}
+
+fn log(cmd: LogCmd, opts: ClientOptions) -> Result<(), Exit> {
+    let meta: Vec<String> = cmd.meta.into_iter().map(undash).collect();
+    let json = cmd.metadata.map(undash);
+    let metadata = match (&json, meta.is_empty()) {
+        (Some(_), false) => return Err(Exit::usage("use either -m JSON or --meta, not both")),
+        (Some(json), true) => Some(input::parse_json_metadata(json).map_err(Exit::usage)?),
+        (None, false) => Some(input::parse_meta_pairs(&meta).map_err(Exit::usage)?),
+        (None, true) => None,
+    };
+    let defaults = LineDefaults {
+        level: cmd.level,
+        component: undash(cmd.component),
+        session_id: cmd.session.map(undash),
+        metadata,
+    };
+    if cmd.message == DASH {
+        return log_stdin(defaults, opts);
+    }
+    let entry = LogFields {
+        level: defaults.level,
+        component: defaults.component,
+        message: cmd.message,
+        metadata: defaults.metadata,
+        session_id: defaults.session_id,
+    };
+    let mut client = Client::connect(opts)?;
+    let answer = client.request(Message::new(Payload::LogEntry(entry)))?;
+    expect_ack(&answer)
+}
+
+fn log_stdin(defaults: LineDefaults, opts: ClientOptions) -> Result<(), Exit> {
+    let input = io::BufReader::with_capacity(64 * 1024, io::stdin());
+    let rx = stream::spawn_reader(input, defaults);
+    let mut warn = |w: &str| eprintln!("codi2: {w}");
+    let report = stream::send_lines(&rx, || Client::connect(opts), stream::WINDOW, &mut warn)?;
+    if report.rejected > 0 {
+        return Err(Exit::rejected(format!(
+            "{} of {} logs were rejected",
+            report.rejected,
+            report.rejected + report.accepted
+        )));
+    }
+    if report.bad_lines > 0 {
+        return Err(Exit::usage(format!(
+            "{} input lines were not sent",
+            report.bad_lines
+        )));
+    }
+    Ok(())
+}
+
+fn session(cmd: SessionCmd, opts: ClientOptions) -> Result<(), Exit> {
+    let payload = match cmd.action {
+        SessionAction::Start(s) => {
+            let identity = s
+                .identity
+                .or_else(|| paths::process_env("USER"))
+                .or_else(|| paths::process_env("LOGNAME"))
+                .unwrap_or_else(|| format!("uid-{}", paths::current_euid()));
+            let workspace = match s.workspace {
+                Some(w) => w,
+                None => std::env::current_dir()
+                    .map_err(|e| Exit::usage(format!("cannot tell the current directory: {e}")))?,
+            };
+            Payload::SessionStart {
+                session_id: undash(s.session_id),
+                identity: undash(identity),
+                agent_type: s.agent_type.map(undash),
+                workspace: Some(workspace.display().to_string()),
+            }
+        }
+        SessionAction::End(s) => Payload::SessionEnd {
+            session_id: undash(s.session_id),
+        },
+    };
+    let mut client = Client::connect(opts)?;
+    let answer = client.request(Message::new(payload))?;
+    expect_ack(&answer)
+}
+
+fn query(
+    client: &mut Client,
+    filter: LogFilter,
+    limit: u64,
+) -> Result<(Vec<StoredLog>, u64), Exit> {
+    let answer = client.request(Message::new(Payload::QueryLogs { filter, limit }))?;
+    match answer.payload {
+        Payload::LogResults {
+            entries,
+            total_count,
+        } => Ok((entries, total_count)),
+        Payload::Error { code, message, .. } => Err(Exit::rejected(format!("{code}: {message}"))),
+        other => Err(Exit::protocol(format!(
+            "unexpected {} answer to QueryLogs",
+            other.name()
+        ))),
+    }
+}
+
+fn logs(cmd: LogsCmd, opts: ClientOptions) -> Result<(), Exit> {
+    let now = Timestamp::now();
+    let time = |t: &Option<String>| -> Result<Option<Timestamp>, Exit> {
+        t.as_deref()
+            .map(|t| input::parse_time(t, now).map_err(Exit::usage))
+            .transpose()
+    };
+    let filter = LogFilter {
+        min_level: cmd.level,
+        component: cmd.component.map(undash),
+        session_id: cmd.session.map(undash),
+        since: time(&cmd.since)?,
+        until: time(&cmd.until)?,
+        contains: cmd.contains.map(undash),
+        after_id: None,
+    };
+    let stdout = io::stdout();
+    let tty = stdout.is_terminal();
+    let mut out = Printer {
+        out: io::BufWriter::new(stdout.lock()),
+        json: cmd.json,
+        colour: tty && paths::process_env("NO_COLOR").is_none(),
+    };
+    let mut client = Client::connect(opts)?;
+    // With --follow and --limit 0, one row tells where "now" is.
+    let first_limit = if cmd.follow {
+        cmd.limit.max(1)
+    } else {
+        cmd.limit
+    };
+    let (entries, total) = query(&mut client, filter.clone(), first_limit)?;
+    let shown = if cmd.limit == 0 {
+        &entries[..0]
+    } else {
+        &entries[..]
+    };
+    if tty && !cmd.json && (!shown.is_empty() || cmd.follow) {
+        out.line(&output::table_header())?;
+    }
+    out.rows(shown)?;
+    if !cmd.follow {
+        if cmd.limit == 0 {
+            out.line(&format!("{total} matching logs"))?;
+        } else if total > shown.len() as u64 {
+            eprintln!(
+                "codi2: showing the newest {} of {total} matching logs (see --limit)",
+                shown.len()
+            );
+        }
+        return out.flush();
+    }
+    out.flush()?;
+    let mut last_id = entries.iter().map(|e| e.id).max().unwrap_or(0);
+    loop {
+        let page = LogFilter {
+            after_id: Some(last_id),
+            ..filter.clone()
+        };
+        let (entries, _) = query(&mut client, page, FOLLOW_PAGE)?;
+        if let Some(max) = entries.iter().map(|e| e.id).max() {
+            last_id = last_id.max(max);
+        }
+        out.rows(&entries)?;
+        out.flush()?;
+        if (entries.len() as u64) < FOLLOW_PAGE {
+            thread::sleep(FOLLOW_POLL);
+        }
+    }
+}
+
+/// Writes logs to stdout as a table or JSON lines.
+struct Printer<W: Write> {
+    out: W,
+    json: bool,
+    colour: bool,
+}
+
+impl<W: Write> Printer<W> {
+    fn line(&mut self, text: &str) -> Result<(), Exit> {
+        writeln!(self.out, "{text}").map_err(stdout_error)
+    }
+
+    fn rows(&mut self, entries: &[StoredLog]) -> Result<(), Exit> {
+        for e in entries {
+            let line = if self.json {
+                output::json_row(e)
+            } else {
+                output::table_row(e, self.colour)
+            };
+            self.line(&line)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Exit> {
+        self.out.flush().map_err(stdout_error)
+    }
+}
+
+fn status(opts: ClientOptions) -> Result<(), Exit> {
+    let mut client = Client::connect(opts)?;
+    let answer = client.request(Message::new(Payload::GetStatus))?;
+    match answer.payload {
+        Payload::Status { components, uptime } => {
+            let mut out = io::stdout().lock();
+            if let Some(e) = client.endpoint() {
+                writeln!(out, "daemon at {e}").map_err(stdout_error)?;
+            }
+            for line in output::status_lines(&components, uptime) {
+                writeln!(out, "{line}").map_err(stdout_error)?;
+            }
+            Ok(())
+        }
+        Payload::Error { code, message, .. } => Err(Exit::rejected(format!("{code}: {message}"))),
+        other => Err(Exit::protocol(format!(
+            "unexpected {} answer to GetStatus",
+            other.name()
+        ))),
+    }
+}
+
+fn ping(cmd: PingCmd, opts: ClientOptions) -> Result<(), Exit> {
+    let mut client = Client::connect(opts)?;
+    let endpoint = client
+        .endpoint()
+        .cloned()
+        .ok_or_else(|| Exit::protocol("ping needs a daemon"))?;
+    let mut out = io::stdout().lock();
+    for _ in 0..cmd.count.max(1) {
+        let started = Instant::now();
+        let answer = client.request(Message::new(Payload::Ping))?;
+        let rtt = started.elapsed();
+        expect_ack(&answer)?;
+        writeln!(out, "pong from {endpoint} in {}", output::round_trip(rtt))
+            .map_err(stdout_error)?;
+    }
+    Ok(())
+}

@@ -7,6 +7,9 @@ pub mod frame;
 pub mod message;
 mod wire;
 
+#[cfg(test)]
+mod examples;
+
 pub use frame::{
     decode_message, encode_message, frame_body_len, DecodeError, EncodeError, FrameError,
     HEADER_LEN, MAX_FRAME_LEN,

@@ -1,0 +1,197 @@
+//! How `codi2` shows what the daemon answered: a table for people, one JSON
+//! object per line for programs.
+
+use crate::proto::{ComponentStatus, LogLevel, StoredLog, Timestamp};
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+/// Width of the component column (longer names push the row right).
+const COMPONENT_WIDTH: usize = 12;
+/// Width of the session column.
+const SESSION_WIDTH: usize = 12;
+
+/// The header of the table, aligned with [`table_row`].
+pub fn table_header() -> String {
+    format!(
+        "{:<24}  {:<5}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  MESSAGE",
+        "TIME", "LEVEL", "COMPONENT", "SESSION"
+    )
+}
+
+/// A timestamp as `2026-11-26T22:34:56.123Z` (UTC, milliseconds).
+pub fn short_time(t: Timestamp) -> String {
+    DateTime::<Utc>::from_timestamp_micros(t.as_micros())
+        .map(|d| d.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_else(|| t.as_micros().to_string())
+}
+
+fn colour(level: LogLevel) -> &'static str {
+    match level {
+        LogLevel::Trace => "\x1b[2m",
+        LogLevel::Debug => "\x1b[34m",
+        LogLevel::Info => "\x1b[32m",
+        LogLevel::Warn => "\x1b[33m",
+        LogLevel::Error => "\x1b[1;31m",
+    }
+}
+
+/// Metadata as compact JSON.
+pub fn metadata_json(value: &rmpv::Value) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| value.to_string())
+}
+
+/// One row: time, level, component, session, message and metadata; the
+/// level is coloured with ANSI escapes when `colour_on`.
+pub fn table_row(log: &StoredLog, colour_on: bool) -> String {
+    let level = format!("{:<5}", log.level.as_str().to_ascii_uppercase());
+    let level = if colour_on {
+        format!("{}{level}\x1b[0m", colour(log.level))
+    } else {
+        level
+    };
+    let mut row = format!(
+        "{:<24}  {level}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  {}",
+        short_time(log.timestamp),
+        log.component,
+        log.session_id.as_deref().unwrap_or("-"),
+        log.message,
+    );
+    if let Some(meta) = log.metadata.as_ref().filter(|m| !m.is_nil()) {
+        row.push_str("  ");
+        row.push_str(&metadata_json(meta));
+    }
+    row
+}
+
+/// One log as a single-line JSON object.
+pub fn json_row(log: &StoredLog) -> String {
+    let meta = match &log.metadata {
+        Some(m) => serde_json::to_value(m).unwrap_or(serde_json::Value::Null),
+        None => serde_json::Value::Null,
+    };
+    serde_json::json!({
+        "id": log.id,
+        "uuid": log.uuid.to_string(),
+        "timestamp": log.timestamp.to_rfc3339(),
+        "level": log.level.as_str(),
+        "component": log.component,
+        "session_id": log.session_id,
+        "message": log.message,
+        "metadata": meta,
+    })
+    .to_string()
+}
+
+/// A round-trip time: `87 µs`, `1.52 ms`, `2.10 s`.
+pub fn round_trip(d: Duration) -> String {
+    let micros = d.as_micros();
+    if micros < 1000 {
+        format!("{micros} µs")
+    } else if micros < 1_000_000 {
+        format!("{:.2} ms", micros as f64 / 1e3)
+    } else {
+        format!("{:.2} s", d.as_secs_f64())
+    }
+}
+
+/// The `Status` answer as lines: uptime, then one line per component.
+pub fn status_lines(components: &[ComponentStatus], uptime: Duration) -> Vec<String> {
+    let width = components.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let mut lines = vec![format!(
+        "uptime {}",
+        humantime::format_duration(Duration::from_secs(uptime.as_secs()))
+    )];
+    lines.extend(
+        components
+            .iter()
+            .map(|c| format!("{:<width$}  {:<8}  {}", c.name, c.status, c.message)),
+    );
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn stored(metadata: Option<rmpv::Value>) -> StoredLog {
+        StoredLog {
+            id: 7,
+            uuid: Uuid::from_u128(1),
+            timestamp: Timestamp::parse_rfc3339("2026-11-26T22:34:56.123456Z").unwrap(),
+            level: LogLevel::Warn,
+            component: "build".into(),
+            session_id: None,
+            message: "disk low".into(),
+            metadata,
+        }
+    }
+
+    #[test]
+    fn rows_are_aligned_under_the_header() {
+        let meta = rmpv::Value::Map(vec![("free".into(), rmpv::Value::from(3))]);
+        let row = table_row(&stored(Some(meta)), false);
+        assert_eq!(
+            row,
+            "2026-11-26T22:34:56.123Z  WARN   build         -             disk low  {\"free\":3}"
+        );
+        let header = table_header();
+        assert_eq!(header.find("LEVEL"), row.find("WARN"));
+        assert_eq!(header.find("MESSAGE"), row.find("disk low"));
+        assert_eq!(
+            table_row(&stored(None), false),
+            "2026-11-26T22:34:56.123Z  WARN   build         -             disk low"
+        );
+    }
+
+    #[test]
+    fn colour_wraps_only_the_level() {
+        let row = table_row(&stored(None), true);
+        assert!(row.contains("\x1b[33mWARN \x1b[0m"), "{row:?}");
+        assert_eq!(row.matches('\x1b').count(), 2);
+    }
+
+    #[test]
+    fn json_rows_are_one_object_per_line() {
+        let row = json_row(&stored(Some(rmpv::Value::from("m"))));
+        assert!(!row.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&row).unwrap();
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["uuid"], "00000000-0000-0000-0000-000000000001");
+        assert_eq!(v["timestamp"], "2026-11-26T22:34:56.123456Z");
+        assert_eq!(v["level"], "Warn");
+        assert_eq!(v["session_id"], serde_json::Value::Null);
+        assert_eq!(v["metadata"], "m");
+    }
+
+    #[test]
+    fn round_trips_pick_a_readable_unit() {
+        assert_eq!(round_trip(Duration::from_micros(87)), "87 µs");
+        assert_eq!(round_trip(Duration::from_micros(1520)), "1.52 ms");
+        assert_eq!(round_trip(Duration::from_millis(2100)), "2.10 s");
+    }
+
+    #[test]
+    fn status_lists_uptime_then_components() {
+        let c = vec![
+            ComponentStatus {
+                name: "ipc".into(),
+                status: "healthy".into(),
+                message: "3 connections".into(),
+            },
+            ComponentStatus {
+                name: "writer".into(),
+                status: "degraded".into(),
+                message: "queue full".into(),
+            },
+        ];
+        assert_eq!(
+            status_lines(&c, Duration::from_millis(3_723_500)),
+            [
+                "uptime 1h 2m 3s",
+                "ipc     healthy   3 connections",
+                "writer  degraded  queue full"
+            ]
+        );
+    }
+}

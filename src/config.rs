@@ -1,0 +1,951 @@
+//! Configuration shared by the daemon and `codi2`.
+//!
+//! Two stages, so that every mistake is caught in one place with a sentence
+//! that names the key: [`RawConfig`] is the TOML file exactly as written
+//! (every field optional, unknown keys are errors), and [`Config`] is the
+//! validated result after defaults, the environment and command-line flags
+//! were applied (precedence: defaults < file < environment < flags).
+//!
+//! The environment is a parameter ([`paths::EnvLookup`]) rather than read
+//! directly, so tests never touch the process environment. docs/CONFIG.md
+//! describes every key for users.
+
+pub mod paths;
+
+use log::LevelFilter;
+use paths::EnvLookup;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+use thiserror::Error;
+
+/// `general.log_level` when unset.
+pub const DEFAULT_LOG_LEVEL: LevelFilter = LevelFilter::Info;
+/// `general.session_timeout` when unset: a session with no end is closed
+/// after this long.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// `storage.wal_mode` when unset.
+pub const DEFAULT_WAL_MODE: bool = true;
+/// `storage.cache_size_mb` when unset (SQLite page cache per connection).
+pub const DEFAULT_CACHE_SIZE_MB: u32 = 64;
+/// `storage.retention_days` when unset (0 keeps logs forever).
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+/// `storage.reader_threads` when unset.
+pub const DEFAULT_READER_THREADS: usize = 2;
+/// `storage.batch_max_rows` when unset: most rows in one group commit.
+pub const DEFAULT_BATCH_MAX_ROWS: usize = 8192;
+/// `storage.inflight_bytes` when unset: bytes of accepted-but-unanswered
+/// requests across all connections.
+pub const DEFAULT_INFLIGHT_BYTES: usize = 64 * 1024 * 1024;
+/// TCP port when TCP is on and no port is given (the seed's port).
+pub const DEFAULT_TCP_PORT: u16 = 9847;
+/// TCP host when TCP is turned on by a port alone.
+pub const DEFAULT_TCP_HOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// `monitor.workers` when unset: 0 means one event loop per core.
+pub const DEFAULT_WORKERS: usize = 0;
+/// Most event loops `monitor.workers` may ask for.
+pub const MAX_WORKERS: usize = 256;
+/// `monitor.rate_limit` when unset: logs per second per connection, 0 means
+/// unlimited.
+pub const DEFAULT_RATE_LIMIT: u32 = 0;
+/// `monitor.rate_burst` when unset: logs a connection may send at once before
+/// the rate applies.
+pub const DEFAULT_RATE_BURST: u32 = 10_000;
+/// `monitor.max_connections` when unset.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// `monitor.max_pending_per_connection` when unset: unanswered requests per
+/// connection before the daemon stops reading it.
+pub const DEFAULT_MAX_PENDING_PER_CONNECTION: usize = 1024;
+/// `monitor.file_batch_size` when unset (export files handled per round).
+pub const DEFAULT_FILE_BATCH_SIZE: usize = 100;
+/// `monitor.export_patterns` when unset.
+pub const DEFAULT_EXPORT_PATTERNS: &[&str] = &["*.md", "*.txt", "*.json"];
+/// `monitor.scan_interval` when unset: full rescan of watched directories.
+pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// `server_hub.enabled` when unset.
+pub const DEFAULT_SERVER_HUB_ENABLED: bool = false;
+/// `server_hub.batch_size` when unset.
+pub const DEFAULT_SERVER_HUB_BATCH_SIZE: usize = 1000;
+/// `server_hub.sync_interval` when unset.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest Unix socket path the kernel accepts (`sun_path` less its NUL).
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// Environment variable naming the config file.
+pub const ENV_CONFIG: &str = "CODI_CONFIG";
+/// Environment variable choosing the listeners: `unix`, `tcp` or `both`.
+pub const ENV_MODE: &str = "CODI_MONITOR_MODE";
+/// Environment variable with the TCP port.
+pub const ENV_PORT: &str = "CODI_MONITOR_PORT";
+/// Environment variable with the shared token.
+pub const ENV_TOKEN: &str = "CODI_MONITOR_TOKEN";
+/// Environment variable with the database path.
+pub const ENV_DB: &str = "CODI_DB";
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys or wrong types.
+    #[error("invalid config file {origin}: {message}")]
+    Parse {
+        /// The file, or `<text>` for a string.
+        origin: String,
+        /// The TOML parser's explanation (with line and column).
+        message: String,
+    },
+    /// A value is out of range or the combination is unsafe.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid<T>(message: String) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(message))
+}
+
+/// Values from the command line; each wins over file and environment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// `--config PATH`.
+    pub config: Option<PathBuf>,
+    /// `--socket PATH`: Unix listener at PATH (an empty path turns it off).
+    pub socket: Option<PathBuf>,
+    /// `--tcp ADDR`: TCP listener at ADDR (port 0 allowed).
+    pub tcp: Option<String>,
+    /// `--db PATH`.
+    pub db: Option<PathBuf>,
+    /// `--workers N` (0: one per core).
+    pub workers: Option<usize>,
+    /// `--log-level L`.
+    pub log_level: Option<String>,
+    /// `--token-file PATH`.
+    pub token_file: Option<PathBuf>,
+}
+
+/// The config file as written: every key optional, unknown keys refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[general]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub general: Option<RawGeneral>,
+    /// `[storage]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<RawStorage>,
+    /// `[monitor]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<RawMonitor>,
+    /// `[server_hub]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_hub: Option<RawServerHub>,
+}
+
+/// `[general]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGeneral {
+    /// Default workspace directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// `off`, `error`, `warn`, `info`, `debug` or `trace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// Humantime duration, e.g. `"24h"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_timeout: Option<String>,
+}
+
+/// `[storage]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// Database file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqlite_path: Option<String>,
+    /// WAL journal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_mode: Option<bool>,
+    /// Page cache per connection, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_size_mb: Option<u32>,
+    /// Days logs are kept; 0 forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_days: Option<u32>,
+    /// Query threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reader_threads: Option<usize>,
+    /// Most rows per group commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_max_rows: Option<usize>,
+    /// Global in-flight byte budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inflight_bytes: Option<usize>,
+}
+
+/// `[monitor]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMonitor {
+    /// Unix socket path; `""` turns the Unix listener off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_socket_path: Option<String>,
+    /// Group that may use the socket (mode 0660 then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    /// The seed's key: TCP on at 127.0.0.1:port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_port: Option<u16>,
+    /// TCP on at this address, e.g. `"0.0.0.0:9847"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_address: Option<String>,
+    /// Event loops; 0 one per core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// File holding the shared token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// Logs per second per connection; 0 unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Burst allowance of the rate limit, in logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+    /// Most simultaneous connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Most unanswered requests per connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_per_connection: Option<usize>,
+    /// Export files per round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_batch_size: Option<usize>,
+    /// Glob patterns of export files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_patterns: Option<Vec<String>>,
+    /// Humantime duration between rescans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_interval: Option<String>,
+}
+
+/// `[server_hub]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerHub {
+    /// Sync to the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Hub URL (`http://` or `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Logs per sync request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Humantime duration between syncs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_interval: Option<String>,
+}
+
+impl RawConfig {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[general]`.
+    pub general: GeneralConfig,
+    /// `[storage]`.
+    pub storage: StorageConfig,
+    /// `[monitor]`.
+    pub monitor: MonitorConfig,
+    /// `[server_hub]`.
+    pub server_hub: ServerHubConfig,
+    /// The file loaded, if any.
+    pub source: Option<PathBuf>,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneralConfig {
+    /// Default workspace directory, if any.
+    pub workspace: Option<PathBuf>,
+    /// The daemon's own log verbosity.
+    pub log_level: LevelFilter,
+    /// A session that never ends is closed after this long.
+    pub session_timeout: Duration,
+}
+
+/// The database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageConfig {
+    /// The SQLite file.
+    pub sqlite_path: PathBuf,
+    /// `journal_mode=WAL` (true) or `DELETE`.
+    pub wal_mode: bool,
+    /// SQLite page cache per connection, MiB.
+    pub cache_size_mb: u32,
+    /// Days logs are kept; 0 keeps them forever.
+    pub retention_days: u32,
+    /// Threads answering queries, each with its own read-only connection.
+    pub reader_threads: usize,
+    /// Most rows the writer puts in one transaction.
+    pub batch_max_rows: usize,
+    /// Bytes of requests accepted but not yet answered, all connections.
+    pub inflight_bytes: usize,
+}
+
+/// Listeners and per-connection limits.
+#[derive(Clone, PartialEq)]
+pub struct MonitorConfig {
+    /// The Unix socket; `None`: Unix listener off.
+    pub unix_socket_path: Option<PathBuf>,
+    /// Group given access to the socket (mode 0660), if any.
+    pub socket_group: Option<String>,
+    /// The TCP address; `None`: TCP off.
+    pub tcp_listen: Option<SocketAddr>,
+    /// Event loops, resolved (at least 1).
+    pub workers: usize,
+    /// The resolved shared secret, if any.
+    pub token: Option<String>,
+    /// The configured token file, if any.
+    pub token_file: Option<PathBuf>,
+    /// Logs per second per connection; 0 is unlimited.
+    pub rate_limit: u32,
+    /// Logs a connection may send at once before the rate applies.
+    pub rate_burst: u32,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// Most unanswered requests per connection.
+    pub max_pending_per_connection: usize,
+    /// Export files handled per round.
+    pub file_batch_size: usize,
+    /// Glob patterns of export files.
+    pub export_patterns: Vec<String>,
+    /// Time between full rescans of watched directories.
+    pub scan_interval: Duration,
+}
+
+impl fmt::Debug for MonitorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.debug_struct("MonitorConfig")
+            .field("unix_socket_path", &self.unix_socket_path)
+            .field("socket_group", &self.socket_group)
+            .field("tcp_listen", &self.tcp_listen)
+            .field("workers", &self.workers)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("rate_limit", &self.rate_limit)
+            .field("rate_burst", &self.rate_burst)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_pending_per_connection",
+                &self.max_pending_per_connection,
+            )
+            .field("file_batch_size", &self.file_batch_size)
+            .field("export_patterns", &self.export_patterns)
+            .field("scan_interval", &self.scan_interval)
+            .finish()
+    }
+}
+
+/// Upstream synchronisation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerHubConfig {
+    /// Whether logs are synced to the hub.
+    pub enabled: bool,
+    /// The hub's URL.
+    pub url: Option<String>,
+    /// Logs per sync request.
+    pub batch_size: usize,
+    /// Time between syncs.
+    pub sync_interval: Duration,
+}
+
+/// Who the configuration is for: the daemon checks everything, `codi2` only
+/// what it needs to find the daemon and the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Daemon,
+    Client,
+}
+
+/// Everything outside the file that resolution depends on.
+struct Host<'a> {
+    env: EnvLookup<'a>,
+    euid: u32,
+    purpose: Purpose,
+}
+
+impl Config {
+    /// Loads the daemon's configuration from the process environment.
+    pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
+        Config::load_with_env(o, &paths::process_env)
+    }
+
+    /// Loads the daemon's configuration with `env` as the environment.
+    pub fn load_with_env(o: &Overrides, env: EnvLookup) -> Result<Config, ConfigError> {
+        let host = Host {
+            env,
+            euid: paths::current_euid(),
+            purpose: Purpose::Daemon,
+        };
+        load_from(o, &host, Path::new(paths::SYSTEM_CONFIG_PATH))
+    }
+
+    /// Loads the configuration as `codi2` needs it: an unreadable system
+    /// config file or token file is skipped rather than an error (they
+    /// usually belong to the daemon's user), and the listener safety checks,
+    /// which only concern the daemon, are not applied.
+    pub fn load_client_with_env(o: &Overrides, env: EnvLookup) -> Result<Config, ConfigError> {
+        let host = Host {
+            env,
+            euid: paths::current_euid(),
+            purpose: Purpose::Client,
+        };
+        load_from(o, &host, Path::new(paths::SYSTEM_CONFIG_PATH))
+    }
+
+    /// Validates TOML text as the daemon would, with the process environment.
+    pub fn from_toml_str(text: &str, o: &Overrides) -> Result<Config, ConfigError> {
+        Config::from_toml_str_with_env(text, o, &paths::process_env)
+    }
+
+    /// Validates TOML text as the daemon would, with `env` as the environment.
+    pub fn from_toml_str_with_env(
+        text: &str,
+        o: &Overrides,
+        env: EnvLookup,
+    ) -> Result<Config, ConfigError> {
+        let host = Host {
+            env,
+            euid: paths::current_euid(),
+            purpose: Purpose::Daemon,
+        };
+        resolve(RawConfig::parse(text, "<text>")?, o, &host, None)
+    }
+
+    /// The effective configuration as TOML (for `config check`); the token
+    /// itself is never written, only whether one is set.
+    pub fn to_toml(&self) -> String {
+        let raw = RawConfig {
+            general: Some(RawGeneral {
+                workspace: self
+                    .general
+                    .workspace
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                log_level: Some(self.general.log_level.as_str().to_ascii_lowercase()),
+                session_timeout: Some(format_duration(self.general.session_timeout)),
+            }),
+            storage: Some(RawStorage {
+                sqlite_path: Some(self.storage.sqlite_path.display().to_string()),
+                wal_mode: Some(self.storage.wal_mode),
+                cache_size_mb: Some(self.storage.cache_size_mb),
+                retention_days: Some(self.storage.retention_days),
+                reader_threads: Some(self.storage.reader_threads),
+                batch_max_rows: Some(self.storage.batch_max_rows),
+                inflight_bytes: Some(self.storage.inflight_bytes),
+            }),
+            monitor: Some(RawMonitor {
+                unix_socket_path: Some(
+                    self.monitor
+                        .unix_socket_path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                ),
+                socket_group: self.monitor.socket_group.clone(),
+                tcp_port: None,
+                tcp_address: self.monitor.tcp_listen.map(|a| a.to_string()),
+                workers: Some(self.monitor.workers),
+                token_file: self
+                    .monitor
+                    .token_file
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                rate_limit: Some(self.monitor.rate_limit),
+                rate_burst: Some(self.monitor.rate_burst),
+                max_connections: Some(self.monitor.max_connections),
+                max_pending_per_connection: Some(self.monitor.max_pending_per_connection),
+                file_batch_size: Some(self.monitor.file_batch_size),
+                export_patterns: Some(self.monitor.export_patterns.clone()),
+                scan_interval: Some(format_duration(self.monitor.scan_interval)),
+            }),
+            server_hub: Some(RawServerHub {
+                enabled: Some(self.server_hub.enabled),
+                url: self.server_hub.url.clone(),
+                batch_size: Some(self.server_hub.batch_size),
+                sync_interval: Some(format_duration(self.server_hub.sync_interval)),
+            }),
+        };
+        let source = match &self.source {
+            Some(p) => p.display().to_string(),
+            None => "built-in defaults".to_owned(),
+        };
+        let token = if self.monitor.token.is_some() {
+            "set (redacted)"
+        } else {
+            "none"
+        };
+        let body = toml::to_string(&raw).expect("a RawConfig always serializes");
+        format!("# Effective configuration (file: {source})\n# token: {token}\n\n{body}")
+    }
+}
+
+fn format_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Finds and reads the config file (flag, then `$CODI_CONFIG`, then the
+/// system file if it exists), then resolves it.
+fn load_from(o: &Overrides, host: &Host, system_config: &Path) -> Result<Config, ConfigError> {
+    let (path, explicit) = match (&o.config, (host.env)(ENV_CONFIG)) {
+        (Some(p), _) => (Some(p.clone()), true),
+        (None, Some(p)) => (Some(PathBuf::from(p)), true),
+        (None, None) if system_config.exists() => (Some(system_config.to_path_buf()), false),
+        (None, None) => (None, false),
+    };
+    let Some(path) = path else {
+        return resolve(RawConfig::default(), o, host, None);
+    };
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(_) if !explicit && host.purpose == Purpose::Client => {
+            // The system file may be readable by the daemon's group only;
+            // codi2 then works with defaults.
+            return resolve(RawConfig::default(), o, host, None);
+        }
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    };
+    let raw = RawConfig::parse(&text, &path.display().to_string())?;
+    resolve(raw, o, host, Some(path))
+}
+
+/// Parses a humantime duration of `key`, refusing zero.
+fn duration(key: &str, value: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+    let Some(text) = value else {
+        return Ok(default);
+    };
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => invalid(format!("{key} must be longer than zero")),
+        Ok(d) => Ok(d),
+        Err(e) => invalid(format!(
+            "{key} `{text}` is not a duration like \"30s\" or \"24h\": {e}"
+        )),
+    }
+}
+
+/// `value` or `default`, refusing values below `min`.
+fn at_least<T: PartialOrd + Copy + fmt::Display>(
+    key: &str,
+    value: Option<T>,
+    default: T,
+    min: T,
+) -> Result<T, ConfigError> {
+    let v = value.unwrap_or(default);
+    if v < min {
+        return invalid(format!("{key} is {v} but must be at least {min}"));
+    }
+    Ok(v)
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.is_empty())
+}
+
+fn parse_level(key: &str, text: &str) -> Result<LevelFilter, ConfigError> {
+    LevelFilter::from_str(text).or_else(|_| {
+        invalid(format!(
+            "{key} `{text}` is not one of off, error, warn, info, debug, trace"
+        ))
+    })
+}
+
+/// How `CODI_MONITOR_MODE` chooses the listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Unix,
+    Tcp,
+    Both,
+}
+
+fn parse_mode(text: &str) -> Result<Mode, ConfigError> {
+    match text.to_ascii_lowercase().as_str() {
+        "unix" => Ok(Mode::Unix),
+        "tcp" => Ok(Mode::Tcp),
+        "both" => Ok(Mode::Both),
+        _ => invalid(format!("{ENV_MODE}={text} is not one of unix, tcp, both")),
+    }
+}
+
+/// The TCP listener and the setting that chose its address (named in errors).
+struct TcpChoice {
+    addr: SocketAddr,
+    origin: String,
+}
+
+fn resolve_listeners(
+    m: &RawMonitor,
+    o: &Overrides,
+    host: &Host,
+) -> Result<(Option<PathBuf>, Option<TcpChoice>), ConfigError> {
+    let default_socket = || paths::default_socket_path(host.euid, host.env);
+    // File.
+    let file_unix = match m.unix_socket_path.as_deref() {
+        None => Some(default_socket()),
+        Some("") => None,
+        Some(p) => Some(PathBuf::from(p)),
+    };
+    let file_tcp = match (&m.tcp_address, m.tcp_port) {
+        (Some(_), Some(_)) => {
+            return invalid(
+                "monitor.tcp_address and monitor.tcp_port are both set: set only one".to_owned(),
+            )
+        }
+        (Some(a), None) => match a.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => {
+                return invalid(format!(
+                    "monitor.tcp_address {a} has port 0, which clients cannot find; use --tcp for an ephemeral port"
+                ))
+            }
+            Ok(addr) => Some(TcpChoice {
+                addr,
+                origin: format!("monitor.tcp_address {addr}"),
+            }),
+            Err(_) => {
+                return invalid(format!(
+                    "monitor.tcp_address `{a}` is not an address like \"127.0.0.1:9847\""
+                ))
+            }
+        },
+        (None, Some(0)) => {
+            return invalid(
+                "monitor.tcp_port is 0, which clients cannot find; use --tcp for an ephemeral port"
+                    .to_owned(),
+            )
+        }
+        (None, Some(port)) => Some(TcpChoice {
+            addr: SocketAddr::new(DEFAULT_TCP_HOST, port),
+            origin: format!("monitor.tcp_port {port}"),
+        }),
+        (None, None) => None,
+    };
+    // Environment.
+    let env_port = match (host.env)(ENV_PORT) {
+        None => None,
+        Some(text) => match text.parse::<u16>() {
+            Ok(p) if p > 0 => Some(p),
+            _ => return invalid(format!("{ENV_PORT}={text} is not a TCP port (1 to 65535)")),
+        },
+    };
+    let mode = (host.env)(ENV_MODE).map(|m| parse_mode(&m)).transpose()?;
+    let with_env_port = |c: TcpChoice| match env_port {
+        Some(port) => TcpChoice {
+            addr: SocketAddr::new(c.addr.ip(), port),
+            origin: c.origin,
+        },
+        None => c,
+    };
+    let tcp_on = || {
+        let host_choice = file_tcp.as_ref().map(|c| (c.addr.ip(), c.origin.clone()));
+        let (ip, origin) = host_choice.unwrap_or((DEFAULT_TCP_HOST, ENV_MODE.to_owned()));
+        let port = env_port
+            .or(file_tcp.as_ref().map(|c| c.addr.port()))
+            .unwrap_or(DEFAULT_TCP_PORT);
+        TcpChoice {
+            addr: SocketAddr::new(ip, port),
+            origin,
+        }
+    };
+    let (mut unix, mut tcp) = match mode {
+        None => (file_unix, file_tcp.map(with_env_port)),
+        Some(Mode::Unix) => (Some(file_unix.unwrap_or_else(default_socket)), None),
+        Some(Mode::Tcp) => (None, Some(tcp_on())),
+        Some(Mode::Both) => (
+            Some(file_unix.unwrap_or_else(default_socket)),
+            Some(tcp_on()),
+        ),
+    };
+    // Flags.
+    if let Some(p) = &o.socket {
+        unix = (!p.as_os_str().is_empty()).then(|| p.clone());
+    }
+    if let Some(a) = &o.tcp {
+        let addr = a.parse::<SocketAddr>().or_else(|_| {
+            invalid(format!(
+                "--tcp `{a}` is not an address like \"127.0.0.1:9847\""
+            ))
+        })?;
+        tcp = Some(TcpChoice {
+            addr,
+            origin: format!("--tcp {addr}"),
+        });
+    }
+    Ok((unix, tcp))
+}
+
+/// Reads the token file: trimmed, non-empty, private to its owner.
+fn read_token_file(path: &Path, key: &str) -> Result<String, ConfigError> {
+    let shown = path.display();
+    let meta =
+        fs::metadata(path).or_else(|e| invalid(format!("{key} {shown} cannot be read: {e}")))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return invalid(format!(
+            "{key} {shown} is accessible by group or others (mode {mode:04o}): run `chmod 600 {shown}`"
+        ));
+    }
+    let text = fs::read_to_string(path)
+        .or_else(|e| invalid(format!("{key} {shown} cannot be read: {e}")))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return invalid(format!("{key} {shown} is empty"));
+    }
+    Ok(token.to_owned())
+}
+
+/// The token by precedence: `--token-file`, `$CODI_MONITOR_TOKEN`,
+/// `monitor.token_file`. Returns the token and the configured file.
+fn resolve_token(
+    m: &RawMonitor,
+    o: &Overrides,
+    host: &Host,
+) -> Result<(Option<String>, Option<PathBuf>), ConfigError> {
+    let file_key = non_empty(m.token_file.clone()).map(PathBuf::from);
+    let (file, key) = match (&o.token_file, file_key) {
+        (Some(p), _) => (Some(p.clone()), "--token-file"),
+        (None, f) => (f, "monitor.token_file"),
+    };
+    let env_token = (host.env)(ENV_TOKEN).map(|t| t.trim().to_owned());
+    let flag_wins = o.token_file.is_some();
+    let token = match (&file, env_token) {
+        (Some(path), env) if flag_wins || env.is_none() => match host.purpose {
+            Purpose::Daemon => Some(read_token_file(path, key)?),
+            Purpose::Client => fs::read_to_string(path)
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .or(env),
+        },
+        (_, Some(t)) if t.is_empty() => {
+            return invalid(format!("{ENV_TOKEN} is set but blank"));
+        }
+        (_, env) => env,
+    };
+    Ok((token, file))
+}
+
+fn resolve(
+    raw: RawConfig,
+    o: &Overrides,
+    host: &Host,
+    source: Option<PathBuf>,
+) -> Result<Config, ConfigError> {
+    let g = raw.general.unwrap_or_default();
+    let s = raw.storage.unwrap_or_default();
+    let m = raw.monitor.unwrap_or_default();
+    let h = raw.server_hub.unwrap_or_default();
+
+    let log_level = match (&o.log_level, &g.log_level) {
+        (Some(l), _) => parse_level("--log-level", l)?,
+        (None, Some(l)) => parse_level("general.log_level", l)?,
+        (None, None) => DEFAULT_LOG_LEVEL,
+    };
+    let general = GeneralConfig {
+        workspace: non_empty(g.workspace).map(PathBuf::from),
+        log_level,
+        session_timeout: duration(
+            "general.session_timeout",
+            g.session_timeout.as_ref(),
+            DEFAULT_SESSION_TIMEOUT,
+        )?,
+    };
+
+    let sqlite_path = match (&o.db, (host.env)(ENV_DB), &s.sqlite_path) {
+        (Some(p), _, _) if p.as_os_str().is_empty() => return invalid("--db is empty".into()),
+        (Some(p), _, _) => p.clone(),
+        (None, Some(p), _) => PathBuf::from(p),
+        (None, None, Some(p)) if p.is_empty() => {
+            return invalid("storage.sqlite_path is empty".into())
+        }
+        (None, None, Some(p)) => PathBuf::from(p),
+        (None, None, None) => paths::default_db_path(host.euid, host.env),
+    };
+    let storage = StorageConfig {
+        sqlite_path,
+        wal_mode: s.wal_mode.unwrap_or(DEFAULT_WAL_MODE),
+        cache_size_mb: at_least(
+            "storage.cache_size_mb",
+            s.cache_size_mb,
+            DEFAULT_CACHE_SIZE_MB,
+            1,
+        )?,
+        retention_days: s.retention_days.unwrap_or(DEFAULT_RETENTION_DAYS),
+        reader_threads: at_least(
+            "storage.reader_threads",
+            s.reader_threads,
+            DEFAULT_READER_THREADS,
+            1,
+        )?,
+        batch_max_rows: at_least(
+            "storage.batch_max_rows",
+            s.batch_max_rows,
+            DEFAULT_BATCH_MAX_ROWS,
+            1,
+        )?,
+        inflight_bytes: at_least(
+            "storage.inflight_bytes",
+            s.inflight_bytes,
+            DEFAULT_INFLIGHT_BYTES,
+            crate::proto::MAX_FRAME_LEN,
+        )?,
+    };
+
+    let (unix, tcp) = resolve_listeners(&m, o, host)?;
+    let (token, token_file) = resolve_token(&m, o, host)?;
+    let workers = match o.workers.or(m.workers).unwrap_or(DEFAULT_WORKERS) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n if n > MAX_WORKERS => {
+            let key = if o.workers.is_some() {
+                "--workers"
+            } else {
+                "monitor.workers"
+            };
+            return invalid(format!("{key} is {n} but must be at most {MAX_WORKERS}"));
+        }
+        n => n,
+    };
+    let rate_limit = m.rate_limit.unwrap_or(DEFAULT_RATE_LIMIT);
+    let rate_burst = m.rate_burst.unwrap_or(DEFAULT_RATE_BURST);
+    if rate_limit > 0 && rate_burst == 0 {
+        return invalid(
+            "monitor.rate_burst is 0 while monitor.rate_limit is on: no log could ever pass".into(),
+        );
+    }
+    if host.purpose == Purpose::Daemon {
+        if unix.is_none() && tcp.is_none() {
+            return invalid(
+                "no listener is on: monitor.unix_socket_path is empty and TCP is off (set monitor.unix_socket_path, monitor.tcp_address or CODI_MONITOR_MODE)".into(),
+            );
+        }
+        if let Some(p) = &unix {
+            let len = p.as_os_str().len();
+            if len > MAX_SOCKET_PATH_BYTES {
+                return invalid(format!(
+                    "monitor.unix_socket_path {} is {len} bytes long but Unix sockets allow at most {MAX_SOCKET_PATH_BYTES}",
+                    p.display()
+                ));
+            }
+        }
+        if let Some(c) = &tcp {
+            if !c.addr.ip().is_loopback() && token.is_none() {
+                return invalid(format!(
+                    "{} is beyond loopback: refusing to listen without a token (set monitor.token_file or {ENV_TOKEN})",
+                    c.origin
+                ));
+            }
+        }
+    }
+    let monitor = MonitorConfig {
+        unix_socket_path: unix,
+        socket_group: non_empty(m.socket_group),
+        tcp_listen: tcp.map(|c| c.addr),
+        workers,
+        token,
+        token_file,
+        rate_limit,
+        rate_burst,
+        max_connections: at_least(
+            "monitor.max_connections",
+            m.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            1,
+        )?,
+        max_pending_per_connection: at_least(
+            "monitor.max_pending_per_connection",
+            m.max_pending_per_connection,
+            DEFAULT_MAX_PENDING_PER_CONNECTION,
+            1,
+        )?,
+        file_batch_size: at_least(
+            "monitor.file_batch_size",
+            m.file_batch_size,
+            DEFAULT_FILE_BATCH_SIZE,
+            1,
+        )?,
+        export_patterns: match m.export_patterns {
+            Some(p) if p.iter().any(String::is_empty) => {
+                return invalid("monitor.export_patterns contains an empty pattern".into())
+            }
+            Some(p) => p,
+            None => DEFAULT_EXPORT_PATTERNS
+                .iter()
+                .map(|&p| p.to_owned())
+                .collect(),
+        },
+        scan_interval: duration(
+            "monitor.scan_interval",
+            m.scan_interval.as_ref(),
+            DEFAULT_SCAN_INTERVAL,
+        )?,
+    };
+
+    let enabled = h.enabled.unwrap_or(DEFAULT_SERVER_HUB_ENABLED);
+    let url = non_empty(h.url);
+    match &url {
+        Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+            return invalid(format!(
+                "server_hub.url `{u}` must start with http:// or https://"
+            ))
+        }
+        None if enabled => {
+            return invalid("server_hub.enabled is true but server_hub.url is not set".into())
+        }
+        _ => {}
+    }
+    let server_hub = ServerHubConfig {
+        enabled,
+        url,
+        batch_size: at_least(
+            "server_hub.batch_size",
+            h.batch_size,
+            DEFAULT_SERVER_HUB_BATCH_SIZE,
+            1,
+        )?,
+        sync_interval: duration(
+            "server_hub.sync_interval",
+            h.sync_interval.as_ref(),
+            DEFAULT_SYNC_INTERVAL,
+        )?,
+    };
+
+    Ok(Config {
+        general,
+        storage,
+        monitor,
+        server_hub,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+//! The SQL of every write, shared by the daemon's writer thread and
+//! `codi2`'s standalone mode so that both store exactly the same rows.
+//!
+//! Each operation is idempotent: a resent log (same uuid) is ignored, a
+//! repeated session start or end changes nothing.
+
+use super::WriteOp;
+use rusqlite::{params, OptionalExtension, Transaction};
+
+/// What applying one [`WriteOp`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpOutcome {
+    /// Log rows: how many were new and how many were already stored.
+    Logs {
+        /// Rows inserted.
+        inserted: usize,
+        /// Rows skipped because their uuid was already stored.
+        duplicates: usize,
+    },
+    /// The session change is recorded (or already was).
+    Done,
+    /// Nothing was changed; the reason says why.
+    Rejected(String),
+}
+
+const INSERT_LOG: &str = "INSERT OR IGNORE INTO logs \
+    (uuid, timestamp, level, component, session_id, message, metadata, created_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+const INSERT_SESSION: &str = "INSERT INTO sessions \
+    (id, identity, agent_type, started_at, workspace) VALUES (?1, ?2, ?3, ?4, ?5) \
+    ON CONFLICT(id) DO NOTHING";
+
+const END_SESSION: &str = "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL";
+
+const SESSION_EXISTS: &str = "SELECT 1 FROM sessions WHERE id = ?1";
+
+/// Applies `op` inside `tx` (which the caller commits); `now_us` is the
+/// daemon's clock, stored as each log's `created_at`.
+///
+/// An `Err` means SQLite failed and the transaction should be rolled back;
+/// an expected refusal (an unknown session) is `Ok(OpOutcome::Rejected)`.
+pub fn apply(tx: &Transaction, op: &WriteOp, now_us: i64) -> Result<OpOutcome, rusqlite::Error> {
+    match op {
+        WriteOp::Logs(rows) => {
+            let mut stmt = tx.prepare_cached(INSERT_LOG)?;
+            let mut inserted = 0;
+            for row in rows {
+                inserted += stmt.execute(params![
+                    row.uuid.as_bytes().as_slice(),
+                    row.timestamp_us,
+                    row.level.as_str(),
+                    row.component,
+                    row.session_id,
+                    row.message,
+                    row.metadata_json,
+                    now_us,
+                ])?;
+            }
+            Ok(OpOutcome::Logs {
+                inserted,
+                duplicates: rows.len() - inserted,
+            })
+        }
+        WriteOp::SessionStart {
+            session_id,
+            identity,
+            agent_type,
+            workspace,
+            started_at_us,
+        } => {
+            tx.prepare_cached(INSERT_SESSION)?.execute(params![
+                session_id,
+                identity,
+                agent_type,
+                started_at_us,
+                workspace,
+            ])?;
+            Ok(OpOutcome::Done)
+        }
+        WriteOp::SessionEnd {
+            session_id,
+            ended_at_us,
+        } => {
+            let changed = tx
+                .prepare_cached(END_SESSION)?
+                .execute(params![session_id, ended_at_us])?;
+            if changed > 0 {
+                return Ok(OpOutcome::Done);
+            }
+            let known = tx
+                .prepare_cached(SESSION_EXISTS)?
+                .query_row([session_id], |_| Ok(()))
+                .optional()?
+                .is_some();
+            Ok(if known {
+                OpOutcome::Done
+            } else {
+                OpOutcome::Rejected(format!("unknown session `{session_id}`"))
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::LogLevel;
+    use crate::store::{schema, LogRow};
+    use rusqlite::Connection;
+    use uuid::Uuid;
+
+    fn db() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = schema::open_rw(&dir.path().join("t.db"), 4).unwrap();
+        (dir, conn)
+    }
+
+    fn row(uuid: Uuid, message: &str) -> LogRow {
+        LogRow {
+            uuid,
+            timestamp_us: 1_000,
+            level: LogLevel::Warn,
+            component: "c".into(),
+            session_id: Some("s".into()),
+            message: message.into(),
+            metadata_json: Some(r#"{"k":1}"#.into()),
+        }
+    }
+
+    fn run(conn: &mut Connection, op: &WriteOp) -> OpOutcome {
+        let tx = conn.transaction().unwrap();
+        let out = apply(&tx, op, 42).unwrap();
+        tx.commit().unwrap();
+        out
+    }
+
+    fn count(conn: &Connection, sql: &str) -> i64 {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn duplicate_uuid_is_stored_once() {
+        let (_dir, mut conn) = db();
+        let a = Uuid::now_v7();
+        let b = Uuid::now_v7();
+        let op = WriteOp::Logs(vec![row(a, "first"), row(b, "second")]);
+        assert_eq!(
+            run(&mut conn, &op),
+            OpOutcome::Logs {
+                inserted: 2,
+                duplicates: 0
+            }
+        );
+        let again = WriteOp::Logs(vec![row(a, "resent"), row(Uuid::now_v7(), "third")]);
+        assert_eq!(
+            run(&mut conn, &again),
+            OpOutcome::Logs {
+                inserted: 1,
+                duplicates: 1
+            }
+        );
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM logs"), 3);
+        let (message, level, created, uuid): (String, String, i64, Vec<u8>) = conn
+            .query_row(
+                "SELECT message, level, created_at, uuid FROM logs WHERE uuid = ?1",
+                [a.as_bytes().as_slice()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(message, "first", "the first copy wins");
+        assert_eq!(level, "Warn");
+        assert_eq!(created, 42);
+        assert_eq!(uuid, a.as_bytes());
+    }
+
+    #[test]
+    fn sessions_start_once_and_end_once() {
+        let (_dir, mut conn) = db();
+        let start = |identity: &str| WriteOp::SessionStart {
+            session_id: "s1".into(),
+            identity: identity.into(),
+            agent_type: Some("claude".into()),
+            workspace: Some("/w".into()),
+            started_at_us: 10,
+        };
+        assert_eq!(run(&mut conn, &start("me")), OpOutcome::Done);
+        assert_eq!(run(&mut conn, &start("other")), OpOutcome::Done);
+        let identity: String = conn
+            .query_row("SELECT identity FROM sessions WHERE id = 's1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(identity, "me", "a repeated start changes nothing");
+
+        let end = |at| WriteOp::SessionEnd {
+            session_id: "s1".into(),
+            ended_at_us: at,
+        };
+        assert_eq!(run(&mut conn, &end(20)), OpOutcome::Done);
+        assert_eq!(run(&mut conn, &end(30)), OpOutcome::Done);
+        assert_eq!(
+            count(&conn, "SELECT ended_at FROM sessions WHERE id = 's1'"),
+            20
+        );
+    }
+
+    #[test]
+    fn ending_an_unknown_session_is_rejected() {
+        let (_dir, mut conn) = db();
+        let op = WriteOp::SessionEnd {
+            session_id: "ghost".into(),
+            ended_at_us: 1,
+        };
+        assert_eq!(
+            run(&mut conn, &op),
+            OpOutcome::Rejected("unknown session `ghost`".into())
+        );
+        assert_eq!(count(&conn, "SELECT COUNT(*) FROM sessions"), 0);
+    }
+}

@@ -1,0 +1,113 @@
+//! Direct database access for `codi2` when no daemon answers: the same
+//! schema, the same SQL ([`super::ops`], [`super::query`]), one transaction
+//! per operation. The busy timeout lets it share the file with a daemon
+//! that starts meanwhile.
+
+use super::ops::{self, OpOutcome};
+use super::query::run_query;
+use super::{schema, StoreError, WriteOp};
+use crate::proto::{LogFilter, StoredLog, Timestamp};
+use rusqlite::{Connection, TransactionBehavior};
+use std::path::Path;
+
+/// Page cache of a standalone connection, in MiB (it lives for one command).
+const STANDALONE_CACHE_MB: u32 = 8;
+
+/// A read-write connection for one `codi2` process.
+#[derive(Debug)]
+pub struct StandaloneStore {
+    conn: Connection,
+}
+
+impl StandaloneStore {
+    /// Opens (creating and migrating if needed) the database at `path`,
+    /// with the same checks and settings as the daemon.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(StandaloneStore {
+            conn: schema::open_rw(path, STANDALONE_CACHE_MB)?,
+        })
+    }
+
+    /// Applies one operation in its own transaction and commits it.
+    pub fn apply(&mut self, op: &WriteOp) -> Result<OpOutcome, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let outcome = ops::apply(&tx, op, Timestamp::now().as_micros())?;
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Runs a query with the daemon's semantics (not trimmed to a frame).
+    pub fn query(
+        &self,
+        filter: &LogFilter,
+        limit: u64,
+    ) -> Result<(Vec<StoredLog>, u64), StoreError> {
+        run_query(&self.conn, filter, limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{LogFields, LogLevel};
+    use crate::store::{batch_entry_id, LogRow};
+    use uuid::Uuid;
+
+    #[test]
+    fn writes_and_reads_alongside_another_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let mut first = StandaloneStore::open(&path).unwrap();
+        let mut second = StandaloneStore::open(&path).unwrap();
+        let batch = Uuid::now_v7();
+        let fields = LogFields {
+            level: LogLevel::Info,
+            component: "cli".into(),
+            message: "hello".into(),
+            metadata: None,
+            session_id: None,
+        };
+        let rows: Vec<_> = (0..3)
+            .map(|i| {
+                LogRow::from_fields(
+                    batch_entry_id(batch, i),
+                    Timestamp::from_micros(i as i64),
+                    &fields,
+                    Some("s"),
+                )
+                .unwrap()
+            })
+            .collect();
+        let op = WriteOp::Logs(rows);
+        assert_eq!(
+            first.apply(&op).unwrap(),
+            OpOutcome::Logs {
+                inserted: 3,
+                duplicates: 0
+            }
+        );
+        assert_eq!(
+            second.apply(&op).unwrap(),
+            OpOutcome::Logs {
+                inserted: 0,
+                duplicates: 3
+            }
+        );
+        let (entries, total) = second.query(&LogFilter::default(), 10).unwrap();
+        assert_eq!(total, 3);
+        assert_eq!(entries[0].uuid, batch);
+        assert_eq!(entries[2].uuid, batch_entry_id(batch, 2));
+        assert!(entries.iter().all(|e| e.session_id.as_deref() == Some("s")));
+        assert_eq!(
+            first
+                .apply(&WriteOp::SessionEnd {
+                    session_id: "s".into(),
+                    ended_at_us: 1
+                })
+                .unwrap(),
+            OpOutcome::Rejected("unknown session `s`".into())
+        );
+    }
+}
