@@ -660,6 +660,21 @@ mod requests {
         assert_eq!(d.db().count_logs(), 0);
         assert!(d.is_running());
     }
+
+    #[test]
+    fn negative_after_id_is_an_invalid_request() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let answer = c.request(&query(
+            LogFilter {
+                after_id: Some(-1),
+                ..LogFilter::default()
+            },
+            10,
+        ));
+        assert_error(&answer, ErrorCode::InvalidRequest);
+        c.ping();
+    }
 }
 
 /// Test 2: pipelining.
@@ -743,6 +758,48 @@ mod pipelining {
     fn five_hundred_mixed_requests_are_answered_in_order_over_tcp() {
         let d = Daemon::start_default();
         pipeline_500(d.tcp(), &d.db());
+    }
+
+    #[test]
+    fn a_half_closed_client_still_gets_every_answer() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let msgs: Vec<Message> = (0..100)
+            .map(|i| log(LogLevel::Info, "half", &format!("h{i}")))
+            .collect();
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            encode_message(m, &mut bytes).unwrap();
+        }
+        c.send_raw(&bytes).unwrap();
+        c.shutdown_write();
+        for m in &msgs {
+            assert_accepted(&c.recv(), m.id);
+        }
+        c.expect_eof();
+        assert_eq!(d.db().count_logs(), 100);
+    }
+
+    #[test]
+    fn frames_dribbled_one_byte_at_a_time_are_decoded() {
+        let d = Daemon::start_default();
+        let mut c = d.tcp();
+        let msgs = [
+            log(LogLevel::Info, "dribble", "one"),
+            Message::new(Payload::Ping),
+            log(LogLevel::Info, "dribble", "two"),
+        ];
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            encode_message(m, &mut bytes).unwrap();
+        }
+        for b in bytes {
+            c.send_raw(&[b]).unwrap();
+        }
+        for m in &msgs {
+            assert_accepted(&c.recv(), m.id);
+        }
+        assert_eq!(d.db().count_logs(), 2);
     }
 }
 
@@ -1152,6 +1209,18 @@ mod durability {
             assert_eq!(db.count_uuid(batch_entry(msg.id, i)), 1, "entry {i}");
         }
     }
+
+    #[test]
+    fn sigint_stops_cleanly_too() {
+        let sandbox = Sandbox::new();
+        let mut d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        let msg = log(LogLevel::Info, "int", "before SIGINT");
+        d.unix().expect_accepted(&msg);
+        d.signal(libc::SIGINT);
+        assert!(d.wait_exit().success());
+        assert!(!sandbox.socket().exists());
+        assert_eq!(sandbox.open_db().count_uuid(msg.id), 1);
+    }
 }
 
 /// Tests 8 and 9: authentication and file permissions.
@@ -1345,6 +1414,117 @@ mod security {
         let (status, _) = Opts::default().run_expecting_failure(&sandbox);
         assert!(!status.success());
         assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
+    }
+
+    #[test]
+    fn authenticate_and_requests_in_one_write() {
+        let d = Daemon::start(
+            Sandbox::new(),
+            Opts::default().env("CODI_MONITOR_TOKEN", "secret"),
+        );
+        let mut c = d.tcp();
+        let right = auth("secret");
+        let entry = log(LogLevel::Info, "auth", "pipelined after auth");
+        let ping = Message::new(Payload::Ping);
+        let mut bytes = Vec::new();
+        for m in [&right, &entry, &ping] {
+            encode_message(m, &mut bytes).unwrap();
+        }
+        c.send_raw(&bytes).unwrap();
+        assert_accepted(&c.recv(), right.id);
+        assert_accepted(&c.recv(), entry.id);
+        assert_accepted(&c.recv(), ping.id);
+
+        // After a wrong token nothing that follows is served.
+        let mut c = d.tcp();
+        let sneaky = log(LogLevel::Info, "auth", "after a wrong token");
+        let mut bytes = Vec::new();
+        for m in [&auth("nope"), &sneaky] {
+            encode_message(m, &mut bytes).unwrap();
+        }
+        c.send_raw(&bytes).unwrap();
+        assert_error(&c.recv(), ErrorCode::Unauthorized);
+        c.expect_eof();
+        let db = d.db();
+        assert_eq!(db.count_uuid(entry.id), 1);
+        assert_eq!(db.count_uuid(sneaky.id), 0);
+    }
+
+    #[test]
+    fn token_file_readable_by_others_is_refused() {
+        let sandbox = Sandbox::new();
+        let token_file = sandbox.path().join("token");
+        std::fs::write(&token_file, "secret\n").unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (status, stderr) = Opts::default()
+            .arg("--token-file")
+            .arg(&token_file)
+            .run_expecting_failure(&sandbox);
+        assert!(!status.success());
+        assert!(stderr.contains("token"), "{stderr}");
+    }
+
+    #[test]
+    fn sighup_rereads_the_token_file() {
+        let sandbox = Sandbox::new();
+        let token_file = sandbox.path().join("token");
+        std::fs::write(&token_file, "first\n").unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let d = Daemon::start(
+            Arc::clone(&sandbox),
+            Opts::default().arg("--token-file").arg(&token_file),
+        );
+        let first = auth("first");
+        assert_accepted(&d.tcp().request(&first), first.id);
+
+        std::fs::write(&token_file, "second\n").unwrap();
+        let before = d.stderr().len();
+        d.signal(libc::SIGHUP);
+        assert!(
+            wait_until(Duration::from_secs(10), || d.stderr()[before..]
+                .contains("reloaded")),
+            "no reload message; stderr:\n{}",
+            d.stderr()
+        );
+        let mut c = d.tcp();
+        assert_error(&c.request(&auth("first")), ErrorCode::Unauthorized);
+        let second = auth("second");
+        assert_accepted(&d.tcp().request(&second), second.id);
+    }
+
+    #[test]
+    fn connections_beyond_the_limit_are_told_why() {
+        let sandbox = Sandbox::new();
+        sandbox.write_config("[monitor]\nmax_connections = 4\n");
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+        let mut held: Vec<Client> = (0..4).map(|_| d.unix()).collect();
+        for c in &mut held {
+            c.ping();
+        }
+        let mut extra = d.unix();
+        let _ = extra.send(&Message::new(Payload::Ping));
+        assert_error(&extra.recv(), ErrorCode::Unavailable);
+        extra.expect_eof();
+        drop(held.pop());
+        // The freed slot is usable again (the daemon notices the close
+        // asynchronously, hence the retries).
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let mut c = d.unix();
+                c.send(&Message::new(Payload::Ping)).is_ok()
+                    && matches!(
+                        c.try_recv(),
+                        Ok(Some(Message {
+                            payload: Payload::Acknowledgment { .. },
+                            ..
+                        }))
+                    )
+            }),
+            "a closed connection never freed its slot"
+        );
+        for c in &mut held {
+            c.ping();
+        }
     }
 }
 
