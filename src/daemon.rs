@@ -48,6 +48,7 @@ pub enum DaemonError {
 pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::default());
+    raise_fd_limit(config.monitor.max_connections);
 
     let unix = config
         .monitor
@@ -195,6 +196,36 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let _ = signal_thread.join();
     log::info!("stopped after {:.1?}", started.elapsed());
     Ok(())
+}
+
+/// Raises the soft descriptor limit toward the hard one so that
+/// `max_connections` clients (plus database and listener descriptors) fit;
+/// says so when the hard limit is too low.
+fn raise_fd_limit(max_connections: usize) {
+    let wanted = (max_connections as u64).saturating_add(64);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur >= wanted {
+        return;
+    }
+    let target = wanted.min(limit.rlim_max);
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: limit.rlim_max,
+    };
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 || target < wanted {
+        log::warn!(
+            "open-file limit is {} (hard {}); fewer than monitor.max_connections={max_connections} clients may connect",
+            target.max(limit.rlim_cur),
+            limit.rlim_max
+        );
+    }
 }
 
 fn ready_line(
