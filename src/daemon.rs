@@ -264,51 +264,26 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) {
         }
     };
     apply_live(live, &new);
-    let restart_needed: Vec<&str> = [
-        (
-            running.monitor.unix_socket_path != new.monitor.unix_socket_path,
-            "monitor.unix_socket_path",
-        ),
-        (
-            running.monitor.socket_group != new.monitor.socket_group,
-            "monitor.socket_group",
-        ),
-        (
-            running.monitor.tcp_listen != new.monitor.tcp_listen,
-            "monitor.tcp_address",
-        ),
-        (
-            running.monitor.workers != new.monitor.workers,
-            "monitor.workers",
-        ),
-        (
-            running.monitor.max_connections != new.monitor.max_connections,
-            "monitor.max_connections",
-        ),
-        (
-            running.monitor.max_pending_per_connection != new.monitor.max_pending_per_connection,
-            "monitor.max_pending_per_connection",
-        ),
-        (
-            running.storage.sqlite_path != new.storage.sqlite_path,
-            "storage.sqlite_path",
-        ),
-        (
-            running.storage.reader_threads != new.storage.reader_threads,
-            "storage.reader_threads",
-        ),
-        (
-            running.storage.cache_size_mb != new.storage.cache_size_mb,
-            "storage.cache_size_mb",
-        ),
-        (
-            running.storage.batch_max_rows != new.storage.batch_max_rows,
-            "storage.batch_max_rows",
-        ),
-        (
-            running.storage.inflight_bytes != new.storage.inflight_bytes,
-            "storage.inflight_bytes",
-        ),
+    macro_rules! changed_keys {
+        ($($section:ident . $field:ident),* $(,)?) => {
+            [$((
+                running.$section.$field != new.$section.$field,
+                concat!(stringify!($section), ".", stringify!($field)),
+            )),*]
+        };
+    }
+    let restart_needed: Vec<&str> = changed_keys![
+        monitor.unix_socket_path,
+        monitor.socket_group,
+        monitor.tcp_listen,
+        monitor.workers,
+        monitor.max_connections,
+        monitor.max_pending_per_connection,
+        storage.sqlite_path,
+        storage.reader_threads,
+        storage.cache_size_mb,
+        storage.batch_max_rows,
+        storage.inflight_bytes,
     ]
     .into_iter()
     .filter_map(|(changed, key)| changed.then_some(key))
