@@ -48,6 +48,7 @@ pub enum DaemonError {
 pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::default());
+    raise_fd_limit(config.monitor.max_connections);
 
     let unix = config
         .monitor
@@ -197,6 +198,36 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Raises the soft descriptor limit toward the hard one so that
+/// `max_connections` clients (plus database and listener descriptors) fit;
+/// says so when the hard limit is too low.
+fn raise_fd_limit(max_connections: usize) {
+    let wanted = (max_connections as u64).saturating_add(64);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur >= wanted {
+        return;
+    }
+    let target = wanted.min(limit.rlim_max);
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: limit.rlim_max,
+    };
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 || target < wanted {
+        log::warn!(
+            "open-file limit is {} (hard {}); fewer than monitor.max_connections={max_connections} clients may connect",
+            target.max(limit.rlim_cur),
+            limit.rlim_max
+        );
+    }
+}
+
 fn ready_line(
     unix: Option<&UnixEndpoint>,
     tcp: Option<std::net::SocketAddr>,
@@ -233,51 +264,26 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) {
         }
     };
     apply_live(live, &new);
-    let restart_needed: Vec<&str> = [
-        (
-            running.monitor.unix_socket_path != new.monitor.unix_socket_path,
-            "monitor.unix_socket_path",
-        ),
-        (
-            running.monitor.socket_group != new.monitor.socket_group,
-            "monitor.socket_group",
-        ),
-        (
-            running.monitor.tcp_listen != new.monitor.tcp_listen,
-            "monitor.tcp_address",
-        ),
-        (
-            running.monitor.workers != new.monitor.workers,
-            "monitor.workers",
-        ),
-        (
-            running.monitor.max_connections != new.monitor.max_connections,
-            "monitor.max_connections",
-        ),
-        (
-            running.monitor.max_pending_per_connection != new.monitor.max_pending_per_connection,
-            "monitor.max_pending_per_connection",
-        ),
-        (
-            running.storage.sqlite_path != new.storage.sqlite_path,
-            "storage.sqlite_path",
-        ),
-        (
-            running.storage.reader_threads != new.storage.reader_threads,
-            "storage.reader_threads",
-        ),
-        (
-            running.storage.cache_size_mb != new.storage.cache_size_mb,
-            "storage.cache_size_mb",
-        ),
-        (
-            running.storage.batch_max_rows != new.storage.batch_max_rows,
-            "storage.batch_max_rows",
-        ),
-        (
-            running.storage.inflight_bytes != new.storage.inflight_bytes,
-            "storage.inflight_bytes",
-        ),
+    macro_rules! changed_keys {
+        ($($section:ident . $field:ident),* $(,)?) => {
+            [$((
+                running.$section.$field != new.$section.$field,
+                concat!(stringify!($section), ".", stringify!($field)),
+            )),*]
+        };
+    }
+    let restart_needed: Vec<&str> = changed_keys![
+        monitor.unix_socket_path,
+        monitor.socket_group,
+        monitor.tcp_listen,
+        monitor.workers,
+        monitor.max_connections,
+        monitor.max_pending_per_connection,
+        storage.sqlite_path,
+        storage.reader_threads,
+        storage.cache_size_mb,
+        storage.batch_max_rows,
+        storage.inflight_bytes,
     ]
     .into_iter()
     .filter_map(|(changed, key)| changed.then_some(key))

@@ -79,7 +79,7 @@ struct LogCmd {
     /// component name (default codi2)
     #[argh(option, short = 'c', default = "String::from(\"codi2\")")]
     component: String,
-    /// session id
+    /// session id (default $CODI_SESSION)
     #[argh(option, short = 's')]
     session: Option<String>,
     /// metadata as JSON
@@ -380,7 +380,10 @@ fn log(cmd: LogCmd, opts: ClientOptions) -> Result<(), Exit> {
     let defaults = LineDefaults {
         level: cmd.level,
         component: undash(cmd.component),
-        session_id: cmd.session.map(undash),
+        session_id: cmd
+            .session
+            .map(undash)
+            .or_else(|| std::env::var("CODI_SESSION").ok().filter(|s| !s.is_empty())),
         metadata,
     };
     if cmd.message == DASH {

@@ -387,32 +387,14 @@ impl EventLoop {
             worker: self.id,
             token: key,
         };
-        let mut read_total = 0;
-        loop {
-            process_frames(&self.services, conn, origin, self.limits);
-            if conn.pause != Pause::None || conn.state == ConnState::Closing {
-                break;
-            }
-            if draining || conn.peer_closed || !conn.readable {
-                break;
-            }
-            if read_total >= READ_BUDGET {
-                schedule(&mut self.run_list, conn, key);
-                break;
-            }
-            match read_once(conn) {
-                Ok(0) => {
-                    conn.peer_closed = true;
-                    conn.readable = false;
-                }
-                Ok(n) => read_total += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    conn.peer_closed = true;
-                    conn.readable = false;
-                }
-            }
+        // A connection still inside its rate-limit window only gets its
+        // output flushed; it is already on the throttled list.
+        let still_throttled =
+            matches!(conn.pause, Pause::RateLimit(until) if until > Instant::now());
+        if !still_throttled
+            && read_and_dispatch(&self.services, conn, origin, self.limits, draining)
+        {
+            schedule(&mut self.run_list, conn, key);
         }
 
         // With nothing more to come, leftover bytes are a truncated frame.
@@ -432,8 +414,8 @@ impl EventLoop {
         }
         match conn.pause {
             Pause::Global => self.paused_global.push(key),
-            Pause::RateLimit(until) => self.throttled.push((until, key)),
-            Pause::Backlog | Pause::None => {}
+            Pause::RateLimit(until) if !still_throttled => self.throttled.push((until, key)),
+            Pause::RateLimit(_) | Pause::Backlog | Pause::None => {}
         }
         // Output the socket did not take goes out on its writable event.
     }
@@ -453,6 +435,45 @@ fn schedule(run_list: &mut Vec<usize>, conn: &mut Connection, key: usize) {
     if !conn.scheduled {
         conn.scheduled = true;
         run_list.push(key);
+    }
+}
+
+/// Alternates decoding buffered frames and reading the socket until the
+/// connection pauses, closes, would block or has used its read budget for
+/// this turn. Returns true when it stopped only because of the budget (more
+/// may be waiting, so the caller reschedules it).
+fn read_and_dispatch(
+    services: &Services,
+    conn: &mut Connection,
+    origin: Origin,
+    limits: LoopLimits,
+    draining: bool,
+) -> bool {
+    let mut read_total = 0;
+    loop {
+        process_frames(services, conn, origin, limits);
+        if conn.pause != Pause::None || conn.state == ConnState::Closing {
+            return false;
+        }
+        if draining || conn.peer_closed || !conn.readable {
+            return false;
+        }
+        if read_total >= READ_BUDGET {
+            return true;
+        }
+        match read_once(conn) {
+            Ok(0) => {
+                conn.peer_closed = true;
+                conn.readable = false;
+            }
+            Ok(n) => read_total += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                conn.peer_closed = true;
+                conn.readable = false;
+            }
+        }
     }
 }
 
