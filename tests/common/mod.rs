@@ -41,6 +41,7 @@ const ISOLATED_ENV: &[&str] = &[
     "CODI_MONITOR_PORT",
     "CODI_MONITOR_TOKEN",
     "CODI_DB",
+    "CODI_SESSION",
     "CODI_SOCKET",
     "CODI_MONITOR_SOCKET",
 ];
