@@ -26,6 +26,10 @@ use std::thread::{self, JoinHandle};
 use std::time::Instant;
 use thiserror::Error;
 
+/// Stack of each event loop: decoding recurses once per nesting level of a
+/// frame (capped by `proto::MAX_NESTING`); this leaves a wide margin even in
+/// debug builds. Untouched stack costs address space, not memory.
+const LOOP_STACK: usize = 8 * 1024 * 1024;
 /// Queries waiting for a reader before new ones are turned away.
 const QUERY_QUEUE: usize = 256;
 
@@ -146,6 +150,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         .map_err(|e| DaemonError::Os("cannot register the listeners", e))?;
         let handle = thread::Builder::new()
             .name(format!("codi-loop-{id}"))
+            .stack_size(LOOP_STACK)
             .spawn(move || event_loop.run())
             .map_err(|e| DaemonError::Os("cannot spawn an event loop", e))?;
         loops.push(handle);

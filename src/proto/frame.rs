@@ -2,12 +2,18 @@
 //! of MessagePack. No I/O here, so every edge is unit-testable.
 
 use super::message::Message;
+use serde::Deserialize;
 use thiserror::Error;
 
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
 /// Largest body a frame may carry (1 MiB).
 pub const MAX_FRAME_LEN: usize = 1_048_576;
+/// Deepest nesting of maps and arrays a body may have: the envelope needs
+/// about six levels, metadata may use 64 (checked when a row is built), the
+/// rest is slack. Refusing deeper bodies *while* decoding keeps a hostile
+/// frame from recursing through a loop thread's stack.
+pub const MAX_NESTING: usize = 96;
 
 /// A length prefix that cannot be resynchronised: the connection must close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -53,9 +59,12 @@ pub fn frame_body_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
     }
 }
 
-/// Decodes one frame body, named-map or positional encoding.
+/// Decodes one frame body, named-map or positional encoding, refusing
+/// bodies nested deeper than [`MAX_NESTING`].
 pub fn decode_message(body: &[u8]) -> Result<Message, DecodeError> {
-    Ok(rmp_serde::from_slice(body)?)
+    let mut decoder = rmp_serde::Deserializer::from_read_ref(body);
+    decoder.set_max_depth(MAX_NESTING);
+    Ok(Message::deserialize(&mut decoder)?)
 }
 
 /// Appends `msg` as one frame (named-map encoding) to `out`.
@@ -337,6 +346,46 @@ mod tests {
         for cut in 0..full.len() {
             assert!(decode_message(&full[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    /// A LogEntry body whose metadata is `depth` nested one-element arrays,
+    /// spliced in as raw bytes so building it needs no recursion.
+    fn nested_metadata(depth: usize) -> Vec<u8> {
+        let marker = "\u{1}nest\u{1}";
+        let msg = Message::new(Payload::LogEntry(LogFields {
+            level: LogLevel::Info,
+            component: "c".into(),
+            message: "m".into(),
+            metadata: Some(rmpv::Value::from(marker)),
+            session_id: None,
+        }));
+        let body = rmp_serde::to_vec_named(&msg).unwrap();
+        let mut encoded_marker = Vec::new();
+        rmpv::encode::write_value(&mut encoded_marker, &rmpv::Value::from(marker)).unwrap();
+        let at = body
+            .windows(encoded_marker.len())
+            .position(|w| w == encoded_marker.as_slice())
+            .unwrap();
+        let mut out = body[..at].to_vec();
+        out.extend(std::iter::repeat_n(0x91u8, depth));
+        out.push(0xc0);
+        out.extend_from_slice(&body[at + encoded_marker.len()..]);
+        out
+    }
+
+    #[test]
+    fn nesting_is_capped_while_decoding() {
+        assert!(decode_message(&nested_metadata(64)).is_ok());
+        assert!(decode_message(&nested_metadata(MAX_NESTING)).is_err());
+        // On a loop thread's default 2 MiB stack, a debug build overflowed
+        // at about 700 levels before the cap; 100,000 must be refused.
+        let deep = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(|| decode_message(&nested_metadata(100_000)).is_err())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(deep);
     }
 
     #[test]
