@@ -1406,6 +1406,21 @@ mod security {
     }
 
     #[test]
+    fn socket_directory_owned_by_another_user_is_refused() {
+        // Only root can hand a directory to another user.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let sandbox = Sandbox::new();
+        let dir = sandbox.socket().parent().unwrap().to_owned();
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let (status, stderr) = Opts::default().run_expecting_failure(&sandbox);
+        assert!(!status.success());
+        assert!(stderr.contains("owned by uid 65534"), "{stderr}");
+    }
+
+    #[test]
     fn a_regular_file_at_the_socket_path_is_not_replaced() {
         let sandbox = Sandbox::new();
         let socket = sandbox.socket();

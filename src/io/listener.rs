@@ -6,12 +6,13 @@
 //! lock file so that a second daemon refuses to start instead of stealing a
 //! live socket. A stale socket file (nobody answers) is replaced.
 
+use crate::fsperm::{check_private_dir, Untrusted};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -25,13 +26,13 @@ pub enum ListenError {
     /// The path exists and is something other than a socket.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
-    /// The socket's directory is writable by others.
-    #[error("{dir} is writable by group or others (mode {mode:o}); the socket's directory must be writable only by its owner")]
+    /// Another user owns the socket's directory or may write to it.
+    #[error("socket directory {dir} {problem}")]
     UnsafeDirectory {
         /// The directory.
         dir: PathBuf,
-        /// Its permission bits.
-        mode: u32,
+        /// What is wrong with it.
+        problem: Untrusted,
     },
     /// The configured group does not exist.
     #[error("socket group `{0}` does not exist")]
@@ -146,16 +147,10 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// existing one is writable only by its owner.
 fn prepare_socket_dir(dir: &Path, gid: Option<libc::gid_t>) -> Result<(), ListenError> {
     match fs::metadata(dir) {
-        Ok(meta) => {
-            let mode = meta.mode() & 0o7777;
-            if mode & 0o022 != 0 {
-                return Err(ListenError::UnsafeDirectory {
-                    dir: dir.to_owned(),
-                    mode,
-                });
-            }
-            Ok(())
-        }
+        Ok(meta) => check_private_dir(&meta).map_err(|problem| ListenError::UnsafeDirectory {
+            dir: dir.to_owned(),
+            problem,
+        }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let mode = if gid.is_some() { 0o750 } else { 0o700 };
             fs::DirBuilder::new()
@@ -258,6 +253,7 @@ impl Write for Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn socket_is_private_and_a_second_bind_is_refused() {
@@ -301,6 +297,24 @@ mod tests {
         assert!(matches!(
             bind_unix(&open.join("m.sock"), None),
             Err(ListenError::UnsafeDirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn directory_owned_by_another_user_is_refused() {
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root can give a directory away
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        assert!(matches!(
+            bind_unix(&theirs.join("m.sock"), None),
+            Err(ListenError::UnsafeDirectory {
+                problem: Untrusted::ForeignOwner(65534),
+                ..
+            })
         ));
     }
 

@@ -32,15 +32,12 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The database directory may be written by other users.
-    #[error(
-        "refusing to use database directory `{path}`: it is group- or world-writable \
-         (mode {mode:o}); run `chmod go-w {path}` or choose another location"
-    )]
+    #[error("refusing to use database directory `{path}`: it {problem}")]
     InsecureDirectory {
         /// The directory.
         path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
+        /// What is wrong with it.
+        problem: crate::fsperm::Untrusted,
     },
     /// The database's parent path exists but is not a directory.
     #[error("database directory `{0}` exists but is not a directory")]

@@ -5,6 +5,7 @@
 //! so a downgrade can never corrupt data it does not understand.
 
 use super::StoreError;
+use crate::fsperm::check_private_dir;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
 use std::io::ErrorKind;
@@ -185,7 +186,7 @@ fn parent_dir(path: &Path) -> PathBuf {
 }
 
 /// Creates the directory at 0700 if missing; refuses an existing one that
-/// others may write to.
+/// others may write to or another user owns.
 fn prepare_directory(path: &Path) -> Result<(), StoreError> {
     let dir = parent_dir(path);
     match fs::metadata(&dir) {
@@ -193,11 +194,8 @@ fn prepare_directory(path: &Path) -> Result<(), StoreError> {
             if !meta.is_dir() {
                 return Err(StoreError::NotADirectory(dir));
             }
-            let mode = meta.permissions().mode() & 0o7777;
-            if mode & 0o022 != 0 {
-                return Err(StoreError::InsecureDirectory { path: dir, mode });
-            }
-            Ok(())
+            check_private_dir(&meta)
+                .map_err(|problem| StoreError::InsecureDirectory { path: dir, problem })
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
             DirBuilder::new()
@@ -390,7 +388,7 @@ mod tests {
             fs::set_permissions(&shared, Permissions::from_mode(bad)).unwrap();
             let err = open_rw(&shared.join("codi.db"), 4).unwrap_err();
             assert!(
-                matches!(err, StoreError::InsecureDirectory { mode, .. } if mode == bad),
+                matches!(err, StoreError::InsecureDirectory { problem: crate::fsperm::Untrusted::Writable(mode), .. } if mode == bad),
                 "{err}"
             );
             assert!(!shared.join("codi.db").exists());
