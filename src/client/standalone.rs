@@ -95,7 +95,7 @@ fn rows(
     let rows: Result<Vec<LogRow>, String> = entries
         .iter()
         .enumerate()
-        .map(|(i, f)| LogRow::from_fields(entry_id(i), timestamp, f, None))
+        .map(|(i, f)| LogRow::from_fields(entry_id(i), timestamp, f.clone(), None))
         .collect();
     match rows {
         Ok(rows) => Plan::Write(WriteOp::Logs(rows)),

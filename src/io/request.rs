@@ -112,7 +112,7 @@ impl Services {
             Payload::Authenticate { .. } => self.authenticate(conn, msg),
             Payload::GetStatus => self.answer(conn, self.status()),
             Payload::LogEntry(fields) => {
-                let row = LogRow::from_fields(id, msg.timestamp, &fields, conn.session.as_deref());
+                let row = LogRow::from_fields(id, msg.timestamp, fields, conn.session.as_deref());
                 match row {
                     Ok(row) => self.write(conn, origin, id, WriteOp::Logs(vec![row]), frame_len, 1),
                     Err(reason) => self.reject(conn, id, reason, 1),
@@ -123,7 +123,7 @@ impl Services {
                 if entries.is_empty() {
                     return self.answer(conn, Message::ack(id, AckStatus::Accepted));
                 }
-                match batch_rows(id, msg.timestamp, &entries, conn.session.as_deref()) {
+                match batch_rows(id, msg.timestamp, entries, conn.session.as_deref()) {
                     Ok(rows) => self.write(conn, origin, id, WriteOp::Logs(rows), frame_len, count),
                     Err(reason) => self.reject(conn, id, reason, count),
                 }
@@ -353,11 +353,11 @@ fn check_name(what: &str, value: &str) -> Result<(), String> {
 fn batch_rows(
     batch_id: Uuid,
     timestamp: crate::proto::Timestamp,
-    entries: &[LogFields],
+    entries: Vec<LogFields>,
     session: Option<&str>,
 ) -> Result<Vec<LogRow>, String> {
     entries
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, fields)| {
             LogRow::from_fields(batch_entry_id(batch_id, i), timestamp, fields, session)

@@ -126,7 +126,7 @@ impl LogRow {
     pub fn from_fields(
         uuid: Uuid,
         timestamp: Timestamp,
-        fields: &LogFields,
+        fields: LogFields,
         connection_session: Option<&str>,
     ) -> Result<LogRow, String> {
         let metadata_json = match &fields.metadata {
@@ -137,12 +137,11 @@ impl LogRow {
             uuid,
             timestamp_us: timestamp.as_micros(),
             level: fields.level,
-            component: fields.component.clone(),
+            component: fields.component,
             session_id: fields
                 .session_id
-                .clone()
                 .or_else(|| connection_session.map(str::to_owned)),
-            message: fields.message.clone(),
+            message: fields.message,
             metadata_json,
         })
     }
@@ -245,7 +244,7 @@ mod tests {
     fn row_from_fields() {
         let id = Uuid::now_v7();
         let ts = Timestamp::from_micros(77);
-        let row = LogRow::from_fields(id, ts, &fields(None, None), Some("conn")).unwrap();
+        let row = LogRow::from_fields(id, ts, fields(None, None), Some("conn")).unwrap();
         assert_eq!(
             row,
             LogRow {
@@ -259,18 +258,18 @@ mod tests {
             }
         );
         let own = fields(Some(rmpv::Value::Nil), Some("own"));
-        let row = LogRow::from_fields(id, ts, &own, Some("conn")).unwrap();
+        let row = LogRow::from_fields(id, ts, own.clone(), Some("conn")).unwrap();
         assert_eq!(row.session_id.as_deref(), Some("own"));
         assert_eq!(row.metadata_json, None, "nil metadata is NULL");
-        let row = LogRow::from_fields(id, ts, &fields(None, None), None).unwrap();
+        let row = LogRow::from_fields(id, ts, fields(None, None), None).unwrap();
         assert_eq!(row.session_id, None);
 
         let meta = rmpv::Value::Map(vec![("k".into(), rmpv::Value::Binary(vec![1, 2]))]);
-        let row = LogRow::from_fields(id, ts, &fields(Some(meta), None), None).unwrap();
+        let row = LogRow::from_fields(id, ts, fields(Some(meta), None), None).unwrap();
         assert_eq!(row.metadata_json.as_deref(), Some(r#"{"k":[1,2]}"#));
 
         let deep = (0..100).fold(rmpv::Value::Nil, |v, _| rmpv::Value::Array(vec![v]));
-        let err = LogRow::from_fields(id, ts, &fields(Some(deep), None), None).unwrap_err();
+        let err = LogRow::from_fields(id, ts, fields(Some(deep), None), None).unwrap_err();
         assert!(err.contains("nested"), "{err}");
     }
 }

@@ -74,7 +74,7 @@ mod tests {
                 LogRow::from_fields(
                     batch_entry_id(batch, i),
                     Timestamp::from_micros(i as i64),
-                    &fields,
+                    fields.clone(),
                     Some("s"),
                 )
                 .unwrap()
