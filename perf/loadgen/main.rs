@@ -22,7 +22,7 @@ mod run;
 mod schedule;
 
 use args::{Args, CeilingArgs, Command};
-use report::{fmt_count, fmt_rate};
+use report::fmt_count;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -68,12 +68,12 @@ fn ceiling_command(c: &CeilingArgs) -> Result<(), String> {
     }
     let r = result?;
     println!(
-        "ceiling: {} rows of {} B text in transactions of {}: {} rows ({:.2} MB/s of text) \
+        "ceiling: {} rows of {} B text in transactions of {}: {} rows/s ({:.2} MB/s of text) \
          over {:.2} s in transactions ({:.2} s wall, {} checkpoints)",
         fmt_count(r.rows),
         r.message_size,
         r.batch,
-        fmt_rate(r.rows_per_sec()),
+        fmt_count(r.rows_per_sec().round() as u64),
         r.payload_mb_per_sec(),
         r.busy.as_secs_f64(),
         r.wall.as_secs_f64(),
