@@ -34,7 +34,15 @@ pub struct CeilingResult {
     pub wall: Duration,
     /// Checkpoints the checkpointer ran.
     pub checkpoints: u64,
+    /// The longest single transaction (a TRUNCATE checkpoint blocks the
+    /// writer, which shows here).
+    pub longest: Duration,
+    /// Transactions that took longer than [`STALL`].
+    pub stalls: u64,
 }
+
+/// A transaction slower than this counts as a stall.
+pub const STALL: Duration = Duration::from_millis(100);
 
 impl CeilingResult {
     /// Rows per second of transaction time: the ceiling.
@@ -118,6 +126,8 @@ pub fn run(
 
     let fields = log_fields(message_size, &run_tag(Uuid::now_v7()));
     let mut busy = Duration::ZERO;
+    let mut longest = Duration::ZERO;
+    let mut stalls = 0u64;
     let mut inserted = 0u64;
     let started = Instant::now();
     let result = (|| -> Result<(), String> {
@@ -138,7 +148,10 @@ pub fn run(
                 .map_err(|e| e.to_string())?;
             let outcome = ops::apply(&tx, &op, now.as_micros()).map_err(|e| e.to_string())?;
             tx.commit().map_err(|e| e.to_string())?;
-            busy += t0.elapsed();
+            let took = t0.elapsed();
+            busy += took;
+            longest = longest.max(took);
+            stalls += u64::from(took > STALL);
             match outcome {
                 ops::OpOutcome::Logs { inserted: k, .. } if k == n => inserted += n as u64,
                 other => return Err(format!("unexpected insert outcome {other:?}")),
@@ -157,6 +170,8 @@ pub fn run(
         busy,
         wall,
         checkpoints,
+        longest,
+        stalls,
     })
 }
 

@@ -22,7 +22,7 @@ mod run;
 mod schedule;
 
 use args::{Args, CeilingArgs, Command};
-use report::fmt_count;
+use report::{fmt_count, fmt_us};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -69,7 +69,8 @@ fn ceiling_command(c: &CeilingArgs) -> Result<(), String> {
     let r = result?;
     println!(
         "ceiling: {} rows of {} B text in transactions of {}: {} rows/s ({:.2} MB/s of text) \
-         over {:.2} s in transactions ({:.2} s wall, {} checkpoints)",
+         over {:.2} s in transactions ({:.2} s wall, {} checkpoints; longest transaction {}, \
+         {} over {} ms)",
         fmt_count(r.rows),
         r.message_size,
         r.batch,
@@ -77,7 +78,10 @@ fn ceiling_command(c: &CeilingArgs) -> Result<(), String> {
         r.payload_mb_per_sec(),
         r.busy.as_secs_f64(),
         r.wall.as_secs_f64(),
-        r.checkpoints
+        r.checkpoints,
+        fmt_us(r.longest.as_micros() as u64),
+        r.stalls,
+        ceiling::STALL.as_millis()
     );
     if let Some(path) = &c.json {
         let doc = serde_json::to_string_pretty(&run::ceiling_json(&r)).expect("json");

@@ -503,11 +503,15 @@ fn summary(cfg: &RunConfig, o: &Outcome) -> String {
     ));
     if let Some(ceil) = &o.ceiling {
         line(format!(
-            "  ceiling     raw SQLite {} rows/s ({:.2} MB/s of text), {} rows in transactions of {}",
+            "  ceiling     raw SQLite {} rows/s ({:.2} MB/s of text), {} rows in transactions of {}; \
+             longest transaction {}, {} over {} ms",
             fmt_count(ceil.rows_per_sec().round() as u64),
             ceil.payload_mb_per_sec(),
             fmt_count(ceil.rows),
-            ceil.batch
+            ceil.batch,
+            fmt_us(ceil.longest.as_micros() as u64),
+            ceil.stalls,
+            ceiling::STALL.as_millis()
         ));
         line(format!(
             "  daemon / ceiling = {:.3}",
@@ -594,6 +598,8 @@ pub fn ceiling_json(c: &CeilingResult) -> Value {
         "rows_per_s": c.rows_per_sec(),
         "payload_mb_per_s": c.payload_mb_per_sec(),
         "checkpoints": c.checkpoints,
+        "longest_transaction_us": c.longest.as_micros() as u64,
+        "stalls_over_100ms": c.stalls,
     })
 }
 
