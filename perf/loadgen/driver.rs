@@ -384,18 +384,20 @@ impl Driver {
         let mut published = Instant::now();
         loop {
             let now = Instant::now();
-            if !self.stopped && now >= self.end {
-                self.stop_sending();
-            }
-            if self.stopped && (self.outstanding() == 0 || now >= drain_deadline) {
-                break;
-            }
+            // Every scheduled frame is due before the end, so the frames due
+            // by now leave before the load phase is declared over.
             while let Some(&Reverse((due, key))) = self.due.peek() {
                 if due > now {
                     break;
                 }
                 self.due.pop();
                 self.send_due(key, now, false);
+            }
+            if !self.stopped && now >= self.end {
+                self.stop_sending();
+            }
+            if self.stopped && (self.outstanding() == 0 || now >= drain_deadline) {
+                break;
             }
             if now.duration_since(published) >= PUBLISH_EVERY {
                 self.publish();
