@@ -1,0 +1,203 @@
+//! The storage ceiling: the same rows, schema and PRAGMAs as the daemon's,
+//! inserted straight into SQLite from one thread in large transactions.
+//!
+//! The database is opened with the daemon's own `schema::open_rw`, writes go
+//! through the daemon's own `ops::apply`, autocheckpointing is off and a
+//! checkpointer thread on its own connection runs PASSIVE checkpoints (or
+//! TRUNCATE past the WAL limit) on the daemon's interval, exactly as the
+//! daemon's writer does. Whatever the daemon achieves is then read as a
+//! fraction of what this machine's storage can do at all.
+
+use crate::payload::{log_fields, run_tag};
+use codi_monitor::config::DEFAULT_CACHE_SIZE_MB;
+use codi_monitor::proto::Timestamp;
+use codi_monitor::store::writer::WriterSettings;
+use codi_monitor::store::{ops, schema, LogRow, WriteOp};
+use crossbeam_channel::RecvTimeoutError;
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// What one ceiling run measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CeilingResult {
+    /// Rows inserted.
+    pub rows: u64,
+    /// Rows per transaction.
+    pub batch: usize,
+    /// Message text bytes per row.
+    pub message_size: usize,
+    /// Time inside transactions (BEGIN IMMEDIATE to COMMIT).
+    pub busy: Duration,
+    /// Wall time of the whole insert loop, building rows included.
+    pub wall: Duration,
+    /// Checkpoints the checkpointer ran.
+    pub checkpoints: u64,
+    /// The longest single transaction (a TRUNCATE checkpoint blocks the
+    /// writer, which shows here).
+    pub longest: Duration,
+    /// Transactions that took longer than [`STALL`].
+    pub stalls: u64,
+}
+
+/// A transaction slower than this counts as a stall.
+pub const STALL: Duration = Duration::from_millis(100);
+
+impl CeilingResult {
+    /// Rows per second of transaction time: the ceiling.
+    pub fn rows_per_sec(&self) -> f64 {
+        self.rows as f64 / self.busy.as_secs_f64().max(1e-9)
+    }
+
+    /// MB (10^6 bytes) of message text per second of transaction time.
+    pub fn payload_mb_per_sec(&self) -> f64 {
+        self.rows_per_sec() * self.message_size as f64 / 1e6
+    }
+}
+
+/// The `-wal` and `-shm` companions of `db`.
+fn companions(db: &Path) -> [PathBuf; 2] {
+    ["-wal", "-shm"].map(|suffix| {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    })
+}
+
+/// Deletes `db` and its WAL files, ignoring ones that are not there.
+pub fn remove_db(db: &Path) {
+    let _ = std::fs::remove_file(db);
+    for f in companions(db) {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// Inserts `rows` rows into the new database `db`, `batch` per transaction.
+/// Refuses a database that already exists: the ceiling needs a fresh one.
+pub fn run(
+    db: &Path,
+    rows: u64,
+    batch: usize,
+    message_size: usize,
+) -> Result<CeilingResult, String> {
+    if db.exists() {
+        return Err(format!(
+            "`{}` already exists; the ceiling needs a fresh database",
+            db.display()
+        ));
+    }
+    let mut conn = schema::open_rw(db, DEFAULT_CACHE_SIZE_MB).map_err(|e| e.to_string())?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(|e| e.to_string())?;
+    let settings = WriterSettings::default();
+    let checkpointer = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .and_then(|c| c.busy_timeout(schema::BUSY_TIMEOUT).map(|()| c))
+    .map_err(|e| format!("cannot open the checkpointer connection: {e}"))?;
+    let wal = companions(db)[0].clone();
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let interval = settings.checkpoint_interval;
+    let truncate_bytes = settings.wal_truncate_bytes;
+    let checkpoints = std::thread::Builder::new()
+        .name("ceiling-checkpoint".into())
+        .spawn(move || {
+            let mut done = 0u64;
+            while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval) {
+                let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+                let mode = if wal_len > truncate_bytes {
+                    "TRUNCATE"
+                } else {
+                    "PASSIVE"
+                };
+                let sql = format!("PRAGMA wal_checkpoint({mode})");
+                if checkpointer
+                    .query_row(&sql, [], |r| r.get::<_, i64>(0))
+                    .is_ok()
+                {
+                    done += 1;
+                }
+            }
+            done
+        })
+        .map_err(|e| format!("cannot start the checkpointer: {e}"))?;
+
+    let fields = log_fields(message_size, &run_tag(Uuid::now_v7()));
+    let mut busy = Duration::ZERO;
+    let mut longest = Duration::ZERO;
+    let mut stalls = 0u64;
+    let mut inserted = 0u64;
+    let started = Instant::now();
+    let result = (|| -> Result<(), String> {
+        while inserted < rows {
+            let n = (rows - inserted).min(batch as u64) as usize;
+            let now = Timestamp::now();
+            let op = WriteOp::Logs(
+                (0..n)
+                    .map(|_| {
+                        LogRow::from_fields(Uuid::now_v7(), now, &fields, None)
+                            .expect("metadata-free rows always convert")
+                    })
+                    .collect(),
+            );
+            let t0 = Instant::now();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| e.to_string())?;
+            let outcome = ops::apply(&tx, &op, now.as_micros()).map_err(|e| e.to_string())?;
+            tx.commit().map_err(|e| e.to_string())?;
+            let took = t0.elapsed();
+            busy += took;
+            longest = longest.max(took);
+            stalls += u64::from(took > STALL);
+            match outcome {
+                ops::OpOutcome::Logs { inserted: k, .. } if k == n => inserted += n as u64,
+                other => return Err(format!("unexpected insert outcome {other:?}")),
+            }
+        }
+        Ok(())
+    })();
+    let wall = started.elapsed();
+    drop(stop_tx);
+    let checkpoints = checkpoints.join().unwrap_or(0);
+    result?;
+    Ok(CeilingResult {
+        rows: inserted,
+        batch,
+        message_size,
+        busy,
+        wall,
+        checkpoints,
+        longest,
+        stalls,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn inserts_every_row_into_a_fresh_database_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let db = dir.path().join("ceiling.db");
+        let r = run(&db, 250, 100, 40).unwrap();
+        assert_eq!(r.rows, 250);
+        assert!(r.rows_per_sec() > 0.0);
+        let conn = Connection::open(&db).unwrap();
+        let (count, len): (i64, i64) = conn
+            .query_row("SELECT count(*), min(length(message)) FROM logs", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((count, len), (250, 40));
+        drop(conn);
+        assert!(run(&db, 1, 1, 1).unwrap_err().contains("already exists"));
+        remove_db(&db);
+        assert!(!db.exists());
+    }
+}
