@@ -137,7 +137,7 @@ pub fn run(
             let op = WriteOp::Logs(
                 (0..n)
                     .map(|_| {
-                        LogRow::from_fields(Uuid::now_v7(), now, &fields, None)
+                        LogRow::from_fields(Uuid::now_v7(), now, fields.clone(), None)
                             .expect("metadata-free rows always convert")
                     })
                     .collect(),

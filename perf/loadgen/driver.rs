@@ -12,7 +12,7 @@
 
 use crate::args::{Endpoint, DRAIN_WAIT};
 use crate::fifo::{match_answer, Kind, Matched, Pending};
-use crate::payload::{query_template, restamp};
+use crate::payload::{client_session, query_template, restamp, set_session};
 use crate::schedule::Schedule;
 use codi_monitor::io::listener::Stream;
 use codi_monitor::proto::{decode_message, encode_message, frame_body_len, Message, Payload};
@@ -108,6 +108,8 @@ pub struct Setup {
     pub duration: Duration,
     /// The message each load frame is stamped from.
     pub template: Message,
+    /// The run's session tag; client `i` logs in session `<tag>-c<i>`.
+    pub session_tag: String,
     /// Log entries per load frame.
     pub batch: u32,
 }
@@ -225,6 +227,8 @@ enum ConnState {
 struct Conn {
     stream: Stream,
     role: Role,
+    /// The session of a load connection's logs (empty for other roles).
+    session: String,
     state: ConnState,
     rbuf: Vec<u8>,
     rstart: usize,
@@ -305,11 +309,11 @@ impl Driver {
         let roles = plan
             .clients
             .iter()
-            .map(|(_, s)| Role::Load(*s))
-            .chain(plan.ping.map(Role::Ping))
-            .chain(plan.query.map(Role::Query))
-            .chain(std::iter::repeat(Role::Idle).take(plan.idle));
-        for role in roles {
+            .map(|(client, s)| (Role::Load(*s), client_session(&setup.session_tag, *client)))
+            .chain(plan.ping.map(|s| (Role::Ping(s), String::new())))
+            .chain(plan.query.map(|s| (Role::Query(s), String::new())))
+            .chain(std::iter::repeat_with(|| (Role::Idle, String::new())).take(plan.idle));
+        for (role, session) in roles {
             let stream = connect(&setup.endpoint).map_err(|e| {
                 format!(
                     "thread {}: cannot connect to {:?} (connection {}): {e}",
@@ -321,6 +325,7 @@ impl Driver {
             let key = conns.insert(Conn {
                 stream,
                 role,
+                session,
                 state: ConnState::Open,
                 rbuf: Vec::new(),
                 rstart: 0,
@@ -801,6 +806,9 @@ fn stamp_and_queue(
     scheduled: Instant,
     now: Instant,
 ) {
+    if kind == Kind::Logs {
+        set_session(msg, &conn.session);
+    }
     let id = restamp(msg);
     // The templates were test-encoded before the run, so this cannot fail.
     encode_message(msg, &mut conn.wbuf).expect("template encodes");

@@ -23,6 +23,34 @@ pub fn run_tag(run_id: Uuid) -> String {
     format!("loadgen-{run_id}")
 }
 
+/// The session of load client `client`: one session per client, as one
+/// agent per connection would have, so the session index sees realistic
+/// spread. All of a run's sessions share the prefix `<tag>-`.
+pub fn client_session(tag: &str, client: usize) -> String {
+    format!("{tag}-c{client}")
+}
+
+/// The half-open range `[low, high)` of session ids holding exactly the
+/// sessions of the run tagged `tag` (`.` sorts right after `-`), so that
+/// counting them is a range scan on the session index.
+pub fn session_range(tag: &str) -> (String, String) {
+    (format!("{tag}-"), format!("{tag}."))
+}
+
+/// Points every entry of a load message at `session`.
+pub fn set_session(msg: &mut Message, session: &str) {
+    let entries: &mut [LogFields] = match &mut msg.payload {
+        Payload::LogEntry(fields) => std::slice::from_mut(fields),
+        Payload::LogBatch { entries } => entries,
+        _ => return,
+    };
+    for fields in entries {
+        if fields.session_id.as_deref() != Some(session) {
+            fields.session_id = Some(session.to_owned());
+        }
+    }
+}
+
 /// One generated log: Info, component `loadgen`, no metadata, tagged.
 pub fn log_fields(message_size: usize, tag: &str) -> LogFields {
     LogFields {

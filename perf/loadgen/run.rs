@@ -4,7 +4,7 @@
 use crate::args::{Endpoint, RunConfig};
 use crate::ceiling::{self, CeilingResult};
 use crate::driver::{self, new_hist, Counts, Plan, Setup, Shared, ThreadResult};
-use crate::payload::{load_template, query_template, run_tag};
+use crate::payload::{load_template, query_template, run_tag, session_range};
 use crate::procstat::{self, ProcSample};
 use crate::report::{fmt_count, fmt_rate, fmt_us, write_hist_files, Percentiles};
 use crate::schedule::{frame_rate, Schedule};
@@ -132,6 +132,7 @@ pub fn execute(cfg: RunConfig) -> Result<bool, String> {
         window: cfg.window,
         duration: cfg.duration,
         template,
+        session_tag: run_tag(run_id),
         batch: cfg.batch as u32,
     };
     let shared = Arc::new(Shared::new());
@@ -329,8 +330,11 @@ fn check_stored(
     let conn = schema::open_ro(db).map_err(|e| format!("cannot check the database: {e}"))?;
     let stored: i64 = conn
         .query_row(
-            "SELECT count(*) FROM logs WHERE session_id = ?1",
-            [tag],
+            "SELECT count(*) FROM logs WHERE session_id >= ?1 AND session_id < ?2",
+            {
+                let (low, high) = session_range(tag);
+                [low, high]
+            },
             |r| r.get(0),
         )
         .map_err(|e| format!("cannot count stored rows: {e}"))?;
