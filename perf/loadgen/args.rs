@@ -137,6 +137,9 @@ pub struct CeilingArgs {
     /// bytes of message text per row (default 150)
     #[argh(option, default = "DEFAULT_MESSAGE_SIZE")]
     pub message_size: usize,
+    /// sessions the rows are spread over, round robin, as that many clients would (default 1000)
+    #[argh(option, default = "1000")]
+    pub sessions: usize,
     /// keep the database afterwards (default: delete it)
     #[argh(switch)]
     pub keep: bool,

@@ -8,7 +8,7 @@
 //! daemon's writer does. Whatever the daemon achieves is then read as a
 //! fraction of what this machine's storage can do at all.
 
-use crate::payload::{log_fields, run_tag};
+use crate::payload::{client_session, log_fields, run_tag};
 use codi_monitor::config::DEFAULT_CACHE_SIZE_MB;
 use codi_monitor::proto::Timestamp;
 use codi_monitor::store::writer::WriterSettings;
@@ -73,13 +73,16 @@ pub fn remove_db(db: &Path) {
     }
 }
 
-/// Inserts `rows` rows into the new database `db`, `batch` per transaction.
-/// Refuses a database that already exists: the ceiling needs a fresh one.
+/// Inserts `rows` rows into the new database `db`, `batch` per transaction,
+/// spread round robin over `sessions` sessions exactly as that many load
+/// clients spread them. Refuses a database that already exists: the
+/// ceiling needs a fresh one.
 pub fn run(
     db: &Path,
     rows: u64,
     batch: usize,
     message_size: usize,
+    sessions: usize,
 ) -> Result<CeilingResult, String> {
     if db.exists() {
         return Err(format!(
@@ -124,7 +127,11 @@ pub fn run(
         })
         .map_err(|e| format!("cannot start the checkpointer: {e}"))?;
 
-    let fields = log_fields(message_size, &run_tag(Uuid::now_v7()));
+    let tag = run_tag(Uuid::now_v7());
+    let session_ids: Vec<String> = (0..sessions.max(1))
+        .map(|i| client_session(&tag, i))
+        .collect();
+    let mut fields = log_fields(message_size, &tag);
     let mut busy = Duration::ZERO;
     let mut longest = Duration::ZERO;
     let mut stalls = 0u64;
@@ -136,7 +143,9 @@ pub fn run(
             let now = Timestamp::now();
             let op = WriteOp::Logs(
                 (0..n)
-                    .map(|_| {
+                    .map(|i| {
+                        let row = inserted as usize + i;
+                        fields.session_id = Some(session_ids[row % session_ids.len()].clone());
                         LogRow::from_fields(Uuid::now_v7(), now, fields.clone(), None)
                             .expect("metadata-free rows always convert")
                     })

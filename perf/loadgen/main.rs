@@ -53,13 +53,13 @@ fn main() -> ExitCode {
 }
 
 fn ceiling_command(c: &CeilingArgs) -> Result<(), String> {
-    if c.rows == 0 || c.batch == 0 {
-        return Err("--rows and --batch must be at least 1".into());
+    if c.rows == 0 || c.batch == 0 || c.sessions == 0 {
+        return Err("--rows, --batch and --sessions must be at least 1".into());
     }
     if c.message_size > codi_monitor::proto::MAX_FRAME_LEN {
         return Err("--message-size is larger than a frame".into());
     }
-    let result = ceiling::run(&c.db, c.rows, c.batch, c.message_size);
+    let result = ceiling::run(&c.db, c.rows, c.batch, c.message_size, c.sessions);
     if !c.keep {
         // Only remove what this run created: run() refuses an existing db.
         if !matches!(&result, Err(e) if e.contains("already exists")) {

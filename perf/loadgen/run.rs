@@ -274,7 +274,7 @@ pub fn execute(cfg: RunConfig) -> Result<bool, String> {
                     path.display()
                 );
             }
-            let result = ceiling::run(&path, rows, batch, cfg.message_size);
+            let result = ceiling::run(&path, rows, batch, cfg.message_size, cfg.clients);
             ceiling::remove_db(&path);
             Some(result?)
         }
