@@ -110,6 +110,9 @@ pub struct RunArgs {
     /// rows per transaction for --ceiling-rows (default 8192)
     #[argh(option, default = "DEFAULT_CEILING_BATCH")]
     pub ceiling_batch: usize,
+    /// the ceiling runs only PASSIVE checkpoints (never TRUNCATE, unlike the daemon)
+    #[argh(switch)]
+    pub ceiling_passive_only: bool,
     /// write every number as JSON to this file
     #[argh(option)]
     pub json: Option<PathBuf>,
@@ -140,6 +143,9 @@ pub struct CeilingArgs {
     /// sessions the rows are spread over, round robin, as that many clients would (default 1000)
     #[argh(option, default = "1000")]
     pub sessions: usize,
+    /// only PASSIVE checkpoints: never block the writer with TRUNCATE (not the daemon's policy)
+    #[argh(switch)]
+    pub passive_only: bool,
     /// keep the database afterwards (default: delete it)
     #[argh(switch)]
     pub keep: bool,
@@ -196,8 +202,9 @@ pub struct RunConfig {
     pub threads: usize,
     /// The daemon's pid, for /proc sampling.
     pub daemon_pid: Option<u32>,
-    /// Rows for the ceiling after the run, and its batch.
-    pub ceiling: Option<(u64, usize)>,
+    /// Rows for the ceiling after the run, its batch, and whether it may
+    /// TRUNCATE the WAL as the daemon does.
+    pub ceiling: Option<(u64, usize, bool)>,
     /// JSON output file.
     pub json: Option<PathBuf>,
     /// Histogram output directory.
@@ -315,7 +322,9 @@ impl RunArgs {
             query_interval,
             threads: self.threads,
             daemon_pid: self.daemon_pid,
-            ceiling: self.ceiling_rows.map(|rows| (rows, self.ceiling_batch)),
+            ceiling: self
+                .ceiling_rows
+                .map(|rows| (rows, self.ceiling_batch, !self.ceiling_passive_only)),
             json: self.json.clone(),
             hist_dir: self.hist_dir.clone(),
             quiet: self.quiet,

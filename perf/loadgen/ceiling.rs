@@ -34,6 +34,8 @@ pub struct CeilingResult {
     pub wall: Duration,
     /// Checkpoints the checkpointer ran.
     pub checkpoints: u64,
+    /// False when TRUNCATE checkpoints were turned off (`--passive-only`).
+    pub truncate: bool,
     /// The longest single transaction (a TRUNCATE checkpoint blocks the
     /// writer, which shows here).
     pub longest: Duration,
@@ -65,6 +67,28 @@ fn companions(db: &Path) -> [PathBuf; 2] {
     })
 }
 
+/// Longest wait for the daemon's WAL to shrink before the ceiling starts.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits until the daemon's WAL (beside `daemon_db`) is at most the
+/// daemon's TRUNCATE threshold, then one more checkpoint interval, so the
+/// daemon's own checkpoint of what the run wrote does not compete with the
+/// ceiling for the disk. Gives up after [`SETTLE_LIMIT`]; returns the wait.
+pub fn settle(daemon_db: &Path) -> Duration {
+    let settings = WriterSettings::default();
+    let wal = companions(daemon_db)[0].clone();
+    let started = Instant::now();
+    while started.elapsed() < SETTLE_LIMIT {
+        let len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        if len <= settings.wal_truncate_bytes {
+            std::thread::sleep(settings.checkpoint_interval);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
 /// Deletes `db` and its WAL files, ignoring ones that are not there.
 pub fn remove_db(db: &Path) {
     let _ = std::fs::remove_file(db);
@@ -75,7 +99,9 @@ pub fn remove_db(db: &Path) {
 
 /// Inserts `rows` rows into the new database `db`, `batch` per transaction,
 /// spread round robin over `sessions` sessions exactly as that many load
-/// clients spread them. Refuses a database that already exists: the
+/// clients spread them; with `truncate` false the checkpointer only ever
+/// runs PASSIVE checkpoints (the WAL then grows without bound, but the
+/// writer is never blocked). Refuses a database that already exists: the
 /// ceiling needs a fresh one.
 pub fn run(
     db: &Path,
@@ -83,6 +109,7 @@ pub fn run(
     batch: usize,
     message_size: usize,
     sessions: usize,
+    truncate: bool,
 ) -> Result<CeilingResult, String> {
     if db.exists() {
         return Err(format!(
@@ -103,7 +130,11 @@ pub fn run(
     let wal = companions(db)[0].clone();
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let interval = settings.checkpoint_interval;
-    let truncate_bytes = settings.wal_truncate_bytes;
+    let truncate_bytes = if truncate {
+        settings.wal_truncate_bytes
+    } else {
+        u64::MAX
+    };
     let checkpoints = std::thread::Builder::new()
         .name("ceiling-checkpoint".into())
         .spawn(move || {
@@ -179,6 +210,7 @@ pub fn run(
         busy,
         wall,
         checkpoints,
+        truncate,
         longest,
         stalls,
     })
@@ -194,7 +226,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let db = dir.path().join("ceiling.db");
-        let r = run(&db, 250, 100, 40).unwrap();
+        let r = run(&db, 250, 100, 40, true).unwrap();
         assert_eq!(r.rows, 250);
         assert!(r.rows_per_sec() > 0.0);
         let conn = Connection::open(&db).unwrap();
@@ -205,7 +237,9 @@ mod tests {
             .unwrap();
         assert_eq!((count, len), (250, 40));
         drop(conn);
-        assert!(run(&db, 1, 1, 1).unwrap_err().contains("already exists"));
+        assert!(run(&db, 1, 1, 1, false)
+            .unwrap_err()
+            .contains("already exists"));
         remove_db(&db);
         assert!(!db.exists());
     }

@@ -59,7 +59,14 @@ fn ceiling_command(c: &CeilingArgs) -> Result<(), String> {
     if c.message_size > codi_monitor::proto::MAX_FRAME_LEN {
         return Err("--message-size is larger than a frame".into());
     }
-    let result = ceiling::run(&c.db, c.rows, c.batch, c.message_size, c.sessions);
+    let result = ceiling::run(
+        &c.db,
+        c.rows,
+        c.batch,
+        c.message_size,
+        c.sessions,
+        !c.passive_only,
+    );
     if !c.keep {
         // Only remove what this run created: run() refuses an existing db.
         if !matches!(&result, Err(e) if e.contains("already exists")) {
@@ -69,7 +76,7 @@ fn ceiling_command(c: &CeilingArgs) -> Result<(), String> {
     let r = result?;
     println!(
         "ceiling: {} rows of {} B text in transactions of {}: {} rows/s ({:.2} MB/s of text) \
-         over {:.2} s in transactions ({:.2} s wall, {} checkpoints; longest transaction {}, \
+         over {:.2} s in transactions ({:.2} s wall, {} checkpoints{}; longest transaction {}, \
          {} over {} ms)",
         fmt_count(r.rows),
         r.message_size,
@@ -79,6 +86,7 @@ fn ceiling_command(c: &CeilingArgs) -> Result<(), String> {
         r.busy.as_secs_f64(),
         r.wall.as_secs_f64(),
         r.checkpoints,
+        if r.truncate { "" } else { ", PASSIVE only" },
         fmt_us(r.longest.as_micros() as u64),
         r.stalls,
         ceiling::STALL.as_millis()

@@ -262,19 +262,21 @@ pub fn execute(cfg: RunConfig) -> Result<bool, String> {
         None => None,
     };
     let ceiling = match (&cfg.db, cfg.ceiling) {
-        (Some(db), Some((rows, batch))) => {
+        (Some(db), Some((rows, batch, truncate))) => {
             let dir = db.parent().filter(|p| !p.as_os_str().is_empty());
             let path = dir
                 .unwrap_or(Path::new("."))
                 .join(format!("loadgen-ceiling-{run_id}.db"));
+            let waited = ceiling::settle(db);
             if !cfg.quiet {
                 eprintln!(
-                    "ceiling: inserting {} rows into {}",
+                    "ceiling: waited {:.1} s for the daemon's WAL checkpoint; inserting {} rows into {}",
+                    waited.as_secs_f64(),
                     fmt_count(rows),
                     path.display()
                 );
             }
-            let result = ceiling::run(&path, rows, batch, cfg.message_size, cfg.clients);
+            let result = ceiling::run(&path, rows, batch, cfg.message_size, cfg.clients, truncate);
             ceiling::remove_db(&path);
             Some(result?)
         }
@@ -508,14 +510,15 @@ fn summary(cfg: &RunConfig, o: &Outcome) -> String {
     if let Some(ceil) = &o.ceiling {
         line(format!(
             "  ceiling     raw SQLite {} rows/s ({:.2} MB/s of text), {} rows in transactions of {}; \
-             longest transaction {}, {} over {} ms",
+             longest transaction {}, {} over {} ms{}",
             fmt_count(ceil.rows_per_sec().round() as u64),
             ceil.payload_mb_per_sec(),
             fmt_count(ceil.rows),
             ceil.batch,
             fmt_us(ceil.longest.as_micros() as u64),
             ceil.stalls,
-            ceiling::STALL.as_millis()
+            ceiling::STALL.as_millis(),
+            if ceil.truncate { "" } else { "; PASSIVE checkpoints only" }
         ));
         line(format!(
             "  daemon / ceiling = {:.3}",
@@ -602,6 +605,7 @@ pub fn ceiling_json(c: &CeilingResult) -> Value {
         "rows_per_s": c.rows_per_sec(),
         "payload_mb_per_s": c.payload_mb_per_sec(),
         "checkpoints": c.checkpoints,
+        "truncate_checkpoints": c.truncate,
         "longest_transaction_us": c.longest.as_micros() as u64,
         "stalls_over_100ms": c.stalls,
     })
