@@ -226,7 +226,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let db = dir.path().join("ceiling.db");
-        let r = run(&db, 250, 100, 40, true).unwrap();
+        let r = run(&db, 250, 100, 40, 10, true).unwrap();
         assert_eq!(r.rows, 250);
         assert!(r.rows_per_sec() > 0.0);
         let conn = Connection::open(&db).unwrap();
@@ -237,7 +237,7 @@ mod tests {
             .unwrap();
         assert_eq!((count, len), (250, 40));
         drop(conn);
-        assert!(run(&db, 1, 1, 1, false)
+        assert!(run(&db, 1, 1, 1, 1, false)
             .unwrap_err()
             .contains("already exists"));
         remove_db(&db);
