@@ -110,7 +110,7 @@ pub struct RunArgs {
     /// rows per transaction for --ceiling-rows (default 8192)
     #[argh(option, default = "DEFAULT_CEILING_BATCH")]
     pub ceiling_batch: usize,
-    /// the ceiling runs only PASSIVE checkpoints (never TRUNCATE, unlike the daemon)
+    /// the ceiling never restarts its WAL (checkpointer only; the WAL grows without bound, unlike the daemon)
     #[argh(switch)]
     pub ceiling_passive_only: bool,
     /// write every number as JSON to this file
@@ -143,7 +143,7 @@ pub struct CeilingArgs {
     /// sessions the rows are spread over, round robin, as that many clients would (default 1000)
     #[argh(option, default = "1000")]
     pub sessions: usize,
-    /// only PASSIVE checkpoints: never block the writer with TRUNCATE (not the daemon's policy)
+    /// never restart the WAL from the writer (checkpointer only; the WAL grows without bound, unlike the daemon)
     #[argh(switch)]
     pub passive_only: bool,
     /// keep the database afterwards (default: delete it)

@@ -10,12 +10,13 @@
 
 use crate::payload::{client_session, log_fields, run_tag};
 use codi_monitor::config::DEFAULT_CACHE_SIZE_MB;
+use codi_monitor::metrics::Metrics;
 use codi_monitor::proto::Timestamp;
-use codi_monitor::store::writer::WriterSettings;
+use codi_monitor::store::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
 use codi_monitor::store::{ops, schema, LogRow, WriteOp};
-use crossbeam_channel::RecvTimeoutError;
-use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use rusqlite::TransactionBehavior;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -34,8 +35,8 @@ pub struct CeilingResult {
     pub wall: Duration,
     /// Checkpoints the checkpointer ran.
     pub checkpoints: u64,
-    /// False when TRUNCATE checkpoints were turned off (`--passive-only`).
-    pub truncate: bool,
+    /// False when the writer never restarted the WAL (`--passive-only`).
+    pub trim_wal: bool,
     /// The longest single transaction (a TRUNCATE checkpoint blocks the
     /// writer, which shows here).
     pub longest: Duration,
@@ -70,18 +71,18 @@ fn companions(db: &Path) -> [PathBuf; 2] {
 /// Longest wait for the daemon's WAL to shrink before the ceiling starts.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 
-/// Waits until the daemon's WAL (beside `daemon_db`) is at most the
-/// daemon's TRUNCATE threshold, then one more checkpoint interval, so the
+/// Waits until the daemon's WAL (beside `daemon_db`) is at most the size
+/// the daemon restarts it at, then one more checkpoint interval, so the
 /// daemon's own checkpoint of what the run wrote does not compete with the
 /// ceiling for the disk. Gives up after [`SETTLE_LIMIT`]; returns the wait.
 pub fn settle(daemon_db: &Path) -> Duration {
-    let settings = WriterSettings::default();
+    let policy = WalPolicy::default();
     let wal = companions(daemon_db)[0].clone();
     let started = Instant::now();
     while started.elapsed() < SETTLE_LIMIT {
         let len = std::fs::metadata(&wal).map_or(0, |m| m.len());
-        if len <= settings.wal_truncate_bytes {
-            std::thread::sleep(settings.checkpoint_interval);
+        if len <= policy.restart_bytes {
+            std::thread::sleep(policy.interval);
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -99,17 +100,17 @@ pub fn remove_db(db: &Path) {
 
 /// Inserts `rows` rows into the new database `db`, `batch` per transaction,
 /// spread round robin over `sessions` sessions exactly as that many load
-/// clients spread them; with `truncate` false the checkpointer only ever
-/// runs PASSIVE checkpoints (the WAL then grows without bound, but the
-/// writer is never blocked). Refuses a database that already exists: the
-/// ceiling needs a fresh one.
+/// clients spread them, checkpointed exactly as the daemon's writer is
+/// (`store::wal`); with `trim_wal` false the writer never restarts the WAL
+/// (it then grows without bound). Refuses a database that already exists:
+/// the ceiling needs a fresh one.
 pub fn run(
     db: &Path,
     rows: u64,
     batch: usize,
     message_size: usize,
     sessions: usize,
-    truncate: bool,
+    trim_wal: bool,
 ) -> Result<CeilingResult, String> {
     if db.exists() {
         return Err(format!(
@@ -118,44 +119,12 @@ pub fn run(
         ));
     }
     let mut conn = schema::open_rw(db, DEFAULT_CACHE_SIZE_MB).map_err(|e| e.to_string())?;
-    conn.pragma_update(None, "wal_autocheckpoint", 0)
-        .map_err(|e| e.to_string())?;
-    let settings = WriterSettings::default();
-    let checkpointer = Connection::open_with_flags(
-        db,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .and_then(|c| c.busy_timeout(schema::BUSY_TIMEOUT).map(|()| c))
-    .map_err(|e| format!("cannot open the checkpointer connection: {e}"))?;
-    let wal = companions(db)[0].clone();
-    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-    let interval = settings.checkpoint_interval;
-    let truncate_bytes = if truncate {
-        settings.wal_truncate_bytes
-    } else {
-        u64::MAX
-    };
-    let checkpoints = std::thread::Builder::new()
-        .name("ceiling-checkpoint".into())
-        .spawn(move || {
-            let mut done = 0u64;
-            while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval) {
-                let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
-                let mode = if wal_len > truncate_bytes {
-                    "TRUNCATE"
-                } else {
-                    "PASSIVE"
-                };
-                let sql = format!("PRAGMA wal_checkpoint({mode})");
-                if checkpointer
-                    .query_row(&sql, [], |r| r.get::<_, i64>(0))
-                    .is_ok()
-                {
-                    done += 1;
-                }
-            }
-            done
-        })
+    let policy = WalPolicy::default();
+    wal::configure_writer(&conn, &policy).map_err(|e| e.to_string())?;
+    let state = Arc::new(WalState::default());
+    let metrics = Arc::new(Metrics::default());
+    let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&state)).map_err(|e| e.to_string())?;
+    let checkpointer = Checkpointer::spawn(db, policy, state, Arc::clone(&metrics))
         .map_err(|e| format!("cannot start the checkpointer: {e}"))?;
 
     let tag = run_tag(Uuid::now_v7());
@@ -192,6 +161,14 @@ pub fn run(
             busy += took;
             longest = longest.max(took);
             stalls += u64::from(took > STALL);
+            if trim_wal {
+                if let Some(paused) = trimmer.after_commit(&conn) {
+                    busy += paused;
+                    longest = longest.max(paused);
+                    stalls += u64::from(paused > STALL);
+                    Metrics::add(&metrics.checkpoints, 1);
+                }
+            }
             match outcome {
                 ops::OpOutcome::Logs { inserted: k, .. } if k == n => inserted += n as u64,
                 other => return Err(format!("unexpected insert outcome {other:?}")),
@@ -200,8 +177,8 @@ pub fn run(
         Ok(())
     })();
     let wall = started.elapsed();
-    drop(stop_tx);
-    let checkpoints = checkpoints.join().unwrap_or(0);
+    checkpointer.stop();
+    let checkpoints = Metrics::get(&metrics.checkpoints);
     result?;
     Ok(CeilingResult {
         rows: inserted,
@@ -210,7 +187,7 @@ pub fn run(
         busy,
         wall,
         checkpoints,
-        truncate,
+        trim_wal,
         longest,
         stalls,
     })
@@ -229,7 +206,7 @@ mod tests {
         let r = run(&db, 250, 100, 40, 10, true).unwrap();
         assert_eq!(r.rows, 250);
         assert!(r.rows_per_sec() > 0.0);
-        let conn = Connection::open(&db).unwrap();
+        let conn = rusqlite::Connection::open(&db).unwrap();
         let (count, len): (i64, i64) = conn
             .query_row("SELECT count(*), min(length(message)) FROM logs", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))

@@ -86,7 +86,7 @@ fn ceiling_command(c: &CeilingArgs) -> Result<(), String> {
         r.busy.as_secs_f64(),
         r.wall.as_secs_f64(),
         r.checkpoints,
-        if r.truncate { "" } else { ", PASSIVE only" },
+        if r.trim_wal { "" } else { ", PASSIVE only" },
         fmt_us(r.longest.as_micros() as u64),
         r.stalls,
         ceiling::STALL.as_millis()

@@ -262,7 +262,7 @@ pub fn execute(cfg: RunConfig) -> Result<bool, String> {
         None => None,
     };
     let ceiling = match (&cfg.db, cfg.ceiling) {
-        (Some(db), Some((rows, batch, truncate))) => {
+        (Some(db), Some((rows, batch, trim_wal))) => {
             let dir = db.parent().filter(|p| !p.as_os_str().is_empty());
             let path = dir
                 .unwrap_or(Path::new("."))
@@ -276,7 +276,7 @@ pub fn execute(cfg: RunConfig) -> Result<bool, String> {
                     path.display()
                 );
             }
-            let result = ceiling::run(&path, rows, batch, cfg.message_size, cfg.clients, truncate);
+            let result = ceiling::run(&path, rows, batch, cfg.message_size, cfg.clients, trim_wal);
             ceiling::remove_db(&path);
             Some(result?)
         }
@@ -518,7 +518,7 @@ fn summary(cfg: &RunConfig, o: &Outcome) -> String {
             fmt_us(ceil.longest.as_micros() as u64),
             ceil.stalls,
             ceiling::STALL.as_millis(),
-            if ceil.truncate { "" } else { "; PASSIVE checkpoints only" }
+            if ceil.trim_wal { "" } else { "; PASSIVE checkpoints only" }
         ));
         line(format!(
             "  daemon / ceiling = {:.3}",
@@ -605,7 +605,7 @@ pub fn ceiling_json(c: &CeilingResult) -> Value {
         "rows_per_s": c.rows_per_sec(),
         "payload_mb_per_s": c.payload_mb_per_sec(),
         "checkpoints": c.checkpoints,
-        "truncate_checkpoints": c.truncate,
+        "wal_restarts": c.trim_wal,
         "longest_transaction_us": c.longest.as_micros() as u64,
         "stalls_over_100ms": c.stalls,
     })

@@ -10,6 +10,7 @@ pub mod query;
 pub mod reader;
 pub mod schema;
 pub mod standalone;
+pub mod wal;
 pub mod writer;
 
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};

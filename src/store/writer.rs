@@ -7,17 +7,17 @@
 //! requests exactly when load is high.
 
 use super::ops::{self, OpOutcome};
+use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
 use super::{schema, StoreError, WriteJob, WriteOp};
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, Message, Timestamp};
 use crate::reply::{Completion, Replies};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{Connection, TransactionBehavior};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
 
 /// Tuning of the writer and checkpointer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,10 +28,8 @@ pub struct WriterSettings {
     pub batch_max_rows: usize,
     /// Capacity of the job queue (jobs, not rows).
     pub queue_capacity: usize,
-    /// How often the checkpointer runs a PASSIVE checkpoint.
-    pub checkpoint_interval: Duration,
-    /// WAL size above which the checkpointer truncates the WAL.
-    pub wal_truncate_bytes: u64,
+    /// How the WAL is checkpointed and kept small (see [`super::wal`]).
+    pub wal: WalPolicy,
 }
 
 impl Default for WriterSettings {
@@ -40,8 +38,7 @@ impl Default for WriterSettings {
             cache_size_mb: 64,
             batch_max_rows: 20_000,
             queue_capacity: 65_536,
-            checkpoint_interval: Duration::from_secs(1),
-            wal_truncate_bytes: 64 * 1024 * 1024,
+            wal: WalPolicy::default(),
         }
     }
 }
@@ -77,20 +74,14 @@ pub fn spawn_writer(
     budget: Arc<InflightBudget>,
 ) -> Result<(Sender<WriteJob>, WriterHandle), StoreError> {
     let conn = schema::open_rw(db_path, settings.cache_size_mb)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    let checkpointer = Checkpointer {
-        conn: open_checkpointer(db_path)?,
-        wal_path: wal_path(db_path),
-        interval: settings.checkpoint_interval,
-        truncate_bytes: settings.wal_truncate_bytes,
-        metrics: Arc::clone(&metrics),
-    };
+    wal::configure_writer(&conn, &settings.wal)?;
+    let wal_state = Arc::new(WalState::default());
+    let trimmer = WalTrimmer::new(&conn, settings.wal, Arc::clone(&wal_state))?;
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(settings.queue_capacity.max(1));
-    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-
-    let checkpointer = spawn_named("codi-checkpoint", move || checkpointer.run(stop_rx))?;
+    let checkpointer = Checkpointer::spawn(db_path, settings.wal, wal_state, Arc::clone(&metrics))?;
     let writer = Writer {
-        checkpointer: Some((stop_tx, checkpointer)),
+        checkpointer: Some(checkpointer),
+        trimmer,
         conn,
         replies,
         metrics,
@@ -117,65 +108,6 @@ fn spawn_named<F: FnOnce() + Send + 'static>(
             name: name.to_owned(),
             source,
         })
-}
-
-fn wal_path(db_path: &Path) -> PathBuf {
-    let mut name = db_path.as_os_str().to_owned();
-    name.push("-wal");
-    PathBuf::from(name)
-}
-
-fn open_checkpointer(db_path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        db_path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|source| StoreError::Open {
-        path: db_path.to_owned(),
-        source,
-    })?;
-    conn.busy_timeout(schema::BUSY_TIMEOUT)?;
-    Ok(conn)
-}
-
-/// Runs `PRAGMA wal_checkpoint(mode)`; true if it completed (not busy).
-fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<bool> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .map(|busy| busy == 0)
-}
-
-struct Checkpointer {
-    conn: Connection,
-    wal_path: PathBuf,
-    interval: Duration,
-    truncate_bytes: u64,
-    metrics: Arc<Metrics>,
-}
-
-impl Checkpointer {
-    /// Checkpoints every interval until the writer drops its end of `stop`.
-    fn run(self, stop: Receiver<()>) {
-        while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(self.interval) {
-            self.tick();
-        }
-    }
-
-    /// One checkpoint: PASSIVE (never waits), or TRUNCATE when the WAL has
-    /// grown past the limit (waits up to the busy timeout for readers).
-    fn tick(&self) {
-        let wal_len = std::fs::metadata(&self.wal_path).map_or(0, |m| m.len());
-        let mode = if wal_len > self.truncate_bytes {
-            "TRUNCATE"
-        } else {
-            "PASSIVE"
-        };
-        match checkpoint(&self.conn, mode) {
-            Ok(_) => Metrics::add(&self.metrics.checkpoints, 1),
-            Err(e) => log::warn!("{mode} checkpoint failed: {e}"),
-        }
-    }
 }
 
 /// The result of one job: its outcome, or the storage error that stopped it.
@@ -243,8 +175,10 @@ fn write_one(conn: &mut Connection, op: &WriteOp, now_us: i64) -> JobResult {
 
 struct Writer {
     conn: Connection,
-    /// Dropping the sender stops the checkpointer thread.
-    checkpointer: Option<(Sender<()>, JoinHandle<()>)>,
+    /// Stopped before the final checkpoint.
+    checkpointer: Option<Checkpointer>,
+    /// Restarts the WAL between batches when that is cheap.
+    trimmer: WalTrimmer,
     replies: Replies,
     metrics: Arc<Metrics>,
     budget: Arc<InflightBudget>,
@@ -270,16 +204,16 @@ impl Writer {
                 }
             }
             self.commit_and_answer();
-        }
-        if let Some((stop, thread)) = self.checkpointer.take() {
-            drop(stop);
-            if thread.join().is_err() {
-                log::error!("the checkpointer thread panicked");
+            if self.trimmer.after_commit(&self.conn).is_some() {
+                Metrics::add(&self.metrics.checkpoints, 1);
             }
         }
-        match checkpoint(&self.conn, "TRUNCATE") {
-            Ok(true) => Metrics::add(&self.metrics.checkpoints, 1),
-            Ok(false) => log::warn!("final WAL checkpoint was blocked by a reader"),
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.stop();
+        }
+        match wal::checkpoint(&self.conn, "TRUNCATE") {
+            Ok(result) if !result.busy => Metrics::add(&self.metrics.checkpoints, 1),
+            Ok(_) => log::warn!("final WAL checkpoint was blocked by a reader"),
             Err(e) => log::error!("final WAL checkpoint failed: {e}"),
         }
     }
@@ -487,7 +421,7 @@ mod tests {
         let idle = schema::open_ro(&path).unwrap();
         drop(tx);
         handle.join();
-        let wal = std::fs::metadata(wal_path(&path)).unwrap();
+        let wal = std::fs::metadata(path.with_extension("db-wal")).unwrap();
         assert_eq!(wal.len(), 0, "WAL truncated on exit");
         drop(idle);
         assert_eq!(budget.used(), 0, "every job's cost released");
@@ -605,33 +539,6 @@ mod tests {
                 duplicates: 1
             }
         );
-    }
-
-    #[test]
-    fn checkpointer_truncates_a_large_wal_and_spares_a_small_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        let mut conn = schema::open_rw(&path, 4).unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        write_one(&mut conn, &logs(&[Uuid::new_v4()]), 0).unwrap();
-        let wal_len = || std::fs::metadata(wal_path(&path)).unwrap().len();
-        let before = wal_len();
-        assert!(before > 0);
-        let metrics = Arc::new(Metrics::default());
-        let checkpointer = |truncate_bytes| Checkpointer {
-            conn: open_checkpointer(&path).unwrap(),
-            wal_path: wal_path(&path),
-            interval: Duration::from_secs(1),
-            truncate_bytes,
-            metrics: Arc::clone(&metrics),
-        };
-        checkpointer(before).tick();
-        assert_eq!(wal_len(), before, "PASSIVE keeps the file");
-        checkpointer(before - 1).tick();
-        assert_eq!(wal_len(), 0, "TRUNCATE empties it");
-        assert_eq!(Metrics::get(&metrics.checkpoints), 2);
-        drop(conn);
-        assert_eq!(count_logs(&path), 1);
     }
 
     #[test]
