@@ -41,65 +41,111 @@ const SESSION_EXISTS: &str = "SELECT 1 FROM sessions WHERE id = ?1";
 /// An `Err` means SQLite failed and the transaction should be rolled back;
 /// an expected refusal (an unknown session) is `Ok(OpOutcome::Rejected)`.
 pub fn apply(tx: &Transaction, op: &WriteOp, now_us: i64) -> Result<OpOutcome, rusqlite::Error> {
-    match op {
-        WriteOp::Logs(rows) => {
-            let mut stmt = tx.prepare_cached(INSERT_LOG)?;
-            let mut inserted = 0;
-            for row in rows {
-                inserted += stmt.execute(params![
-                    row.uuid.as_bytes().as_slice(),
-                    row.timestamp_us,
-                    row.level.as_str(),
-                    row.component,
-                    row.session_id,
-                    row.message,
-                    row.metadata_json,
-                    now_us,
-                ])?;
-            }
-            Ok(OpOutcome::Logs {
-                inserted,
-                duplicates: rows.len() - inserted,
-            })
-        }
-        WriteOp::SessionStart {
-            session_id,
-            identity,
-            agent_type,
-            workspace,
-            started_at_us,
-        } => {
-            tx.prepare_cached(INSERT_SESSION)?.execute(params![
+    let mut outcome = None;
+    apply_all(tx, [op], now_us, |o| outcome = Some(o))?;
+    Ok(outcome.expect("one op gives one outcome"))
+}
+
+/// Applies every op of `ops` inside `tx`, in order, handing each outcome to
+/// `each`. The log insert is prepared once for all of them: the writer's hot
+/// path is thousands of one-row jobs per transaction. Stops at the first
+/// SQLite error (after `each` has seen the outcomes before it).
+pub fn apply_all<'a>(
+    tx: &Transaction,
+    ops: impl IntoIterator<Item = &'a WriteOp>,
+    now_us: i64,
+    mut each: impl FnMut(OpOutcome),
+) -> Result<(), rusqlite::Error> {
+    let mut insert_log = tx.prepare_cached(INSERT_LOG)?;
+    for op in ops {
+        each(match op {
+            WriteOp::Logs(rows) => insert_logs(&mut insert_log, rows, now_us)?,
+            WriteOp::SessionStart {
                 session_id,
                 identity,
                 agent_type,
-                started_at_us,
                 workspace,
-            ])?;
-            Ok(OpOutcome::Done)
-        }
-        WriteOp::SessionEnd {
-            session_id,
-            ended_at_us,
-        } => {
-            let changed = tx
-                .prepare_cached(END_SESSION)?
-                .execute(params![session_id, ended_at_us])?;
-            if changed > 0 {
-                return Ok(OpOutcome::Done);
-            }
-            let known = tx
-                .prepare_cached(SESSION_EXISTS)?
-                .query_row([session_id], |_| Ok(()))
-                .optional()?
-                .is_some();
-            Ok(if known {
-                OpOutcome::Done
-            } else {
-                OpOutcome::Rejected(format!("unknown session `{session_id}`"))
-            })
-        }
+                started_at_us,
+            } => start_session(
+                tx,
+                session_id,
+                identity,
+                agent_type.as_deref(),
+                workspace.as_deref(),
+                *started_at_us,
+            )?,
+            WriteOp::SessionEnd {
+                session_id,
+                ended_at_us,
+            } => end_session(tx, session_id, *ended_at_us)?,
+        });
     }
+    Ok(())
+}
+
+fn insert_logs(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    rows: &[super::LogRow],
+    now_us: i64,
+) -> Result<OpOutcome, rusqlite::Error> {
+    let mut inserted = 0;
+    for row in rows {
+        inserted += stmt.execute(params![
+            row.uuid.as_bytes().as_slice(),
+            row.timestamp_us,
+            row.level.as_str(),
+            row.component,
+            row.session_id,
+            row.message,
+            row.metadata_json,
+            now_us,
+        ])?;
+    }
+    Ok(OpOutcome::Logs {
+        inserted,
+        duplicates: rows.len() - inserted,
+    })
+}
+
+fn start_session(
+    tx: &Transaction,
+    session_id: &str,
+    identity: &str,
+    agent_type: Option<&str>,
+    workspace: Option<&str>,
+    started_at_us: i64,
+) -> Result<OpOutcome, rusqlite::Error> {
+    tx.prepare_cached(INSERT_SESSION)?.execute(params![
+        session_id,
+        identity,
+        agent_type,
+        started_at_us,
+        workspace,
+    ])?;
+    Ok(OpOutcome::Done)
+}
+
+fn end_session(
+    tx: &Transaction,
+    session_id: &str,
+    ended_at_us: i64,
+) -> Result<OpOutcome, rusqlite::Error> {
+    let changed = tx
+        .prepare_cached(END_SESSION)?
+        .execute(params![session_id, ended_at_us])?;
+    if changed > 0 {
+        return Ok(OpOutcome::Done);
+    }
+    let known = tx
+        .prepare_cached(SESSION_EXISTS)?
+        .query_row([session_id], |_| Ok(()))
+        .optional()?
+        .is_some();
+    Ok(if known {
+        OpOutcome::Done
+    } else {
+        OpOutcome::Rejected(format!("unknown session `{session_id}`"))
+    })
 }
 
 #[cfg(test)]

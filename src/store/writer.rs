@@ -132,9 +132,7 @@ fn write_batch<'a>(
     let start = out.len();
     let batch = (|| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for op in ops.clone() {
-            out.push(Ok(ops::apply(&tx, op, now_us)?));
-        }
+        ops::apply_all(&tx, ops.clone(), now_us, |outcome| out.push(Ok(outcome)))?;
         tx.commit()
     })();
     match batch {
