@@ -55,7 +55,7 @@ impl Default for WalPolicy {
     fn default() -> Self {
         WalPolicy {
             interval: Duration::from_millis(100),
-            restart_bytes: 64 * 1024 * 1024,
+            restart_bytes: 256 * 1024 * 1024,
             hard_limit_bytes: 1024 * 1024 * 1024,
         }
     }
