@@ -419,7 +419,7 @@ mod tests {
     }
 
     #[test]
-    fn new_databases_get_the_large_page_size() {
+    fn new_databases_get_the_chosen_page_size() {
         let dir = tempfile::tempdir().unwrap();
         let conn = open_rw(&dir.path().join("db/codi.db"), 8).unwrap();
         let page: i64 = conn
