@@ -36,8 +36,14 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// Backlog (frames not yet backfilled) small enough for the writer to
-/// finish between two batches: with 16 KiB pages, at most 4 MiB to copy.
-pub const SMALL_BACKLOG_FRAMES: u64 = 256;
+/// finish between two batches: with 4 KiB pages, at most 4 MiB to copy.
+pub const SMALL_BACKLOG_FRAMES: u64 = 1024;
+/// How long the writer must have committed nothing before the checkpointer
+/// may truncate the WAL.
+pub const IDLE_BEFORE_TRUNCATE: Duration = Duration::from_secs(1);
+/// How long the idle TRUNCATE waits for a lock before giving up until the
+/// next tick: it must never hold up a writer that has just woken.
+const TRUNCATE_LOCK_WAIT: Duration = Duration::from_millis(10);
 
 /// Tuning of the checkpoint policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,10 +90,24 @@ pub fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<CheckpointR
 }
 
 /// The WAL's state as last seen, shared by the checkpointer and the writer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WalState {
     log_frames: AtomicU64,
     backfilled: AtomicU64,
+    /// Microseconds after `epoch` of the writer's last commit.
+    last_commit_us: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for WalState {
+    fn default() -> Self {
+        WalState {
+            log_frames: AtomicU64::new(0),
+            backfilled: AtomicU64::new(0),
+            last_commit_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl WalState {
@@ -95,11 +115,28 @@ impl WalState {
         self.log_frames.store(r.log_frames, Ordering::Relaxed);
         self.backfilled.store(r.backfilled, Ordering::Relaxed);
     }
+
+    fn note_commit(&self) {
+        let us = self.epoch.elapsed().as_micros() as u64;
+        self.last_commit_us.store(us, Ordering::Relaxed);
+    }
+
+    fn writer_idle_for(&self) -> Duration {
+        let last = Duration::from_micros(self.last_commit_us.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
 }
 
+/// How long the writer waits for a lock held by another connection (a
+/// standalone `codi2`, the checkpointer's rare TRUNCATE) before its batch
+/// fails: long, because failing means rejecting logs.
+pub const WRITER_BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Configures the writer's connection for this policy: no auto-checkpoint
-/// inside commits, and the WAL file trimmed on restart.
+/// inside commits, the WAL file trimmed on restart, and a lock wait long
+/// enough that contention never rejects a log.
 pub fn configure_writer(conn: &Connection, policy: &WalPolicy) -> rusqlite::Result<()> {
+    conn.busy_timeout(WRITER_BUSY_TIMEOUT)?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "journal_size_limit", policy.restart_bytes as i64)?;
     Ok(())
@@ -175,7 +212,6 @@ fn run_checkpointer(
     let page_size: i64 = conn
         .pragma_query_value(None, "page_size", |r| r.get(0))
         .unwrap_or(4096);
-    let mut previous: Option<CheckpointResult> = None;
     while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(policy.interval) {
         let result = match checkpoint(conn, "PASSIVE") {
             Ok(result) => result,
@@ -186,19 +222,30 @@ fn run_checkpointer(
         };
         state.publish(result);
         Metrics::add(&metrics.checkpoints, 1);
-        let idle = previous.is_some_and(|p| p.log_frames == result.log_frames);
+        let idle = state.writer_idle_for() >= IDLE_BEFORE_TRUNCATE;
         let big = result.log_frames * page_size.max(512) as u64 > policy.restart_bytes;
         if idle && big && result.backfilled == result.log_frames {
-            match checkpoint(conn, "TRUNCATE") {
-                Ok(done) if !done.busy => {
-                    state.publish(done);
-                    Metrics::add(&metrics.checkpoints, 1);
-                }
-                Ok(_) => {}
-                Err(e) => log::warn!("idle TRUNCATE checkpoint failed: {e}"),
-            }
+            truncate_idle(conn, state, metrics);
         }
-        previous = Some(result);
+    }
+}
+
+/// TRUNCATE with a lock wait short enough never to hold up the writer.
+fn truncate_idle(conn: &Connection, state: &WalState, metrics: &Metrics) {
+    let outcome = conn
+        .busy_timeout(TRUNCATE_LOCK_WAIT)
+        .and_then(|()| checkpoint(conn, "TRUNCATE"));
+    if let Err(e) = conn.busy_timeout(schema::BUSY_TIMEOUT) {
+        log::warn!("cannot restore the checkpointer's busy timeout: {e}");
+    }
+    match outcome {
+        Ok(done) if !done.busy => {
+            state.publish(done);
+            Metrics::add(&metrics.checkpoints, 1);
+        }
+        Ok(_) => {}
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {}
+        Err(e) => log::warn!("idle TRUNCATE checkpoint failed: {e}"),
     }
 }
 
@@ -229,6 +276,7 @@ impl WalTrimmer {
     /// when it is big enough to restart and cheap enough to finish. Returns
     /// how long the writer paused, if it did.
     pub fn after_commit(&self, conn: &Connection) -> Option<Duration> {
+        self.state.note_commit();
         let log_frames = self.state.log_frames.load(Ordering::Relaxed);
         let backlog = log_frames.saturating_sub(self.state.backfilled.load(Ordering::Relaxed));
         let wal_bytes = log_frames * self.page_size;
