@@ -129,7 +129,7 @@ def main():
     ax.set_title(f"codi-monitor latency by percentile — {args.dir.name}\n"
                  "ack: from the scheduled send time (open loop); ping: round trip on its own connection",
                  fontsize=11)
-    ax.legend(fontsize=8, loc="upper left", ncol=1 if drawn <= 8 else 2)
+    ax.legend(fontsize=8, loc="lower right", ncol=1 if drawn <= 8 else 2)
     fig.tight_layout()
     out = args.out or args.dir / "latency.png"
     fig.savefig(out)
