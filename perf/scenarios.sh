@@ -88,12 +88,14 @@ TMP_DIRS=()
 FAILED=0
 
 cleanup() {
-    local pid
+    local pid deadline=$((SECONDS + 10))
+    # SIGTERM first (timeout(1) passes it on to its loadgen; the daemon
+    # drains and exits), SIGKILL whatever is left after 10 s.
+    for pid in "${OWN_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${OWN_PIDS[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -KILL "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
-        fi
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+        wait "$pid" 2>/dev/null || true
     done
     if [[ ${KEEP_DB:-0} != 1 ]]; then
         local d
@@ -187,13 +189,17 @@ stop_daemon() {
 # Returns the loadgen's exit status (also recorded in status.txt).
 loadgen() {
     local name=$1 dir=$2; shift 2
-    local target=(--socket "$DSOCK")
-    local rc=0
+    local rc=0 lpid
     # The bound covers the load, the 10 s drain, the count and a ceiling.
+    # In the background, so that a signal to this script is handled at once.
     timeout --signal=TERM --kill-after=10 "$(python3 -c "print(int(float('$DURATION') + float('$STEP_DURATION') + 600))")" \
-        "$LOADGEN" run "${target[@]}" --db "$DDB" --daemon-pid "$DPID" \
+        "$LOADGEN" run --socket "$DSOCK" --db "$DDB" --daemon-pid "$DPID" \
         --json "$dir/$name.json" --hist-dir "$dir/$name-hist" --quiet "$@" \
-        >"$dir/$name.txt" 2>&1 || rc=$?
+        >"$dir/$name.txt" 2>&1 &
+    lpid=$!
+    OWN_PIDS+=("$lpid")
+    wait "$lpid" || rc=$?
+    forget_pid "$lpid"
     cat "$dir/$name.txt"
     local note=
     if ((rc == 1)) && [[ -f $dir/$name.json ]]; then
