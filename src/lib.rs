@@ -17,4 +17,5 @@ pub mod logger;
 pub mod metrics;
 pub mod proto;
 pub mod reply;
+pub mod sched;
 pub mod store;

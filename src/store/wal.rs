@@ -170,7 +170,10 @@ impl Checkpointer {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = thread::Builder::new()
             .name("codi-checkpoint".into())
-            .spawn(move || run_checkpointer(&conn, policy, &state, &metrics, &stopped))
+            .spawn(move || {
+                crate::sched::lower_current_thread_priority(crate::sched::CHECKPOINTER_NICE);
+                run_checkpointer(&conn, policy, &state, &metrics, &stopped)
+            })
             .map_err(|source| StoreError::Spawn {
                 name: "codi-checkpoint".into(),
                 source,

@@ -93,7 +93,10 @@ pub fn spawn_writer(
     };
     // If this spawn fails, the checkpointer's stop sender is dropped with
     // the closure and the checkpointer exits on its own.
-    let writer = spawn_named("codi-writer", move || writer.run(jobs_rx))?;
+    let writer = spawn_named("codi-writer", move || {
+        crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
+        writer.run(jobs_rx)
+    })?;
     Ok((jobs_tx, WriterHandle { writer }))
 }
 
