@@ -760,6 +760,33 @@ mod pipelining {
         pipeline_500(d.tcp(), &d.db());
     }
 
+    /// Regression: more immediately-answered requests than
+    /// `max_pending_per_connection` (1024) paused the connection for backlog;
+    /// over TCP the answers all fit in the socket, no writable edge came, and
+    /// the rest were never read.
+    #[test]
+    fn more_pipelined_pings_than_the_pending_limit_are_all_answered_over_tcp() {
+        let d = Daemon::start_default();
+        let mut c = d.tcp();
+        let mut bytes = Vec::new();
+        let ids: Vec<Uuid> = (0..3000)
+            .map(|_| {
+                let m = Message::new(Payload::Ping);
+                encode_message(&m, &mut bytes).unwrap();
+                m.id
+            })
+            .collect();
+        let mut writer = c.try_clone();
+        let send = thread::spawn(move || writer.send_raw(&bytes).unwrap());
+        for (i, id) in ids.iter().enumerate() {
+            let answer = c.recv();
+            let (request_id, status) = ack(&answer);
+            assert_eq!(request_id, *id, "answer {i} out of order");
+            assert_eq!(status, &AckStatus::Accepted);
+        }
+        send.join().unwrap();
+    }
+
     #[test]
     fn a_half_closed_client_still_gets_every_answer() {
         let d = Daemon::start_default();

@@ -409,6 +409,13 @@ impl EventLoop {
             self.close(key);
             return;
         }
+        // Answers owed only to immediate requests (pings, errors) were all
+        // written above without the socket ever blocking: no completion and
+        // no writable edge will come, so resume reading right here.
+        if conn.pause == Pause::Backlog && !conn.backlogged(self.limits.max_pending_per_connection)
+        {
+            schedule(&mut self.run_list, conn, key);
+        }
         if conn.answers.is_empty() {
             conn.input.shrink_if_idle();
         }
