@@ -128,6 +128,10 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     };
     let shutdown = Arc::new(AtomicBool::new(false));
 
+    // Before any loop accepts a client, so a signal in that window is
+    // handled rather than fatal.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| DaemonError::Os("cannot install signal handlers", e))?;
     let ready_line = ready_line(unix.as_ref(), tcp_addr, &config);
     let mut acceptor = Some(Acceptor::new(unix, tcp, peers));
     let mut loops: Vec<JoinHandle<()>> = Vec::with_capacity(workers);
@@ -158,8 +162,6 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     // From here on only the loops hold the writer's and readers' queues.
     drop(services);
 
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .map_err(|e| DaemonError::Os("cannot install signal handlers", e))?;
     let signal_handle = signals.handle();
     let signal_thread = {
         let shutdown = Arc::clone(&shutdown);

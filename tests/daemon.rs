@@ -269,6 +269,25 @@ mod requests {
         assert_eq!(d.db().row(after.id).unwrap().session_id, None);
     }
 
+    /// A huge session id is refused with a short reason (echoing it would not
+    /// fit an answer frame).
+    #[test]
+    fn session_end_with_an_overlong_id_is_rejected_briefly() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let end = Message::new(Payload::SessionEnd {
+            session_id: "s".repeat(900_000),
+        });
+        let answer = c.request(&end);
+        assert_rejected(&answer, end.id);
+        let (_, status) = ack(&answer);
+        let AckStatus::Rejected(reason) = status else {
+            panic!("not rejected: {status:?}")
+        };
+        assert!(reason.contains("longer than"), "{reason}");
+        c.ping();
+    }
+
     /// One stored log of the query data set.
     #[derive(Clone)]
     struct Seeded {

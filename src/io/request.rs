@@ -150,6 +150,9 @@ impl Services {
                 self.write(conn, origin, id, op, frame_len, 1)
             }
             Payload::SessionEnd { session_id } => {
+                if let Err(reason) = check_name("session_id", &session_id) {
+                    return self.reject(conn, id, reason, 0);
+                }
                 if conn.session.as_deref() == Some(session_id.as_str()) {
                     conn.session = None;
                 }

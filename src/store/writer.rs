@@ -43,6 +43,10 @@ impl Default for WriterSettings {
     }
 }
 
+/// How long the final checkpoint at shutdown waits for another connection's
+/// lock before leaving the WAL for the next start.
+const FINAL_CHECKPOINT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The running writer thread, which owns the checkpointer thread.
 #[derive(Debug)]
 pub struct WriterHandle {
@@ -211,6 +215,11 @@ impl Writer {
         }
         if let Some(checkpointer) = self.checkpointer.take() {
             checkpointer.stop();
+        }
+        // Everything is committed; the final truncate is a courtesy that must
+        // not hold up the exit behind a standalone codi2's lock.
+        if let Err(e) = self.conn.busy_timeout(FINAL_CHECKPOINT_LOCK_WAIT) {
+            log::warn!("cannot shorten the busy timeout for the final checkpoint: {e}");
         }
         match wal::checkpoint(&self.conn, "TRUNCATE") {
             Ok(result) if !result.busy => Metrics::add(&self.metrics.checkpoints, 1),
