@@ -1632,6 +1632,45 @@ mod limits {
         );
     }
 
+    /// Regression (review): a throttled connection whose client closed used
+    /// to be held, with its buffers and slot, until its wait ended (here
+    /// about 100 s).
+    #[test]
+    fn a_throttled_client_that_hangs_up_is_closed_at_once() {
+        let sandbox = Sandbox::new();
+        sandbox.write_config("[monitor]\nrate_limit = 1\nrate_burst = 1\n");
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+        let open_connections = |c: &mut Client| -> String {
+            let answer = c.call(Payload::GetStatus);
+            let Payload::Status { components, .. } = &answer.payload else {
+                panic!("not a status: {answer:?}")
+            };
+            components
+                .iter()
+                .find(|s| s.name == "ipc")
+                .expect("ipc component")
+                .message
+                .clone()
+        };
+        {
+            let mut c = d.unix();
+            let entries = (0..100)
+                .map(|i| fields(LogLevel::Info, "slow", &format!("e{i}")))
+                .collect();
+            c.expect_accepted(&batch(entries));
+            // The bucket is 99 tokens in debt: this ping waits ~100 s.
+            c.send(&Message::new(Payload::Ping)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut observer = d.unix();
+        let mut last = String::new();
+        let closed = wait_until(Duration::from_secs(10), || {
+            last = open_connections(&mut observer);
+            last.starts_with("1 connections open")
+        });
+        assert!(closed, "the hung-up client is still held: {last}");
+    }
+
     #[test]
     fn a_client_that_does_not_read_cannot_grow_the_daemon() {
         const N: usize = 20_000;

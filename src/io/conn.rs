@@ -108,6 +108,9 @@ pub struct Connection {
     pub readable: bool,
     /// The peer closed its side (or the socket failed).
     pub peer_closed: bool,
+    /// The peer closed both directions or the socket failed: nothing sent
+    /// will reach it any more.
+    pub gone: bool,
     /// Queries running for this connection.
     pub queries_in_flight: usize,
     /// The connection is on its loop's run list.
@@ -134,6 +137,7 @@ impl Connection {
             pause: Pause::None,
             readable: true,
             peer_closed: false,
+            gone: false,
             queries_in_flight: 0,
             scheduled: false,
         }

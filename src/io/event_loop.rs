@@ -163,6 +163,9 @@ impl EventLoop {
                             if event.is_readable() || event.is_read_closed() || event.is_error() {
                                 conn.readable = true;
                             }
+                            if event.is_write_closed() || event.is_error() {
+                                conn.gone = true;
+                            }
                             schedule(&mut self.run_list, conn, key);
                         }
                     }
@@ -388,9 +391,15 @@ impl EventLoop {
             token: key,
         };
         // A connection still inside its rate-limit window only gets its
-        // output flushed; it is already on the throttled list.
+        // output flushed; it is already on the throttled list. One whose
+        // client has gone entirely is closed now rather than held (with its
+        // buffers and a connection slot) until the window ends.
         let still_throttled =
             matches!(conn.pause, Pause::RateLimit(until) if until > Instant::now());
+        if still_throttled && conn.gone {
+            self.close(key);
+            return;
+        }
         if !still_throttled
             && read_and_dispatch(&self.services, conn, origin, self.limits, draining)
         {
