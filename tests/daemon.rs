@@ -863,6 +863,38 @@ mod frames {
         v
     }
 
+    /// Regression (review): closing a TCP socket that still has unread input
+    /// sends a reset, and a reset can make the client drop answers it has
+    /// not read yet; "every request before the bad frame still gets its
+    /// answer first" needs a lingering close.
+    #[test]
+    fn answers_before_a_bad_frame_survive_a_client_that_keeps_sending_over_tcp() {
+        let d = Daemon::start_default();
+        let mut c = d.tcp();
+        let ping = Message::new(Payload::Ping);
+        let entry = log(LogLevel::Info, "linger", "before the bad frame");
+        let mut bytes = frame(&ping);
+        bytes.extend(frame(&entry));
+        bytes.extend(header(MAX_FRAME_LEN as u32 + 1));
+        // More bytes behind the bad frame, already queued when the daemon
+        // reads it, as a pipelining client's would be.
+        bytes.extend(vec![0xa5u8; 256 * 1024]);
+        let mut writer = c.try_clone();
+        let send = thread::spawn(move || {
+            let _ = writer.send_raw(&bytes);
+        });
+        // Read only once the daemon has answered and closed its side.
+        thread::sleep(Duration::from_millis(300));
+        let first = c.recv();
+        assert_eq!(ack(&first).0, ping.id);
+        let second = c.recv();
+        assert_eq!(ack(&second), (entry.id, &AckStatus::Accepted));
+        assert_error(&c.recv(), ErrorCode::FrameTooLarge);
+        c.expect_clean_eof();
+        send.join().unwrap();
+        assert!(d.db().row(entry.id).is_some());
+    }
+
     /// A `LogEntry` whose encoded body is exactly `target` bytes.
     fn log_with_body_len(target: usize) -> Message {
         let mut msg = log(LogLevel::Info, "big", &"m".repeat(target - 1000));

@@ -23,6 +23,11 @@ pub enum ConnState {
     /// No more requests are read; owed answers are still sent, then the
     /// connection closes (bad frame, failed auth, shutdown, peer EOF).
     Closing,
+    /// Every answer is sent and our side is shut down for writing; further
+    /// input is read and discarded until the client closes or the instant
+    /// passes. Closing a TCP socket with unread input would send a reset,
+    /// which can make the client drop answers it has not read yet.
+    Lingering(Instant),
 }
 
 /// Why reading is paused right now, if it is.

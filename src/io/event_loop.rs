@@ -36,6 +36,9 @@ const READ_BUDGET: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// How often paused-on-global-pressure connections retry.
 const GLOBAL_RETRY: Duration = Duration::from_millis(1);
+/// How long a closing connection keeps discarding the client's input after
+/// its last answer (see `ConnState::Lingering`).
+const LINGER: Duration = Duration::from_secs(1);
 /// After shutdown begins, connections get this long to be answered.
 pub const DRAIN_DEADLINE: Duration = Duration::from_millis(3500);
 
@@ -93,7 +96,7 @@ pub struct EventLoop {
     shutdown: Arc<AtomicBool>,
     run_list: Vec<usize>,
     paused_global: Vec<usize>,
-    throttled: Vec<(Instant, usize)>,
+    timers: Vec<(Instant, usize)>,
     draining_since: Option<Instant>,
     accept_retry: bool,
 }
@@ -125,7 +128,7 @@ impl EventLoop {
             shutdown,
             run_list: Vec::new(),
             paused_global: Vec::new(),
-            throttled: Vec::new(),
+            timers: Vec::new(),
             draining_since: None,
             accept_retry: false,
         };
@@ -215,7 +218,7 @@ impl EventLoop {
             tighten(GLOBAL_RETRY);
         }
         let now = Instant::now();
-        for (until, _) in &self.throttled {
+        for (until, _) in &self.timers {
             tighten(until.saturating_duration_since(now));
         }
         if self.draining_since.is_some() {
@@ -362,9 +365,9 @@ impl EventLoop {
         }
         let now = Instant::now();
         let mut i = 0;
-        while i < self.throttled.len() {
-            if self.throttled[i].0 <= now {
-                let (_, key) = self.throttled.swap_remove(i);
+        while i < self.timers.len() {
+            if self.timers[i].0 <= now {
+                let (_, key) = self.timers.swap_remove(i);
                 if let Some(conn) = self.conns.get_mut(key) {
                     schedule(&mut self.run_list, conn, key);
                 }
@@ -381,6 +384,15 @@ impl EventLoop {
             return;
         };
         conn.scheduled = false;
+        if let ConnState::Lingering(until) = conn.state {
+            match discard_input(conn) {
+                Discarded::Closed => self.close(key),
+                _ if Instant::now() >= until => self.close(key),
+                Discarded::Budget => schedule(&mut self.run_list, conn, key),
+                Discarded::Idle => {}
+            }
+            return;
+        }
         if conn.pump_output().is_err() {
             self.close(key);
             return;
@@ -391,7 +403,7 @@ impl EventLoop {
             token: key,
         };
         // A connection still inside its rate-limit window only gets its
-        // output flushed; it is already on the throttled list. One whose
+        // output flushed; it is already on the timer list. One whose
         // client has gone entirely is closed now rather than held (with its
         // buffers and a connection slot) until the window ends.
         let still_throttled =
@@ -415,7 +427,14 @@ impl EventLoop {
             return;
         }
         if conn.state == ConnState::Closing && conn.is_drained() {
-            self.close(key);
+            if conn.peer_closed || conn.gone || conn.stream.shutdown_write().is_err() {
+                self.close(key);
+            } else {
+                let until = Instant::now() + LINGER;
+                conn.state = ConnState::Lingering(until);
+                self.timers.push((until, key));
+                schedule(&mut self.run_list, conn, key);
+            }
             return;
         }
         // Answers owed only to immediate requests (pings, errors) were all
@@ -430,7 +449,7 @@ impl EventLoop {
         }
         match conn.pause {
             Pause::Global => self.paused_global.push(key),
-            Pause::RateLimit(until) if !still_throttled => self.throttled.push((until, key)),
+            Pause::RateLimit(until) if !still_throttled => self.timers.push((until, key)),
             Pause::RateLimit(_) | Pause::Backlog | Pause::None => {}
         }
         // Output the socket did not take goes out on its writable event.
@@ -491,6 +510,33 @@ fn read_and_dispatch(
             }
         }
     }
+}
+
+/// What reading a lingering connection found.
+enum Discarded {
+    /// The client closed (or the socket failed): close it now.
+    Closed,
+    /// Nothing more to read for now.
+    Idle,
+    /// This turn's read budget is spent and more may be waiting.
+    Budget,
+}
+
+/// Reads and throws away what the client still sends to a lingering
+/// connection, at most [`READ_BUDGET`] bytes per turn.
+fn discard_input(conn: &mut Connection) -> Discarded {
+    let mut scratch = [0u8; 16 * 1024];
+    let mut total = 0;
+    while total < READ_BUDGET {
+        match conn.stream.read(&mut scratch) {
+            Ok(0) => return Discarded::Closed,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Discarded::Idle,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Discarded::Closed,
+        }
+    }
+    Discarded::Budget
 }
 
 /// Reads once into the connection's buffer, offering room for the whole

@@ -219,6 +219,15 @@ impl Stream {
         }
     }
 
+    /// Shuts down our sending side: the client sees end of stream after the
+    /// bytes already sent.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+
     /// The mio event source to register.
     pub fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {

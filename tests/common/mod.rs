@@ -665,6 +665,18 @@ impl Client {
         }
     }
 
+    /// Asserts the daemon ended the stream cleanly (end of stream after every
+    /// answer), not with a reset.
+    #[allow(dead_code)]
+    pub fn expect_clean_eof(&mut self) {
+        assert!(self.buf.is_empty(), "unread bytes before the end of stream");
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => {}
+            other => panic!("expected a clean end of stream, got {other:?}"),
+        }
+    }
+
     /// Sends a message and returns its answer.
     pub fn request(&mut self, msg: &Message) -> Message {
         self.send(msg).expect("send request");
