@@ -99,11 +99,40 @@ impl ConnError {
     }
 }
 
-/// The underlying stream.
+/// A blocking stream of either kind: what [`Connection`] runs on, and what
+/// the integration tests drive raw bytes through.
 #[derive(Debug)]
-enum Stream {
+pub enum Stream {
+    /// Over the Unix socket.
     Unix(UnixStream),
+    /// Over TCP.
     Tcp(TcpStream),
+}
+
+impl Stream {
+    /// A second handle to the same socket (for a separate sending thread).
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Sets how long a read may block.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Half-closes: no more bytes will be sent.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
 }
 
 impl Read for Stream {
