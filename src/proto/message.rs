@@ -34,7 +34,8 @@ impl Message {
         }
     }
 
-    /// An answer to the request with id `request_id`.
+    /// A daemon answer with its own fresh id (answers name the request they
+    /// answer inside the payload, as `Acknowledgment::request_id` does).
     pub fn answer(payload: Payload) -> Self {
         Message::new(payload)
     }
