@@ -54,7 +54,15 @@ fn ensure_db(path: &Path, rows: u64) {
         return;
     }
     let building = path.with_extension("db.building");
-    for suffix in ["", "-wal", "-shm", "-journal"] {
+    for suffix in [
+        "",
+        "-wal",
+        "-shm",
+        "-journal",
+        "-ingest",
+        "-ingest-wal",
+        "-ingest-shm",
+    ] {
         let mut p = building.clone().into_os_string();
         p.push(suffix);
         let _ = std::fs::remove_file(PathBuf::from(p));
@@ -66,11 +74,12 @@ fn ensure_db(path: &Path, rows: u64) {
     // journal and no syncs (a crash just means rebuilding).
     let mut conn = schema::open_rw(&building, 64).unwrap();
     let mode: String = conn
-        .query_row("PRAGMA journal_mode = OFF", [], |r| r.get(0))
+        .query_row("PRAGMA main.journal_mode = OFF", [], |r| r.get(0))
         .unwrap();
     assert_eq!(mode, "off");
     conn.execute_batch(
-        "PRAGMA synchronous = OFF; PRAGMA cache_size = -1048576; PRAGMA locking_mode = EXCLUSIVE;",
+        "PRAGMA main.synchronous = OFF; PRAGMA main.cache_size = -1048576; \
+         PRAGMA main.locking_mode = EXCLUSIVE;",
     )
     .unwrap();
     let mut gen = RowGen::new(rows, SEED);
@@ -114,10 +123,13 @@ fn ensure_db(path: &Path, rows: u64) {
         }
     }
     let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .query_row("PRAGMA main.journal_mode = WAL", [], |r| r.get(0))
         .unwrap();
     assert_eq!(mode, "wal");
     drop(conn);
+    // The (empty) ingest file goes with the database.
+    let _ = std::fs::remove_file(schema::ingest_path(path));
+    std::fs::rename(schema::ingest_path(&building), schema::ingest_path(path)).unwrap();
     std::fs::rename(&building, path).unwrap();
     assert_eq!(last_id(path), Some(rows as i64));
     let size = std::fs::metadata(path).unwrap().len();

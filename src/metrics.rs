@@ -39,8 +39,12 @@ counters! {
     logs_duplicate,
     /// Log entries rejected (nothing stored).
     logs_rejected,
-    /// Write transactions committed.
+    /// Write transactions committed (ingest and session changes).
     commits,
+    /// Merge transactions that moved logs into the indexed table.
+    merges,
+    /// Log rows moved into the indexed table.
+    logs_merged,
     /// Write transactions that failed.
     commit_errors,
     /// Queries answered.

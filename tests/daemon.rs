@@ -1169,6 +1169,15 @@ mod durability {
             assert_eq!(db.integrity_check(), "ok");
             d.unix().ping();
         }
+        // The restarted daemon merges what the killed ones left in the
+        // ingest file; a clean stop leaves every log in the indexed table.
+        d.terminate();
+        assert!(d.wait_exit().success());
+        let db = Db::open(&sandbox.db());
+        let (indexed, ingest) = db.table_counts();
+        assert_eq!(ingest, 0, "merged rows are deleted from the ingest file");
+        assert_eq!(indexed, db.count_logs());
+        assert!(indexed as usize >= accepted.lock().unwrap().len());
     }
 
     #[test]
@@ -1913,8 +1922,8 @@ mod cli {
             show(&out)
         );
         let rows: Vec<(String, String)> = db
-            .conn()
-            .prepare("SELECT level, message FROM logs WHERE component = 'cli'")
+            .snapshot()
+            .prepare("SELECT level, message FROM all_logs WHERE component = 'cli'")
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()
@@ -1945,8 +1954,8 @@ mod cli {
         );
         assert!(out.status.success(), "{}", show(&out));
         let mut lines: Vec<String> = db
-            .conn()
-            .prepare("SELECT message FROM logs WHERE component = 'stdin' ORDER BY id")
+            .snapshot()
+            .prepare("SELECT message FROM all_logs WHERE component = 'stdin' ORDER BY id")
             .unwrap()
             .query_map([], |r| r.get(0))
             .unwrap()

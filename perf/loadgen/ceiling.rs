@@ -59,9 +59,10 @@ impl CeilingResult {
     }
 }
 
-/// The `-wal` and `-shm` companions of `db`.
-fn companions(db: &Path) -> [PathBuf; 2] {
-    ["-wal", "-shm"].map(|suffix| {
+/// The companions of `db`: its `-wal` and `-shm`, its ingest file and the
+/// ingest file's `-wal` and `-shm`.
+fn companions(db: &Path) -> [PathBuf; 5] {
+    ["-wal", "-shm", "-ingest", "-ingest-wal", "-ingest-shm"].map(|suffix| {
         let mut name = db.as_os_str().to_owned();
         name.push(suffix);
         PathBuf::from(name)
@@ -90,7 +91,7 @@ pub fn settle(daemon_db: &Path) -> Duration {
     started.elapsed()
 }
 
-/// Deletes `db` and its WAL files, ignoring ones that are not there.
+/// Deletes `db` and its companion files, ignoring ones that are not there.
 pub fn remove_db(db: &Path) {
     let _ = std::fs::remove_file(db);
     for f in companions(db) {
@@ -124,8 +125,9 @@ pub fn run(
     let state = Arc::new(WalState::default());
     let metrics = Arc::new(Metrics::default());
     let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&state)).map_err(|e| e.to_string())?;
-    let checkpointer = Checkpointer::spawn(db, policy, state, Arc::clone(&metrics))
-        .map_err(|e| format!("cannot start the checkpointer: {e}"))?;
+    let checkpointer =
+        Checkpointer::spawn(db, "codi-checkpoint", policy, state, Arc::clone(&metrics))
+            .map_err(|e| format!("cannot start the checkpointer: {e}"))?;
 
     let tag = run_tag(Uuid::now_v7());
     let session_ids: Vec<String> = (0..sessions.max(1))

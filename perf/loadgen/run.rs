@@ -9,7 +9,7 @@ use crate::procstat::{self, ProcSample};
 use crate::report::{fmt_count, fmt_rate, fmt_us, write_hist_files, Percentiles};
 use crate::schedule::{frame_rate, Schedule};
 use codi_monitor::proto::{encode_message, Message, Payload};
-use codi_monitor::store::{batch_entry_id, schema};
+use codi_monitor::store::{batch_entry_id, ingest, schema};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::io::IsTerminal;
@@ -330,9 +330,11 @@ fn check_stored(
     accepted: Option<&[(Uuid, u32)]>,
 ) -> Result<StoredCheck, String> {
     let conn = schema::open_ro(db).map_err(|e| format!("cannot check the database: {e}"))?;
+    // Both files, as the daemon's readers see them.
+    let conn = ingest::begin_read(&conn).map_err(|e| format!("cannot read the database: {e}"))?;
     let stored: i64 = conn
         .query_row(
-            "SELECT count(*) FROM logs WHERE session_id >= ?1 AND session_id < ?2",
+            "SELECT count(*) FROM all_logs WHERE session_id >= ?1 AND session_id < ?2",
             {
                 let (low, high) = session_range(tag);
                 [low, high]
@@ -344,7 +346,7 @@ fn check_stored(
     let missing = match accepted {
         Some(ids) if stored < acked => {
             let mut stmt = conn
-                .prepare("SELECT count(*) FROM logs WHERE uuid = ?1")
+                .prepare("SELECT count(*) FROM all_logs WHERE uuid = ?1")
                 .map_err(|e| e.to_string())?;
             let mut missing = 0u64;
             for &(id, entries) in ids {

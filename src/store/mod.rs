@@ -1,9 +1,13 @@
-//! Storage: the one writer thread that owns the read-write SQLite connection,
-//! the read-only query pool, the schema and its migrations.
+//! Storage: the ingest writer thread that commits and acknowledges new logs,
+//! the merger thread that moves them into the indexed table and owns the
+//! main database's read-write connection, the read-only query pool, the
+//! schema and its migrations.
 //!
 //! Every SQL statement that changes the database lives in [`ops`], so the
 //! daemon's writer and `codi2`'s standalone fallback cannot drift apart.
 
+pub mod ingest;
+pub mod merger;
 pub mod metadata;
 pub mod ops;
 pub mod query;

@@ -1,5 +1,10 @@
-//! The SQL of every write, shared by the daemon's writer thread and
-//! `codi2`'s standalone mode so that both store exactly the same rows.
+//! The SQL of session changes, shared by the daemon's merger thread and
+//! `codi2`'s standalone mode so that both store exactly the same rows, and
+//! of log inserts straight into the indexed `logs` table.
+//!
+//! The daemon and `codi2` insert logs through [`super::ingest`] instead;
+//! the direct insert here is what the load generator's raw ceiling and the
+//! benchmarks measure, the same rows written the simplest way.
 //!
 //! Each operation is idempotent: a resent log (same uuid) is ignored, a
 //! repeated session start or end changes nothing.

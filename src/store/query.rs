@@ -4,7 +4,7 @@
 //! Values are always bound as parameters; only the fixed fragments below
 //! are ever pasted into SQL text.
 
-use super::{metadata, StoreError};
+use super::{ingest, metadata, StoreError};
 use crate::proto::{LogFilter, LogLevel, Message, Payload, StoredLog, Timestamp, MAX_FRAME_LEN};
 use rusqlite::types::{Type, Value as SqlValue};
 use rusqlite::{params_from_iter, Connection, Row};
@@ -38,12 +38,23 @@ pub fn run_query(
         ));
     }
     let limit = limit.min(MAX_QUERY_LIMIT);
-    let (clause, mut params) = where_clause(filter);
-    // One read transaction, so the count and the entries agree.
-    let tx = conn.unchecked_transaction()?;
+    let (clause, params) = where_clause(filter);
+    // One read transaction, so the count and the entries agree; it reads
+    // the indexed table and the ingest rows not yet merged into it.
+    let tx = ingest::begin_read(conn)?;
+    let floor = ingest::merged_floor(&tx)?;
+    let ingest_clause = format!(
+        "{clause}{} id > ?",
+        if clause.is_empty() { " WHERE" } else { " AND" }
+    );
+    let mut both: Vec<SqlValue> = params.iter().chain(params.iter()).cloned().collect();
+    both.push(SqlValue::Integer(floor));
     let total: i64 = tx
-        .prepare_cached(&format!("SELECT COUNT(*) FROM logs{clause}"))?
-        .query_row(params_from_iter(params.iter()), |r| r.get(0))?;
+        .prepare_cached(&format!(
+            "SELECT (SELECT COUNT(*) FROM main.logs{clause}) + \
+             (SELECT COUNT(*) FROM ingest.ingest_logs{ingest_clause})"
+        ))?
+        .query_row(params_from_iter(both.iter()), |r| r.get(0))?;
     let mut entries = Vec::new();
     if limit > 0 {
         let order = if filter.after_id.is_some() {
@@ -51,10 +62,13 @@ pub fn run_query(
         } else {
             "timestamp DESC, id DESC"
         };
-        let sql = format!("SELECT {COLUMNS} FROM logs{clause} ORDER BY {order} LIMIT ?");
-        params.push(SqlValue::Integer(limit as i64));
+        let sql = format!(
+            "SELECT {COLUMNS} FROM main.logs{clause} UNION ALL \
+             SELECT {COLUMNS} FROM ingest.ingest_logs{ingest_clause} ORDER BY {order} LIMIT ?"
+        );
+        both.push(SqlValue::Integer(limit as i64));
         let mut stmt = tx.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params_from_iter(params.iter()), stored_log)?;
+        let rows = stmt.query_map(params_from_iter(both.iter()), stored_log)?;
         for row in rows {
             entries.push(row?);
         }

@@ -1,5 +1,12 @@
-//! Opening the database safely: a private directory and file, WAL journaling,
-//! and forward-only migrations keyed by `PRAGMA user_version`.
+//! Opening the database safely: a private directory and files, WAL
+//! journaling, and forward-only migrations keyed by `PRAGMA user_version`.
+//!
+//! The store is two SQLite files: the main database (`codi.db`) and its
+//! ingest file (`codi.db-ingest`, see [`super::ingest`]), which takes new
+//! log rows first. Every connection this module opens sees both: the main
+//! database as `main` with the ingest file attached read-only as `ingest`,
+//! or (the ingest writer's) the ingest file as `main` with the main
+//! database attached read-only as `store`.
 //!
 //! A database written by a newer binary is refused rather than guessed at,
 //! so a downgrade can never corrupt data it does not understand.
@@ -14,17 +21,26 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The schema version of the ingest file.
+pub const INGEST_VERSION: i64 = 1;
 
 /// How long a connection waits for a lock held by another connection.
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2];
 
-/// Version 0 to 1: the whole initial schema.
-const V1: &str = "
-CREATE TABLE logs (
+/// The ingest file's forward steps, as [`MIGRATIONS`].
+const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1];
+
+/// The columns of a log row, one text for `logs` and `ingest_logs` so that
+/// the two tables cannot drift apart (the `all_logs` view unions them
+/// column by column).
+macro_rules! log_columns {
+    () => {
+        "(
   id INTEGER PRIMARY KEY,
   uuid BLOB NOT NULL,
   timestamp INTEGER NOT NULL,
@@ -34,7 +50,16 @@ CREATE TABLE logs (
   message TEXT NOT NULL,
   metadata TEXT,
   created_at INTEGER NOT NULL
-);
+)"
+    };
+}
+
+/// Version 0 to 1: the whole initial schema.
+const V1: &str = concat!(
+    "
+CREATE TABLE logs ",
+    log_columns!(),
+    ";
 CREATE UNIQUE INDEX idx_logs_uuid ON logs(uuid);
 CREATE INDEX idx_logs_timestamp ON logs(timestamp);
 CREATE INDEX idx_logs_session ON logs(session_id, timestamp);
@@ -75,7 +100,30 @@ CREATE TABLE sync_state (
   last_log_id INTEGER NOT NULL DEFAULT 0,
   updated_at INTEGER
 );
-";
+"
+);
+
+/// Version 1 to 2: no table changes. New logs now enter through the ingest
+/// file, which hands out their row ids; a version-1 binary would insert into
+/// `logs` directly with ids the ingest file may already hold, so the version
+/// goes up to make it refuse this database.
+const V2: &str = "";
+
+/// The ingest file: `logs`' columns with only the unique uuid index, so that
+/// a commit dirties a handful of pages however many sessions it spans.
+const INGEST_V1: &str = concat!(
+    "CREATE TABLE ingest_logs ",
+    log_columns!(),
+    "; CREATE UNIQUE INDEX idx_ingest_logs_uuid ON ingest_logs(uuid);"
+);
+
+/// The ingest file that belongs to the database at `db_path`: the same
+/// name with `-ingest` appended (like SQLite's own `-wal`).
+pub fn ingest_path(db_path: &Path) -> PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push("-ingest");
+    PathBuf::from(name)
+}
 
 /// Page size of new databases, set explicitly because it decides the WAL's
 /// volume: with a thousand sessions writing at once, every commit dirties a
@@ -87,15 +135,44 @@ CREATE TABLE sync_state (
 pub const PAGE_SIZE: i64 = 4 * 1024;
 
 /// Opens (creating if needed) the database read-write, with the directory
-/// at mode 0700 and the file at 0600, WAL journaling, `synchronous=NORMAL`,
+/// at mode 0700 and the files at 0600, WAL journaling, `synchronous=NORMAL`,
 /// a busy timeout, a page cache of `cache_size_mb`, and the schema migrated
-/// to [`SCHEMA_VERSION`].
+/// to [`SCHEMA_VERSION`]. Its ingest file is created and migrated too, and
+/// attached read-only as `ingest`.
 pub fn open_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
     prepare_directory(path)?;
+    let mut conn = open_file_rw(path, cache_size_mb)?;
+    migrate(&mut conn, path, &MIGRATIONS)?;
+    let ingest = ingest_path(path);
+    let mut ingest_conn = open_file_rw(&ingest, 1)?;
+    migrate(&mut ingest_conn, &ingest, &INGEST_MIGRATIONS)?;
+    drop(ingest_conn);
+    attach_read_only(&conn, &ingest, "ingest")?;
+    conn.execute_batch(super::ingest::CREATE_ALL_LOGS)?;
+    Ok(conn)
+}
+
+/// Opens the ingest file of the database at `db_path` read-write (as
+/// `main`), with the main database attached read-only as `store`, for the
+/// one connection that inserts new logs. Both must already exist and be
+/// migrated: call [`open_rw`] first.
+pub fn open_ingest_rw(db_path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
+    let ingest = ingest_path(db_path);
+    let conn = open_file_rw(&ingest, cache_size_mb)?;
+    check_version(&conn, &ingest, INGEST_VERSION)?;
+    attach_read_only(&conn, db_path, "store")?;
+    check_version_of(&conn, "store", db_path, SCHEMA_VERSION)?;
+    Ok(conn)
+}
+
+/// Opens one file read-write with the store's PRAGMAs (not yet migrated).
+fn open_file_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
     prepare_file(path)?;
-    let mut conn = Connection::open_with_flags(
+    let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
     )
     .map_err(|source| StoreError::Open {
         path: path.to_owned(),
@@ -115,39 +192,94 @@ pub fn open_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     // A negative cache_size is a size in KiB rather than in pages.
     conn.pragma_update(None, "cache_size", -(i64::from(cache_size_mb) * 1024))?;
-    migrate(&mut conn, path)?;
     Ok(conn)
 }
 
+/// Attaches the SQLite file at `path` to `conn` read-only under `name`.
+/// Read-only matters beyond safety: `BEGIN IMMEDIATE` takes the write lock
+/// of every attached file that is writable, and the ingest writer and the
+/// merger must never wait for each other's lock.
+fn attach_read_only(conn: &Connection, path: &Path, name: &str) -> Result<(), StoreError> {
+    conn.execute(
+        &format!("ATTACH DATABASE ?1 AS {name}"),
+        [read_only_uri(path)],
+    )
+    .map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// `path` as an SQLite URI that opens it read-only: every byte outside the
+/// unreserved set and `/` is percent-encoded, so `?`, `#` and `%` in a file
+/// name cannot be read as URI syntax.
+fn read_only_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str("?mode=ro");
+    uri
+}
+
 /// Opens an existing, migrated database read-only (`query_only` too), with
-/// the busy timeout. Fails if its schema is not [`SCHEMA_VERSION`].
+/// its ingest file attached read-only as `ingest` and the busy timeout.
+/// Fails if either schema is not the one this binary writes.
 pub fn open_ro(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
     )
     .map_err(|source| StoreError::Open {
         path: path.to_owned(),
         source,
     })?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    check_version(&conn, path, SCHEMA_VERSION)?;
+    let ingest = ingest_path(path);
+    attach_read_only(&conn, &ingest, "ingest")?;
+    check_version_of(&conn, "ingest", &ingest, INGEST_VERSION)?;
+    conn.execute_batch(super::ingest::CREATE_ALL_LOGS)?;
     conn.pragma_update(None, "query_only", true)?;
-    let found = user_version(&conn)?;
-    if found > SCHEMA_VERSION {
+    Ok(conn)
+}
+
+/// Fails unless the `main` file of `conn` has schema version `expected`.
+fn check_version(conn: &Connection, path: &Path, expected: i64) -> Result<(), StoreError> {
+    check_version_of(conn, "main", path, expected)
+}
+
+/// Fails unless the attached file `schema` of `conn` has version `expected`.
+fn check_version_of(
+    conn: &Connection,
+    schema: &str,
+    path: &Path,
+    expected: i64,
+) -> Result<(), StoreError> {
+    let found: i64 = conn.query_row(&format!("PRAGMA {schema}.user_version"), [], |r| r.get(0))?;
+    if found > expected {
         return Err(StoreError::SchemaTooNew {
             path: path.to_owned(),
             found,
-            supported: SCHEMA_VERSION,
+            supported: expected,
         });
     }
-    if found != SCHEMA_VERSION {
+    if found != expected {
         return Err(StoreError::SchemaMismatch {
             path: path.to_owned(),
             found,
-            expected: SCHEMA_VERSION,
+            expected,
         });
     }
-    Ok(conn)
+    Ok(())
 }
 
 fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
@@ -157,28 +289,29 @@ fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
 /// Runs every missing step, each in its own IMMEDIATE transaction that
 /// re-reads the version, so two processes opening at once cannot both
 /// migrate.
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+fn migrate(conn: &mut Connection, path: &Path, steps: &[&str]) -> Result<(), StoreError> {
+    let target = steps.len() as i64;
     loop {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let found = user_version(&tx)?;
-        if found > SCHEMA_VERSION {
+        if found > target {
             return Err(StoreError::SchemaTooNew {
                 path: path.to_owned(),
                 found,
-                supported: SCHEMA_VERSION,
+                supported: target,
             });
         }
         if found < 0 {
             return Err(StoreError::SchemaMismatch {
                 path: path.to_owned(),
                 found,
-                expected: SCHEMA_VERSION,
+                expected: target,
             });
         }
-        if found == SCHEMA_VERSION {
+        if found == target {
             return Ok(());
         }
-        tx.execute_batch(MIGRATIONS[found as usize])?;
+        tx.execute_batch(steps[found as usize])?;
         tx.pragma_update(None, "user_version", found + 1)?;
         tx.commit()?;
         log::info!(
@@ -236,7 +369,7 @@ fn prepare_directory(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Creates the database file at 0600 if missing; tightens an existing one
+/// Creates a database file at 0600 if missing; tightens an existing one
 /// that others could read.
 fn prepare_file(path: &Path) -> Result<(), StoreError> {
     let io_err = |action| {
@@ -329,6 +462,30 @@ mod tests {
             .unwrap();
         assert_eq!(logs, 0);
         assert!(ro.execute("DELETE FROM logs", []).is_err(), "read-only");
+    }
+
+    #[test]
+    fn upgrades_a_version_1_database_and_creates_its_ingest_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(V1).unwrap();
+            conn.execute(
+                "INSERT INTO logs (uuid, timestamp, level, component, message, created_at) \
+                 VALUES (x'01', 1, 'Info', 'c', 'old', 1)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let conn = open_rw(&path, 4).unwrap();
+        assert_eq!(user_version(&conn).unwrap(), SCHEMA_VERSION);
+        assert_eq!(mode(&ingest_path(&path)), 0o600);
+        let all: i64 = conn
+            .query_row("SELECT COUNT(*) FROM all_logs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(all, 1, "old rows stay visible");
     }
 
     #[test]

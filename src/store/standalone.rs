@@ -1,8 +1,11 @@
 //! Direct database access for `codi2` when no daemon answers: the same
-//! schema, the same SQL ([`super::ops`], [`super::query`]), one transaction
-//! per operation. The busy timeout lets it share the file with a daemon
-//! that starts meanwhile.
+//! schema, the same SQL ([`super::ingest`], [`super::ops`],
+//! [`super::query`]), one transaction per operation. Logs go into the
+//! ingest file, as the daemon's do; the daemon's merger moves them into the
+//! indexed table once it runs. The busy timeout lets it share the files
+//! with a daemon that starts meanwhile.
 
+use super::ingest::{self, IdAllocator};
 use super::ops::{self, OpOutcome};
 use super::query::run_query;
 use super::{schema, StoreError, WriteOp};
@@ -13,28 +16,42 @@ use std::path::Path;
 /// Page cache of a standalone connection, in MiB (it lives for one command).
 const STANDALONE_CACHE_MB: u32 = 8;
 
-/// A read-write connection for one `codi2` process.
+/// Read-write connections for one `codi2` process: to the main database
+/// (session changes, queries) and to the ingest file (logs).
 #[derive(Debug)]
 pub struct StandaloneStore {
     conn: Connection,
+    ingest: Connection,
 }
 
 impl StandaloneStore {
     /// Opens (creating and migrating if needed) the database at `path`,
     /// with the same checks and settings as the daemon.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Ok(StandaloneStore {
-            conn: schema::open_rw(path, STANDALONE_CACHE_MB)?,
-        })
+        let conn = schema::open_rw(path, STANDALONE_CACHE_MB)?;
+        let ingest = schema::open_ingest_rw(path, STANDALONE_CACHE_MB)?;
+        Ok(StandaloneStore { conn, ingest })
     }
 
     /// Applies one operation in its own transaction and commits it.
     pub fn apply(&mut self, op: &WriteOp) -> Result<OpOutcome, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let outcome = ops::apply(&tx, op, Timestamp::now().as_micros())?;
-        tx.commit()?;
+        let now_us = Timestamp::now().as_micros();
+        let outcome = if let WriteOp::Logs(rows) = op {
+            let tx = self
+                .ingest
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut ids = IdAllocator::new(&tx)?;
+            let outcome = ingest::insert_rows(&tx, &mut ids, rows, now_us, None)?;
+            tx.commit()?;
+            outcome
+        } else {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let outcome = ops::apply(&tx, op, now_us)?;
+            tx.commit()?;
+            outcome
+        };
         Ok(outcome)
     }
 

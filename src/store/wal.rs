@@ -142,6 +142,29 @@ pub fn configure_writer(conn: &Connection, policy: &WalPolicy) -> rusqlite::Resu
     Ok(())
 }
 
+/// At shutdown, after the last commit: stops `checkpointer`, then truncates
+/// the WAL of `conn`'s file (`what`, for the log) as a courtesy that waits
+/// at most `lock_wait` for another connection's lock.
+pub fn final_truncate(
+    conn: &Connection,
+    checkpointer: Option<Checkpointer>,
+    lock_wait: Duration,
+    what: &str,
+    metrics: &Metrics,
+) {
+    if let Some(checkpointer) = checkpointer {
+        checkpointer.stop();
+    }
+    if let Err(e) = conn.busy_timeout(lock_wait) {
+        log::warn!("cannot shorten the busy timeout for the final checkpoint of {what}: {e}");
+    }
+    match checkpoint(conn, "TRUNCATE") {
+        Ok(result) if !result.busy => Metrics::add(&metrics.checkpoints, 1),
+        Ok(_) => log::warn!("final WAL checkpoint of {what} was blocked by a reader"),
+        Err(e) => log::error!("final WAL checkpoint of {what} failed: {e}"),
+    }
+}
+
 /// The running checkpointer thread; dropping `stop` ends it.
 #[derive(Debug)]
 pub struct Checkpointer {
@@ -150,10 +173,10 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Opens its own connection to `db_path` and starts the thread
-    /// `codi-checkpoint`.
+    /// Opens its own connection to `db_path` and starts the thread `name`.
     pub fn spawn(
         db_path: &Path,
+        name: &str,
         policy: WalPolicy,
         state: Arc<WalState>,
         metrics: Arc<Metrics>,
@@ -169,13 +192,13 @@ impl Checkpointer {
         conn.busy_timeout(schema::BUSY_TIMEOUT)?;
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let thread = thread::Builder::new()
-            .name("codi-checkpoint".into())
+            .name(name.to_owned())
             .spawn(move || {
                 crate::sched::lower_current_thread_priority(crate::sched::CHECKPOINTER_NICE);
                 run_checkpointer(&conn, policy, &state, &metrics, &stopped)
             })
             .map_err(|source| StoreError::Spawn {
-                name: "codi-checkpoint".into(),
+                name: name.to_owned(),
                 source,
             })?;
         Ok(Checkpointer {
@@ -433,7 +456,8 @@ mod tests {
         let wal = path.with_extension("db-wal");
         assert!(std::fs::metadata(&wal).unwrap().len() > policy.restart_bytes);
         let state = Arc::new(WalState::default());
-        let ck = Checkpointer::spawn(&path, policy, state, Arc::new(Metrics::default())).unwrap();
+        let ck =
+            Checkpointer::spawn(&path, "t", policy, state, Arc::new(Metrics::default())).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::fs::metadata(&wal).unwrap().len() > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
@@ -460,8 +484,8 @@ mod tests {
             interval: Duration::from_millis(5),
             ..WalPolicy::default()
         };
-        let ck =
-            Checkpointer::spawn(&path, policy, Arc::clone(&state), Arc::clone(&metrics)).unwrap();
+        let ck = Checkpointer::spawn(&path, "t", policy, Arc::clone(&state), Arc::clone(&metrics))
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while state.backfilled.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));

@@ -1,28 +1,34 @@
-//! The single writer thread: sole owner of the read-write connection,
-//! committing whatever is queued as one transaction (group commit), and its
-//! checkpointer companion.
+//! The ingest writer thread: sole owner of the ingest file's read-write
+//! connection, committing whatever is queued as one transaction (group
+//! commit) and acknowledging it. It owns the merger thread (see
+//! [`super::merger`]), which moves committed logs into the indexed table
+//! and applies session changes, and the ingest file's checkpointer.
 //!
 //! Group commit needs no timers: while a transaction commits, new jobs queue
 //! up, and the next transaction takes them all. One fsync thus covers many
 //! requests exactly when load is high.
 
-use super::ops::{self, OpOutcome};
+use super::ingest::{self, IdAllocator};
+use super::merger::{self, MergeState, MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
+use super::ops::OpOutcome;
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
 use super::{schema, StoreError, WriteJob, WriteOp};
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, Message, Timestamp};
 use crate::reply::{Completion, Replies};
-use crossbeam_channel::{Receiver, Sender};
-use rusqlite::{Connection, TransactionBehavior};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 /// Tuning of the writer and checkpointer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriterSettings {
-    /// SQLite page cache of the writer connection, in MiB.
+    /// SQLite page cache of each read-write connection, in MiB.
     pub cache_size_mb: u32,
     /// A transaction stops taking jobs once it holds this many log rows.
     pub batch_max_rows: usize,
@@ -45,18 +51,25 @@ impl Default for WriterSettings {
 
 /// How long the final checkpoint at shutdown waits for another connection's
 /// lock before leaving the WAL for the next start.
-const FINAL_CHECKPOINT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(super) const FINAL_CHECKPOINT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
-/// The running writer thread, which owns the checkpointer thread.
+/// How long the writer waits for a merger that makes no progress at all
+/// before it stops waiting for it.
+const MERGER_STALL: Duration = Duration::from_secs(5);
+
+/// Merged rows deleted from the ingest file at shutdown per transaction.
+const FINAL_DELETE_ROWS: usize = 65_536;
+
+/// The running writer thread, which owns the merger and checkpointers.
 #[derive(Debug)]
 pub struct WriterHandle {
     writer: JoinHandle<()>,
 }
 
 impl WriterHandle {
-    /// Waits for both threads. The writer exits once every job sender is
-    /// dropped and the queue is drained; before that it stops and joins the
-    /// checkpointer, then truncates the WAL.
+    /// Waits for the storage threads. The writer exits once every job sender
+    /// is dropped and the queue is drained; before that it lets the merger
+    /// move every row into the indexed table, then truncates the WALs.
     pub fn join(self) {
         if self.writer.join().is_err() {
             log::error!("the writer thread panicked");
@@ -64,8 +77,9 @@ impl WriterHandle {
     }
 }
 
-/// Opens and migrates the database, then starts the writer thread
-/// (`codi-writer`) and the checkpointer (`codi-checkpoint`).
+/// Opens and migrates the database and its ingest file, then starts the
+/// writer thread (`codi-writer`), the merger (`codi-merger`) and their
+/// checkpointers.
 ///
 /// Opening happens before any thread starts, so a bad path, a too-new schema
 /// or an insecure directory is reported here. Send jobs on the returned
@@ -77,26 +91,46 @@ pub fn spawn_writer(
     metrics: Arc<Metrics>,
     budget: Arc<InflightBudget>,
 ) -> Result<(Sender<WriteJob>, WriterHandle), StoreError> {
-    let conn = schema::open_rw(db_path, settings.cache_size_mb)?;
+    let main = schema::open_rw(db_path, settings.cache_size_mb)?;
+    let mut conn = schema::open_ingest_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&conn, &settings.wal)?;
+    let state = Arc::new(recover(&mut conn, ingest::logs_max_uuid(&main)?)?);
     let wal_state = Arc::new(WalState::default());
     let trimmer = WalTrimmer::new(&conn, settings.wal, Arc::clone(&wal_state))?;
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(settings.queue_capacity.max(1));
-    let checkpointer = Checkpointer::spawn(db_path, settings.wal, wal_state, Arc::clone(&metrics))?;
+    let checkpointer = Checkpointer::spawn(
+        &schema::ingest_path(db_path),
+        "codi-ingest-ckpt",
+        settings.wal,
+        wal_state,
+        Arc::clone(&metrics),
+    )?;
+    let merger = merger::spawn_merger(
+        main,
+        db_path,
+        settings.wal,
+        Arc::clone(&state),
+        replies.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&budget),
+    )?;
     let writer = Writer {
+        merger: Some(merger),
         checkpointer: Some(checkpointer),
         trimmer,
         conn,
-        replies,
-        metrics,
-        budget,
+        body: IngestBody {
+            state,
+            ids: None,
+            logs_max_uuid: None,
+            delete_rows: 0,
+        },
+        merger_stalled_at: None,
+        acker: Acker::new(replies, metrics, budget),
         batch_max_rows: settings.batch_max_rows.max(1),
-        jobs: Vec::new(),
-        outcomes: Vec::new(),
-        completions: Vec::new(),
     };
-    // If this spawn fails, the checkpointer's stop sender is dropped with
-    // the closure and the checkpointer exits on its own.
+    // If this spawn fails, the merger's and checkpointer's senders are
+    // dropped with the closure and they exit on their own.
     let writer = spawn_named("codi-writer", move || {
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
         writer.run(jobs_rx)
@@ -104,7 +138,31 @@ pub fn spawn_writer(
     Ok((jobs_tx, WriterHandle { writer }))
 }
 
-fn spawn_named<F: FnOnce() + Send + 'static>(
+/// Reads where the ingest file and `logs` stand (after a crash the ingest
+/// file may hold rows not yet merged, and merged rows not yet deleted) and
+/// deletes the merged ones.
+fn recover(conn: &mut Connection, logs_max_uuid: Uuid) -> Result<MergeState, StoreError> {
+    let merged: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM store.logs", [], |r| {
+        r.get(0)
+    })?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    while ingest::delete_merged(&tx, merged, FINAL_DELETE_ROWS)? == FINAL_DELETE_ROWS {}
+    let committed: i64 = tx.query_row(
+        "SELECT coalesce(max(id), 0) FROM main.ingest_logs",
+        [],
+        |r| r.get(0),
+    )?;
+    tx.commit()?;
+    if committed > merged {
+        log::info!(
+            "{} logs committed before the last stop are not yet in the indexed table; merging them",
+            committed - merged
+        );
+    }
+    Ok(MergeState::new(committed, merged, logs_max_uuid))
+}
+
+pub(super) fn spawn_named<F: FnOnce() + Send + 'static>(
     name: &str,
     f: F,
 ) -> Result<JoinHandle<()>, StoreError> {
@@ -118,35 +176,54 @@ fn spawn_named<F: FnOnce() + Send + 'static>(
 }
 
 /// The result of one job: its outcome, or the storage error that stopped it.
-type JobResult = Result<OpOutcome, rusqlite::Error>;
+pub(super) type JobResult = Result<OpOutcome, rusqlite::Error>;
+
+/// What one write transaction does: something first, then each op of the
+/// batch, then bookkeeping once it has committed.
+pub(super) trait TxBody {
+    /// Runs at the start of every transaction.
+    fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()>;
+    /// Applies one op.
+    fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult;
+    /// Called after a transaction committed.
+    fn committed(&mut self);
+}
 
 /// Counts of one [`write_batch`] call.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct BatchStats {
-    commits: u64,
-    commit_errors: u64,
+pub(super) struct BatchStats {
+    pub(super) commits: u64,
+    pub(super) commit_errors: u64,
 }
 
 /// Applies `ops` in one IMMEDIATE transaction, pushing one result per op to
 /// `out`. If that transaction fails, it is rolled back and every op is
 /// retried in its own transaction, so one bad op cannot sink the others.
-fn write_batch<'a>(
+pub(super) fn write_batch<'a, B: TxBody>(
     conn: &mut Connection,
     ops: impl Iterator<Item = &'a WriteOp> + Clone,
     now_us: i64,
+    body: &mut B,
     out: &mut Vec<JobResult>,
 ) -> BatchStats {
     let start = out.len();
     let batch = (|| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        ops::apply_all(&tx, ops.clone(), now_us, |outcome| out.push(Ok(outcome)))?;
+        body.begin(&tx)?;
+        for op in ops.clone() {
+            let outcome = body.apply(&tx, op, now_us)?;
+            out.push(Ok(outcome));
+        }
         tx.commit()
     })();
     match batch {
-        Ok(()) => BatchStats {
-            commits: 1,
-            commit_errors: 0,
-        },
+        Ok(()) => {
+            body.committed();
+            BatchStats {
+                commits: 1,
+                commit_errors: 0,
+            }
+        }
         Err(e) => {
             log::warn!("batch transaction failed ({e}); retrying its jobs one by one");
             out.truncate(start);
@@ -155,7 +232,7 @@ fn write_batch<'a>(
                 commit_errors: 1,
             };
             for op in ops {
-                let result = write_one(conn, op, now_us);
+                let result = write_one(conn, op, now_us, body);
                 match &result {
                     Ok(_) => stats.commits += 1,
                     Err(e) => {
@@ -171,75 +248,68 @@ fn write_batch<'a>(
 }
 
 /// Applies one op in its own IMMEDIATE transaction.
-fn write_one(conn: &mut Connection, op: &WriteOp, now_us: i64) -> JobResult {
+fn write_one<B: TxBody>(
+    conn: &mut Connection,
+    op: &WriteOp,
+    now_us: i64,
+    body: &mut B,
+) -> JobResult {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let outcome = ops::apply(&tx, op, now_us)?;
+    body.begin(&tx)?;
+    let outcome = body.apply(&tx, op, now_us)?;
     tx.commit()?;
+    body.committed();
     Ok(outcome)
 }
 
-struct Writer {
-    conn: Connection,
-    /// Stopped before the final checkpoint.
-    checkpointer: Option<Checkpointer>,
-    /// Restarts the WAL between batches when that is cheap.
-    trimmer: WalTrimmer,
-    replies: Replies,
-    metrics: Arc<Metrics>,
-    budget: Arc<InflightBudget>,
-    batch_max_rows: usize,
-    /// Buffers reused from batch to batch.
-    jobs: Vec<WriteJob>,
+/// The answering side of a write thread: where acknowledgments go, what
+/// they count and free, and buffers reused from batch to batch.
+pub(super) struct Acker {
+    pub(super) replies: Replies,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) budget: Arc<InflightBudget>,
+    /// Jobs of the next batch.
+    pub(super) jobs: Vec<WriteJob>,
     outcomes: Vec<JobResult>,
     completions: Vec<Completion>,
 }
 
-impl Writer {
-    fn run(mut self, jobs: Receiver<WriteJob>) {
-        while let Ok(first) = jobs.recv() {
-            let mut rows = first.op.row_count();
-            self.jobs.push(first);
-            while rows < self.batch_max_rows {
-                match jobs.try_recv() {
-                    Ok(job) => {
-                        rows += job.op.row_count();
-                        self.jobs.push(job);
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.commit_and_answer();
-            if self.trimmer.after_commit(&self.conn).is_some() {
-                Metrics::add(&self.metrics.checkpoints, 1);
-            }
-        }
-        if let Some(checkpointer) = self.checkpointer.take() {
-            checkpointer.stop();
-        }
-        // Everything is committed; the final truncate is a courtesy that must
-        // not hold up the exit behind a standalone codi2's lock.
-        if let Err(e) = self.conn.busy_timeout(FINAL_CHECKPOINT_LOCK_WAIT) {
-            log::warn!("cannot shorten the busy timeout for the final checkpoint: {e}");
-        }
-        match wal::checkpoint(&self.conn, "TRUNCATE") {
-            Ok(result) if !result.busy => Metrics::add(&self.metrics.checkpoints, 1),
-            Ok(_) => log::warn!("final WAL checkpoint was blocked by a reader"),
-            Err(e) => log::error!("final WAL checkpoint failed: {e}"),
+impl Acker {
+    pub(super) fn new(
+        replies: Replies,
+        metrics: Arc<Metrics>,
+        budget: Arc<InflightBudget>,
+    ) -> Self {
+        Acker {
+            replies,
+            metrics,
+            budget,
+            jobs: Vec::new(),
+            outcomes: Vec::new(),
+            completions: Vec::new(),
         }
     }
 
-    /// Writes the queued jobs, then answers each and frees its budget.
-    fn commit_and_answer(&mut self) {
+    /// Writes the queued jobs through `body` ([`write_batch`]), then answers
+    /// each and frees its budget.
+    pub(super) fn commit_and_answer<B: TxBody>(&mut self, conn: &mut Connection, body: &mut B) {
         let now_us = Timestamp::now().as_micros();
         let stats = write_batch(
-            &mut self.conn,
+            conn,
             self.jobs.iter().map(|j| &j.op),
             now_us,
+            body,
             &mut self.outcomes,
         );
+        Metrics::add(&self.metrics.commits, stats.commits);
+        Metrics::add(&self.metrics.commit_errors, stats.commit_errors);
+        self.answer();
+    }
+
+    /// Answers each queued job with its outcome (in order), counts them and
+    /// frees their budget; empties both lists.
+    pub(super) fn answer(&mut self) {
         let m = &*self.metrics;
-        Metrics::add(&m.commits, stats.commits);
-        Metrics::add(&m.commit_errors, stats.commit_errors);
         let mut cost = 0;
         for (job, outcome) in self.jobs.drain(..).zip(self.outcomes.drain(..)) {
             cost += job.cost;
@@ -269,6 +339,195 @@ impl Writer {
         }
         self.replies.send_all(self.completions.drain(..));
         self.budget.release(cost);
+    }
+
+    /// Answers `job` with a rejection.
+    fn reject(&mut self, job: WriteJob, reason: &str) {
+        self.jobs.push(job);
+        self.outcomes
+            .push(Ok(OpOutcome::Rejected(reason.to_owned())));
+        self.answer();
+    }
+}
+
+/// Log rows go into the ingest table, after deleting some rows the merger
+/// has already moved.
+struct IngestBody {
+    state: Arc<MergeState>,
+    ids: Option<IdAllocator>,
+    /// Read with the merged rows this transaction deletes.
+    logs_max_uuid: Option<Uuid>,
+    /// Merged rows the next transaction may delete.
+    delete_rows: usize,
+}
+
+impl TxBody for IngestBody {
+    fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
+        let (through, max_uuid) = self.state.merged_mark();
+        ingest::delete_merged(tx, through, self.delete_rows)?;
+        self.logs_max_uuid = Some(max_uuid);
+        self.ids = Some(IdAllocator::new(tx)?);
+        Ok(())
+    }
+
+    fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult {
+        match (op, self.ids.as_mut()) {
+            (WriteOp::Logs(rows), Some(ids)) => {
+                ingest::insert_rows(tx, ids, rows, now_us, self.logs_max_uuid)
+            }
+            _ => Ok(OpOutcome::Rejected(
+                "internal: only logs go to the ingest file".into(),
+            )),
+        }
+    }
+
+    fn committed(&mut self) {
+        if let Some(ids) = self.ids.take() {
+            self.state.note_committed(ids.last());
+        }
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    /// Finished (after its final merge) before the final checkpoint.
+    merger: Option<MergerHandle>,
+    /// Stopped before the final checkpoint.
+    checkpointer: Option<Checkpointer>,
+    /// Restarts the WAL between batches when that is cheap.
+    trimmer: WalTrimmer,
+    body: IngestBody,
+    /// The merged id at which the merger was found stalled: not waited for
+    /// again until it moves.
+    merger_stalled_at: Option<i64>,
+    acker: Acker,
+    batch_max_rows: usize,
+}
+
+impl Writer {
+    fn run(mut self, jobs: Receiver<WriteJob>) {
+        while let Ok(first) = jobs.recv() {
+            let mut rows = first.op.row_count();
+            self.take(first);
+            while rows < self.batch_max_rows {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        rows += job.op.row_count();
+                        self.take(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.acker.jobs.is_empty() {
+                continue;
+            }
+            self.wait_for_merger();
+            // Delete merged rows a little faster than they arrive.
+            self.body.delete_rows = 2 * rows + 1024;
+            self.acker.commit_and_answer(&mut self.conn, &mut self.body);
+            if self.trimmer.after_commit(&self.conn).is_some() {
+                Metrics::add(&self.metrics().checkpoints, 1);
+            }
+            if self.body.state.unmerged() >= MERGE_MIN_ROWS {
+                self.send_to_merger(MergerMsg::Wake);
+            }
+        }
+        if let Some(merger) = self.merger.take() {
+            merger.finish();
+        }
+        self.delete_all_merged();
+        // Everything is committed; the final truncate must not hold up the
+        // exit behind a standalone codi2's lock.
+        wal::final_truncate(
+            &self.conn,
+            self.checkpointer.take(),
+            FINAL_CHECKPOINT_LOCK_WAIT,
+            "the ingest file",
+            &self.acker.metrics,
+        );
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.acker.metrics
+    }
+
+    /// Keeps a log job for this batch; hands a session change to the merger,
+    /// which owns the main database.
+    fn take(&mut self, job: WriteJob) {
+        match job.op {
+            WriteOp::Logs(_) => self.acker.jobs.push(job),
+            WriteOp::SessionStart { .. } | WriteOp::SessionEnd { .. } => {
+                self.send_to_merger(MergerMsg::Job(job))
+            }
+        }
+    }
+
+    fn send_to_merger(&mut self, msg: MergerMsg) {
+        let sent = match &self.merger {
+            Some(merger) => merger.tx.send(msg).map_err(|e| e.into_inner()),
+            None => Err(msg),
+        };
+        if let Err(MergerMsg::Job(job)) = sent {
+            log::error!("the merger thread is gone; rejecting a session change");
+            // Logs queued for this batch are not answered yet; keep them.
+            let queued = std::mem::take(&mut self.acker.jobs);
+            self.acker
+                .reject(job, "storage error: the merger thread is gone");
+            self.acker.jobs = queued;
+        }
+    }
+
+    /// Waits while the merger is far behind, so that the ingest file (and
+    /// what a query scans of it) stays bounded; the job queue then fills and
+    /// the event loops stop reading, which slows clients down. A merger that
+    /// makes no progress for [`MERGER_STALL`] (its database failing) is not
+    /// waited for: logs keep being acknowledged into the ingest file.
+    fn wait_for_merger(&mut self) {
+        let Some(merger) = &self.merger else { return };
+        let mut progress_at = Instant::now();
+        let mut through = self.body.state.merged_through();
+        if self.merger_stalled_at == Some(through) {
+            return;
+        }
+        self.merger_stalled_at = None;
+        while self.body.state.unmerged() > MAX_UNMERGED_ROWS {
+            if merger.tx.send(MergerMsg::Wake).is_err() {
+                return;
+            }
+            match merger.progress.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = self.body.state.merged_through();
+            if now > through {
+                (through, progress_at) = (now, Instant::now());
+            } else if progress_at.elapsed() >= MERGER_STALL {
+                log::error!(
+                    "the merger has moved no logs for {MERGER_STALL:?}; \
+                     the ingest file grows past {MAX_UNMERGED_ROWS} rows until it does"
+                );
+                self.merger_stalled_at = Some(through);
+                return;
+            }
+        }
+    }
+
+    /// After the final merge: empties the ingest table of merged rows.
+    fn delete_all_merged(&mut self) {
+        let through = self.body.state.merged_through();
+        let result = (|| loop {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let deleted = ingest::delete_merged(&tx, through, FINAL_DELETE_ROWS)?;
+            tx.commit()?;
+            if deleted < FINAL_DELETE_ROWS {
+                return Ok::<_, rusqlite::Error>(());
+            }
+        })();
+        if let Err(e) = result {
+            log::warn!("cannot delete merged rows from the ingest file (the next start will): {e}");
+        }
     }
 }
 
@@ -492,6 +751,21 @@ mod tests {
         assert_eq!(Metrics::get(&metrics.logs_stored), 4);
     }
 
+    /// Every op straight into the main database.
+    struct DirectBody;
+
+    impl TxBody for DirectBody {
+        fn begin(&mut self, _tx: &Transaction) -> rusqlite::Result<()> {
+            Ok(())
+        }
+
+        fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult {
+            crate::store::ops::apply(tx, op, now_us)
+        }
+
+        fn committed(&mut self) {}
+    }
+
     #[test]
     fn batch_falls_back_to_one_transaction_per_job() {
         let dir = tempfile::tempdir().unwrap();
@@ -507,7 +781,7 @@ mod tests {
             logs(&[Uuid::from_u128(2), Uuid::from_u128(1)]),
         ];
         let mut out = Vec::new();
-        let stats = write_batch(&mut conn, ops.iter(), 7, &mut out);
+        let stats = write_batch(&mut conn, ops.iter(), 7, &mut DirectBody, &mut out);
         assert_eq!(
             stats,
             BatchStats {
@@ -534,7 +808,7 @@ mod tests {
 
         // A healthy batch is one transaction.
         let mut out = Vec::new();
-        let stats = write_batch(&mut conn, ops[..1].iter(), 7, &mut out);
+        let stats = write_batch(&mut conn, ops[..1].iter(), 7, &mut DirectBody, &mut out);
         assert_eq!(
             stats,
             BatchStats {

@@ -10,7 +10,8 @@ use codi_monitor::proto::{
     decode_message, encode_message, frame_body_len, AckStatus, ErrorCode, LogFields, LogLevel,
     Message, Payload, Timestamp, HEADER_LEN,
 };
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use codi_monitor::store::{ingest, schema};
+use rusqlite::{Connection, OptionalExtension, Transaction};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -758,34 +759,31 @@ pub struct Db {
 }
 
 impl Db {
-    /// Opens an existing database (never creates one).
+    /// Opens an existing database and its ingest file read-only (never
+    /// creates one), as the daemon's readers do.
     pub fn open(path: &Path) -> Db {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        let conn = schema::open_ro(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
         Db { conn }
     }
 
-    /// The raw connection.
-    pub fn conn(&self) -> &Connection {
-        &self.conn
+    /// A read transaction that sees every stored log once, in the view
+    /// `all_logs` (indexed table and ingest file together).
+    pub fn snapshot(&self) -> Transaction<'_> {
+        ingest::begin_read(&self.conn).unwrap()
     }
 
-    /// Rows in `logs`.
+    /// Stored logs.
     pub fn count_logs(&self) -> i64 {
-        self.conn
-            .query_row("SELECT COUNT(*) FROM logs", [], |r| r.get(0))
+        self.snapshot()
+            .query_row("SELECT COUNT(*) FROM all_logs", [], |r| r.get(0))
             .unwrap()
     }
 
-    /// Rows in `logs` with this uuid.
+    /// Stored logs with this uuid.
     pub fn count_uuid(&self, id: Uuid) -> i64 {
-        self.conn
+        self.snapshot()
             .query_row(
-                "SELECT COUNT(*) FROM logs WHERE uuid = ?",
+                "SELECT COUNT(*) FROM all_logs WHERE uuid = ?",
                 [id.as_bytes().as_slice()],
                 |r| r.get(0),
             )
@@ -794,7 +792,8 @@ impl Db {
 
     /// Every stored uuid.
     pub fn uuids(&self) -> HashSet<Uuid> {
-        let mut stmt = self.conn.prepare("SELECT uuid FROM logs").unwrap();
+        let tx = self.snapshot();
+        let mut stmt = tx.prepare("SELECT uuid FROM all_logs").unwrap();
         let rows = stmt
             .query_map([], |r| r.get::<_, Vec<u8>>(0))
             .unwrap()
@@ -804,10 +803,10 @@ impl Db {
 
     /// The row with this uuid, if stored.
     pub fn row(&self, id: Uuid) -> Option<Row> {
-        self.conn
+        self.snapshot()
             .query_row(
                 "SELECT id, uuid, timestamp, level, component, session_id, message, metadata, \
-                 created_at FROM logs WHERE uuid = ?",
+                 created_at FROM all_logs WHERE uuid = ?",
                 [id.as_bytes().as_slice()],
                 |r| {
                     Ok(Row {
@@ -848,7 +847,18 @@ impl Db {
             .unwrap()
     }
 
-    /// `PRAGMA integrity_check`'s answer.
+    /// Rows in the indexed `logs` table and in the ingest file's table
+    /// (merged or not).
+    pub fn table_counts(&self) -> (i64, i64) {
+        let tx = self.snapshot();
+        let count = |table: &str| -> i64 {
+            tx.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        (count("main.logs"), count("ingest.ingest_logs"))
+    }
+
+    /// `PRAGMA integrity_check`'s answer (every attached file).
     pub fn integrity_check(&self) -> String {
         self.conn
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))

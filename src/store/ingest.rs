@@ -1,0 +1,337 @@
+//! The ingest file: where new logs are committed (and acknowledged) first,
+//! and how they move from there into the indexed `logs` table.
+//!
+//! Why two steps: with a thousand sessions logging at once, every commit to
+//! `logs` dirties one leaf page of the session index per session, and SQLite
+//! writes each dirty page whole to the WAL and again to the database, about
+//! 4 KiB per log. `ingest_logs` has only the unique uuid index (append-mostly
+//! with time-ordered UUIDv7), so an acknowledged commit writes a few pages
+//! for a thousand logs, whatever their sessions. The merger thread then moves
+//! rows into `logs` in large id-ordered chunks, so each session's index leaf
+//! is written once per chunk instead of once per log. The two tables are in
+//! separate files so that the merge never holds the lock the acknowledged
+//! commits need.
+//!
+//! The rules that keep every row visible exactly once:
+//! - Row ids are handed out by whoever inserts into `ingest_logs` (under its
+//!   write lock), above every id in either file; a row keeps its id when it
+//!   moves.
+//! - Rows move in id order, so `logs` always holds a prefix of the ids.
+//! - A row is deleted from `ingest_logs` only after it was committed to
+//!   `logs`, so at every moment it is in one file or both.
+//! - A reader takes its snapshot of the ingest file before the one of the
+//!   main database ([`begin_read`]) and skips ingest rows at or below the
+//!   largest id of `logs` ([`ALL_LOGS`]): a row merged between the two
+//!   snapshots is then seen once, in `logs`.
+
+use super::ops::OpOutcome;
+use super::LogRow;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use uuid::Uuid;
+
+/// A temporary view of every stored log, with `logs`' columns: the indexed
+/// table and the ingest rows not yet in it. Created by
+/// [`super::schema::open_ro`]; read it inside [`begin_read`].
+pub const ALL_LOGS: &str = "all_logs";
+
+/// The statement creating [`ALL_LOGS`] on a connection with the ingest file
+/// attached as `ingest`.
+pub(super) const CREATE_ALL_LOGS: &str = "CREATE TEMP VIEW IF NOT EXISTS all_logs AS \
+    SELECT * FROM main.logs UNION ALL \
+    SELECT * FROM ingest.ingest_logs WHERE id > (SELECT coalesce(max(id), 0) FROM main.logs)";
+
+/// The next free row id, seen from the ingest writer's connection (the
+/// ingest file as `main`, the main database as `store`), inside its write
+/// transaction.
+const NEXT_ID: &str = "SELECT max(coalesce((SELECT max(id) FROM main.ingest_logs), 0), \
+    coalesce((SELECT max(id) FROM store.logs), 0)) + 1";
+
+/// Inserts a row unless its uuid is stored in either file.
+const INSERT: &str = "INSERT OR IGNORE INTO main.ingest_logs \
+    (id, uuid, timestamp, level, component, session_id, message, metadata, created_at) \
+    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 \
+    WHERE NOT EXISTS (SELECT 1 FROM store.logs WHERE uuid = ?2)";
+
+/// Inserts a row unless its uuid is in the ingest file: for a uuid known
+/// to be above every uuid in `logs`.
+const INSERT_NEWER: &str = "INSERT OR IGNORE INTO main.ingest_logs \
+    (id, uuid, timestamp, level, component, session_id, message, metadata, created_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+/// Deletes at most `?2` of the oldest rows with ids up to `?1`.
+const DELETE_MERGED: &str = "DELETE FROM main.ingest_logs WHERE id IN \
+    (SELECT id FROM main.ingest_logs WHERE id <= ?1 ORDER BY id LIMIT ?2)";
+
+/// The last id of the next chunk to merge: at most `?2` rows above `?1`.
+const CHUNK_END: &str = "SELECT max(id) FROM \
+    (SELECT id FROM ingest.ingest_logs WHERE id > ?1 ORDER BY id LIMIT ?2)";
+
+/// Copies one chunk into `logs`, in id order.
+const MERGE: &str = "INSERT OR IGNORE INTO main.logs \
+    (id, uuid, timestamp, level, component, session_id, message, metadata, created_at) \
+    SELECT id, uuid, timestamp, level, component, session_id, message, metadata, created_at \
+    FROM ingest.ingest_logs WHERE id > ?1 AND id <= ?2 ORDER BY id";
+
+/// Hands out row ids inside one ingest transaction.
+#[derive(Debug)]
+pub struct IdAllocator {
+    next: i64,
+}
+
+impl IdAllocator {
+    /// Reads the next free id. Call inside the ingest write transaction:
+    /// the write lock keeps anyone else from taking the same ids.
+    pub fn new(tx: &Transaction) -> rusqlite::Result<Self> {
+        let next = tx.prepare_cached(NEXT_ID)?.query_row([], |r| r.get(0))?;
+        Ok(IdAllocator { next })
+    }
+
+    /// The id the last inserted row got (0 if none yet).
+    pub fn last(&self) -> i64 {
+        self.next - 1
+    }
+}
+
+/// Inserts `rows` into the ingest table inside `tx` (an ingest writer
+/// transaction), skipping rows whose uuid is already stored in either file.
+///
+/// `logs_max_uuid`, if given, is at least the largest uuid in `logs` that
+/// is no longer in the ingest file: a row above it skips the lookup in
+/// `logs` (time-ordered UUIDv7 from live clients almost always are), since
+/// such a row can only be stored in the ingest file, whose unique index
+/// catches it.
+pub fn insert_rows(
+    tx: &Transaction,
+    ids: &mut IdAllocator,
+    rows: &[LogRow],
+    now_us: i64,
+    logs_max_uuid: Option<Uuid>,
+) -> rusqlite::Result<OpOutcome> {
+    let mut probed = tx.prepare_cached(INSERT)?;
+    let mut newer = tx.prepare_cached(INSERT_NEWER)?;
+    let mut inserted = 0;
+    for row in rows {
+        let insert = match logs_max_uuid {
+            Some(max) if row.uuid > max => &mut newer,
+            _ => &mut probed,
+        };
+        let added = insert.execute(params![
+            ids.next,
+            row.uuid.as_bytes().as_slice(),
+            row.timestamp_us,
+            row.level.as_str(),
+            row.component,
+            row.session_id,
+            row.message,
+            row.metadata_json,
+            now_us,
+        ])?;
+        ids.next += added as i64;
+        inserted += added;
+    }
+    Ok(OpOutcome::Logs {
+        inserted,
+        duplicates: rows.len() - inserted,
+    })
+}
+
+/// Deletes at most `max_rows` ingest rows with ids up to `through` (rows
+/// already committed to `logs`). Returns how many it deleted: fewer than
+/// `max_rows` means none up to `through` is left.
+pub fn delete_merged(tx: &Transaction, through: i64, max_rows: usize) -> rusqlite::Result<usize> {
+    tx.prepare_cached(DELETE_MERGED)?
+        .execute(params![through, max_rows as i64])
+}
+
+/// What one merge step moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Merged {
+    /// Rows copied into `logs`.
+    pub rows: usize,
+    /// Every ingest row up to this id is now in `logs` (or was a duplicate).
+    pub through: i64,
+}
+
+/// The largest uuid in `logs` (nil when empty), read on a connection to
+/// the main database.
+pub fn logs_max_uuid(conn: &Connection) -> rusqlite::Result<Uuid> {
+    let max: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT max(uuid) FROM main.logs")?
+        .query_row([], |r| r.get(0))?;
+    Ok(max
+        .and_then(|b| Uuid::from_slice(&b).ok())
+        .unwrap_or(Uuid::nil()))
+}
+
+/// The largest id in `logs` (0 when empty), read on a connection to the
+/// main database.
+pub fn merged_floor(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT coalesce(max(id), 0) FROM main.logs")?
+        .query_row([], |r| r.get(0))
+}
+
+/// Copies the next at most `max_rows` ingest rows above `floor` into `logs`
+/// inside `tx` (a write transaction of the main database with the ingest
+/// file attached as `ingest`). `None` when there is nothing to merge.
+pub fn merge_chunk(
+    tx: &Transaction,
+    floor: i64,
+    max_rows: usize,
+) -> rusqlite::Result<Option<Merged>> {
+    let end: Option<i64> = tx
+        .prepare_cached(CHUNK_END)?
+        .query_row(params![floor, max_rows as i64], |r| r.get(0))
+        .optional()?
+        .flatten();
+    let Some(through) = end else {
+        return Ok(None);
+    };
+    let rows = tx.prepare_cached(MERGE)?.execute(params![floor, through])?;
+    Ok(Some(Merged { rows, through }))
+}
+
+/// Starts a read transaction on a connection of [`super::schema::open_ro`]
+/// or [`super::schema::open_rw`], taking the ingest file's snapshot before
+/// the main database's (see the module's rules). Read [`ALL_LOGS`], or
+/// both tables with ingest ids above [`merged_floor`], inside it.
+pub fn begin_read(conn: &Connection) -> rusqlite::Result<Transaction<'_>> {
+    let tx = conn.unchecked_transaction()?;
+    tx.prepare_cached("SELECT max(id) FROM ingest.ingest_logs")?
+        .query_row([], |r| r.get::<_, Option<i64>>(0))?;
+    Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::LogLevel;
+    use crate::store::schema;
+    use rusqlite::TransactionBehavior;
+
+    fn row(uuid: Uuid, session: &str) -> LogRow {
+        LogRow {
+            uuid,
+            timestamp_us: 7,
+            level: LogLevel::Info,
+            component: "c".into(),
+            session_id: Some(session.into()),
+            message: "m".into(),
+            metadata_json: None,
+        }
+    }
+
+    fn ingest(conn: &mut Connection, rows: &[LogRow], max: Option<Uuid>) -> (OpOutcome, i64) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        let mut ids = IdAllocator::new(&tx).unwrap();
+        let out = insert_rows(&tx, &mut ids, rows, 1, max).unwrap();
+        tx.commit().unwrap();
+        (out, ids.last())
+    }
+
+    fn merge(conn: &mut Connection, max_rows: usize) -> Option<Merged> {
+        let floor = merged_floor(conn).unwrap();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        let merged = merge_chunk(&tx, floor, max_rows).unwrap();
+        tx.commit().unwrap();
+        merged
+    }
+
+    fn all_ids(path: &std::path::Path) -> Vec<i64> {
+        let ro = schema::open_ro(path).unwrap();
+        let tx = begin_read(&ro).unwrap();
+        let mut stmt = tx
+            .prepare(&format!("SELECT id FROM {ALL_LOGS} ORDER BY id"))
+            .unwrap();
+        let ids = stmt.query_map([], |r| r.get(0)).unwrap();
+        ids.map(Result::unwrap).collect()
+    }
+
+    #[test]
+    fn rows_move_in_id_order_keep_their_ids_and_are_seen_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        let mut main = schema::open_rw(&path, 4).unwrap();
+        let mut ing = schema::open_ingest_rw(&path, 4).unwrap();
+        let uuids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        let rows: Vec<LogRow> = uuids.iter().map(|&u| row(u, "s")).collect();
+        assert_eq!(ingest(&mut ing, &rows[..3], None).1, 3);
+        assert_eq!(all_ids(&path), [1, 2, 3]);
+
+        let merged = merge(&mut main, 2).unwrap();
+        assert_eq!(
+            merged,
+            Merged {
+                rows: 2,
+                through: 2
+            }
+        );
+        assert_eq!(
+            all_ids(&path),
+            [1, 2, 3],
+            "merged but not yet deleted: once"
+        );
+
+        // A resend of a merged row and of an unmerged one is skipped, with
+        // or without the newest merged uuid (the merged one is not above
+        // it, the unmerged one is caught by the ingest file's index); new
+        // rows get ids above both files.
+        let max = logs_max_uuid(&main).unwrap();
+        assert_eq!(max, uuids[1]);
+        let resend = [rows[0].clone(), rows[2].clone()];
+        for known in [None, Some(max)] {
+            let (out, _) = ingest(&mut ing, &resend, known);
+            assert_eq!(
+                out,
+                OpOutcome::Logs {
+                    inserted: 0,
+                    duplicates: 2
+                }
+            );
+        }
+        let (_, last) = ingest(&mut ing, &rows[3..4], Some(max));
+        assert_eq!(last, 4);
+
+        let tx = ing.transaction().unwrap();
+        assert_eq!(delete_merged(&tx, 2, 1).unwrap(), 1, "bounded");
+        assert_eq!(delete_merged(&tx, 2, 10).unwrap(), 1);
+        tx.commit().unwrap();
+        assert_eq!(all_ids(&path), [1, 2, 3, 4]);
+
+        assert_eq!(
+            merge(&mut main, 100),
+            Some(Merged {
+                rows: 2,
+                through: 4
+            })
+        );
+        assert_eq!(merge(&mut main, 100), None);
+        let tx = ing.transaction().unwrap();
+        assert_eq!(delete_merged(&tx, 4, 100).unwrap(), 2);
+        tx.commit().unwrap();
+
+        // With the ingest table empty, ids continue above the main table.
+        let (_, last) = ingest(&mut ing, &rows[4..], None);
+        assert_eq!(last, 5);
+        assert_eq!(all_ids(&path), [1, 2, 3, 4, 5]);
+        let in_logs: i64 = main
+            .query_row("SELECT count(*) FROM logs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(in_logs, 4);
+    }
+
+    #[test]
+    fn read_only_uri_escapes_special_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("we?ird #dir%").join("codi.db");
+        let mut ing = {
+            drop(schema::open_rw(&path, 4).unwrap());
+            schema::open_ingest_rw(&path, 4).unwrap()
+        };
+        ingest(&mut ing, &[row(Uuid::now_v7(), "s")], None);
+        assert_eq!(all_ids(&path), [1]);
+    }
+}

@@ -1,0 +1,284 @@
+//! The merger thread: sole owner of the main database's read-write
+//! connection. It moves committed logs from the ingest file into the
+//! indexed `logs` table in large id-ordered chunks (see [`super::ingest`]
+//! for why), applies session changes, and runs the main database's WAL
+//! policy. It never holds the ingest file's write lock, so a long merge
+//! cannot delay an acknowledgment.
+
+use super::ingest::{self, Merged};
+use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
+use super::writer::{Acker, JobResult, TxBody, FINAL_CHECKPOINT_LOCK_WAIT};
+use super::{ops, StoreError, WriteJob, WriteOp};
+use crate::budget::InflightBudget;
+use crate::metrics::Metrics;
+use crate::reply::Replies;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Unmerged rows from which a merge starts at once rather than on the next
+/// tick: a thousand sessions then have about 16 rows each per chunk.
+pub const MERGE_MIN_ROWS: i64 = 16_384;
+/// Most rows one merge transaction moves, so that session changes (which
+/// this thread also applies) wait for at most one chunk.
+pub const MERGE_MAX_ROWS: usize = 32_768;
+/// A merge runs at least this often while there is anything to merge, so
+/// queries scan few ingest rows and rows that `codi2` wrote standalone are
+/// picked up.
+pub const MERGE_INTERVAL: Duration = Duration::from_millis(200);
+/// Unmerged rows from which the ingest writer waits for the merger before
+/// committing more: bounds the ingest file and the rows a query scans
+/// without an index when clients outpace the indexed table.
+pub const MAX_UNMERGED_ROWS: i64 = 262_144;
+
+/// Progress shared by the ingest writer and the merger.
+#[derive(Debug, Default)]
+pub struct MergeState {
+    /// The largest id the ingest writer has committed.
+    committed_through: AtomicI64,
+    /// Every ingest row up to this id is in `logs`.
+    merged_through: AtomicI64,
+    /// The largest uuid in `logs` as of (at least) `merged_through`.
+    logs_max_uuid: Mutex<Uuid>,
+}
+
+impl MergeState {
+    /// State of a store whose ingest file holds ids up to `committed` and
+    /// whose `logs` table holds ids up to `merged` and uuids up to
+    /// `max_uuid`.
+    pub fn new(committed: i64, merged: i64, max_uuid: Uuid) -> Self {
+        MergeState {
+            committed_through: AtomicI64::new(committed.max(merged)),
+            merged_through: AtomicI64::new(merged),
+            logs_max_uuid: Mutex::new(max_uuid),
+        }
+    }
+
+    /// Every ingest row up to the returned id is in `logs`, and no uuid in
+    /// `logs` from those rows is above the returned uuid.
+    pub fn merged_mark(&self) -> (i64, Uuid) {
+        let through = self.merged_through.load(Ordering::Acquire);
+        (through, *self.logs_max_uuid.lock())
+    }
+
+    /// Records a commit of the ingest writer up to `id`.
+    pub fn note_committed(&self, id: i64) {
+        self.committed_through.fetch_max(id, Ordering::Relaxed);
+    }
+
+    /// Every ingest row up to this id is in `logs` and may be deleted.
+    pub fn merged_through(&self) -> i64 {
+        self.merged_through.load(Ordering::Relaxed)
+    }
+
+    /// Committed rows not yet merged.
+    pub fn unmerged(&self) -> i64 {
+        (self.committed_through.load(Ordering::Relaxed) - self.merged_through()).max(0)
+    }
+
+    /// Publishes a merge; the uuid first, so that a reader of the new
+    /// `through` sees a uuid at least as new.
+    fn note_merged(&self, through: i64, max_uuid: Uuid) {
+        {
+            let mut newest = self.logs_max_uuid.lock();
+            *newest = (*newest).max(max_uuid);
+        }
+        self.merged_through.fetch_max(through, Ordering::Release);
+        // Rows `codi2` committed standalone count as committed once merged.
+        self.committed_through.fetch_max(through, Ordering::Relaxed);
+    }
+}
+
+/// What the ingest writer sends the merger.
+#[derive(Debug)]
+pub enum MergerMsg {
+    /// A session change to apply and answer.
+    Job(WriteJob),
+    /// Enough rows are waiting: merge now.
+    Wake,
+}
+
+/// The running merger thread.
+#[derive(Debug)]
+pub struct MergerHandle {
+    /// Where the ingest writer sends work; dropping it stops the merger
+    /// after a final merge.
+    pub tx: Sender<MergerMsg>,
+    /// Gets a message after every merge, for a writer waiting on backlog.
+    pub progress: Receiver<()>,
+    thread: JoinHandle<()>,
+}
+
+impl MergerHandle {
+    /// Stops the merger (after it has merged everything) and waits for it.
+    pub fn finish(self) {
+        drop(self.tx);
+        if self.thread.join().is_err() {
+            log::error!("the merger thread panicked");
+        }
+    }
+}
+
+/// Starts the merger thread (`codi-merger`) on `conn`, a connection of
+/// [`super::schema::open_rw`] to the database at `db_path`, with the main
+/// database's checkpointer (`codi-checkpoint`).
+pub fn spawn_merger(
+    conn: Connection,
+    db_path: &Path,
+    policy: WalPolicy,
+    state: Arc<MergeState>,
+    replies: Replies,
+    metrics: Arc<Metrics>,
+    budget: Arc<InflightBudget>,
+) -> Result<MergerHandle, StoreError> {
+    wal::configure_writer(&conn, &policy)?;
+    let wal_state = Arc::new(WalState::default());
+    let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&wal_state))?;
+    let checkpointer = Checkpointer::spawn(
+        db_path,
+        "codi-checkpoint",
+        policy,
+        wal_state,
+        Arc::clone(&metrics),
+    )?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (progress_tx, progress) = crossbeam_channel::bounded(1);
+    let merger = Merger {
+        conn,
+        checkpointer: Some(checkpointer),
+        trimmer,
+        state,
+        progress: progress_tx,
+        acker: Acker::new(replies, metrics, budget),
+        last_merge: Instant::now(),
+    };
+    let thread = super::writer::spawn_named("codi-merger", move || {
+        crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
+        merger.run(&rx)
+    })?;
+    Ok(MergerHandle {
+        tx,
+        progress,
+        thread,
+    })
+}
+
+/// Session changes go to the main database as they are.
+struct SessionBody;
+
+impl TxBody for SessionBody {
+    fn begin(&mut self, _tx: &Transaction) -> rusqlite::Result<()> {
+        Ok(())
+    }
+
+    fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult {
+        ops::apply(tx, op, now_us)
+    }
+
+    fn committed(&mut self) {}
+}
+
+struct Merger {
+    conn: Connection,
+    /// Stopped before the final checkpoint.
+    checkpointer: Option<Checkpointer>,
+    trimmer: WalTrimmer,
+    state: Arc<MergeState>,
+    progress: Sender<()>,
+    acker: Acker,
+    last_merge: Instant,
+}
+
+impl Merger {
+    fn run(mut self, rx: &Receiver<MergerMsg>) {
+        loop {
+            let wait = if self.merge_due() {
+                Duration::ZERO
+            } else {
+                MERGE_INTERVAL.saturating_sub(self.last_merge.elapsed())
+            };
+            match rx.recv_timeout(wait) {
+                Ok(MergerMsg::Job(job)) => {
+                    self.acker.jobs.push(job);
+                    while let Ok(msg) = rx.try_recv() {
+                        if let MergerMsg::Job(job) = msg {
+                            self.acker.jobs.push(job);
+                        }
+                    }
+                    self.acker
+                        .commit_and_answer(&mut self.conn, &mut SessionBody);
+                }
+                Ok(MergerMsg::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if self.merge_due() {
+                self.merge_step();
+            }
+        }
+        // The ingest writer has committed its last batch: merge it all (a
+        // failing merge leaves the rest for the next start).
+        loop {
+            let before = self.state.merged_through();
+            match self.merge_step() {
+                Some(merged) if merged.through > before => {}
+                _ => break,
+            }
+        }
+        wal::final_truncate(
+            &self.conn,
+            self.checkpointer.take(),
+            FINAL_CHECKPOINT_LOCK_WAIT,
+            "the database",
+            &self.acker.metrics,
+        );
+    }
+
+    fn merge_due(&self) -> bool {
+        self.state.unmerged() >= MERGE_MIN_ROWS || self.last_merge.elapsed() >= MERGE_INTERVAL
+    }
+
+    /// Moves one chunk; `None` if it failed (it is retried on the next tick).
+    fn merge_step(&mut self) -> Option<Merged> {
+        self.last_merge = Instant::now();
+        let result = (|| {
+            let floor = ingest::merged_floor(&self.conn)?.max(self.state.merged_through());
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let merged = ingest::merge_chunk(&tx, floor, MERGE_MAX_ROWS)?;
+            let max_uuid = ingest::logs_max_uuid(&tx)?;
+            tx.commit()?;
+            let merged = merged.unwrap_or(Merged {
+                rows: 0,
+                through: floor,
+            });
+            Ok::<_, rusqlite::Error>((merged, max_uuid))
+        })();
+        match result {
+            Ok((merged, max_uuid)) => {
+                self.state.note_merged(merged.through, max_uuid);
+                if merged.rows > 0 {
+                    Metrics::add(&self.acker.metrics.merges, 1);
+                    Metrics::add(&self.acker.metrics.logs_merged, merged.rows as u64);
+                    if self.trimmer.after_commit(&self.conn).is_some() {
+                        Metrics::add(&self.acker.metrics.checkpoints, 1);
+                    }
+                }
+                // Full: the writer has not looked yet; gone: it has exited.
+                let _ = self.progress.try_send(());
+                Some(merged)
+            }
+            Err(e) => {
+                Metrics::add(&self.acker.metrics.commit_errors, 1);
+                log::error!("merging logs into the indexed table failed (retrying): {e}");
+                None
+            }
+        }
+    }
+}
