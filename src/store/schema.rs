@@ -165,20 +165,25 @@ pub fn open_ingest_rw(db_path: &Path, cache_size_mb: u32) -> Result<Connection, 
     Ok(conn)
 }
 
-/// Opens one file read-write with the store's PRAGMAs (not yet migrated).
-fn open_file_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
-    prepare_file(path)?;
+/// Opens one existing file with `mode` (read-only or read-write), URI
+/// names allowed (for [`attach_read_only`]) and the busy timeout.
+fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI,
+        mode | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
     )
     .map_err(|source| StoreError::Open {
         path: path.to_owned(),
         source,
     })?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// Opens one file read-write with the store's PRAGMAs (not yet migrated).
+fn open_file_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
+    prepare_file(path)?;
+    let conn = open_file(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     // Takes effect only while the file is still empty; existing databases
     // keep their page size (WAL mode cannot change it).
     conn.pragma_update(None, "page_size", PAGE_SIZE)?;
@@ -232,17 +237,7 @@ fn read_only_uri(path: &Path) -> String {
 /// its ingest file attached read-only as `ingest` and the busy timeout.
 /// Fails if either schema is not the one this binary writes.
 pub fn open_ro(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI,
-    )
-    .map_err(|source| StoreError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let conn = open_file(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     check_version(&conn, path, SCHEMA_VERSION)?;
     let ingest = ingest_path(path);
     attach_read_only(&conn, &ingest, "ingest")?;
