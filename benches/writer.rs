@@ -167,6 +167,7 @@ fn writer_thread(c: &mut Criterion) {
                                     token: 1,
                                     serial: 1,
                                     seq,
+                                    query: false,
                                 },
                                 request_id: Uuid::now_v7(),
                                 op: WriteOp::Logs(rows(&mut gen, &mut next, rows_per_job)),

@@ -12,6 +12,7 @@
 
 pub mod paths;
 
+use crate::export::ArchiveMode;
 use log::LevelFilter;
 use paths::EnvLookup;
 use serde::{Deserialize, Serialize};
@@ -238,6 +239,9 @@ pub struct RawMonitor {
     /// Humantime duration between rescans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan_interval: Option<String>,
+    /// `copy` (default) or `move` exports into the archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_mode: Option<String>,
 }
 
 /// `[server_hub]` as written.
@@ -342,6 +346,8 @@ pub struct MonitorConfig {
     pub export_patterns: Vec<String>,
     /// Time between full rescans of watched directories.
     pub scan_interval: Duration,
+    /// Copy or move exports into the archive.
+    pub archive_mode: ArchiveMode,
 }
 
 impl fmt::Debug for MonitorConfig {
@@ -363,6 +369,7 @@ impl fmt::Debug for MonitorConfig {
             .field("file_batch_size", &self.file_batch_size)
             .field("export_patterns", &self.export_patterns)
             .field("scan_interval", &self.scan_interval)
+            .field("archive_mode", &self.archive_mode)
             .finish()
     }
 }
@@ -489,6 +496,13 @@ impl Config {
                 file_batch_size: Some(self.monitor.file_batch_size),
                 export_patterns: Some(self.monitor.export_patterns.clone()),
                 scan_interval: Some(format_duration(self.monitor.scan_interval)),
+                archive_mode: Some(
+                    match self.monitor.archive_mode {
+                        ArchiveMode::Copy => "copy",
+                        ArchiveMode::Move => "move",
+                    }
+                    .into(),
+                ),
             }),
             server_hub: Some(RawServerHub {
                 enabled: Some(self.server_hub.enabled),
@@ -896,7 +910,12 @@ fn resolve(
             Some(p) if p.iter().any(String::is_empty) => {
                 return invalid("monitor.export_patterns contains an empty pattern".into())
             }
-            Some(p) => p,
+            Some(p) => {
+                if let Some(Err(e)) = p.iter().map(|g| globset::Glob::new(g)).find(Result::is_err) {
+                    return invalid(format!("monitor.export_patterns: {e}"));
+                }
+                p
+            }
             None => DEFAULT_EXPORT_PATTERNS
                 .iter()
                 .map(|&p| p.to_owned())
@@ -907,6 +926,15 @@ fn resolve(
             m.scan_interval.as_ref(),
             DEFAULT_SCAN_INTERVAL,
         )?,
+        archive_mode: match m.archive_mode.as_deref() {
+            None | Some("copy") => ArchiveMode::Copy,
+            Some("move") => ArchiveMode::Move,
+            Some(other) => {
+                return invalid(format!(
+                    "monitor.archive_mode must be \"copy\" or \"move\", not `{other}`"
+                ))
+            }
+        },
     };
 
     let enabled = h.enabled.unwrap_or(DEFAULT_SERVER_HUB_ENABLED);

@@ -8,6 +8,7 @@
 
 use crate::budget::InflightBudget;
 use crate::config::{Config, Overrides};
+use crate::export::{spawn_watcher, ExportSettings};
 use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
 use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
 use crate::io::request::{LiveSettings, Services};
@@ -108,6 +109,19 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         db,
         config.storage.reader_threads.max(1),
         QUERY_QUEUE,
+        replies.clone(),
+        Arc::clone(&metrics),
+    )?;
+    let (exports_tx, exports) = spawn_watcher(
+        db,
+        writer.main_wal(),
+        ExportSettings {
+            default_patterns: config.monitor.export_patterns.clone(),
+            scan_interval: config.monitor.scan_interval,
+            batch_size: config.monitor.file_batch_size.max(1),
+            archive_dir: archive_dir(db),
+            mode: config.monitor.archive_mode,
+        },
         replies,
         Arc::clone(&metrics),
     )?;
@@ -117,6 +131,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let services = Arc::new(Services {
         writer: writer_tx,
         readers: reader_tx,
+        exports: exports_tx,
         budget,
         metrics,
         live: Arc::clone(&live),
@@ -197,6 +212,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             log::error!("an event loop panicked");
         }
     }
+    exports.stop();
     writer.join();
     readers.join();
     signal_handle.close();
@@ -233,6 +249,14 @@ fn raise_fd_limit(max_connections: usize) {
             limit.rlim_max
         );
     }
+}
+
+/// Where archived exports go: `archive/` beside the database.
+pub fn archive_dir(db: &std::path::Path) -> std::path::PathBuf {
+    db.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .join("archive")
 }
 
 fn ready_line(

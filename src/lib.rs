@@ -11,6 +11,7 @@ pub mod budget;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod export;
 pub mod fsperm;
 pub mod io;
 pub mod logger;

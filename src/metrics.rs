@@ -57,6 +57,20 @@ counters! {
     rate_limit_pauses,
     /// WAL checkpoints run.
     checkpoints,
+    /// Export files archived (a new archive row without error).
+    exports_archived,
+    /// Exports whose content was already archived (recorded, stored once).
+    exports_deduplicated,
+    /// Exports that could not be archived (vanished, no space, I/O).
+    export_errors,
+    /// Full scans of the watched directories.
+    export_scans,
+    /// Times the inotify event queue overflowed (each followed by a scan).
+    inotify_overflows,
+    /// Directories that could not be watched for the inotify watch limit.
+    watch_limit_errors,
+    /// Watched directories found deleted or moved away.
+    watched_dirs_lost,
 }
 
 impl Metrics {

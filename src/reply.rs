@@ -17,6 +17,8 @@ pub struct ReplyTo {
     pub serial: u64,
     /// The request's position on its connection (answers go out in order).
     pub seq: u64,
+    /// A query: its answer frees one of the connection's query slots.
+    pub query: bool,
 }
 
 /// A finished request on its way back to its loop.

@@ -552,23 +552,6 @@ mod requests {
     }
 
     #[test]
-    fn monitoring_requests_are_unsupported() {
-        let d = Daemon::start_default();
-        let mut c = d.unix();
-        let start = c.call(Payload::StartMonitoring {
-            path: d.sandbox.path().display().to_string(),
-            recursive: true,
-            patterns: vec!["*.md".into()],
-        });
-        assert_error(&start, ErrorCode::Unsupported);
-        let stop = c.call(Payload::StopMonitoring {
-            path: d.sandbox.path().display().to_string(),
-        });
-        assert_error(&stop, ErrorCode::Unsupported);
-        c.ping();
-    }
-
-    #[test]
     fn answers_sent_as_requests_are_invalid_messages() {
         let d = Daemon::start_default();
         let mut c = d.unix();

@@ -53,6 +53,42 @@ pub enum Command {
     Run(RunArgs),
     /// Measure the raw SQLite ceiling.
     Ceiling(CeilingArgs),
+    /// Measure export detection.
+    Files(FilesArgs),
+}
+
+/// write export files under a watched tree on a schedule and measure how
+/// fast and how completely the daemon archives them
+#[derive(FromArgs, Debug, Clone)]
+#[argh(subcommand, name = "files")]
+pub struct FilesArgs {
+    /// the daemon's Unix socket
+    #[argh(option)]
+    pub socket: PathBuf,
+    /// the daemon's database, read to find the archive rows
+    #[argh(option)]
+    pub db: PathBuf,
+    /// where the watched tree is created (default: the temp directory)
+    #[argh(option, default = "crate::files::default_dir()")]
+    pub dir: PathBuf,
+    /// export files per second, open loop (default 1000)
+    #[argh(option, default = "1000")]
+    pub rate: u64,
+    /// seconds of writing, at most 3600 (default 10)
+    #[argh(option, default = "10.0")]
+    pub duration: f64,
+    /// subdirectories the files are spread over (default 16)
+    #[argh(option, default = "16")]
+    pub subdirs: u64,
+    /// bytes of each file (default 200)
+    #[argh(option, default = "200")]
+    pub size: usize,
+    /// write every number as JSON to this file
+    #[argh(option)]
+    pub json: Option<PathBuf>,
+    /// keep the tree and the watch afterwards
+    #[argh(switch)]
+    pub keep: bool,
 }
 
 /// drive a running daemon and report throughput and latency

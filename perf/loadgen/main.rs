@@ -5,7 +5,9 @@
 //! scheduled send time so a stalled daemon cannot hide behind a lower offered
 //! rate; at the end it checks that the database holds exactly the logs that
 //! were acknowledged. `ceiling` inserts the same rows straight into SQLite to
-//! give the storage's own limit on this machine. See `perf/README.md`.
+//! give the storage's own limit on this machine. `files` measures export
+//! detection: files written under a watched tree on a schedule, each checked
+//! to be archived exactly once. See `perf/README.md`.
 //!
 //! Exit codes: 0 every check passed, 1 a check failed (stored != acknowledged,
 //! protocol errors) or the run could not be done, 2 invalid arguments.
@@ -15,6 +17,7 @@ mod args;
 mod ceiling;
 mod driver;
 mod fifo;
+mod files;
 mod payload;
 mod procstat;
 mod report;
@@ -42,6 +45,20 @@ fn main() -> ExitCode {
                 }
             },
         },
+        Command::Files(f) => {
+            if f.duration > args::MAX_DURATION_SECS {
+                eprintln!("codi-loadgen files: --duration is at most 3600");
+                return ExitCode::from(2);
+            }
+            match files::execute(&f) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("codi-loadgen files: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ceiling(c) => match ceiling_command(&c) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

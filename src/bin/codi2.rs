@@ -67,6 +67,7 @@ enum Command {
     Logs(LogsCmd),
     Status(StatusCmd),
     Ping(PingCmd),
+    Watch(WatchCmd),
 }
 
 #[derive(FromArgs)]
@@ -172,6 +173,55 @@ struct LogsCmd {
 /// Show the daemon's components and uptime.
 #[argh(subcommand, name = "status")]
 struct StatusCmd {}
+
+#[derive(FromArgs)]
+/// Watch directories for export files (needs the daemon).
+#[argh(subcommand, name = "watch")]
+struct WatchCmd {
+    #[argh(subcommand)]
+    action: WatchAction,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum WatchAction {
+    Add(WatchAddCmd),
+    Remove(WatchRemoveCmd),
+    List(WatchListCmd),
+}
+
+#[derive(FromArgs)]
+/// Start watching a directory (and its subdirectories) for exports.
+#[argh(subcommand, name = "add")]
+struct WatchAddCmd {
+    /// glob pattern of export files, repeatable (default: the daemon's
+    /// monitor.export_patterns)
+    #[argh(option)]
+    pattern: Vec<String>,
+    /// watch only this directory, not its subdirectories
+    #[argh(switch)]
+    no_recursive: bool,
+    /// the session every export found here belongs to
+    #[argh(option)]
+    session: Option<String>,
+    /// the directory
+    #[argh(positional)]
+    path: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// Stop watching a directory.
+#[argh(subcommand, name = "remove")]
+struct WatchRemoveCmd {
+    /// the directory
+    #[argh(positional)]
+    path: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// List the watched directories.
+#[argh(subcommand, name = "list")]
+struct WatchListCmd {}
 
 #[derive(FromArgs)]
 /// Measure round trips to the daemon.
@@ -331,7 +381,10 @@ fn run(cli: Cli) -> Result<(), Exit> {
         paths::current_euid(),
         &|p| p.exists(),
     );
-    let needs_daemon = matches!(cli.command, Command::Status(_) | Command::Ping(_));
+    let needs_daemon = matches!(
+        cli.command,
+        Command::Status(_) | Command::Ping(_) | Command::Watch(_)
+    );
     let opts = ClientOptions {
         endpoints,
         token: config.monitor.token.clone(),
@@ -346,7 +399,57 @@ fn run(cli: Cli) -> Result<(), Exit> {
         Command::Logs(cmd) => logs(cmd, opts),
         Command::Status(_) => status(opts),
         Command::Ping(cmd) => ping(cmd, opts),
+        Command::Watch(cmd) => watch(cmd, opts),
     }
+}
+
+/// `path` made absolute against this process's directory: the daemon runs
+/// elsewhere.
+fn absolute(path: &std::path::Path) -> Result<String, Exit> {
+    std::path::absolute(path)
+        .map(|p| p.display().to_string())
+        .map_err(|e| Exit::usage(format!("cannot resolve `{}`: {e}", path.display())))
+}
+
+fn watch(cmd: WatchCmd, opts: ClientOptions) -> Result<(), Exit> {
+    let payload = match cmd.action {
+        WatchAction::Add(a) => Payload::StartMonitoring {
+            path: absolute(&a.path)?,
+            recursive: !a.no_recursive,
+            patterns: a.pattern.into_iter().map(undash).collect(),
+            session_id: a.session.map(undash),
+        },
+        WatchAction::Remove(r) => Payload::StopMonitoring {
+            path: absolute(&r.path)?,
+        },
+        WatchAction::List(_) => Payload::ListMonitoring,
+    };
+    let mut client = Client::connect(opts)?;
+    let answer = client.request(Message::new(payload))?;
+    let Payload::Monitoring { paths } = answer.payload else {
+        return expect_ack(&answer);
+    };
+    let mut out = io::stdout().lock();
+    for p in paths {
+        let mut line = format!(
+            "{}  {}  {}",
+            p.path,
+            if p.recursive {
+                "recursive"
+            } else {
+                "this directory only"
+            },
+            p.patterns.join(" ")
+        );
+        if let Some(s) = p.session_id {
+            line.push_str(&format!("  session {s}"));
+        }
+        if !p.active {
+            line.push_str("  (missing: watched again when it reappears)");
+        }
+        writeln!(out, "{line}").map_err(stdout_error)?;
+    }
+    Ok(())
 }
 
 /// Checks an acknowledgment-style answer.

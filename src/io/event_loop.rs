@@ -12,8 +12,7 @@ use super::listener::{Stream, Transport, UnixEndpoint};
 use super::request::{Handled, Origin, Services};
 use crate::metrics::Metrics;
 use crate::proto::{
-    decode_message, encode_message, frame_body_len, ErrorCode, FrameError, Message, Payload,
-    HEADER_LEN,
+    decode_message, encode_message, frame_body_len, ErrorCode, FrameError, Message, HEADER_LEN,
 };
 use crate::reply::Completion;
 use crossbeam_channel::{Receiver, Sender};
@@ -271,9 +270,7 @@ impl EventLoop {
             if conn.serial != to.serial {
                 continue;
             }
-            // Only the reader pool answers with something other than an
-            // acknowledgment.
-            if !matches!(answer.payload, Payload::Acknowledgment { .. }) {
+            if to.query {
                 conn.queries_in_flight = conn.queries_in_flight.saturating_sub(1);
             }
             if conn.answers.fill(to.seq, answer) {

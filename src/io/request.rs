@@ -5,6 +5,7 @@
 
 use super::conn::{ConnState, Connection};
 use crate::budget::InflightBudget;
+use crate::export::{ControlJob, ControlOp, ControlSender};
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, ComponentStatus, ErrorCode, LogFields, Message, Payload};
 use crate::reply::ReplyTo;
@@ -65,6 +66,8 @@ pub struct Services {
     pub writer: Sender<WriteJob>,
     /// The reader pool's queue.
     pub readers: Sender<QueryJob>,
+    /// The export watcher's control queue.
+    pub exports: ControlSender,
     /// Bytes of requests in flight.
     pub budget: Arc<InflightBudget>,
     /// Counters.
@@ -163,7 +166,7 @@ impl Services {
                 self.write(conn, origin, id, op, frame_len, 1)
             }
             Payload::QueryLogs { filter, limit } => {
-                let reply = self.reply_to(conn, origin);
+                let reply = self.reply_to(conn, origin, true);
                 match self.readers.try_send(QueryJob {
                     reply,
                     filter,
@@ -184,13 +187,30 @@ impl Services {
                     Err(TrySendError::Disconnected(_)) => self.unavailable(conn),
                 }
             }
-            Payload::StartMonitoring { .. } | Payload::StopMonitoring { .. } => self.answer(
-                conn,
-                Message::error(
-                    ErrorCode::Unsupported,
-                    "export monitoring is not available in this version of codi-monitor",
-                ),
-            ),
+            Payload::StartMonitoring {
+                path,
+                recursive,
+                patterns,
+                session_id,
+            } => {
+                if let Some(s) = &session_id {
+                    if let Err(reason) = check_name("session_id", s) {
+                        return self
+                            .answer(conn, Message::error(ErrorCode::InvalidRequest, reason));
+                    }
+                }
+                let op = ControlOp::Start {
+                    path,
+                    recursive,
+                    patterns,
+                    session_id,
+                };
+                self.control(conn, origin, id, op)
+            }
+            Payload::StopMonitoring { path } => {
+                self.control(conn, origin, id, ControlOp::Stop { path })
+            }
+            Payload::ListMonitoring => self.control(conn, origin, id, ControlOp::List),
             other => {
                 let name = other.name();
                 self.answer(
@@ -204,12 +224,42 @@ impl Services {
         }
     }
 
-    fn reply_to(&self, conn: &Connection, origin: Origin) -> ReplyTo {
+    /// Hands a monitoring request to the export watcher.
+    fn control(
+        &self,
+        conn: &mut Connection,
+        origin: Origin,
+        request_id: Uuid,
+        op: ControlOp,
+    ) -> Handled {
+        let job = ControlJob {
+            reply: self.reply_to(conn, origin, false),
+            request_id,
+            op,
+        };
+        match self.exports.try_send(job) {
+            Ok(()) => {
+                conn.answers.reserve();
+                Handled::Done(1)
+            }
+            Err(TrySendError::Full(_)) => self.answer(
+                conn,
+                Message::error(
+                    ErrorCode::Unavailable,
+                    "too many monitoring requests in progress; retry shortly",
+                ),
+            ),
+            Err(TrySendError::Disconnected(_)) => self.unavailable(conn),
+        }
+    }
+
+    fn reply_to(&self, conn: &Connection, origin: Origin, query: bool) -> ReplyTo {
         ReplyTo {
             worker: origin.worker,
             token: origin.token,
             serial: conn.serial,
             seq: conn.answers.next_seq(),
+            query,
         }
     }
 
@@ -277,7 +327,7 @@ impl Services {
             return Handled::Blocked;
         }
         let job = WriteJob {
-            reply: self.reply_to(conn, origin),
+            reply: self.reply_to(conn, origin, false),
             request_id,
             op,
             cost,
@@ -334,6 +384,35 @@ impl Services {
                 name: "readers".into(),
                 status: "healthy".into(),
                 message: format!("{} queries answered", get(&m.queries)),
+            },
+            ComponentStatus {
+                name: "merger".into(),
+                status: "healthy".into(),
+                message: format!(
+                    "{} logs moved into the indexed table in {} merges",
+                    get(&m.logs_merged),
+                    get(&m.merges)
+                ),
+            },
+            ComponentStatus {
+                name: "exports".into(),
+                status: if get(&m.export_errors) + get(&m.watch_limit_errors) == 0 {
+                    "healthy"
+                } else {
+                    "degraded"
+                }
+                .into(),
+                message: format!(
+                    "{} archived, {} with content already archived, {} errors, {} scans, \
+                     {} queue overflows, {} watch-limit errors, {} watched directories lost",
+                    get(&m.exports_archived),
+                    get(&m.exports_deduplicated),
+                    get(&m.export_errors),
+                    get(&m.export_scans),
+                    get(&m.inotify_overflows),
+                    get(&m.watch_limit_errors),
+                    get(&m.watched_dirs_lost)
+                ),
             },
         ];
         Message::answer(Payload::Status {

@@ -118,6 +118,23 @@ mod tests {
                 path: "/tmp/x".into(),
                 recursive: true,
                 patterns: vec!["*.md".into()],
+                session_id: None,
+            },
+            Payload::StartMonitoring {
+                path: "/tmp/y".into(),
+                recursive: false,
+                patterns: vec![],
+                session_id: Some("s".into()),
+            },
+            Payload::ListMonitoring,
+            Payload::Monitoring {
+                paths: vec![crate::proto::MonitoredPath {
+                    path: "/tmp/x".into(),
+                    recursive: true,
+                    patterns: vec!["*.md".into()],
+                    session_id: None,
+                    active: true,
+                }],
             },
             Payload::StopMonitoring {
                 path: "/tmp/x".into(),

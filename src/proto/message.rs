@@ -66,8 +66,12 @@ pub enum Payload {
         path: String,
         /// Whether subdirectories are watched too.
         recursive: bool,
-        /// Glob patterns of export files.
+        /// Glob patterns of export files; empty: the configured defaults.
         patterns: Vec<String>,
+        /// Extension: the session every export found here belongs to
+        /// (absent: attributed by session workspace).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_id: Option<String>,
     },
     /// Stop watching a directory.
     StopMonitoring {
@@ -115,6 +119,8 @@ pub enum Payload {
     GetStatus,
     /// Extension: round-trip probe, answered with `Accepted`.
     Ping,
+    /// Extension: ask for the watched directories, answered by `Monitoring`.
+    ListMonitoring,
     /// Answer to log, batch, session, monitoring, authenticate and ping
     /// requests.
     Acknowledgment {
@@ -148,6 +154,27 @@ pub enum Payload {
         /// Time since the daemon started.
         uptime: Duration,
     },
+    /// Extension: answer to `ListMonitoring`.
+    Monitoring {
+        /// Every watched directory.
+        paths: Vec<MonitoredPath>,
+    },
+}
+
+/// One watched directory in a `Monitoring` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitoredPath {
+    /// The canonical directory.
+    pub path: String,
+    /// Whether subdirectories are watched too.
+    pub recursive: bool,
+    /// Glob patterns of export files.
+    pub patterns: Vec<String>,
+    /// The session its exports belong to, if one was named.
+    pub session_id: Option<String>,
+    /// False while the directory is missing (it is watched again once it
+    /// is back).
+    pub active: bool,
 }
 
 impl Payload {
@@ -164,10 +191,12 @@ impl Payload {
             Payload::Authenticate { .. } => "Authenticate",
             Payload::GetStatus => "GetStatus",
             Payload::Ping => "Ping",
+            Payload::ListMonitoring => "ListMonitoring",
             Payload::Acknowledgment { .. } => "Acknowledgment",
             Payload::LogResults { .. } => "LogResults",
             Payload::Error { .. } => "Error",
             Payload::Status { .. } => "Status",
+            Payload::Monitoring { .. } => "Monitoring",
         }
     }
 
@@ -179,6 +208,7 @@ impl Payload {
                 | Payload::LogResults { .. }
                 | Payload::Error { .. }
                 | Payload::Status { .. }
+                | Payload::Monitoring { .. }
         )
     }
 }

@@ -15,6 +15,6 @@ pub use frame::{
     HEADER_LEN, MAX_FRAME_LEN,
 };
 pub use message::{
-    AckStatus, ComponentStatus, ErrorCode, LogFields, LogFilter, LogLevel, Message, Payload,
-    StoredLog, Timestamp,
+    AckStatus, ComponentStatus, ErrorCode, LogFields, LogFilter, LogLevel, Message, MonitoredPath,
+    Payload, StoredLog, Timestamp,
 };

@@ -9,9 +9,7 @@ use super::ingest::{self, Merged};
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
 use super::writer::{Acker, JobResult, TxBody, FINAL_CHECKPOINT_LOCK_WAIT};
 use super::{ops, StoreError, WriteJob, WriteOp};
-use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
-use crate::reply::Replies;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
@@ -127,25 +125,24 @@ impl MergerHandle {
 
 /// Starts the merger thread (`codi-merger`) on `conn`, a connection of
 /// [`super::schema::open_rw`] to the database at `db_path`, with the main
-/// database's checkpointer (`codi-checkpoint`).
-pub fn spawn_merger(
+/// database's checkpointer (`codi-checkpoint`) sharing `wal_state`. Session
+/// changes are answered through `acker`.
+pub(super) fn spawn_merger(
     conn: Connection,
     db_path: &Path,
+    wal_state: Arc<WalState>,
     policy: WalPolicy,
     state: Arc<MergeState>,
-    replies: Replies,
-    metrics: Arc<Metrics>,
-    budget: Arc<InflightBudget>,
+    acker: Acker,
 ) -> Result<MergerHandle, StoreError> {
     wal::configure_writer(&conn, &policy)?;
-    let wal_state = Arc::new(WalState::default());
     let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&wal_state))?;
     let checkpointer = Checkpointer::spawn(
         db_path,
         "codi-checkpoint",
         policy,
         wal_state,
-        Arc::clone(&metrics),
+        Arc::clone(&acker.metrics),
     )?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let (progress_tx, progress) = crossbeam_channel::bounded(1);
@@ -155,7 +152,7 @@ pub fn spawn_merger(
         trimmer,
         state,
         progress: progress_tx,
-        acker: Acker::new(replies, metrics, budget),
+        acker,
         last_merge: Instant::now(),
     };
     let thread = super::writer::spawn_named("codi-merger", move || {

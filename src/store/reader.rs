@@ -120,6 +120,7 @@ mod tests {
             token: 1,
             serial: 1,
             seq,
+            query: false,
         }
     }
 

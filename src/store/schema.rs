@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The schema version of the ingest file.
 pub const INGEST_VERSION: i64 = 1;
@@ -30,7 +30,7 @@ pub const INGEST_VERSION: i64 = 1;
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
 const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1];
@@ -108,6 +108,21 @@ CREATE TABLE sync_state (
 /// `logs` directly with ids the ingest file may already hold, so the version
 /// goes up to make it refuse this database.
 const V2: &str = "";
+
+/// Version 2 to 3: what export detection records. A watch may name its
+/// session; an archive row keeps the content hash (identical content is
+/// stored once), the source's size and modification time (so a rescan
+/// knows what is already archived), when it was archived in microseconds,
+/// and an error instead of an archive for a file that could not be copied.
+const V3: &str = "
+ALTER TABLE monitored_paths ADD COLUMN session_id TEXT;
+ALTER TABLE export_archive ADD COLUMN content_hash TEXT;
+ALTER TABLE export_archive ADD COLUMN source_mtime_ns INTEGER;
+ALTER TABLE export_archive ADD COLUMN archived_at_us INTEGER;
+ALTER TABLE export_archive ADD COLUMN error TEXT;
+CREATE INDEX idx_export_archive_hash ON export_archive(content_hash);
+CREATE INDEX idx_export_archive_source ON export_archive(original_path);
+";
 
 /// The ingest file: `logs`' columns with only the unique uuid index, so that
 /// a commit dirties a handful of pages however many sessions it spans.

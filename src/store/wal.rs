@@ -116,7 +116,9 @@ impl WalState {
         self.backfilled.store(r.backfilled, Ordering::Relaxed);
     }
 
-    fn note_commit(&self) {
+    /// Records a commit to this WAL's database, so the checkpointer does
+    /// not take it for idle (its idle TRUNCATE would hold up the writer).
+    pub fn note_commit(&self) {
         let us = self.epoch.elapsed().as_micros() as u64;
         self.last_commit_us.store(us, Ordering::Relaxed);
     }

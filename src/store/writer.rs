@@ -64,9 +64,16 @@ const FINAL_DELETE_ROWS: usize = 65_536;
 #[derive(Debug)]
 pub struct WriterHandle {
     writer: JoinHandle<()>,
+    main_wal: Arc<WalState>,
 }
 
 impl WriterHandle {
+    /// The main database's WAL state: other threads that commit to the main
+    /// database (the export watcher) report their commits here.
+    pub fn main_wal(&self) -> Arc<WalState> {
+        Arc::clone(&self.main_wal)
+    }
+
     /// Waits for the storage threads. The writer exits once every job sender
     /// is dropped and the queue is drained; before that it lets the merger
     /// move every row into the indexed table, then truncates the WALs.
@@ -105,14 +112,14 @@ pub fn spawn_writer(
         wal_state,
         Arc::clone(&metrics),
     )?;
+    let main_wal = Arc::new(WalState::default());
     let merger = merger::spawn_merger(
         main,
         db_path,
+        Arc::clone(&main_wal),
         settings.wal,
         Arc::clone(&state),
-        replies.clone(),
-        Arc::clone(&metrics),
-        Arc::clone(&budget),
+        Acker::new(replies.clone(), Arc::clone(&metrics), Arc::clone(&budget)),
     )?;
     let writer = Writer {
         merger: Some(merger),
@@ -135,7 +142,7 @@ pub fn spawn_writer(
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
         writer.run(jobs_rx)
     })?;
-    Ok((jobs_tx, WriterHandle { writer }))
+    Ok((jobs_tx, WriterHandle { writer, main_wal }))
 }
 
 /// Reads where the ingest file and `logs` stand (after a crash the ingest
@@ -565,6 +572,7 @@ mod tests {
             token: 3,
             serial: 9,
             seq,
+            query: false,
         }
     }
 
