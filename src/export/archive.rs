@@ -1,13 +1,15 @@
-//! Copying one export into the archive: hashed while it is copied to a
-//! temporary file, then renamed into place (never a partial archive file),
-//! mode 0600, laid out by date and session; identical content is kept once.
+//! Copying one export into the archive: hashed while it is copied to an
+//! unnamed temporary file (`O_TMPFILE`, or a named temp file where the
+//! filesystem lacks it), then linked or renamed into place, so there is
+//! never a partial archive file; mode 0600, laid out by date and session.
 
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Free space kept in the archive's filesystem beyond the file itself.
@@ -17,15 +19,84 @@ const COPY_CHUNK: usize = 64 * 1024;
 /// Folder of the archive for exports no session could be found for.
 pub const NO_SESSION: &str = "no-session";
 
+/// An opened export and what it was when opened.
+#[derive(Debug)]
+pub struct Source {
+    file: File,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+}
+
+impl Source {
+    /// How long ago the file was last modified (zero if in the future).
+    pub fn age(&self) -> std::time::Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        std::time::Duration::from_nanos(now.saturating_sub(self.mtime_ns).max(0) as u64)
+    }
+}
+
+/// Opens `path` for copying without following a symlink and without
+/// blocking on a FIFO. `Ok(None)` if it is not a regular file.
+pub fn open_source(path: &Path) -> Result<Option<Source>, CopyError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(CopyError::Vanished),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) => return Err(CopyError::Io(format!("cannot open: {e}"))),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| CopyError::Io(format!("cannot inspect: {e}")))?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(Source {
+        file,
+        size: meta.len(),
+        mtime_ns: meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec()),
+    }))
+}
+
+/// A finished copy not yet in its place.
+#[derive(Debug)]
+pub enum Temp {
+    /// An `O_TMPFILE` file: no name until it is linked into place, gone if
+    /// dropped.
+    Unnamed(File),
+    /// A named temporary file in the archive directory (filesystems without
+    /// `O_TMPFILE`).
+    Named(PathBuf),
+}
+
+impl Temp {
+    /// Throws the copy away.
+    pub fn discard(self) {
+        if let Temp::Named(path) = self {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
 /// One export, copied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Copied {
     /// SHA-256 of the content, lowercase hex.
     pub content_hash: String,
     /// Bytes copied.
     pub size: u64,
-    /// The temporary file holding the copy, inside the archive directory.
-    pub temp: PathBuf,
+    /// The copy, inside the archive directory.
+    pub temp: Temp,
 }
 
 /// Why an export could not be archived.
@@ -57,39 +128,59 @@ impl std::fmt::Display for CopyError {
     }
 }
 
-/// Copies `source` to a new temporary file in `archive_dir`, hashing it on
-/// the way, if it fits in `free` bytes (see [`free_bytes`]). The temporary
-/// file is removed again on any failure.
-pub fn copy_to_temp(source: &Path, archive_dir: &Path, free: u64) -> Result<Copied, CopyError> {
-    let mut input = match File::open(source) {
-        Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err(CopyError::Vanished),
-        Err(e) => return Err(CopyError::Io(format!("cannot open: {e}"))),
-    };
-    let meta = input
-        .metadata()
-        .map_err(|e| CopyError::Io(format!("cannot inspect: {e}")))?;
-    if !meta.is_file() {
-        return Err(CopyError::Vanished);
+/// Creates the temporary copy: unnamed (`O_TMPFILE`) where the filesystem
+/// allows, else a named file.
+fn create_temp(archive_dir: &Path) -> io::Result<(File, Temp)> {
+    let unnamed = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(archive_dir);
+    match unnamed {
+        Ok(f) => {
+            let handle = f.try_clone()?;
+            Ok((handle, Temp::Unnamed(f)))
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+            ) =>
+        {
+            let path = archive_dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            Ok((f, Temp::Named(path)))
+        }
+        Err(e) => Err(e),
     }
-    if meta.len().saturating_add(FREE_SPACE_MARGIN) > free {
-        return Err(CopyError::NoSpace {
-            needed: meta.len(),
-            free,
-        });
+}
+
+/// Copies `source` into a new temporary copy in `archive_dir`, hashing it
+/// on the way, if it fits in `free` bytes (see [`free_bytes`]). Nothing is
+/// left behind on failure.
+pub fn copy_to_temp(source: Source, archive_dir: &Path, free: u64) -> Result<Copied, CopyError> {
+    let Source { mut file, size, .. } = source;
+    if size.saturating_add(FREE_SPACE_MARGIN) > free {
+        return Err(CopyError::NoSpace { needed: size, free });
     }
-    let temp = archive_dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+    let (mut output, temp) = create_temp(archive_dir).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => CopyError::NoSpace {
+            needed: size,
+            free: 0,
+        },
+        _ => CopyError::Io(format!("cannot create the archive copy: {e}")),
+    })?;
     let result = (|| {
-        let mut output = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; COPY_CHUNK];
-        let mut size = 0u64;
+        let mut buf = vec![0u8; COPY_CHUNK.min(size as usize + 1).max(1)];
+        let mut copied = 0u64;
         loop {
-            let n = match input.read(&mut buf) {
+            let n = match file.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -97,10 +188,13 @@ pub fn copy_to_temp(source: &Path, archive_dir: &Path, free: u64) -> Result<Copi
             };
             hasher.update(&buf[..n]);
             output.write_all(&buf[..n])?;
-            size += n as u64;
+            copied += n as u64;
+            if buf.len() < COPY_CHUNK && n == buf.len() {
+                // The file grew since it was opened: read on in full chunks.
+                buf.resize(COPY_CHUNK, 0);
+            }
         }
-        output.flush()?;
-        Ok::<_, io::Error>((hex(&hasher.finalize()), size))
+        Ok::<_, io::Error>((hex(&hasher.finalize()), copied))
     })();
     match result {
         Ok((content_hash, size)) => Ok(Copied {
@@ -109,10 +203,10 @@ pub fn copy_to_temp(source: &Path, archive_dir: &Path, free: u64) -> Result<Copi
             temp,
         }),
         Err(e) => {
-            let _ = fs::remove_file(&temp);
+            temp.discard();
             Err(match e.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => CopyError::NoSpace {
-                    needed: meta.len(),
+                    needed: size,
                     free: 0,
                 },
                 _ => CopyError::Io(format!("cannot copy: {e}")),
@@ -151,9 +245,11 @@ pub fn archive_path(
         .join(format!("{}-{name}", &content_hash[..16]))
 }
 
-/// Moves a finished temporary copy to `target`, creating its directory
-/// (mode 0700) unless `made` says it exists already.
-pub fn install(temp: &Path, target: &Path, made: &mut HashSet<PathBuf>) -> io::Result<()> {
+/// Puts a finished copy at `target`, creating its directory (mode 0700)
+/// unless `made` says it exists already. An unnamed copy is linked into
+/// place; a target that already exists has the same content (its name
+/// holds the content hash) and is kept.
+pub fn install(temp: Temp, target: &Path, made: &mut HashSet<PathBuf>) -> io::Result<()> {
     if let Some(parent) = target.parent() {
         if !made.contains(parent) {
             DirBuilder::new()
@@ -163,7 +259,56 @@ pub fn install(temp: &Path, target: &Path, made: &mut HashSet<PathBuf>) -> io::R
             made.insert(parent.to_owned());
         }
     }
-    fs::rename(temp, target)
+    match temp {
+        Temp::Named(path) => fs::rename(&path, target).inspect_err(|_| {
+            let _ = fs::remove_file(&path);
+        }),
+        Temp::Unnamed(file) => match link_unnamed(&file, target) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            // No /proc: copy the unnamed file to a named one, then rename.
+            Err(_) => {
+                let mut file = file;
+                file.seek(SeekFrom::Start(0))?;
+                let parent = target.parent().unwrap_or(Path::new("."));
+                let path = parent.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+                let mut out = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)?;
+                let copied = io::copy(&mut file, &mut out).and_then(|_| fs::rename(&path, target));
+                if copied.is_err() {
+                    let _ = fs::remove_file(&path);
+                }
+                copied
+            }
+        },
+    }
+}
+
+/// Gives an `O_TMPFILE` file the name `target` (`linkat` through
+/// `/proc/self/fd`, which needs no privilege).
+fn link_unnamed(file: &File, target: &Path) -> io::Result<()> {
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+    let to = std::ffi::CString::new(target.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
+    // SAFETY: two valid C strings; linkat does not keep them.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn is_plain_name(s: &str) -> bool {
@@ -206,7 +351,9 @@ mod tests {
         fs::create_dir(&archive).unwrap();
         let source = dir.path().join("report.md");
         fs::write(&source, b"hello").unwrap();
-        let copied = copy_to_temp(&source, &archive, u64::MAX).unwrap();
+        let opened = open_source(&source).unwrap().unwrap();
+        assert_eq!(opened.size, 5);
+        let copied = copy_to_temp(opened, &archive, u64::MAX).unwrap();
         assert_eq!(
             copied.content_hash,
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
@@ -223,20 +370,25 @@ mod tests {
             target,
             archive.join("2026/01/02/s-1/2c/2cf24dba5fb0a30e-report.md")
         );
-        install(&copied.temp, &target, &mut HashSet::new()).unwrap();
+        let hash = copied.content_hash.clone();
+        install(copied.temp, &target, &mut HashSet::new()).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"hello");
         assert_eq!(
             fs::metadata(&target).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert!(!copied.temp.exists());
-        let odd = archive_path(
-            &archive,
-            (2026, 1, 2),
-            Some("../x"),
-            &copied.content_hash,
-            &source,
-        );
+        let names: Vec<_> = fs::read_dir(&archive)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["2026"], "no temporary file left behind");
+        // The same content again: the existing copy is kept.
+        let again =
+            copy_to_temp(open_source(&source).unwrap().unwrap(), &archive, u64::MAX).unwrap();
+        install(again.temp, &target, &mut HashSet::new()).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"hello");
+        let odd = archive_path(&archive, (2026, 1, 2), Some("../x"), &hash, &source);
         let session_dir = odd.strip_prefix(archive.join("2026/01/02")).unwrap();
         assert!(
             session_dir.to_string_lossy().starts_with("session-"),
@@ -247,16 +399,26 @@ mod tests {
     #[test]
     fn a_vanished_file_is_an_error_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
-        let err = copy_to_temp(&dir.path().join("gone.md"), dir.path(), u64::MAX).unwrap_err();
+        let err = open_source(&dir.path().join("gone.md")).unwrap_err();
         assert_eq!(err, CopyError::Vanished);
         let big = dir.path().join("big.md");
         fs::write(&big, vec![0u8; 1000]).unwrap();
-        let err = copy_to_temp(&big, dir.path(), 500).unwrap_err();
+        let err = copy_to_temp(open_source(&big).unwrap().unwrap(), dir.path(), 500).unwrap_err();
         assert!(
             matches!(err, CopyError::NoSpace { needed: 1000, .. }),
             "{err}"
         );
         fs::remove_file(&big).unwrap();
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no temporary file"
+        );
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link.md")).unwrap();
+        assert!(
+            open_source(&dir.path().join("link.md")).unwrap().is_none(),
+            "not followed"
+        );
+        assert!(open_source(dir.path()).unwrap().is_none(), "not a file");
     }
 }

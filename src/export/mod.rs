@@ -37,7 +37,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -691,10 +691,10 @@ impl Watcher {
     /// found by a scan that changed within [`SETTLE`] waits for its close
     /// event or a later look.
     fn consider(&mut self, path: &Path, scanned: bool) {
-        let meta = match fs::symlink_metadata(path) {
-            Ok(m) if m.is_file() => m,
-            Ok(_) => return,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+        let source = match archive::open_source(path) {
+            Ok(Some(source)) => source,
+            Ok(None) => return,
+            Err(CopyError::Vanished) => {
                 self.settling.remove(path);
                 if !scanned {
                     self.record_error(path, 0, 0, &CopyError::Vanished);
@@ -702,17 +702,17 @@ impl Watcher {
                 return;
             }
             Err(e) => {
-                log::warn!("cannot inspect `{}`: {e}", path.display());
+                log::warn!("cannot open export `{}`: {e}", path.display());
                 return;
             }
         };
-        let version = (meta.len(), mtime_ns(&meta));
+        let version = (source.size, source.mtime_ns);
         if self.known.get(path) == Some(&version) {
             self.settling.remove(path);
             return;
         }
         if scanned {
-            let age = modified_age(&meta);
+            let age = source.age();
             if age < SETTLE {
                 self.settling
                     .insert(path.to_owned(), Instant::now() + (SETTLE - age));
@@ -720,7 +720,7 @@ impl Watcher {
             }
         }
         self.settling.remove(path);
-        self.archive(path, version);
+        self.archive(path, source);
     }
 
     fn recheck_settled(&mut self) {
@@ -737,10 +737,11 @@ impl Watcher {
         }
     }
 
-    fn archive(&mut self, source: &Path, version: (u64, i64)) {
+    fn archive(&mut self, source: &Path, opened: archive::Source) {
+        let version = (opened.size, opened.mtime_ns);
         let session = self.session_for(source);
         let free = self.free_space();
-        let copied = match archive::copy_to_temp(source, &self.settings.archive_dir, free) {
+        let copied = match archive::copy_to_temp(opened, &self.settings.archive_dir, free) {
             Ok(c) => {
                 self.free.0 = self.free.0.saturating_sub(c.size);
                 c
@@ -753,7 +754,7 @@ impl Watcher {
         let existing = self.archived_content(&copied.content_hash);
         let archive_path = match existing {
             Some(path) => {
-                let _ = fs::remove_file(&copied.temp);
+                copied.temp.discard();
                 Metrics::add(&self.metrics.exports_deduplicated, 1);
                 path
             }
@@ -770,8 +771,7 @@ impl Watcher {
                     &copied.content_hash,
                     source,
                 );
-                if let Err(e) = archive::install(&copied.temp, &target, &mut self.made_dirs) {
-                    let _ = fs::remove_file(&copied.temp);
+                if let Err(e) = archive::install(copied.temp, &target, &mut self.made_dirs) {
                     let e = CopyError::Io(format!("cannot place the archive copy: {e}"));
                     self.record_error(source, version.0, version.1, &e);
                     return;
@@ -971,17 +971,4 @@ fn canonical_dir(given: &str) -> Result<PathBuf, String> {
         _ => format!("cannot read `{}`: {e}", path.display()),
     })?;
     Ok(path)
-}
-
-fn mtime_ns(meta: &fs::Metadata) -> i64 {
-    meta.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(meta.mtime_nsec())
-}
-
-fn modified_age(meta: &fs::Metadata) -> Duration {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .unwrap_or(SETTLE)
 }
