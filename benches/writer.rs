@@ -104,7 +104,7 @@ fn insert_batch(c: &mut Criterion) {
 
 fn checkpoint(conn: &Connection) {
     let busy: i64 = conn
-        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .query_row("PRAGMA main.wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
         .unwrap();
     assert_eq!(busy, 0, "nobody else uses the database");
 }

@@ -79,11 +79,15 @@ pub struct IdAllocator {
 }
 
 impl IdAllocator {
-    /// Reads the next free id. Call inside the ingest write transaction:
-    /// the write lock keeps anyone else from taking the same ids.
-    pub fn new(tx: &Transaction) -> rusqlite::Result<Self> {
-        let next = tx.prepare_cached(NEXT_ID)?.query_row([], |r| r.get(0))?;
-        Ok(IdAllocator { next })
+    /// Reads the next free id, above `merged_through` too (the merger's
+    /// mark can pass the largest id in `logs` when a chunk ended in a
+    /// duplicate). Call inside the ingest write transaction: the write lock
+    /// keeps anyone else from taking the same ids.
+    pub fn new(tx: &Transaction, merged_through: i64) -> rusqlite::Result<Self> {
+        let next: i64 = tx.prepare_cached(NEXT_ID)?.query_row([], |r| r.get(0))?;
+        Ok(IdAllocator {
+            next: next.max(merged_through.saturating_add(1)),
+        })
     }
 
     /// The id the last inserted row got (0 if none yet).
@@ -224,7 +228,7 @@ mod tests {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .unwrap();
-        let mut ids = IdAllocator::new(&tx).unwrap();
+        let mut ids = IdAllocator::new(&tx, 0).unwrap();
         let out = insert_rows(&tx, &mut ids, rows, 1, max).unwrap();
         tx.commit().unwrap();
         (out, ids.last())
@@ -321,6 +325,25 @@ mod tests {
             .query_row("SELECT count(*) FROM logs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(in_logs, 4);
+    }
+
+    #[test]
+    fn ids_stay_above_the_merge_mark_and_checkpoints_skip_attached_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        let main = schema::open_rw(&path, 4).unwrap();
+        let mut ing = schema::open_ingest_rw(&path, 4).unwrap();
+        ing.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        let tx = ing.transaction().unwrap();
+        let ids = IdAllocator::new(&tx, 41).unwrap();
+        assert_eq!(ids.last(), 41, "the next id is 42");
+        drop(tx);
+        // The ingest file now has WAL frames not yet copied back; the main
+        // connection (which attaches it read-only) checkpoints its own file.
+        ingest(&mut ing, &[row(Uuid::now_v7(), "s")], None);
+        let result = crate::store::wal::checkpoint(&main, "PASSIVE").unwrap();
+        assert!(!result.busy);
+        crate::store::wal::checkpoint(&ing, "PASSIVE").unwrap();
     }
 
     #[test]

@@ -40,7 +40,7 @@ impl StandaloneStore {
             let tx = self
                 .ingest
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut ids = IdAllocator::new(&tx)?;
+            let mut ids = IdAllocator::new(&tx, 0)?;
             let outcome = ingest::insert_rows(&tx, &mut ids, rows, now_us, None)?;
             tx.commit()?;
             outcome

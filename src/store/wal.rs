@@ -78,9 +78,10 @@ pub struct CheckpointResult {
     pub backfilled: u64,
 }
 
-/// Runs `PRAGMA wal_checkpoint(mode)` on `conn`.
+/// Runs `PRAGMA main.wal_checkpoint(mode)` on `conn`: only its own file,
+/// never a read-only attached one (which would fail the whole call).
 pub fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<CheckpointResult> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+    conn.query_row(&format!("PRAGMA main.wal_checkpoint({mode})"), [], |r| {
         Ok(CheckpointResult {
             busy: r.get::<_, i64>(0)? != 0,
             log_frames: r.get::<_, i64>(1)?.max(0) as u64,

@@ -128,6 +128,7 @@ pub fn spawn_writer(
         conn,
         body: IngestBody {
             state,
+            mark: (0, Uuid::nil()),
             ids: None,
             logs_max_uuid: None,
             delete_rows: 0,
@@ -188,6 +189,9 @@ pub(super) type JobResult = Result<OpOutcome, rusqlite::Error>;
 /// What one write transaction does: something first, then each op of the
 /// batch, then bookkeeping once it has committed.
 pub(super) trait TxBody {
+    /// Runs before every transaction begins (and so before its snapshot of
+    /// any attached file is taken).
+    fn before(&mut self) {}
     /// Runs at the start of every transaction.
     fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()>;
     /// Applies one op.
@@ -215,6 +219,7 @@ pub(super) fn write_batch<'a, B: TxBody>(
 ) -> BatchStats {
     let start = out.len();
     let batch = (|| {
+        body.before();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         body.begin(&tx)?;
         for op in ops.clone() {
@@ -261,6 +266,7 @@ fn write_one<B: TxBody>(
     now_us: i64,
     body: &mut B,
 ) -> JobResult {
+    body.before();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     body.begin(&tx)?;
     let outcome = body.apply(&tx, op, now_us)?;
@@ -361,6 +367,8 @@ impl Acker {
 /// has already moved.
 struct IngestBody {
     state: Arc<MergeState>,
+    /// The merge mark read before the current transaction began.
+    mark: (i64, Uuid),
     ids: Option<IdAllocator>,
     /// Read with the merged rows this transaction deletes.
     logs_max_uuid: Option<Uuid>,
@@ -369,11 +377,18 @@ struct IngestBody {
 }
 
 impl TxBody for IngestBody {
+    fn before(&mut self) {
+        // Read before BEGIN: the transaction's snapshot of `logs` (taken at
+        // BEGIN) then holds every row merged up to this mark, which the
+        // deletes, the id floor and the skipped uuid lookups rely on.
+        self.mark = self.state.merged_mark();
+    }
+
     fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
-        let (through, max_uuid) = self.state.merged_mark();
+        let (through, max_uuid) = self.mark;
         ingest::delete_merged(tx, through, self.delete_rows)?;
         self.logs_max_uuid = Some(max_uuid);
-        self.ids = Some(IdAllocator::new(tx)?);
+        self.ids = Some(IdAllocator::new(tx, through)?);
         Ok(())
     }
 
