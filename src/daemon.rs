@@ -112,7 +112,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         replies.clone(),
         Arc::clone(&metrics),
     )?;
-    let (exports_tx, exports) = spawn_watcher(
+    let watcher = spawn_watcher(
         db,
         writer.main_wal(),
         ExportSettings {
@@ -124,7 +124,16 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         },
         replies,
         Arc::clone(&metrics),
-    )?;
+    );
+    // Without inotify (instance limit) or an archive directory the daemon
+    // still serves logs; monitoring requests then get `Unavailable`.
+    let (exports_tx, exports) = match watcher {
+        Ok((tx, handle)) => (Some(tx), Some(handle)),
+        Err(e) => {
+            log::error!("export detection is off: {e}");
+            (None, None)
+        }
+    };
 
     let live = Arc::new(LiveSettings::default());
     apply_live(&live, &config);
@@ -212,7 +221,9 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             log::error!("an event loop panicked");
         }
     }
-    exports.stop();
+    if let Some(exports) = exports {
+        exports.stop();
+    }
     writer.join();
     readers.join();
     signal_handle.close();

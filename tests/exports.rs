@@ -492,6 +492,51 @@ fn move_mode_removes_sources_and_a_deleted_root_is_watched_again() {
     assert!(list(&mut c)[0].active);
 }
 
+#[test]
+fn watches_change_only_over_the_unix_socket() {
+    let d = Daemon::start_default();
+    let work = workdir(&d, "work");
+    let mut tcp = d.tcp();
+    let reason = assert_error(&start(&mut tcp, &work, true, &[]), ErrorCode::Unauthorized);
+    assert!(reason.contains("Unix socket"), "{reason}");
+    assert!(list(&mut tcp).is_empty(), "listing is allowed");
+    assert!(list(&mut d.unix()).is_empty());
+}
+
+#[test]
+fn renamed_subdirectories_and_future_mtimes_are_handled() {
+    let d = Daemon::start_default();
+    let mut c = d.unix();
+    let work = workdir(&d, "work");
+    // A file whose modification time is in the future, there before the
+    // watch: the start scan must not wait for it to "settle" forever.
+    let future = work.join("future.md");
+    let f = fs::File::create(&future).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(86_400))
+        .unwrap();
+    drop(f);
+    watch(&mut c, &work, &["*.md"]);
+    wait_rows(&d, &future, 1);
+
+    let a = work.join("a");
+    fs::create_dir(&a).unwrap();
+    let first = a.join("first.md");
+    fs::write(&first, b"in a").unwrap();
+    wait_rows(&d, &first, 1);
+    // Rename a to b, then make a new a: both are watched at once, under
+    // their current names (the periodic scan is 30 s away).
+    let b = work.join("b");
+    fs::rename(&a, &b).unwrap();
+    fs::create_dir(&a).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let in_new_a = a.join("new.md");
+    fs::write(&in_new_a, b"in the new a").unwrap();
+    let in_b = b.join("moved.md");
+    fs::write(&in_b, b"in b").unwrap();
+    wait_rows(&d, &in_new_a, 1);
+    wait_rows(&d, &in_b, 1);
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
 /// Read and write unit while copying.
 const COPY_CHUNK: usize = 64 * 1024;
+/// Longest source file name kept in an archive file name, in bytes.
+const MAX_NAME_BYTES: usize = 200;
 /// Folder of the archive for exports no session could be found for.
 pub const NO_SESSION: &str = "no-session";
 
@@ -27,15 +29,23 @@ pub struct Source {
     pub size: u64,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i64,
+    /// Device and inode: which file this was, checked before a move deletes
+    /// the path.
+    pub identity: (u64, u64),
 }
 
 impl Source {
-    /// How long ago the file was last modified (zero if in the future).
+    /// How long ago the file was last modified. A modification time in the
+    /// future (a skewed clock, `touch -d`) counts as long ago, so that such
+    /// a file is not waited on forever.
     pub fn age(&self) -> std::time::Duration {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
-        std::time::Duration::from_nanos(now.saturating_sub(self.mtime_ns).max(0) as u64)
+        if self.mtime_ns > now {
+            return std::time::Duration::MAX;
+        }
+        std::time::Duration::from_nanos((now - self.mtime_ns) as u64)
     }
 }
 
@@ -60,6 +70,7 @@ pub fn open_source(path: &Path) -> Result<Option<Source>, CopyError> {
     }
     Ok(Some(Source {
         file,
+        identity: (meta.dev(), meta.ino()),
         size: meta.len(),
         mtime_ns: meta
             .mtime()
@@ -82,6 +93,10 @@ pub enum Temp {
 impl Temp {
     /// Throws the copy away.
     pub fn discard(self) {
+        self.discard_ref();
+    }
+
+    fn discard_ref(&self) {
         if let Temp::Named(path) = self {
             let _ = fs::remove_file(path);
         }
@@ -164,7 +179,10 @@ fn create_temp(archive_dir: &Path) -> io::Result<(File, Temp)> {
 /// on the way, if it fits in `free` bytes (see [`free_bytes`]). Nothing is
 /// left behind on failure.
 pub fn copy_to_temp(source: Source, archive_dir: &Path, free: u64) -> Result<Copied, CopyError> {
-    let Source { mut file, size, .. } = source;
+    let Source { file, size, .. } = source;
+    // A file that grows while it is copied is copied as it was when opened;
+    // its next close event brings the rest.
+    let mut file = file.take(size);
     if size.saturating_add(FREE_SPACE_MARGIN) > free {
         return Err(CopyError::NoSpace { needed: size, free });
     }
@@ -189,10 +207,6 @@ pub fn copy_to_temp(source: Source, archive_dir: &Path, free: u64) -> Result<Cop
             hasher.update(&buf[..n]);
             output.write_all(&buf[..n])?;
             copied += n as u64;
-            if buf.len() < COPY_CHUNK && n == buf.len() {
-                // The file grew since it was opened: read on in full chunks.
-                buf.resize(COPY_CHUNK, 0);
-            }
         }
         Ok::<_, io::Error>((hex(&hasher.finalize()), copied))
     })();
@@ -232,10 +246,18 @@ pub fn archive_path(
         Some(s) if is_plain_name(s) => s.to_owned(),
         Some(s) => format!("session-{}", &hex(&Sha256::digest(s.as_bytes()))[..16]),
     };
-    let name = source
+    let mut name = source
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // 17 bytes of hash prefix plus the name must fit a 255-byte file name.
+    if name.len() > MAX_NAME_BYTES {
+        let mut end = MAX_NAME_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
     archive_dir
         .join(format!("{:04}", date.0))
         .join(format!("{:02}", date.1))
@@ -250,22 +272,39 @@ pub fn archive_path(
 /// place; a target that already exists has the same content (its name
 /// holds the content hash) and is kept.
 pub fn install(temp: Temp, target: &Path, made: &mut HashSet<PathBuf>) -> io::Result<()> {
-    if let Some(parent) = target.parent() {
-        if !made.contains(parent) {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)?;
-            made.insert(parent.to_owned());
-        }
+    let parent = target.parent().unwrap_or(Path::new("."));
+    if !made.contains(parent) {
+        make_dir(parent)?;
+        made.insert(parent.to_owned());
     }
+    match place(&temp, target) {
+        // The directory was deleted since it was made: make it again.
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            make_dir(parent)?;
+            place(&temp, target)
+        }
+        other => other,
+    }
+    .inspect_err(|_| temp.discard_ref())
+}
+
+fn make_dir(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Links or renames the copy to `target`.
+fn place(temp: &Temp, target: &Path) -> io::Result<()> {
     match temp {
-        Temp::Named(path) => fs::rename(&path, target).inspect_err(|_| {
-            let _ = fs::remove_file(&path);
-        }),
-        Temp::Unnamed(file) => match link_unnamed(&file, target) {
+        Temp::Named(path) => fs::rename(path, target),
+        Temp::Unnamed(file) => match link_unnamed(file, target) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+            Err(e)
+                if e.kind() == ErrorKind::NotFound
+                    && target.parent().is_some_and(|p| !p.exists()) =>
+            {
+                Err(e)
+            }
             // No /proc: copy the unnamed file to a named one, then rename.
             Err(_) => {
                 let mut file = file;
@@ -285,6 +324,13 @@ pub fn install(temp: Temp, target: &Path, made: &mut HashSet<PathBuf>) -> io::Re
             }
         },
     }
+}
+
+/// Makes the copy at `target` and its directory entry durable (a move
+/// deletes the source afterwards).
+pub fn sync(target: &Path) -> io::Result<()> {
+    File::open(target)?.sync_all()?;
+    File::open(target.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Gives an `O_TMPFILE` file the name `target` (`linkat` through

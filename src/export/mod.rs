@@ -53,6 +53,9 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// Control requests waiting for the watcher; beyond it a client gets
 /// `Unavailable`.
 const CONTROL_QUEUE: usize = 256;
+/// How long a file found by a scan must be unchanged before move mode may
+/// delete it (files seen closed by inotify are moved at once).
+const MOVE_AFTER_IDLE: Duration = Duration::from_secs(60);
 /// Events buffer for one `read` of the inotify descriptor.
 const EVENT_BUFFER: usize = 64 * 1024;
 /// How long the archive's free space and the sessions' workspaces are
@@ -203,6 +206,7 @@ pub fn spawn_watcher(
     let stop = Arc::new(AtomicBool::new(false));
     let mut watcher = Watcher {
         known: load_known(&conn)?,
+        failed: HashMap::new(),
         conn,
         settings: ExportSettings {
             archive_dir,
@@ -246,15 +250,17 @@ pub fn spawn_watcher(
     ))
 }
 
-/// Size and modification time (ns) of each source's last archive row.
-fn load_known(conn: &Connection) -> Result<HashMap<PathBuf, (u64, i64)>, StoreError> {
+/// Size and modification time (ns) of each source's last successful
+/// archive row, keyed by the path as stored (see [`key`]).
+fn load_known(conn: &Connection) -> Result<HashMap<String, (u64, i64)>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT original_path, file_size, source_mtime_ns FROM export_archive \
-         WHERE id IN (SELECT max(id) FROM export_archive GROUP BY original_path)",
+         WHERE id IN (SELECT max(id) FROM export_archive WHERE error IS NULL \
+         GROUP BY original_path)",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
-            PathBuf::from(r.get::<_, String>(0)?),
+            r.get::<_, String>(0)?,
             (
                 r.get::<_, Option<i64>>(1)?.unwrap_or(-1) as u64,
                 r.get::<_, Option<i64>>(2)?.unwrap_or(-1),
@@ -262,6 +268,21 @@ fn load_known(conn: &Connection) -> Result<HashMap<PathBuf, (u64, i64)>, StoreEr
         ))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A source path as `export_archive` stores it (lossy for names that are
+/// not UTF-8, so the same key comes back after a restart).
+fn key(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// What a move must find at the source path before it deletes it: the
+/// same file (device, inode), size and modification time as was copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Copied {
+    identity: (u64, u64),
+    size: u64,
+    mtime_ns: i64,
 }
 
 /// One archive row waiting for its transaction.
@@ -273,8 +294,9 @@ struct Record {
     mtime_ns: i64,
     content_hash: Option<String>,
     error: Option<String>,
-    /// Set when the source must be deleted after the commit (move mode).
-    remove_source: bool,
+    /// Set when the source must be deleted after the commit (move mode),
+    /// if it is still the file that was copied.
+    remove_source: Option<Copied>,
 }
 
 struct Watcher {
@@ -287,8 +309,11 @@ struct Watcher {
     /// Watch descriptor of each watched directory.
     watched: HashMap<PathBuf, WatchDescriptor>,
     roots: Vec<Root>,
-    /// Source path to (size, mtime) of its last archive row.
-    known: HashMap<PathBuf, (u64, i64)>,
+    /// Source path ([`key`]) to (size, mtime) of its last archive row.
+    known: HashMap<String, (u64, i64)>,
+    /// Versions that failed to archive (no space, I/O); tried again at the
+    /// next full scan, or when they change.
+    failed: HashMap<String, (u64, i64)>,
     /// Files a scan found still changing, and when to look again.
     settling: HashMap<PathBuf, Instant>,
     batch: Vec<Record>,
@@ -497,7 +522,13 @@ impl Watcher {
             | WatchMask::DONT_FOLLOW;
         match self.inotify.watches().add(dir, mask) {
             Ok(wd) => {
-                self.dirs.insert(wd.clone(), dir.to_owned());
+                // The same directory under a new name (moved within the
+                // tree) gets the same descriptor: drop the old name.
+                if let Some(old) = self.dirs.insert(wd.clone(), dir.to_owned()) {
+                    if old != dir {
+                        self.watched.remove(&old);
+                    }
+                }
                 self.watched.insert(dir.to_owned(), wd);
                 true
             }
@@ -527,6 +558,7 @@ impl Watcher {
     fn full_scan(&mut self) {
         self.next_scan = Instant::now() + self.settings.scan_interval;
         self.limit_warned = false;
+        self.failed.clear();
         Metrics::add(&self.metrics.export_scans, 1);
         let dirs: Vec<PathBuf> = self.roots.iter().map(|r| r.path.clone()).collect();
         for dir in dirs {
@@ -623,14 +655,14 @@ impl Watcher {
                     continue;
                 };
                 if event.mask.contains(EventMask::IGNORED) {
-                    gone.push((event.wd.clone(), dir));
+                    gone.push((event.wd.clone(), dir, true));
                     continue;
                 }
                 if event
                     .mask
                     .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
                 {
-                    gone.push((event.wd.clone(), dir));
+                    gone.push((event.wd.clone(), dir, false));
                     continue;
                 }
                 let Some(name) = event.name else { continue };
@@ -649,8 +681,8 @@ impl Watcher {
                     found.push((path, false));
                 }
             }
-            for (wd, dir) in gone {
-                self.forget(wd, &dir);
+            for (wd, dir, ignored_only) in gone {
+                self.forget(wd, &dir, ignored_only);
             }
             if overflow {
                 Metrics::add(&self.metrics.inotify_overflows, 1);
@@ -670,18 +702,40 @@ impl Watcher {
         }
     }
 
-    /// A watch went away (its directory was deleted or moved).
-    fn forget(&mut self, wd: WatchDescriptor, dir: &Path) {
-        if self.dirs.remove(&wd).is_some() {
-            self.watched.remove(dir);
+    /// A watch went away, or its directory was deleted or moved: forget it
+    /// and every watch below it (their paths are stale now), then look at
+    /// the path again if it is still (or again) a watched directory. A
+    /// directory moved within the tree is watched anew under its new name
+    /// through its parent's `IN_MOVED_TO`.
+    fn forget(&mut self, wd: WatchDescriptor, dir: &Path, ignored_only: bool) {
+        if self.dirs.get(&wd).map(PathBuf::as_path) != Some(dir) {
+            return;
         }
-        if self.roots.iter().any(|r| r.path == dir) {
-            let present = dir.is_dir();
-            self.mark_root(dir, present);
-            if present {
-                // Moved away and something else took its name: look at it.
-                self.scan_dir(dir);
+        if ignored_only {
+            self.dirs.remove(&wd);
+            self.watched.remove(dir);
+        } else {
+            let stale: Vec<PathBuf> = self
+                .watched
+                .keys()
+                .filter(|p| p.starts_with(dir))
+                .cloned()
+                .collect();
+            for path in stale {
+                if let Some(old) = self.watched.remove(&path) {
+                    self.dirs.remove(&old);
+                    // Fails for a watch the kernel already dropped.
+                    let _ = self.inotify.watches().remove(old);
+                }
             }
+        }
+        let present = dir.is_dir();
+        if self.roots.iter().any(|r| r.path == dir) {
+            self.mark_root(dir, present);
+        }
+        if present && self.roots.iter().any(|r| r.covers_dir(dir)) {
+            // Something else has this name now: look at it.
+            self.scan_dir(dir);
         }
     }
 
@@ -707,20 +761,23 @@ impl Watcher {
             }
         };
         let version = (source.size, source.mtime_ns);
-        if self.known.get(path) == Some(&version) {
+        let name = key(path);
+        if self.known.get(&name) == Some(&version) || self.failed.get(&name) == Some(&version) {
             self.settling.remove(path);
             return;
         }
-        if scanned {
-            let age = source.age();
-            if age < SETTLE {
-                self.settling
-                    .insert(path.to_owned(), Instant::now() + (SETTLE - age));
-                return;
-            }
+        let age = source.age();
+        if scanned && age < SETTLE {
+            self.settling
+                .insert(path.to_owned(), Instant::now() + (SETTLE - age));
+            return;
         }
         self.settling.remove(path);
-        self.archive(path, source);
+        // A move deletes the source, so only after its close event or once
+        // a scan found it unchanged for long: a writer that paused for a
+        // second would otherwise lose the rest of its file.
+        let movable = !scanned || age >= MOVE_AFTER_IDLE;
+        self.archive(path, source, movable);
     }
 
     fn recheck_settled(&mut self) {
@@ -737,8 +794,14 @@ impl Watcher {
         }
     }
 
-    fn archive(&mut self, source: &Path, opened: archive::Source) {
+    fn archive(&mut self, source: &Path, opened: archive::Source, movable: bool) {
         let version = (opened.size, opened.mtime_ns);
+        let copied_file = Copied {
+            identity: opened.identity,
+            size: opened.size,
+            mtime_ns: opened.mtime_ns,
+        };
+        let moving = movable && self.settings.mode == ArchiveMode::Move;
         let session = self.session_for(source);
         let free = self.free_space();
         let copied = match archive::copy_to_temp(opened, &self.settings.archive_dir, free) {
@@ -771,7 +834,15 @@ impl Watcher {
                     &copied.content_hash,
                     source,
                 );
-                if let Err(e) = archive::install(copied.temp, &target, &mut self.made_dirs) {
+                let placed =
+                    archive::install(copied.temp, &target, &mut self.made_dirs).and_then(|()| {
+                        if moving {
+                            archive::sync(&target)
+                        } else {
+                            Ok(())
+                        }
+                    });
+                if let Err(e) = placed {
                     let e = CopyError::Io(format!("cannot place the archive copy: {e}"));
                     self.record_error(source, version.0, version.1, &e);
                     return;
@@ -779,7 +850,7 @@ impl Watcher {
                 target.to_string_lossy().into_owned()
             }
         };
-        self.known.insert(source.to_owned(), version);
+        self.known.insert(key(source), version);
         self.batch.push(Record {
             source: source.to_owned(),
             archive_path,
@@ -788,7 +859,7 @@ impl Watcher {
             mtime_ns: version.1,
             content_hash: Some(copied.content_hash),
             error: None,
-            remove_source: self.settings.mode == ArchiveMode::Move,
+            remove_source: moving.then_some(copied_file),
         });
         if self.batch.len() >= self.settings.batch_size {
             self.flush();
@@ -798,7 +869,9 @@ impl Watcher {
     fn record_error(&mut self, source: &Path, size: u64, mtime_ns: i64, error: &CopyError) {
         Metrics::add(&self.metrics.export_errors, 1);
         log::warn!("cannot archive export `{}`: {error}", source.display());
-        self.known.insert(source.to_owned(), (size, mtime_ns));
+        if *error != CopyError::Vanished {
+            self.failed.insert(key(source), (size, mtime_ns));
+        }
         self.batch.push(Record {
             source: source.to_owned(),
             archive_path: String::new(),
@@ -807,7 +880,7 @@ impl Watcher {
             mtime_ns,
             content_hash: None,
             error: Some(error.to_string()),
-            remove_source: false,
+            remove_source: None,
         });
     }
 
@@ -924,13 +997,8 @@ impl Watcher {
                 let archived = self.batch.iter().filter(|r| r.error.is_none()).count();
                 Metrics::add(&self.metrics.exports_archived, archived as u64);
                 for r in self.batch.drain(..) {
-                    if r.remove_source {
-                        if let Err(e) = fs::remove_file(&r.source) {
-                            log::warn!(
-                                "archived `{}` but cannot remove it: {e}",
-                                r.source.display()
-                            );
-                        }
+                    if let Some(copied) = r.remove_source {
+                        remove_if_unchanged(&r.source, copied);
                     }
                 }
             }
@@ -939,10 +1007,36 @@ impl Watcher {
                 log::error!("cannot record {} archived export(s): {e}", self.batch.len());
                 Metrics::add(&self.metrics.export_errors, self.batch.len() as u64);
                 for r in self.batch.drain(..) {
-                    self.known.remove(&r.source);
+                    self.known.remove(&key(&r.source));
                 }
             }
         }
+    }
+}
+
+/// Move mode: deletes `path` if it is still the file that was copied;
+/// otherwise it changed since, its new version is archived on its own, and
+/// it is kept.
+fn remove_if_unchanged(path: &Path, copied: Copied) {
+    use std::os::unix::fs::MetadataExt;
+    let same = fs::symlink_metadata(path).is_ok_and(|m| {
+        m.is_file()
+            && (m.dev(), m.ino()) == copied.identity
+            && m.len() == copied.size
+            && m.mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec())
+                == copied.mtime_ns
+    });
+    if !same {
+        log::info!(
+            "`{}` changed after it was archived; keeping it (move mode)",
+            path.display()
+        );
+        return;
+    }
+    if let Err(e) = fs::remove_file(path) {
+        log::warn!("archived `{}` but cannot remove it: {e}", path.display());
     }
 }
 
@@ -971,4 +1065,34 @@ fn canonical_dir(given: &str) -> Result<PathBuf, String> {
         _ => format!("cannot read `{}`: {e}", path.display()),
     })?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_move_keeps_a_source_that_changed_after_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.md");
+        fs::write(&path, b"v1").unwrap();
+        let copied = |p: &Path| {
+            let s = archive::open_source(p).unwrap().unwrap();
+            Copied {
+                identity: s.identity,
+                size: s.size,
+                mtime_ns: s.mtime_ns,
+            }
+        };
+        let v1 = copied(&path);
+        // Replaced by a new file (an editor's save): kept.
+        let staged = dir.path().join("r.md.new");
+        fs::write(&staged, b"v2, longer").unwrap();
+        fs::rename(&staged, &path).unwrap();
+        remove_if_unchanged(&path, v1);
+        assert!(path.exists());
+        // Unchanged since the copy: deleted.
+        remove_if_unchanged(&path, copied(&path));
+        assert!(!path.exists());
+    }
 }

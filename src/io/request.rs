@@ -6,6 +6,7 @@
 use super::conn::{ConnState, Connection};
 use crate::budget::InflightBudget;
 use crate::export::{ControlJob, ControlOp, ControlSender};
+use crate::io::listener::Stream;
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, ComponentStatus, ErrorCode, LogFields, Message, Payload};
 use crate::reply::ReplyTo;
@@ -66,8 +67,9 @@ pub struct Services {
     pub writer: Sender<WriteJob>,
     /// The reader pool's queue.
     pub readers: Sender<QueryJob>,
-    /// The export watcher's control queue.
-    pub exports: ControlSender,
+    /// The export watcher's control queue; `None` when export detection
+    /// could not start (the daemon runs on without it).
+    pub exports: Option<ControlSender>,
     /// Bytes of requests in flight.
     pub budget: Arc<InflightBudget>,
     /// Counters.
@@ -232,12 +234,33 @@ impl Services {
         request_id: Uuid,
         op: ControlOp,
     ) -> Handled {
+        let Some(exports) = &self.exports else {
+            return self.answer(
+                conn,
+                Message::error(
+                    ErrorCode::Unavailable,
+                    "export detection is not running on this daemon (see its log)",
+                ),
+            );
+        };
+        let changes = matches!(op, ControlOp::Start { .. } | ControlOp::Stop { .. });
+        if changes && matches!(conn.stream, Stream::Tcp(_)) {
+            // A watch makes the daemon read (and in move mode delete) files
+            // with its own rights: only local users of the socket may ask.
+            return self.answer(
+                conn,
+                Message::error(
+                    ErrorCode::Unauthorized,
+                    "StartMonitoring and StopMonitoring are accepted on the Unix socket only",
+                ),
+            );
+        }
         let job = ControlJob {
             reply: self.reply_to(conn, origin, false),
             request_id,
             op,
         };
-        match self.exports.try_send(job) {
+        match exports.try_send(job) {
             Ok(()) => {
                 conn.answers.reserve();
                 Handled::Done(1)
