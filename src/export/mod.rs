@@ -192,6 +192,8 @@ pub fn spawn_watcher(
         .map_err(io_err("resolve archive directory", &settings.archive_dir))?;
     let inotify = Inotify::init().map_err(io_err("start inotify for", &archive_dir))?;
     let poll = Poll::new().map_err(io_err("create a poll for", &archive_dir))?;
+    let (tx, rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
+    let stop = Arc::new(AtomicBool::new(false));
     poll.registry()
         .register(
             &mut SourceFd(&inotify.as_raw_fd()),
@@ -202,8 +204,6 @@ pub fn spawn_watcher(
     let waker = Arc::new(
         Waker::new(poll.registry(), WAKE).map_err(io_err("create a waker for", &archive_dir))?,
     );
-    let (tx, rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
-    let stop = Arc::new(AtomicBool::new(false));
     let mut watcher = Watcher {
         known: load_known(&conn)?,
         failed: HashMap::new(),
@@ -222,6 +222,7 @@ pub fn spawn_watcher(
         replies,
         metrics,
         wal,
+        stop: Arc::clone(&stop),
         next_scan: Instant::now(),
         limit_warned: false,
         made_dirs: HashSet::new(),
@@ -320,6 +321,8 @@ struct Watcher {
     replies: Replies,
     metrics: Arc<Metrics>,
     wal: Arc<WalState>,
+    /// Set when the daemon stops; long scans give up early.
+    stop: Arc<AtomicBool>,
     next_scan: Instant,
     /// The watch limit was reported since the last full scan.
     limit_warned: bool,
@@ -571,6 +574,10 @@ impl Watcher {
     fn scan_dir(&mut self, start: &Path) {
         let mut stack = vec![start.to_owned()];
         while let Some(dir) = stack.pop() {
+            if self.stop.load(Ordering::Relaxed) {
+                // Shutting down: the next start scans everything anyway.
+                return;
+            }
             if dir.starts_with(&self.settings.archive_dir) {
                 continue;
             }

@@ -301,6 +301,11 @@ fn user_version(conn: &Connection) -> rusqlite::Result<i64> {
 /// migrate.
 fn migrate(conn: &mut Connection, path: &Path, steps: &[&str]) -> Result<(), StoreError> {
     let target = steps.len() as i64;
+    // Up to date (the usual case): no write lock, so a `codi2` starting up
+    // never waits behind, or holds up, the daemon's writers.
+    if user_version(conn)? == target {
+        return Ok(());
+    }
     loop {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let found = user_version(&tx)?;

@@ -441,3 +441,34 @@ def test_truncated_frame_then_close_does_not_disturb_others(connect):
     ping_id = newcomer.send("Ping")
     expect_ack(newcomer.recv(), ping_id)
     assert query(newcomer, limit=0, component=component)["total_count"] == 0
+
+
+def test_monitoring_requests(daemon, connect, transport, tmp_path):
+    """StartMonitoring / StopMonitoring change watches on the Unix socket
+    only; ListMonitoring (Extension) lists them on either transport."""
+    conn = connect()
+    watched = tmp_path / "exports"
+    watched.mkdir()
+    start = {"StartMonitoring": {"path": str(watched), "recursive": True,
+                                 "patterns": ["*.md"]}}
+    answer = conn.request(start)
+    if transport == "tcp":
+        expect_error(answer, "Unauthorized")
+        return
+    name, _ = payload_of(answer)
+    assert name == "Acknowledgment", answer
+    assert payload_of(answer)[1]["status"] == "Accepted", answer
+    name, fields = payload_of(conn.request("ListMonitoring"))
+    assert name == "Monitoring"
+    mine = [p for p in fields["paths"] if p["path"] == str(watched.resolve())]
+    assert mine == [{"path": str(watched.resolve()), "recursive": True,
+                     "patterns": ["*.md"], "session_id": None, "active": True}]
+    missing = {"StartMonitoring": {"path": str(tmp_path / "missing"),
+                                   "recursive": False, "patterns": []}}
+    error = expect_error(conn.request(missing), "InvalidRequest")
+    assert "does not exist" in error["message"]
+    stop_id = conn.send({"StopMonitoring": {"path": str(watched)}})
+    expect_ack(conn.recv(), stop_id)
+    error = expect_error(conn.request({"StopMonitoring": {"path": str(watched)}}),
+                         "InvalidRequest")
+    assert "not watched" in error["message"]
