@@ -33,7 +33,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use roots::Root;
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
@@ -56,6 +56,10 @@ const CONTROL_QUEUE: usize = 256;
 /// How long a file found by a scan must be unchanged before move mode may
 /// delete it (files seen closed by inotify are moved at once).
 const MOVE_AFTER_IDLE: Duration = Duration::from_secs(60);
+/// Most closed files waiting to be archived (about 100 bytes each).
+const MAX_CLOSED_QUEUE: usize = 1 << 20;
+/// Most closed files archived before the loop looks at control requests.
+const CLOSED_PER_TURN: usize = 4096;
 /// Events buffer for one `read` of the inotify descriptor.
 const EVENT_BUFFER: usize = 64 * 1024;
 /// How long the archive's free space and the sessions' workspaces are
@@ -218,6 +222,9 @@ pub fn spawn_watcher(
         watched: HashMap::new(),
         roots: Vec::new(),
         settling: HashMap::new(),
+        closed: VecDeque::new(),
+        closed_set: HashSet::new(),
+        closed_overflowed: false,
         batch: Vec::new(),
         replies,
         metrics,
@@ -317,6 +324,12 @@ struct Watcher {
     failed: HashMap<String, (u64, i64)>,
     /// Files a scan found still changing, and when to look again.
     settling: HashMap<PathBuf, Instant>,
+    /// Files reported closed (or moved in), oldest first, not yet archived.
+    closed: VecDeque<PathBuf>,
+    /// The same files, so that a file closed twice waits once.
+    closed_set: HashSet<PathBuf>,
+    /// [`MAX_CLOSED_QUEUE`] was reached: a full scan replaces the queue.
+    closed_overflowed: bool,
     batch: Vec<Record>,
     replies: Replies,
     metrics: Arc<Metrics>,
@@ -343,10 +356,14 @@ impl Watcher {
         // Catch up on what appeared while the daemon was down.
         self.full_scan();
         loop {
+            self.archive_closed(&mut buffer);
             self.flush();
-            let timeout = self
-                .next_deadline()
-                .saturating_duration_since(Instant::now());
+            let timeout = if self.closed.is_empty() {
+                self.next_deadline()
+                    .saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != ErrorKind::Interrupted {
                     log::error!("export watcher poll failed: {e}");
@@ -702,10 +719,48 @@ impl Watcher {
                 }
             }
             for (path, _) in found {
-                if self.roots.iter().any(|r| r.matches(&path)) {
-                    self.consider(&path, false);
+                if self.closed.len() >= MAX_CLOSED_QUEUE {
+                    self.closed_overflowed = true;
+                } else if self.roots.iter().any(|r| r.matches(&path))
+                    && self.closed_set.insert(path.clone())
+                {
+                    self.closed.push_back(path);
                 }
             }
+        }
+    }
+
+    /// Archives the files whose close events were read, a batch at a time,
+    /// reading the kernel's queue again between batches: the kernel holds
+    /// only `max_queued_events` (16,384 by default), so events wait here
+    /// instead, and a burst longer than the kernel's queue does not cost a
+    /// full rescan. Beyond [`MAX_CLOSED_QUEUE`] files the queue is dropped
+    /// and one full scan finds them instead.
+    fn archive_closed(&mut self, buffer: &mut [u8]) {
+        let mut done = 0;
+        while let Some(path) = self.closed.pop_front() {
+            self.closed_set.remove(&path);
+            if self.roots.iter().any(|r| r.matches(&path)) {
+                self.consider(&path, false);
+            }
+            done += 1;
+            if done % self.settings.batch_size.max(1) == 0 {
+                self.read_events(buffer);
+            }
+            if done >= CLOSED_PER_TURN {
+                // Let control requests and deadlines in.
+                break;
+            }
+        }
+        if self.closed_overflowed {
+            self.closed_overflowed = false;
+            self.closed.clear();
+            self.closed_set.clear();
+            Metrics::add(&self.metrics.inotify_overflows, 1);
+            log::warn!(
+                "more than {MAX_CLOSED_QUEUE} exports waiting; rescanning every watched directory"
+            );
+            self.full_scan();
         }
     }
 
