@@ -666,7 +666,7 @@ impl Watcher {
                     return;
                 }
             };
-            let mut found: Vec<(PathBuf, bool)> = Vec::new();
+            let mut found: Vec<PathBuf> = Vec::new();
             let mut new_dirs = Vec::new();
             let mut gone = Vec::new();
             let mut overflow = false;
@@ -702,7 +702,7 @@ impl Watcher {
                     .mask
                     .intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO)
                 {
-                    found.push((path, false));
+                    found.push(path);
                 }
             }
             for (wd, dir, ignored_only) in gone {
@@ -718,7 +718,7 @@ impl Watcher {
                     self.scan_dir(&dir);
                 }
             }
-            for (path, _) in found {
+            for path in found {
                 if self.closed.len() >= MAX_CLOSED_QUEUE {
                     self.closed_overflowed = true;
                 } else if self.roots.iter().any(|r| r.matches(&path))
