@@ -403,7 +403,15 @@ impl Watcher {
                 patterns,
                 session_id,
             } => match self.start(&path, recursive, patterns, session_id) {
-                Ok(()) => Message::ack(job.request_id, AckStatus::Accepted),
+                Ok(dir) => {
+                    // Answer once the watch is saved and its root watched;
+                    // the scan of a large tree can take longer than a
+                    // client waits.
+                    let ack = Message::ack(job.request_id, AckStatus::Accepted);
+                    self.replies.send(job.reply, ack);
+                    self.scan_dir(&dir);
+                    return;
+                }
                 Err(reason) => Message::error(ErrorCode::InvalidRequest, reason),
             },
             ControlOp::Stop { path } => match self.stop_root(&path) {
@@ -419,13 +427,14 @@ impl Watcher {
         self.replies.send(job.reply, answer);
     }
 
+    /// Saves and installs a watch; returns its directory, still to scan.
     fn start(
         &mut self,
         given: &str,
         recursive: bool,
         patterns: Vec<String>,
         session_id: Option<String>,
-    ) -> Result<(), String> {
+    ) -> Result<PathBuf, String> {
         let path = canonical_dir(given)?;
         if path.starts_with(&self.settings.archive_dir) {
             return Err(format!(
@@ -468,8 +477,8 @@ impl Watcher {
         let dir = root.path.clone();
         self.roots.retain(|r| r.path != dir);
         self.roots.push(root);
-        self.scan_dir(&dir);
-        Ok(())
+        self.watch(&dir);
+        Ok(dir)
     }
 
     fn stop_root(&mut self, given: &str) -> Result<(), String> {
