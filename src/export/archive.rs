@@ -32,6 +32,9 @@ pub struct Source {
     /// Device and inode: which file this was, checked before a move deletes
     /// the path.
     pub identity: (u64, u64),
+    /// Whether another process has it open for writing; `None` when the
+    /// kernel would not say (see [`open_for_writing`]).
+    pub being_written: Option<bool>,
 }
 
 impl Source {
@@ -69,6 +72,7 @@ pub fn open_source(path: &Path) -> Result<Option<Source>, CopyError> {
         return Ok(None);
     }
     Ok(Some(Source {
+        being_written: open_for_writing(&file),
         file,
         identity: (meta.dev(), meta.ino()),
         size: meta.len(),
@@ -77,6 +81,26 @@ pub fn open_source(path: &Path) -> Result<Option<Source>, CopyError> {
             .saturating_mul(1_000_000_000)
             .saturating_add(meta.mtime_nsec()),
     }))
+}
+
+/// Whether any process has `file` open for writing. The kernel grants a
+/// read lease (`F_SETLEASE`, `F_RDLCK`) only when none does; the lease is
+/// dropped at once. `None` when it cannot tell: not our file and no
+/// `CAP_LEASE`, leases disabled, a filesystem without them. A writer that
+/// opens the file in the microseconds the lease is held waits for its
+/// release; the lease-break signal (`SIGIO`) is ignored by the watcher.
+pub fn open_for_writing(file: &File) -> Option<bool> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
+        // SAFETY: as above; releasing cannot fail for a lease we hold.
+        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        return Some(false);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
 }
 
 /// A finished copy not yet in its place.
@@ -466,5 +490,16 @@ mod tests {
             "not followed"
         );
         assert!(open_source(dir.path()).unwrap().is_none(), "not a file");
+        let open = dir.path().join("open.md");
+        let writer = File::create(&open).unwrap();
+        let source = open_source(&open).unwrap().unwrap();
+        if let Some(busy) = source.being_written {
+            assert!(busy, "a file open for writing is seen as such");
+            drop(writer);
+            assert_eq!(
+                open_source(&open).unwrap().unwrap().being_written,
+                Some(false)
+            );
+        }
     }
 }

@@ -12,10 +12,12 @@
 //! `/`, so `*.md` matches at any depth), seen through `IN_CLOSE_WRITE` or
 //! `IN_MOVED_TO`, never while it is open for writing. Scans (at start-up, for
 //! a new watch, for a new subdirectory, after a queue overflow and every
-//! `scan_interval`) find files inotify did not report; a file a scan finds
-//! that changed within the last second is checked again a second later, so
-//! that a file still being written is archived after its close event rather
-//! than half-written. A file is archived again only when its size or
+//! `scan_interval`) find files inotify did not report. Before copying, the
+//! watcher asks the kernel whether any process still has the file open for
+//! writing (a read lease is granted only if none does) and leaves such a
+//! file to its close event; where the kernel cannot tell, a file a scan
+//! finds that changed within the last second is checked again a second
+//! later. A file is archived again only when its size or
 //! modification time changed since its last archive row.
 
 pub mod archive;
@@ -195,6 +197,11 @@ pub fn spawn_watcher(
     let archive_dir = fs::canonicalize(&settings.archive_dir)
         .map_err(io_err("resolve archive directory", &settings.archive_dir))?;
     let inotify = Inotify::init().map_err(io_err("start inotify for", &archive_dir))?;
+    // A writer opening a file while the watcher holds its read lease (see
+    // `archive::open_for_writing`) makes the kernel send SIGIO, which would
+    // otherwise end the process.
+    // SAFETY: installing SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
     let poll = Poll::new().map_err(io_err("create a poll for", &archive_dir))?;
     let (tx, rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
     let stop = Arc::new(AtomicBool::new(false));
@@ -838,7 +845,16 @@ impl Watcher {
             return;
         }
         let age = source.age();
-        if scanned && age < SETTLE {
+        if source.being_written == Some(true) {
+            // Its close event (the directory is watched) or a later scan
+            // brings it once the writer is done.
+            self.settling.remove(path);
+            return;
+        }
+        // Where the kernel could not tell whether it is still being
+        // written, a file a scan found waits until it has been unchanged
+        // for a moment.
+        if scanned && source.being_written.is_none() && age < SETTLE {
             self.settling
                 .insert(path.to_owned(), Instant::now() + (SETTLE - age));
             return;
