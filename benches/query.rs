@@ -19,7 +19,7 @@ use codi_monitor::proto::{LogFilter, LogLevel, Timestamp};
 use codi_monitor::store::{query::run_query, schema};
 use common::{RowGen, RARE_WORD};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params_from_iter, Connection, OptionalExtension, ToSql};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -90,26 +90,21 @@ fn ensure_db(path: &Path, rows: u64) {
             // The same columns as `store::ops`' insert.
             let mut stmt = tx
                 .prepare(
-                    "INSERT INTO logs (id, uuid, timestamp, level, component, session_id, \
-                     message, metadata, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO logs (uuid, timestamp, level, component, session_id, \
+                     message, metadata, created_at, id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .unwrap();
             let end = (i + BUILD_TXN_ROWS).min(rows);
             while i < end {
                 let row = gen.row(i);
                 i += 1;
-                stmt.execute(params![
-                    i as i64,
-                    row.uuid.as_bytes().as_slice(),
-                    row.timestamp_us,
-                    row.level.as_str(),
-                    row.component,
-                    row.session_id,
-                    row.message,
-                    row.metadata_json,
-                    // Stored a few ms after it was sent.
-                    row.timestamp_us + 3_000,
-                ])
+                let id = i as i64;
+                // Stored a few ms after it was sent.
+                let created = row.timestamp_us + 3_000;
+                let values = row.values(&created);
+                stmt.execute(params_from_iter(
+                    values.into_iter().chain([&id as &dyn ToSql]),
+                ))
                 .unwrap();
             }
         }

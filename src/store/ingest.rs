@@ -26,7 +26,7 @@
 
 use super::ops::OpOutcome;
 use super::LogRow;
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, ToSql, Transaction};
 use uuid::Uuid;
 
 /// A temporary view of every stored log, with `logs`' columns: the indexed
@@ -48,14 +48,14 @@ const NEXT_ID: &str = "SELECT max(coalesce((SELECT max(id) FROM main.ingest_logs
 
 /// Inserts a row unless its uuid is stored in either file.
 const INSERT: &str = "INSERT OR IGNORE INTO main.ingest_logs \
-    (id, uuid, timestamp, level, component, session_id, message, metadata, created_at) \
+    (uuid, timestamp, level, component, session_id, message, metadata, created_at, id) \
     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 \
-    WHERE NOT EXISTS (SELECT 1 FROM store.logs WHERE uuid = ?2)";
+    WHERE NOT EXISTS (SELECT 1 FROM store.logs WHERE uuid = ?1)";
 
 /// Inserts a row unless its uuid is in the ingest file: for a uuid known
 /// to be above every uuid in `logs`.
 const INSERT_NEWER: &str = "INSERT OR IGNORE INTO main.ingest_logs \
-    (id, uuid, timestamp, level, component, session_id, message, metadata, created_at) \
+    (uuid, timestamp, level, component, session_id, message, metadata, created_at, id) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
 /// Deletes at most `?2` of the oldest rows with ids up to `?1`.
@@ -119,17 +119,11 @@ pub fn insert_rows(
             Some(max) if row.uuid > max => &mut newer,
             _ => &mut probed,
         };
-        let added = insert.execute(params![
-            ids.next,
-            row.uuid.as_bytes().as_slice(),
-            row.timestamp_us,
-            row.level.as_str(),
-            row.component,
-            row.session_id,
-            row.message,
-            row.metadata_json,
-            now_us,
-        ])?;
+        let id = ids.next;
+        let values = row.values(&now_us);
+        let added = insert.execute(params_from_iter(
+            values.into_iter().chain([&id as &dyn ToSql]),
+        ))?;
         ids.next += added as i64;
         inserted += added;
     }

@@ -19,6 +19,7 @@ pub mod writer;
 
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
 use crate::reply::ReplyTo;
+use rusqlite::ToSql;
 use std::path::PathBuf;
 use thiserror::Error;
 use uuid::Uuid;
@@ -122,6 +123,22 @@ pub struct LogRow {
 }
 
 impl LogRow {
+    /// The row's values in the column order every log insert uses (`uuid`,
+    /// `timestamp`, `level`, `component`, `session_id`, `message`,
+    /// `metadata`, `created_at`), `created_at_us` last.
+    pub fn values<'a>(&'a self, created_at_us: &'a i64) -> [&'a dyn ToSql; 8] {
+        [
+            self.uuid.as_bytes(),
+            &self.timestamp_us,
+            level_text(self.level),
+            &self.component,
+            &self.session_id,
+            &self.message,
+            &self.metadata_json,
+            created_at_us,
+        ]
+    }
+
     /// Builds the row for one `LogEntry` (or one `LogBatch` entry) carried
     /// by the message `uuid` stamped `timestamp`.
     ///
@@ -149,6 +166,17 @@ impl LogRow {
             message: fields.message,
             metadata_json,
         })
+    }
+}
+
+/// A level's stored text, as a `'static` value a parameter list can borrow.
+fn level_text(level: LogLevel) -> &'static &'static str {
+    match level {
+        LogLevel::Trace => &"Trace",
+        LogLevel::Debug => &"Debug",
+        LogLevel::Info => &"Info",
+        LogLevel::Warn => &"Warn",
+        LogLevel::Error => &"Error",
     }
 }
 
@@ -231,6 +259,13 @@ mod tests {
             message: "m".into(),
             metadata,
             session_id: session_id.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn stored_level_text_is_the_wire_name() {
+        for level in LogLevel::ALL {
+            assert_eq!(*level_text(level), level.as_str());
         }
     }
 

@@ -95,16 +95,7 @@ fn insert_logs(
 ) -> Result<OpOutcome, rusqlite::Error> {
     let mut inserted = 0;
     for row in rows {
-        inserted += stmt.execute(params![
-            row.uuid.as_bytes().as_slice(),
-            row.timestamp_us,
-            row.level.as_str(),
-            row.component,
-            row.session_id,
-            row.message,
-            row.metadata_json,
-            now_us,
-        ])?;
+        inserted += stmt.execute(row.values(&now_us))?;
     }
     Ok(OpOutcome::Logs {
         inserted,

@@ -130,7 +130,6 @@ pub fn spawn_writer(
             state,
             mark: (0, Uuid::nil()),
             ids: None,
-            logs_max_uuid: None,
             delete_rows: 0,
         },
         merger_stalled_at: None,
@@ -370,8 +369,6 @@ struct IngestBody {
     /// The merge mark read before the current transaction began.
     mark: (i64, Uuid),
     ids: Option<IdAllocator>,
-    /// Read with the merged rows this transaction deletes.
-    logs_max_uuid: Option<Uuid>,
     /// Merged rows the next transaction may delete.
     delete_rows: usize,
 }
@@ -385,9 +382,8 @@ impl TxBody for IngestBody {
     }
 
     fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
-        let (through, max_uuid) = self.mark;
+        let (through, _) = self.mark;
         ingest::delete_merged(tx, through, self.delete_rows)?;
-        self.logs_max_uuid = Some(max_uuid);
         self.ids = Some(IdAllocator::new(tx, through)?);
         Ok(())
     }
@@ -395,7 +391,7 @@ impl TxBody for IngestBody {
     fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult {
         match (op, self.ids.as_mut()) {
             (WriteOp::Logs(rows), Some(ids)) => {
-                ingest::insert_rows(tx, ids, rows, now_us, self.logs_max_uuid)
+                ingest::insert_rows(tx, ids, rows, now_us, Some(self.mark.1))
             }
             _ => Ok(OpOutcome::Rejected(
                 "internal: only logs go to the ingest file".into(),
