@@ -32,8 +32,8 @@ pub struct Source {
     /// Device and inode: which file this was, checked before a move deletes
     /// the path.
     pub identity: (u64, u64),
-    /// Whether another process has it open for writing; `None` when the
-    /// kernel would not say (see [`open_for_writing`]).
+    /// Whether another process has it open for writing; `None` when not
+    /// asked or the kernel would not say (see [`open_for_writing`]).
     pub being_written: Option<bool>,
 }
 
@@ -53,8 +53,10 @@ impl Source {
 }
 
 /// Opens `path` for copying without following a symlink and without
-/// blocking on a FIFO. `Ok(None)` if it is not a regular file.
-pub fn open_source(path: &Path) -> Result<Option<Source>, CopyError> {
+/// blocking on a FIFO. `Ok(None)` if it is not a regular file. With
+/// `check_writers`, also asks whether it is still open for writing (for
+/// files a scan found; a close event already says the writer is done).
+pub fn open_source(path: &Path, check_writers: bool) -> Result<Option<Source>, CopyError> {
     let file = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -72,7 +74,11 @@ pub fn open_source(path: &Path) -> Result<Option<Source>, CopyError> {
         return Ok(None);
     }
     Ok(Some(Source {
-        being_written: open_for_writing(&file),
+        being_written: if check_writers {
+            open_for_writing(&file)
+        } else {
+            None
+        },
         file,
         identity: (meta.dev(), meta.ino()),
         size: meta.len(),
@@ -421,7 +427,7 @@ mod tests {
         fs::create_dir(&archive).unwrap();
         let source = dir.path().join("report.md");
         fs::write(&source, b"hello").unwrap();
-        let opened = open_source(&source).unwrap().unwrap();
+        let opened = open_source(&source, true).unwrap().unwrap();
         assert_eq!(opened.size, 5);
         let copied = copy_to_temp(opened, &archive, u64::MAX).unwrap();
         assert_eq!(
@@ -454,8 +460,12 @@ mod tests {
             .collect();
         assert_eq!(names, ["2026"], "no temporary file left behind");
         // The same content again: the existing copy is kept.
-        let again =
-            copy_to_temp(open_source(&source).unwrap().unwrap(), &archive, u64::MAX).unwrap();
+        let again = copy_to_temp(
+            open_source(&source, true).unwrap().unwrap(),
+            &archive,
+            u64::MAX,
+        )
+        .unwrap();
         install(again.temp, &target, &mut HashSet::new()).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"hello");
         let odd = archive_path(&archive, (2026, 1, 2), Some("../x"), &hash, &source);
@@ -469,11 +479,12 @@ mod tests {
     #[test]
     fn a_vanished_file_is_an_error_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
-        let err = open_source(&dir.path().join("gone.md")).unwrap_err();
+        let err = open_source(&dir.path().join("gone.md"), true).unwrap_err();
         assert_eq!(err, CopyError::Vanished);
         let big = dir.path().join("big.md");
         fs::write(&big, vec![0u8; 1000]).unwrap();
-        let err = copy_to_temp(open_source(&big).unwrap().unwrap(), dir.path(), 500).unwrap_err();
+        let err =
+            copy_to_temp(open_source(&big, true).unwrap().unwrap(), dir.path(), 500).unwrap_err();
         assert!(
             matches!(err, CopyError::NoSpace { needed: 1000, .. }),
             "{err}"
@@ -486,18 +497,23 @@ mod tests {
         );
         std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link.md")).unwrap();
         assert!(
-            open_source(&dir.path().join("link.md")).unwrap().is_none(),
+            open_source(&dir.path().join("link.md"), true)
+                .unwrap()
+                .is_none(),
             "not followed"
         );
-        assert!(open_source(dir.path()).unwrap().is_none(), "not a file");
+        assert!(
+            open_source(dir.path(), true).unwrap().is_none(),
+            "not a file"
+        );
         let open = dir.path().join("open.md");
         let writer = File::create(&open).unwrap();
-        let source = open_source(&open).unwrap().unwrap();
+        let source = open_source(&open, true).unwrap().unwrap();
         if let Some(busy) = source.being_written {
             assert!(busy, "a file open for writing is seen as such");
             drop(writer);
             assert_eq!(
-                open_source(&open).unwrap().unwrap().being_written,
+                open_source(&open, true).unwrap().unwrap().being_written,
                 Some(false)
             );
         }

@@ -12,11 +12,11 @@
 //! `/`, so `*.md` matches at any depth), seen through `IN_CLOSE_WRITE` or
 //! `IN_MOVED_TO`, never while it is open for writing. Scans (at start-up, for
 //! a new watch, for a new subdirectory, after a queue overflow and every
-//! `scan_interval`) find files inotify did not report. Before copying, the
-//! watcher asks the kernel whether any process still has the file open for
-//! writing (a read lease is granted only if none does) and leaves such a
-//! file to its close event; where the kernel cannot tell, a file a scan
-//! finds that changed within the last second is checked again a second
+//! `scan_interval`) find files inotify did not report. Before copying a file
+//! a scan found, the watcher asks the kernel whether any process still has
+//! it open for writing (a read lease is granted only if none does) and
+//! leaves such a file to its close event; where the kernel cannot tell, a
+//! file that changed within the last second is checked again a second
 //! later. A file is archived again only when its size or
 //! modification time changed since its last archive row.
 
@@ -823,7 +823,7 @@ impl Watcher {
     /// found by a scan that changed within [`SETTLE`] waits for its close
     /// event or a later look.
     fn consider(&mut self, path: &Path, scanned: bool) {
-        let source = match archive::open_source(path) {
+        let source = match archive::open_source(path, scanned) {
             Ok(Some(source)) => source,
             Ok(None) => return,
             Err(CopyError::Vanished) => {
@@ -846,9 +846,10 @@ impl Watcher {
         }
         let age = source.age();
         if source.being_written == Some(true) {
-            // Its close event (the directory is watched) or a later scan
-            // brings it once the writer is done.
-            self.settling.remove(path);
+            // Its close event (the directory is watched) brings it; failing
+            // that, it is looked at again a second from now.
+            self.settling
+                .insert(path.to_owned(), Instant::now() + SETTLE);
             return;
         }
         // Where the kernel could not tell whether it is still being
@@ -1164,7 +1165,7 @@ mod tests {
         let path = dir.path().join("r.md");
         fs::write(&path, b"v1").unwrap();
         let copied = |p: &Path| {
-            let s = archive::open_source(p).unwrap().unwrap();
+            let s = archive::open_source(p, false).unwrap().unwrap();
             Copied {
                 identity: s.identity,
                 size: s.size,
