@@ -140,3 +140,54 @@ fn refuses_a_non_loopback_address_and_bad_bounds() {
     let out = loadgen(&["run", "--socket", "/nonexistent", "--clients", "20000"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn files_mode_finds_every_export_archived_once_and_measures_the_ceiling() {
+    let daemon = Daemon::start_default();
+    let dir = daemon.sandbox.path();
+    let tree = dir.join("trees");
+    std::fs::create_dir(&tree).unwrap();
+    let json_path = dir.join("files.json");
+    let out = loadgen(&[
+        "files",
+        "--socket",
+        daemon.socket().to_str().unwrap(),
+        "--db",
+        daemon.db_path().to_str().unwrap(),
+        "--dir",
+        tree.to_str().unwrap(),
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--subdirs",
+        "3",
+        "--ceiling",
+        "--daemon-pid",
+        &daemon.pid().to_string(),
+        "--json",
+        json_path.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "codi-loadgen files failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ALL ONCE"), "{stdout}");
+    let json = read_json(&json_path);
+    assert_eq!(json["exports"], 200, "{json}");
+    assert_eq!(json["archived"], 200, "{json}");
+    assert_eq!(json["duplicates"], 0, "{json}");
+    assert_eq!(json["unexpected"], 0, "{json}");
+    assert!(json["ceiling_per_sec"].as_f64().unwrap() > 0.0, "{json}");
+    assert!(json["daemon_cpu_s"].as_f64().is_some(), "{json}");
+    // Without --keep, both trees are gone and the watch is stopped.
+    assert_eq!(std::fs::read_dir(&tree).unwrap().count(), 0);
+    let db = rusqlite::Connection::open(daemon.db_path()).unwrap();
+    let watches: i64 = db
+        .query_row("SELECT count(*) FROM monitored_paths", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(watches, 0);
+}

@@ -89,6 +89,13 @@ pub struct FilesArgs {
     /// keep the tree and the watch afterwards
     #[argh(switch)]
     pub keep: bool,
+    /// afterwards, write and archive the same files without the daemon
+    /// (two threads, the daemon's copy routine) for the raw ceiling
+    #[argh(switch)]
+    pub ceiling: bool,
+    /// the daemon's pid: report its CPU per export from /proc
+    #[argh(option)]
+    pub daemon_pid: Option<u32>,
 }
 
 /// drive a running daemon and report throughput and latency
