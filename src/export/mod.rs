@@ -217,6 +217,7 @@ pub fn spawn_watcher(
     );
     let mut watcher = Watcher {
         known: load_known(&conn)?,
+        contents: load_contents(&conn)?,
         failed: HashMap::new(),
         conn,
         settings: ExportSettings {
@@ -285,6 +286,25 @@ fn load_known(conn: &Connection) -> Result<HashMap<String, (u64, i64)>, StoreErr
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// [`content_key`] of every content in the archive.
+fn load_contents(conn: &Connection) -> Result<HashSet<u64>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT DISTINCT content_hash FROM export_archive \
+         WHERE error IS NULL AND content_hash IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut keys = HashSet::new();
+    for hash in rows {
+        keys.extend(content_key(&hash?));
+    }
+    Ok(keys)
+}
+
+/// The first 64 bits of a SHA-256 in hex, for [`Watcher::contents`].
+fn content_key(hash: &str) -> Option<u64> {
+    hash.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok())
+}
+
 /// A source path as `export_archive` stores it (lossy for names that are
 /// not UTF-8, so the same key comes back after a restart).
 fn key(path: &Path) -> String {
@@ -326,6 +346,10 @@ struct Watcher {
     roots: Vec<Root>,
     /// Source path ([`key`]) to (size, mtime) of its last archive row.
     known: HashMap<String, (u64, i64)>,
+    /// [`content_key`] of every content archived (or about to be): content
+    /// whose key is not here is new, and the database is not asked (8
+    /// bytes per distinct content, beside `known`'s path per export).
+    contents: HashSet<u64>,
     /// Versions that failed to archive (no space, I/O); tried again at the
     /// next full scan, or when they change.
     failed: HashMap<String, (u64, i64)>,
@@ -939,6 +963,7 @@ impl Watcher {
             }
         };
         self.known.insert(key(source), version);
+        self.contents.extend(content_key(&copied.content_hash));
         self.batch.push(Record {
             source: source.to_owned(),
             archive_path,
@@ -986,6 +1011,9 @@ impl Watcher {
     /// The archive file already holding this content, from a committed row
     /// or one in the current batch.
     fn archived_content(&self, hash: &str) -> Option<String> {
+        if content_key(hash).is_some_and(|k| !self.contents.contains(&k)) {
+            return None;
+        }
         if let Some(r) = self
             .batch
             .iter()
@@ -1158,6 +1186,14 @@ fn canonical_dir(given: &str) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_content_key_is_the_hash_prefix_and_short_hashes_have_none() {
+        let hash = format!("{:016x}{}", 0x0123_4567_89ab_cdefu64, "0".repeat(48));
+        assert_eq!(content_key(&hash), Some(0x0123_4567_89ab_cdef));
+        assert_eq!(content_key("abc"), None);
+        assert_eq!(content_key("zzzzzzzzzzzzzzzz"), None);
+    }
 
     #[test]
     fn a_move_keeps_a_source_that_changed_after_the_copy() {
