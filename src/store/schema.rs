@@ -24,7 +24,7 @@ use std::time::Duration;
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// The schema version of the ingest file.
-pub const INGEST_VERSION: i64 = 1;
+pub const INGEST_VERSION: i64 = 2;
 
 /// How long a connection waits for a lock held by another connection.
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
@@ -33,7 +33,7 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
-const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1];
+const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2];
 
 /// The columns of a log row, one text for `logs` and `ingest_logs` so that
 /// the two tables cannot drift apart (the `all_logs` view unions them
@@ -124,13 +124,19 @@ CREATE INDEX idx_export_archive_hash ON export_archive(content_hash);
 CREATE INDEX idx_export_archive_source ON export_archive(original_path);
 ";
 
-/// The ingest file: `logs`' columns with only the unique uuid index, so that
-/// a commit dirties a handful of pages however many sessions it spans.
+/// The ingest file: `logs`' columns with only the unique uuid index (which
+/// [`INGEST_V2`] drops), so that a commit dirties a handful of pages however
+/// many sessions it spans.
 const INGEST_V1: &str = concat!(
     "CREATE TABLE ingest_logs ",
     log_columns!(),
     "; CREATE UNIQUE INDEX idx_ingest_logs_uuid ON ingest_logs(uuid);"
 );
+
+/// Drops the uuid index: the ingest writer keeps the uuids in memory
+/// instead (`ingest::PendingUuids`), and the merge into `logs` drops any
+/// duplicate a writer without them let in.
+const INGEST_V2: &str = "DROP INDEX IF EXISTS idx_ingest_logs_uuid;";
 
 /// The ingest file that belongs to the database at `db_path`: the same
 /// name with `-ingest` appended (like SQLite's own `-wal`).

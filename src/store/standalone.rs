@@ -5,7 +5,7 @@
 //! indexed table once it runs. The busy timeout lets it share the files
 //! with a daemon that starts meanwhile.
 
-use super::ingest::{self, IdAllocator};
+use super::ingest::{self, IdAllocator, PendingUuids};
 use super::ops::{self, OpOutcome};
 use super::query::run_query;
 use super::{schema, StoreError, WriteOp};
@@ -15,6 +15,11 @@ use std::path::Path;
 
 /// Page cache of a standalone connection, in MiB (it lives for one command).
 const STANDALONE_CACHE_MB: u32 = 8;
+/// Newest ingest rows whose uuids a standalone write checks: a log resent
+/// after its first send reached a daemon that then stopped answering is
+/// among them. (The ingest file has no uuid index; an older duplicate is
+/// dropped when the daemon moves the rows into `logs`.)
+const RECENT_ROWS: i64 = 4096;
 
 /// Read-write connections for one `codi2` process: to the main database
 /// (session changes, queries) and to the ingest file (logs).
@@ -41,7 +46,8 @@ impl StandaloneStore {
                 .ingest
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut ids = IdAllocator::new(&tx, 0)?;
-            let outcome = ingest::insert_rows(&tx, &mut ids, rows, now_us, None)?;
+            let mut recent = PendingUuids::load_newest(&tx, RECENT_ROWS)?;
+            let outcome = ingest::insert_rows(&tx, &mut ids, &mut recent, rows, now_us, None)?;
             tx.commit()?;
             outcome
         } else {

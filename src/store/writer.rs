@@ -8,7 +8,7 @@
 //! up, and the next transaction takes them all. One fsync thus covers many
 //! requests exactly when load is high.
 
-use super::ingest::{self, IdAllocator};
+use super::ingest::{self, IdAllocator, PendingUuids};
 use super::merger::{self, MergeState, MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
 use super::ops::OpOutcome;
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
@@ -56,6 +56,10 @@ pub(super) const FINAL_CHECKPOINT_LOCK_WAIT: Duration = Duration::from_secs(1);
 /// How long the writer waits for a merger that makes no progress at all
 /// before it stops waiting for it.
 const MERGER_STALL: Duration = Duration::from_secs(5);
+/// Most rows the ingest file holds before new logs are refused: reached
+/// only while the merger is stalled (the writer waits for it below
+/// [`MAX_UNMERGED_ROWS`]); bounds [`PendingUuids`] at about 40 MiB.
+const MAX_PENDING_ROWS: usize = 1 << 20;
 
 /// Merged rows deleted from the ingest file at shutdown per transaction.
 const FINAL_DELETE_ROWS: usize = 65_536;
@@ -102,6 +106,12 @@ pub fn spawn_writer(
     let mut conn = schema::open_ingest_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&conn, &settings.wal)?;
     let state = Arc::new(recover(&mut conn, ingest::logs_max_uuid(&main)?)?);
+    let pending = PendingUuids::load(&conn)?;
+    let last_own_id: i64 = conn.query_row(
+        "SELECT coalesce(max(id), 0) FROM main.ingest_logs",
+        [],
+        |r| r.get(0),
+    )?;
     let wal_state = Arc::new(WalState::default());
     let trimmer = WalTrimmer::new(&conn, settings.wal, Arc::clone(&wal_state))?;
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(settings.queue_capacity.max(1));
@@ -131,6 +141,8 @@ pub fn spawn_writer(
             mark: (0, Uuid::nil()),
             ids: None,
             delete_rows: 0,
+            pending,
+            last_own_id,
         },
         merger_stalled_at: None,
         acker: Acker::new(replies, metrics, budget),
@@ -153,7 +165,10 @@ fn recover(conn: &mut Connection, logs_max_uuid: Uuid) -> Result<MergeState, Sto
         r.get(0)
     })?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    while ingest::delete_merged(&tx, merged, FINAL_DELETE_ROWS)? == FINAL_DELETE_ROWS {}
+    let mut deleted = PendingUuids::default();
+    while ingest::delete_merged(&tx, merged, FINAL_DELETE_ROWS, &mut deleted)? == FINAL_DELETE_ROWS
+    {
+    }
     let committed: i64 = tx.query_row(
         "SELECT coalesce(max(id), 0) FROM main.ingest_logs",
         [],
@@ -371,6 +386,11 @@ struct IngestBody {
     ids: Option<IdAllocator>,
     /// Merged rows the next transaction may delete.
     delete_rows: usize,
+    /// The uuids in the ingest table.
+    pending: PendingUuids,
+    /// The largest ingest id this writer knows of: a larger one means a
+    /// `codi2` without a daemon wrote too, and `pending` is read again.
+    last_own_id: i64,
 }
 
 impl TxBody for IngestBody {
@@ -383,15 +403,29 @@ impl TxBody for IngestBody {
 
     fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
         let (through, _) = self.mark;
-        ingest::delete_merged(tx, through, self.delete_rows)?;
+        self.pending.begin();
+        let newest = ingest::max_ingest_id(tx)?;
+        if newest > self.last_own_id {
+            log::info!("another process wrote logs into the ingest file; rereading their ids");
+            self.pending = PendingUuids::load(tx)?;
+            self.last_own_id = newest;
+        }
+        ingest::delete_merged(tx, through, self.delete_rows, &mut self.pending)?;
         self.ids = Some(IdAllocator::new(tx, through)?);
         Ok(())
     }
 
     fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult {
         match (op, self.ids.as_mut()) {
+            (WriteOp::Logs(_), _) if self.pending.len() >= MAX_PENDING_ROWS => {
+                Ok(OpOutcome::Rejected(format!(
+                    "storage is not keeping up: {} logs wait to be moved into the indexed \
+                     table, which has taken none for a while (see the daemon's log)",
+                    self.pending.len()
+                )))
+            }
             (WriteOp::Logs(rows), Some(ids)) => {
-                ingest::insert_rows(tx, ids, rows, now_us, Some(self.mark.1))
+                ingest::insert_rows(tx, ids, &mut self.pending, rows, now_us, Some(self.mark.1))
             }
             _ => Ok(OpOutcome::Rejected(
                 "internal: only logs go to the ingest file".into(),
@@ -400,7 +434,9 @@ impl TxBody for IngestBody {
     }
 
     fn committed(&mut self) {
+        self.pending.commit();
         if let Some(ids) = self.ids.take() {
+            self.last_own_id = self.last_own_id.max(ids.last());
             self.state.note_committed(ids.last());
         }
     }
@@ -537,7 +573,8 @@ impl Writer {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let deleted = ingest::delete_merged(&tx, through, FINAL_DELETE_ROWS)?;
+            let deleted =
+                ingest::delete_merged(&tx, through, FINAL_DELETE_ROWS, &mut self.body.pending)?;
             tx.commit()?;
             if deleted < FINAL_DELETE_ROWS {
                 return Ok::<_, rusqlite::Error>(());
@@ -722,6 +759,34 @@ mod tests {
         );
         assert_eq!(Metrics::get(&metrics.commit_errors), 0);
         assert!(Metrics::get(&metrics.checkpoints) >= 1);
+    }
+
+    #[test]
+    fn logs_a_standalone_codi2_wrote_meanwhile_are_not_stored_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let (tx, handle, loops, metrics, budget) = start(&path, &WriterSettings::default());
+        let send = |seq: u64, op: WriteOp| {
+            assert!(budget.try_acquire(1));
+            let j = job(seq, op, 1);
+            let to = j.reply;
+            tx.send(j).unwrap();
+            ack(&loops[to.worker].rx.recv().unwrap()).1
+        };
+        let first = Uuid::now_v7();
+        assert_eq!(send(0, logs(&[first])), AckStatus::Accepted);
+        // Another process writes into the ingest file behind the writer's
+        // back (codi2 when the daemon did not answer in time).
+        let theirs = Uuid::now_v7();
+        let mut standalone = crate::store::standalone::StandaloneStore::open(&path).unwrap();
+        standalone.apply(&logs(&[theirs])).unwrap();
+        // Resent to the daemon: recognised, not stored again.
+        assert_eq!(send(1, logs(&[theirs, first])), AckStatus::Accepted);
+        assert_eq!(send(2, logs(&[Uuid::now_v7()])), AckStatus::Accepted);
+        drop(tx);
+        handle.join();
+        assert_eq!(count_logs(&path), 3);
+        assert_eq!(Metrics::get(&metrics.logs_duplicate), 2);
     }
 
     #[test]
