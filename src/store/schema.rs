@@ -510,6 +510,43 @@ mod tests {
     }
 
     #[test]
+    fn upgrades_a_version_1_ingest_file_keeping_its_rows_and_dropping_the_uuid_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        drop(open_rw(&path, 4).unwrap());
+        let ingest = ingest_path(&path);
+        std::fs::remove_file(&ingest).unwrap();
+        {
+            let conn = Connection::open(&ingest).unwrap();
+            conn.execute_batch(INGEST_V1).unwrap();
+            conn.execute(
+                "INSERT INTO ingest_logs (id, uuid, timestamp, level, component, message, \
+                 created_at) VALUES (1, x'01', 1, 'Info', 'c', 'waiting', 1)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        // Opening the database migrates its ingest file.
+        drop(open_rw(&path, 4).unwrap());
+        let conn = open_ingest_rw(&path, 4).unwrap();
+        assert_eq!(user_version(&conn).unwrap(), INGEST_VERSION);
+        let indexes: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' \
+                 AND tbl_name = 'ingest_logs'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 0);
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM ingest_logs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1, "rows waiting to be merged are kept");
+    }
+
+    #[test]
     fn refuses_a_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("codi.db");
