@@ -62,13 +62,24 @@ pub fn run_query(
         } else {
             "timestamp DESC, id DESC"
         };
+        // Each side picks its own first `limit` rows (`logs` through its
+        // indexes), so that neither is read in full to sort the union.
         let sql = format!(
-            "SELECT {COLUMNS} FROM main.logs{clause} UNION ALL \
-             SELECT {COLUMNS} FROM ingest.ingest_logs{ingest_clause} ORDER BY {order} LIMIT ?"
+            "SELECT * FROM (SELECT {COLUMNS} FROM main.logs{clause} ORDER BY {order} LIMIT ?) \
+             UNION ALL \
+             SELECT * FROM (SELECT {COLUMNS} FROM ingest.ingest_logs{ingest_clause} \
+             ORDER BY {order} LIMIT ?) ORDER BY {order} LIMIT ?"
         );
-        both.push(SqlValue::Integer(limit as i64));
+        let limit = SqlValue::Integer(limit as i64);
+        let values: Vec<SqlValue> = params
+            .iter()
+            .cloned()
+            .chain([limit.clone()])
+            .chain(params.iter().cloned())
+            .chain([SqlValue::Integer(floor), limit.clone(), limit])
+            .collect();
         let mut stmt = tx.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params_from_iter(both.iter()), stored_log)?;
+        let rows = stmt.query_map(params_from_iter(values.iter()), stored_log)?;
         for row in rows {
             entries.push(row?);
         }
