@@ -47,7 +47,12 @@ pub(super) const CREATE_ALL_LOGS: &str = "CREATE TEMP VIEW IF NOT EXISTS all_log
 /// ingest file as `main`, the main database as `store`), inside its write
 /// transaction.
 const NEXT_ID: &str = "SELECT max(coalesce((SELECT max(id) FROM main.ingest_logs), 0), \
-    coalesce((SELECT max(id) FROM store.logs), 0)) + 1";
+    coalesce((SELECT max(id) FROM store.logs), 0), \
+    coalesce((SELECT merged_floor FROM main.ingest_meta), 0)) + 1";
+
+/// Records that rows up to `?1` were merged and deleted: ids at or below
+/// it must never be handed out again.
+const NOTE_MERGED_FLOOR: &str = "UPDATE main.ingest_meta SET merged_floor = max(merged_floor, ?1)";
 
 /// Inserts a row unless its uuid is in `logs`.
 const INSERT: &str = "INSERT INTO main.ingest_logs \
@@ -134,10 +139,11 @@ impl PendingUuids {
         let mut pending = PendingUuids::default();
         for row in found {
             let (id, uuid) = row?;
-            if let Ok(uuid) = Uuid::from_slice(&uuid) {
-                pending.set.insert(uuid);
-                pending.order.push_back((id, uuid));
-            }
+            // A row whose uuid is not 16 bytes (never written by this
+            // program) still counts, so that deletions stay in step.
+            let uuid = Uuid::from_slice(&uuid).unwrap_or(Uuid::nil());
+            pending.set.insert(uuid);
+            pending.order.push_back((id, uuid));
         }
         Ok(pending)
     }
@@ -154,11 +160,18 @@ impl PendingUuids {
     /// The open transaction committed.
     pub fn commit(&mut self) {
         for _ in 0..std::mem::take(&mut self.deleted) {
-            if let Some((_, uuid)) = self.order.pop_front() {
+            let oldest = self.order.pop_front();
+            debug_assert!(oldest.is_some(), "deleted more rows than were known");
+            if let Some((_, uuid)) = oldest {
                 self.set.remove(&uuid);
             }
         }
         self.order.extend(self.added.drain(..));
+    }
+
+    /// The largest committed row id known (0 if none).
+    pub fn last_id(&self) -> i64 {
+        self.order.back().map_or(0, |&(id, _)| id)
     }
 
     /// Rows in the ingest table (committed, plus added by the open
@@ -238,6 +251,13 @@ pub fn delete_merged(
     let deleted = tx
         .prepare_cached(DELETE_MERGED)?
         .execute(params![through, max_rows as i64])?;
+    if deleted > 0 {
+        // The merge mark can pass the largest id in `logs` (a chunk that
+        // ended in duplicates); once those rows are gone, only this keeps
+        // another writer (codi2 without a daemon) from reusing their ids
+        // for rows the merger would then never move.
+        tx.prepare_cached(NOTE_MERGED_FLOOR)?.execute([through])?;
+    }
     // The oldest rows: the front of `pending.order`.
     pending.deleted += deleted;
     Ok(deleted)
@@ -502,6 +522,55 @@ mod tests {
             None,
         );
         assert_eq!(all_ids(&path), [1]);
+    }
+
+    #[test]
+    fn ids_of_merged_duplicates_are_never_handed_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        let mut main = schema::open_rw(&path, 4).unwrap();
+        let mut ing = schema::open_ingest_rw(&path, 4).unwrap();
+        let mut daemon = PendingUuids::default();
+        let rows: Vec<LogRow> = (0..2).map(|_| row(Uuid::now_v7(), "s")).collect();
+        ingest(&mut ing, &mut daemon, &rows, None);
+        // A writer that does not know every uuid (codi2 without a daemon)
+        // lets a resend in: it is the newest row, id 3.
+        let (_, last) = ingest(&mut ing, &mut PendingUuids::default(), &rows[1..], None);
+        assert_eq!(last, 3);
+        // The merge drops it, so the mark (3) passes the largest id in
+        // `logs` (2); then the rows are deleted from the ingest file.
+        assert_eq!(
+            merge(&mut main, 100),
+            Some(Merged {
+                rows: 2,
+                through: 3
+            })
+        );
+        // (The writer rereads its uuids once it sees another process's row.)
+        daemon = PendingUuids::load(&ing).unwrap();
+        assert_eq!(daemon.last_id(), 3);
+        assert_eq!(delete(&mut ing, &mut daemon, 3, 100), 3);
+        assert!(daemon.is_empty());
+        // The next row must get an id above the mark, or the merger (whose
+        // floor is the mark) would never move it.
+        let fresh = row(Uuid::now_v7(), "s");
+        let (_, id) = ingest(
+            &mut ing,
+            &mut PendingUuids::default(),
+            std::slice::from_ref(&fresh),
+            None,
+        );
+        assert_eq!(id, 4);
+        let tx = main.transaction().unwrap();
+        let moved = merge_chunk(&tx, 3, 100).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(
+            moved,
+            Some(Merged {
+                rows: 1,
+                through: 4
+            })
+        );
     }
 
     #[test]

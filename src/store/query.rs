@@ -283,6 +283,51 @@ mod tests {
     }
 
     #[test]
+    fn the_newest_rows_come_from_both_files_in_order() {
+        use crate::store::ingest::{self, IdAllocator, PendingUuids};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let mut conn = schema::open_rw(&path, 4).unwrap();
+        let row = |ts: i64| LogRow {
+            uuid: Uuid::now_v7(),
+            timestamp_us: ts,
+            level: LogLevel::Info,
+            component: "c".into(),
+            session_id: None,
+            message: format!("at {ts}"),
+            metadata_json: None,
+        };
+        // Ids 1-3 in `logs`, 4-6 still in the ingest file; timestamps
+        // interleave across the two.
+        let tx = conn.transaction().unwrap();
+        ops::apply(&tx, &WriteOp::Logs(vec![row(100), row(400), row(250)]), 0).unwrap();
+        tx.commit().unwrap();
+        let mut ing = schema::open_ingest_rw(&path, 4).unwrap();
+        let tx = ing.transaction().unwrap();
+        let mut alloc = IdAllocator::new(&tx, 0).unwrap();
+        let waiting = [row(300), row(50), row(500)];
+        ingest::insert_rows(
+            &tx,
+            &mut alloc,
+            &mut PendingUuids::default(),
+            &waiting,
+            0,
+            None,
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        let db = Db { _dir: dir, conn };
+        // Newest three by timestamp (500, 400, 300), oldest first.
+        assert_eq!(ids(&db, &LogFilter::default(), 3), (vec![4, 2, 6], 6));
+        // Paging by id crosses from one file into the other.
+        let after = LogFilter {
+            after_id: Some(1),
+            ..LogFilter::default()
+        };
+        assert_eq!(ids(&db, &after, 3), (vec![2, 3, 4], 5));
+    }
+
+    #[test]
     fn newest_matches_oldest_first_with_ties_by_id() {
         let db = sample();
         let all = LogFilter::default();

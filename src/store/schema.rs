@@ -135,8 +135,14 @@ const INGEST_V1: &str = concat!(
 
 /// Drops the uuid index: the ingest writer keeps the uuids in memory
 /// instead (`ingest::PendingUuids`), and the merge into `logs` drops any
-/// duplicate a writer without them let in.
-const INGEST_V2: &str = "DROP INDEX IF EXISTS idx_ingest_logs_uuid;";
+/// duplicate a writer without them let in. Adds the merged floor, below
+/// which no id is handed out again.
+const INGEST_V2: &str = "DROP INDEX IF EXISTS idx_ingest_logs_uuid;
+CREATE TABLE ingest_meta (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  merged_floor INTEGER NOT NULL
+);
+INSERT INTO ingest_meta (id, merged_floor) VALUES (1, 0);";
 
 /// The ingest file that belongs to the database at `db_path`: the same
 /// name with `-ingest` appended (like SQLite's own `-wal`).

@@ -107,11 +107,9 @@ pub fn spawn_writer(
     wal::configure_writer(&conn, &settings.wal)?;
     let state = Arc::new(recover(&mut conn, ingest::logs_max_uuid(&main)?)?);
     let pending = PendingUuids::load(&conn)?;
-    let last_own_id: i64 = conn.query_row(
-        "SELECT coalesce(max(id), 0) FROM main.ingest_logs",
-        [],
-        |r| r.get(0),
-    )?;
+    // From the rows just read: a row another process adds later has a
+    // larger id and makes the writer read them again.
+    let last_own_id = pending.last_id();
     let wal_state = Arc::new(WalState::default());
     let trimmer = WalTrimmer::new(&conn, settings.wal, Arc::clone(&wal_state))?;
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(settings.queue_capacity.max(1));
@@ -570,12 +568,14 @@ impl Writer {
     fn delete_all_merged(&mut self) {
         let through = self.body.state.merged_through();
         let result = (|| loop {
+            self.body.pending.begin();
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let deleted =
                 ingest::delete_merged(&tx, through, FINAL_DELETE_ROWS, &mut self.body.pending)?;
             tx.commit()?;
+            self.body.pending.commit();
             if deleted < FINAL_DELETE_ROWS {
                 return Ok::<_, rusqlite::Error>(());
             }
