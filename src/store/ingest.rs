@@ -25,6 +25,11 @@
 //!   main database ([`begin_read`]) and skips ingest rows at or below the
 //!   largest id of `logs` ([`ALL_LOGS`]): a row merged between the two
 //!   snapshots is then seen once, in `logs`.
+//! - Ids are never handed out at or below the merge mark, which is
+//!   recorded in the ingest file whenever merged rows are deleted.
+//! - The one exception to "once": a resend that a writer without the
+//!   daemon's uuid set let into the ingest file shows twice until the
+//!   merge drops it.
 
 use super::ops::OpOutcome;
 use super::LogRow;
