@@ -141,6 +141,7 @@ pub fn spawn_writer(
             delete_rows: 0,
             pending,
             last_own_id,
+            max_pending: MAX_PENDING_ROWS,
         },
         merger_stalled_at: None,
         acker: Acker::new(replies, metrics, budget),
@@ -389,6 +390,9 @@ struct IngestBody {
     /// The largest ingest id this writer knows of: a larger one means a
     /// `codi2` without a daemon wrote too, and `pending` is read again.
     last_own_id: i64,
+    /// Rows the ingest file may hold before logs are refused
+    /// ([`MAX_PENDING_ROWS`]).
+    max_pending: usize,
 }
 
 impl TxBody for IngestBody {
@@ -415,7 +419,7 @@ impl TxBody for IngestBody {
 
     fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult {
         match (op, self.ids.as_mut()) {
-            (WriteOp::Logs(_), _) if self.pending.len() >= MAX_PENDING_ROWS => {
+            (WriteOp::Logs(_), _) if self.pending.len() >= self.max_pending => {
                 Ok(OpOutcome::Rejected(format!(
                     "storage is not keeping up: {} logs wait to be moved into the indexed \
                      table, which has taken none for a while (see the daemon's log)",
@@ -787,6 +791,46 @@ mod tests {
         handle.join();
         assert_eq!(count_logs(&path), 3);
         assert_eq!(Metrics::get(&metrics.logs_duplicate), 2);
+    }
+
+    #[test]
+    fn logs_are_refused_with_a_reason_once_the_ingest_file_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        drop(schema::open_rw(&path, 4).unwrap());
+        let mut conn = schema::open_ingest_rw(&path, 4).unwrap();
+        let mut body = IngestBody {
+            state: Arc::new(MergeState::new(0, 0, Uuid::nil())),
+            mark: (0, Uuid::nil()),
+            ids: None,
+            delete_rows: 0,
+            pending: PendingUuids::default(),
+            last_own_id: 0,
+            max_pending: 2,
+        };
+        let ops = [
+            logs(&[Uuid::now_v7(), Uuid::now_v7()]),
+            logs(&[Uuid::now_v7()]),
+        ];
+        let mut out = Vec::new();
+        write_batch(&mut conn, ops.iter(), 1, &mut body, &mut out);
+        assert_eq!(
+            out[0].as_ref().unwrap(),
+            &OpOutcome::Logs {
+                inserted: 2,
+                duplicates: 0
+            }
+        );
+        match out[1].as_ref().unwrap() {
+            OpOutcome::Rejected(reason) => {
+                assert!(reason.contains("not keeping up"), "{reason}")
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        let stored: i64 = conn
+            .query_row("SELECT count(*) FROM ingest_logs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, 2);
     }
 
     #[test]
