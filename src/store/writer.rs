@@ -105,8 +105,8 @@ pub fn spawn_writer(
     let main = schema::open_rw(db_path, settings.cache_size_mb)?;
     let mut conn = schema::open_ingest_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&conn, &settings.wal)?;
-    let state = Arc::new(recover(&mut conn, ingest::logs_max_uuid(&main)?)?);
-    let pending = PendingUuids::load(&conn)?;
+    let (state, pending) = recover(&mut conn, ingest::logs_max_uuid(&main)?)?;
+    let state = Arc::new(state);
     // From the rows just read: a row another process adds later has a
     // larger id and makes the writer read them again.
     let last_own_id = pending.last_id();
@@ -157,30 +157,30 @@ pub fn spawn_writer(
 }
 
 /// Reads where the ingest file and `logs` stand (after a crash the ingest
-/// file may hold rows not yet merged, and merged rows not yet deleted) and
-/// deletes the merged ones.
-fn recover(conn: &mut Connection, logs_max_uuid: Uuid) -> Result<MergeState, StoreError> {
+/// file may hold rows not yet merged, and merged rows not yet deleted),
+/// deletes the merged ones and returns the uuids of the rest.
+fn recover(
+    conn: &mut Connection,
+    logs_max_uuid: Uuid,
+) -> Result<(MergeState, PendingUuids), StoreError> {
     let merged: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM store.logs", [], |r| {
         r.get(0)
     })?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut deleted = PendingUuids::default();
-    while ingest::delete_merged(&tx, merged, FINAL_DELETE_ROWS, &mut deleted)? == FINAL_DELETE_ROWS
+    let mut pending = PendingUuids::load(&tx)?;
+    while ingest::delete_merged(&tx, merged, FINAL_DELETE_ROWS, &mut pending)? == FINAL_DELETE_ROWS
     {
     }
-    let committed: i64 = tx.query_row(
-        "SELECT coalesce(max(id), 0) FROM main.ingest_logs",
-        [],
-        |r| r.get(0),
-    )?;
+    let committed = ingest::max_ingest_id(&tx)?;
     tx.commit()?;
+    pending.commit();
     if committed > merged {
         log::info!(
             "{} logs committed before the last stop are not yet in the indexed table; merging them",
             committed - merged
         );
     }
-    Ok(MergeState::new(committed, merged, logs_max_uuid))
+    Ok((MergeState::new(committed, merged, logs_max_uuid), pending))
 }
 
 pub(super) fn spawn_named<F: FnOnce() + Send + 'static>(
