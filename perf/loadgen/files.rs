@@ -56,12 +56,7 @@ pub fn execute(a: &FilesArgs) -> Result<bool, String> {
     let total = (a.rate as f64 * a.duration).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / a.rate as f64);
     let mut closed_at: HashMap<String, i64> = HashMap::with_capacity(total as usize);
-    let daemon_before = match a.daemon_pid {
-        Some(pid) => Some(
-            procstat::sample(pid).ok_or_else(|| format!("--daemon-pid {pid}: no such process"))?,
-        ),
-        None => None,
-    };
+    let daemon_before = procstat::sample_daemon(a.daemon_pid)?;
     let cpu_before = procstat::self_cpu();
     let began = Instant::now();
     let began_us = Timestamp::now().as_micros();

@@ -28,6 +28,13 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// The `--daemon-pid` process's first sample: `None` without the option, an
+/// error if no such process runs.
+pub fn sample_daemon(pid: Option<u32>) -> Result<Option<ProcSample>, String> {
+    pid.map(|pid| sample(pid).ok_or_else(|| format!("--daemon-pid {pid}: no such process")))
+        .transpose()
+}
+
 /// utime + stime, in clock ticks, from a `/proc/PID/stat` line. The command
 /// name may hold spaces and parentheses, so fields count from the last `)`.
 pub fn cpu_ticks(stat: &str) -> Option<u64> {

@@ -120,12 +120,7 @@ pub fn execute(cfg: RunConfig) -> Result<bool, String> {
             )
         })?;
     }
-    let daemon_start = match cfg.daemon_pid {
-        Some(pid) => Some(
-            procstat::sample(pid).ok_or_else(|| format!("--daemon-pid {pid}: no such process"))?,
-        ),
-        None => None,
-    };
+    let daemon_start = procstat::sample_daemon(cfg.daemon_pid)?;
     let loadavg = loadavg();
     let setup = Setup {
         endpoint: cfg.endpoint.clone(),
