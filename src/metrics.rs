@@ -41,6 +41,9 @@ counters! {
     logs_rejected,
     /// Write transactions committed (ingest and session changes).
     commits,
+    /// Log batches committed straight into the indexed table, past the
+    /// ingest file (rows from few sessions, or large rows).
+    indexed_commits,
     /// Merge transactions that moved logs into the indexed table.
     merges,
     /// Log rows moved into the indexed table.

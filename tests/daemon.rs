@@ -1068,21 +1068,47 @@ mod scale {
 mod durability {
     use super::*;
 
-    /// Sends windows of logs (and some batches) until the connection
-    /// breaks; records every log id that was acknowledged `Accepted`.
-    fn hammer(mut c: Client, tag: usize, accepted: Arc<Mutex<Vec<Uuid>>>) {
+    /// Sends windows of logs (or, with `batches`, only batches) until the
+    /// connection breaks; records every log id that was acknowledged
+    /// `Accepted`. Small logs each have their own session, so they go
+    /// through the ingest file; the batches hold large entries of one
+    /// session, so they go straight into `logs` once the merger has caught
+    /// up, which needs the small logs to pause (`quiet`).
+    fn hammer(
+        mut c: Client,
+        tag: usize,
+        batches: bool,
+        quiet: Arc<AtomicBool>,
+        accepted: Arc<Mutex<Vec<Uuid>>>,
+    ) {
         let mut round = 0usize;
+        let padding = "x".repeat(600);
         loop {
+            if !batches && quiet.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
             let mut window = Vec::new();
             for k in 0..16 {
-                let msg = if k == 0 && round % 4 == 0 {
+                let msg = if batches {
                     batch(
                         (0..10)
-                            .map(|j| fields(LogLevel::Info, "kill", &format!("{tag}.{round}.{j}")))
+                            .map(|j| LogFields {
+                                session_id: Some(format!("kill-{tag}")),
+                                ..fields(
+                                    LogLevel::Info,
+                                    "kill",
+                                    &format!("{tag}.{round}.{j} {padding}"),
+                                )
+                            })
                             .collect(),
                     )
                 } else {
-                    log(LogLevel::Info, "kill", &format!("{tag}.{round}.{k}"))
+                    let name = format!("{tag}.{round}.{k}");
+                    Message::new(Payload::LogEntry(LogFields {
+                        session_id: Some(name.clone()),
+                        ..fields(LogLevel::Info, "kill", &name)
+                    }))
                 };
                 if c.send(&msg).is_err() {
                     return;
@@ -1110,6 +1136,25 @@ mod durability {
         }
     }
 
+    /// Merges into `logs`, and batches written straight into it, so far
+    /// (from the merger's line of `GetStatus`).
+    fn write_paths(c: &mut Client) -> (u64, u64) {
+        let answer = c.call(Payload::GetStatus);
+        let Payload::Status { components, .. } = &answer.payload else {
+            panic!("expected Status, got {answer:?}");
+        };
+        let merger = components.iter().find(|c| c.name == "merger").unwrap();
+        let numbers: Vec<u64> = merger
+            .message
+            .split(|ch: char| !ch.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        match numbers[..] {
+            [_, merges, direct] => (merges, direct),
+            _ => panic!("unexpected merger status: {}", merger.message),
+        }
+    }
+
     #[test]
     fn kill_9_under_load_loses_no_accepted_log() {
         // Several rounds on one database: each kill lands at a different
@@ -1117,21 +1162,41 @@ mod durability {
         let sandbox = Sandbox::new();
         let mut d = Daemon::start(Arc::clone(&sandbox), Opts::default());
         let accepted = Arc::new(Mutex::new(Vec::new()));
+        let count = |acc: &Mutex<Vec<Uuid>>| acc.lock().unwrap().len();
         for round in 0..3 {
-            let start = accepted.lock().unwrap().len();
+            let start = count(&accepted);
+            let quiet = Arc::new(AtomicBool::new(false));
             let threads: Vec<_> = (0..4)
                 .map(|t| {
                     let c = if t == 3 { d.tcp() } else { d.unix() };
-                    let acc = Arc::clone(&accepted);
-                    thread::spawn(move || hammer(c, round * 10 + t, acc))
+                    let (acc, quiet) = (Arc::clone(&accepted), Arc::clone(&quiet));
+                    thread::spawn(move || hammer(c, round * 10 + t, t == 0, quiet, acc))
                 })
                 .collect();
             assert!(
-                wait_until(Duration::from_secs(60), || accepted.lock().unwrap().len()
-                    >= start + 3000),
+                wait_until(Duration::from_secs(60), || count(&accepted) >= start + 3000),
                 "load never got going"
             );
+            // Only the batches for a while: they go straight into `logs`.
+            quiet.store(true, Ordering::Relaxed);
+            let mut status = d.unix();
+            let (_, direct) = write_paths(&mut status);
+            assert!(
+                wait_until(Duration::from_secs(60), || write_paths(&mut status).1
+                    > direct),
+                "round {round}: no batch went straight into logs"
+            );
+            assert!(write_paths(&mut status).0 > 0, "logs were merged too");
+            if round == 1 {
+                // Killed while both paths commit, rather than in the middle
+                // of the batches alone.
+                quiet.store(false, Ordering::Relaxed);
+                let now = count(&accepted);
+                assert!(wait_until(Duration::from_secs(60), || count(&accepted) >= now + 2000));
+            }
             d.kill9();
+            // Every client must write again to see its connection gone.
+            quiet.store(false, Ordering::Relaxed);
             for t in threads {
                 t.join().expect("client thread");
             }

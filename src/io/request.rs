@@ -412,9 +412,11 @@ impl Services {
                 name: "merger".into(),
                 status: "healthy".into(),
                 message: format!(
-                    "{} logs moved into the indexed table in {} merges",
+                    "{} logs moved into the indexed table in {} merges; \
+                     {} batches written straight into it",
                     get(&m.logs_merged),
-                    get(&m.merges)
+                    get(&m.merges),
+                    get(&m.indexed_commits)
                 ),
             },
             ComponentStatus {

@@ -1,7 +1,7 @@
 //! The ingest file: where new logs are committed (and acknowledged) first,
 //! and how they move from there into the indexed `logs` table.
 //!
-//! Why two steps: with a thousand sessions logging at once, every commit to
+//! Why two steps (for most batches): with a thousand sessions logging at once, every commit to
 //! `logs` dirties one leaf page of the session index per session, and SQLite
 //! writes each dirty page whole to the WAL and again to the database, about
 //! 4 KiB per log. `ingest_logs` has no index but its integer key, so an
@@ -19,6 +19,10 @@
 //!   write lock), above every id in either file; a row keeps its id when it
 //!   moves.
 //! - Rows move in id order, so `logs` always holds a prefix of the ids.
+//! - A batch that costs less written straight into `logs` (rows from few
+//!   sessions, or large rows) goes there only while no ingest row awaits
+//!   merging, with ids handed out under the ingest file's write lock: the
+//!   prefix rule holds for it too.
 //! - A row is deleted from `ingest_logs` only after it was committed to
 //!   `logs`, so at every moment it is in one file or both.
 //! - A reader takes its snapshot of the ingest file before the one of the
@@ -70,6 +74,20 @@ const INSERT_NEWER: &str = "INSERT INTO main.ingest_logs \
     (uuid, timestamp, level, component, session_id, message, metadata, created_at, id) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
+/// Inserts a row into `logs` (the main database, `main` on the direct
+/// writer's connection) unless its uuid is there. A clash of ids is an
+/// error, never skipped: that row would be lost.
+const INSERT_INDEXED: &str = "INSERT INTO main.logs \
+    (uuid, timestamp, level, component, session_id, message, metadata, created_at, id) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT(uuid) DO NOTHING";
+
+/// Whether the ingest file holds a row not yet merged, seen from the ingest
+/// writer's connection: one above the largest id in `logs`, the recorded
+/// merge floor and `?1` (the merger's mark).
+const HOLDS_UNMERGED: &str = "SELECT coalesce((SELECT max(id) FROM main.ingest_logs), 0) > \
+    max(coalesce((SELECT max(id) FROM store.logs), 0), \
+    coalesce((SELECT merged_floor FROM main.ingest_meta), 0), ?1)";
+
 /// Deletes at most `?2` of the oldest rows with ids up to `?1`.
 const DELETE_MERGED: &str = "DELETE FROM main.ingest_logs WHERE id IN \
     (SELECT id FROM main.ingest_logs WHERE id <= ?1 ORDER BY id LIMIT ?2)";
@@ -100,6 +118,21 @@ impl IdAllocator {
         Ok(IdAllocator {
             next: next.max(merged_through.saturating_add(1)),
         })
+    }
+
+    /// Ids for rows written straight into `logs`, read inside `tx` (an
+    /// ingest writer transaction, whose write lock keeps anyone else from
+    /// handing out ids until the rows are committed), or `None` while the
+    /// ingest file holds rows not yet merged: rows with larger ids in
+    /// `logs` would hide those from readers (the module's prefix rule).
+    pub fn for_indexed(tx: &Transaction, merged_through: i64) -> rusqlite::Result<Option<Self>> {
+        let unmerged: bool = tx
+            .prepare_cached(HOLDS_UNMERGED)?
+            .query_row([merged_through], |r| r.get(0))?;
+        if unmerged {
+            return Ok(None);
+        }
+        Self::new(tx, merged_through).map(Some)
     }
 
     /// The id the last inserted row got (0 if none yet).
@@ -235,6 +268,32 @@ pub fn insert_rows(
         if added > 0 {
             pending.add(id, row.uuid);
         }
+        ids.next += added as i64;
+        inserted += added;
+    }
+    Ok(OpOutcome::Logs {
+        inserted,
+        duplicates: rows.len() - inserted,
+    })
+}
+
+/// Inserts `rows` straight into `logs` inside `tx` (a write transaction of
+/// the main database), with ids from `ids` ([`IdAllocator::for_indexed`]),
+/// skipping rows whose uuid is already there.
+pub fn insert_rows_indexed(
+    tx: &Transaction,
+    ids: &mut IdAllocator,
+    rows: &[LogRow],
+    now_us: i64,
+) -> rusqlite::Result<OpOutcome> {
+    let mut insert = tx.prepare_cached(INSERT_INDEXED)?;
+    let mut inserted = 0;
+    for row in rows {
+        let id = ids.next;
+        let values = row.values(&now_us);
+        let added = insert.execute(params_from_iter(
+            values.into_iter().chain([&id as &dyn ToSql]),
+        ))?;
         ids.next += added as i64;
         inserted += added;
     }
@@ -510,6 +569,67 @@ mod tests {
         let result = crate::store::wal::checkpoint(&main, "PASSIVE").unwrap();
         assert!(!result.busy);
         crate::store::wal::checkpoint(&ing, "PASSIVE").unwrap();
+    }
+
+    /// Writes `rows` straight into `logs` as the writer does: ids under the
+    /// ingest file's lock. `None` if the ingest file holds unmerged rows.
+    fn insert_indexed(
+        main: &mut Connection,
+        ing: &mut Connection,
+        rows: &[LogRow],
+    ) -> Option<(OpOutcome, i64)> {
+        let lock = ing
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        let mut ids = IdAllocator::for_indexed(&lock, 0).unwrap()?;
+        let tx = main.transaction().unwrap();
+        let out = insert_rows_indexed(&tx, &mut ids, rows, 1).unwrap();
+        tx.commit().unwrap();
+        Some((out, ids.last()))
+    }
+
+    #[test]
+    fn rows_go_straight_into_logs_only_above_every_merged_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        let mut main = schema::open_rw(&path, 4).unwrap();
+        let mut ing = schema::open_ingest_rw(&path, 4).unwrap();
+        let rows: Vec<LogRow> = (0..4).map(|_| row(Uuid::now_v7(), "s")).collect();
+        let (out, last) = insert_indexed(&mut main, &mut ing, &rows[..2]).unwrap();
+        assert_eq!(
+            (out, last),
+            (
+                OpOutcome::Logs {
+                    inserted: 2,
+                    duplicates: 0
+                },
+                2
+            )
+        );
+
+        let mut pending = PendingUuids::default();
+        assert_eq!(ingest(&mut ing, &mut pending, &rows[2..3], None).1, 3);
+        assert!(
+            insert_indexed(&mut main, &mut ing, &rows[3..]).is_none(),
+            "row 3 awaits merging: a larger id in logs would hide it"
+        );
+        assert_eq!(all_ids(&path), [1, 2, 3]);
+
+        merge(&mut main, 10).unwrap();
+        let again = [rows[0].clone(), rows[2].clone(), rows[3].clone()];
+        let (out, last) = insert_indexed(&mut main, &mut ing, &again).unwrap();
+        assert_eq!(
+            (out, last),
+            (
+                OpOutcome::Logs {
+                    inserted: 1,
+                    duplicates: 2
+                },
+                4
+            ),
+            "resends of rows from either path are skipped; ids continue above the merged ones"
+        );
+        assert_eq!(all_ids(&path), [1, 2, 3, 4]);
     }
 
     #[test]

@@ -80,9 +80,10 @@ impl MergeState {
         (self.committed_through.load(Ordering::Relaxed) - self.merged_through()).max(0)
     }
 
-    /// Publishes a merge; the uuid first, so that a reader of the new
-    /// `through` sees a uuid at least as new.
-    fn note_merged(&self, through: i64, max_uuid: Uuid) {
+    /// Publishes a merge (or rows written straight into `logs`, up to
+    /// `through`); the uuid first, so that a reader of the new `through`
+    /// sees a uuid at least as new.
+    pub(super) fn note_merged(&self, through: i64, max_uuid: Uuid) {
         {
             let mut newest = self.logs_max_uuid.lock();
             *newest = (*newest).max(max_uuid);

@@ -123,6 +123,17 @@ pub struct LogRow {
 }
 
 impl LogRow {
+    /// About how many bytes the row takes in a table: its texts plus the
+    /// uuid and the integer columns.
+    pub fn stored_len(&self) -> usize {
+        const FIXED: usize = 16 + 3 * 8 + 5;
+        FIXED
+            + self.component.len()
+            + self.session_id.as_ref().map_or(0, String::len)
+            + self.message.len()
+            + self.metadata_json.as_ref().map_or(0, String::len)
+    }
+
     /// The row's values in the column order every log insert uses (`uuid`,
     /// `timestamp`, `level`, `component`, `session_id`, `message`,
     /// `metadata`, `created_at`), `created_at_us` last.

@@ -12,13 +12,14 @@ use super::ingest::{self, IdAllocator, PendingUuids};
 use super::merger::{self, MergeState, MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
 use super::ops::OpOutcome;
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
-use super::{schema, StoreError, WriteJob, WriteOp};
+use super::{schema, LogRow, StoreError, WriteJob, WriteOp};
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, Message, Timestamp};
 use crate::reply::{Completion, Replies};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -64,6 +65,9 @@ const MAX_PENDING_ROWS: usize = 1 << 20;
 /// Merged rows deleted from the ingest file at shutdown per transaction.
 const FINAL_DELETE_ROWS: usize = 65_536;
 
+/// Bytes SQLite writes for one index leaf page a commit dirties.
+const INDEX_PAGE_BYTES: usize = schema::PAGE_SIZE as usize;
+
 /// The running writer thread, which owns the merger and checkpointers.
 #[derive(Debug)]
 pub struct WriterHandle {
@@ -103,6 +107,8 @@ pub fn spawn_writer(
     budget: Arc<InflightBudget>,
 ) -> Result<(Sender<WriteJob>, WriterHandle), StoreError> {
     let main = schema::open_rw(db_path, settings.cache_size_mb)?;
+    let indexed = schema::open_rw(db_path, settings.cache_size_mb)?;
+    wal::configure_writer(&indexed, &settings.wal)?;
     let mut conn = schema::open_ingest_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&conn, &settings.wal)?;
     let (state, pending) = recover(&mut conn, ingest::logs_max_uuid(&main)?)?;
@@ -143,6 +149,8 @@ pub fn spawn_writer(
             last_own_id,
             max_pending: MAX_PENDING_ROWS,
         },
+        indexed,
+        main_wal: Arc::clone(&main_wal),
         merger_stalled_at: None,
         acker: Acker::new(replies, metrics, budget),
         batch_max_rows: settings.batch_max_rows.max(1),
@@ -444,8 +452,73 @@ impl TxBody for IngestBody {
     }
 }
 
+/// Log rows go straight into `logs`, with ids handed out under the ingest
+/// file's write lock ([`IdAllocator::for_indexed`]).
+struct IndexedBody {
+    ids: IdAllocator,
+    /// The largest uuid of the open transaction's rows.
+    newest_in_tx: Uuid,
+    /// The largest uuid of the committed rows.
+    newest: Uuid,
+    /// The largest committed id (0 if nothing committed yet).
+    committed_through: i64,
+}
+
+impl TxBody for IndexedBody {
+    fn begin(&mut self, _tx: &Transaction) -> rusqlite::Result<()> {
+        self.newest_in_tx = Uuid::nil();
+        Ok(())
+    }
+
+    fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult {
+        match op {
+            WriteOp::Logs(rows) => {
+                for row in rows {
+                    self.newest_in_tx = self.newest_in_tx.max(row.uuid);
+                }
+                ingest::insert_rows_indexed(tx, &mut self.ids, rows, now_us)
+            }
+            _ => Ok(OpOutcome::Rejected(
+                "internal: only logs go straight into the indexed table".into(),
+            )),
+        }
+    }
+
+    fn committed(&mut self) {
+        self.newest = self.newest.max(self.newest_in_tx);
+        self.committed_through = self.ids.last();
+    }
+}
+
+/// Whether a batch of log jobs costs less written straight into `logs` than
+/// through the ingest file: when its rows come from so few sessions that
+/// the session-index leaves they dirty (about one page each per commit)
+/// weigh less than the rows' own bytes, which the ingest file writes twice.
+fn prefers_indexed(jobs: &[WriteJob]) -> bool {
+    let rows = || {
+        jobs.iter().flat_map(|job| match &job.op {
+            WriteOp::Logs(rows) => rows.as_slice(),
+            _ => &[],
+        })
+    };
+    let bytes: usize = rows().map(LogRow::stored_len).sum();
+    let most_sessions = bytes / INDEX_PAGE_BYTES;
+    let mut sessions = HashSet::new();
+    for row in rows() {
+        if sessions.insert(row.session_id.as_deref()) && sessions.len() > most_sessions {
+            return false;
+        }
+    }
+    !sessions.is_empty()
+}
+
 struct Writer {
     conn: Connection,
+    /// A read-write connection to the main database, for batches that go
+    /// straight into `logs`.
+    indexed: Connection,
+    /// The main database's WAL state, told of those commits.
+    main_wal: Arc<WalState>,
     /// Finished (after its final merge) before the final checkpoint.
     merger: Option<MergerHandle>,
     /// Stopped before the final checkpoint.
@@ -477,6 +550,9 @@ impl Writer {
             if self.acker.jobs.is_empty() {
                 continue;
             }
+            if self.commit_indexed() {
+                continue;
+            }
             self.wait_for_merger();
             // Delete merged rows a little faster than they arrive.
             self.body.delete_rows = 2 * rows + 1024;
@@ -505,6 +581,51 @@ impl Writer {
 
     fn metrics(&self) -> &Metrics {
         &self.acker.metrics
+    }
+
+    /// Commits and answers the queued batch straight into `logs` when that
+    /// costs less ([`prefers_indexed`]) and no ingest row awaits merging;
+    /// returns whether it did. Otherwise the batch goes to the ingest file.
+    fn commit_indexed(&mut self) -> bool {
+        if !prefers_indexed(&self.acker.jobs) {
+            return false;
+        }
+        if self.body.state.unmerged() > 0 {
+            // The next batch like this one may go straight in.
+            self.send_to_merger(MergerMsg::Wake);
+            return false;
+        }
+        let (through, _) = self.body.state.merged_mark();
+        // Held (and rolled back, having written nothing) until the rows are
+        // committed: nobody else hands out ids meanwhile.
+        let ids = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .and_then(|lock| Ok((IdAllocator::for_indexed(&lock, through)?, lock)));
+        let (ids, lock) = match ids {
+            Ok((Some(ids), lock)) => (ids, lock),
+            Ok((None, _)) => return false,
+            Err(e) => {
+                log::warn!("cannot lock the ingest file to write into the indexed table: {e}");
+                return false;
+            }
+        };
+        let mut body = IndexedBody {
+            ids,
+            newest_in_tx: Uuid::nil(),
+            newest: Uuid::nil(),
+            committed_through: 0,
+        };
+        self.acker.commit_and_answer(&mut self.indexed, &mut body);
+        drop(lock);
+        if body.committed_through > 0 {
+            self.main_wal.note_commit();
+            Metrics::add(&self.acker.metrics.indexed_commits, 1);
+            self.body
+                .state
+                .note_merged(body.committed_through, body.newest);
+        }
+        true
     }
 
     /// Keeps a log job for this batch; hands a session change to the merger,
@@ -645,6 +766,21 @@ mod tests {
         )
     }
 
+    /// `count` logs of session `session` with messages of `len` bytes.
+    fn session_logs(session: Option<&str>, count: usize, len: usize) -> Vec<LogRow> {
+        (0..count)
+            .map(|_| LogRow {
+                uuid: Uuid::now_v7(),
+                timestamp_us: 5,
+                level: LogLevel::Info,
+                component: "c".into(),
+                session_id: session.map(str::to_owned),
+                message: "m".repeat(len),
+                metadata_json: None,
+            })
+            .collect()
+    }
+
     fn job(seq: u64, op: WriteOp, cost: usize) -> WriteJob {
         WriteJob {
             reply: reply_to(seq as usize % 2, seq),
@@ -763,6 +899,56 @@ mod tests {
         );
         assert_eq!(Metrics::get(&metrics.commit_errors), 0);
         assert!(Metrics::get(&metrics.checkpoints) >= 1);
+    }
+
+    #[test]
+    fn batches_whose_bytes_outweigh_their_sessions_go_straight_into_logs() {
+        let jobs = |rows: Vec<LogRow>| vec![job(0, WriteOp::Logs(rows), 1)];
+        let many_sessions: Vec<LogRow> = (0..500)
+            .flat_map(|n| session_logs(Some(&format!("s{n}")), 1, 150))
+            .collect();
+        assert!(!prefers_indexed(&jobs(many_sessions)));
+        assert!(!prefers_indexed(&jobs(session_logs(Some("s"), 1, 150))));
+        assert!(prefers_indexed(&jobs(session_logs(Some("s"), 40, 150))));
+        assert!(prefers_indexed(&jobs(session_logs(None, 4, 1024))));
+        let mut two = session_logs(Some("a"), 4, 1024);
+        two.extend(session_logs(Some("b"), 4, 1024));
+        assert!(prefers_indexed(&jobs(two)), "8 KiB of rows, 2 sessions");
+        assert!(!prefers_indexed(&[]));
+    }
+
+    #[test]
+    fn a_batch_from_one_session_is_in_logs_when_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let (tx, handle, loops, metrics, budget) = start(&path, &WriterSettings::default());
+        let send = |seq: u64, op: WriteOp| {
+            assert!(budget.try_acquire(1));
+            let j = job(seq, op, 1);
+            let to = j.reply;
+            tx.send(j).unwrap();
+            ack(&loops[to.worker].rx.recv().unwrap()).1
+        };
+        let rows = session_logs(Some("s"), 64, 200);
+        assert_eq!(send(0, WriteOp::Logs(rows.clone())), AckStatus::Accepted);
+        let ingest_rows: i64 = schema::open_ingest_rw(&path, 1)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM ingest_logs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((count_logs(&path), ingest_rows), (64, 0));
+        assert_eq!(Metrics::get(&metrics.indexed_commits), 1);
+        assert_eq!(Metrics::get(&metrics.logs_merged), 0);
+
+        // A resend through the ingest file is found in `logs`, and one
+        // straight into `logs` too.
+        assert_eq!(send(1, logs(&[rows[0].uuid])), AckStatus::Accepted);
+        assert_eq!(send(2, WriteOp::Logs(rows)), AckStatus::Accepted);
+        assert_eq!(Metrics::get(&metrics.logs_duplicate), 65);
+        assert_eq!(send(3, logs(&[Uuid::now_v7()])), AckStatus::Accepted);
+        drop(tx);
+        handle.join();
+        assert_eq!(count_logs(&path), 65);
+        assert_eq!(Metrics::get(&metrics.logs_stored), 65);
     }
 
     #[test]
