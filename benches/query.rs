@@ -17,7 +17,7 @@ mod common;
 
 use codi_monitor::proto::{LogFilter, LogLevel, Timestamp};
 use codi_monitor::store::{query::run_query, schema};
-use common::{RowGen, RARE_WORD};
+use common::{benchmarking, RowGen, RARE_WORD};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode};
 use rusqlite::{params_from_iter, Connection, OptionalExtension, ToSql};
 use std::hint::black_box;
@@ -29,14 +29,6 @@ const TEST_ROWS: u64 = 20_000;
 /// Rows per transaction while building.
 const BUILD_TXN_ROWS: u64 = 500_000;
 const SEED: u64 = 0x0C0D_1010;
-
-/// True under `cargo bench` (criterion's own rule: `--bench` and not
-/// `--test`); `--list` builds nothing big either.
-fn benchmarking() -> bool {
-    let args: Vec<String> = std::env::args().collect();
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    has("--bench") && !has("--test") && !has("--list")
-}
 
 fn last_id(path: &Path) -> Option<i64> {
     let conn = schema::open_ro(path).ok()?;

@@ -251,3 +251,11 @@ impl RowGen {
         }
     }
 }
+
+/// True under `cargo bench` (criterion's own rule: `--bench` and not
+/// `--test`); `--list` builds nothing big either.
+pub fn benchmarking() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    has("--bench") && !has("--test") && !has("--list")
+}

@@ -64,11 +64,23 @@ pub fn run_query(
         };
         // Each side picks its own first `limit` rows (`logs` through its
         // indexes), so that neither is read in full to sort the union.
+        // The ingest rows have no index: for the newest ones they are read
+        // newest id first (kept in that order by the `LIMIT -1`), so the
+        // top-`limit` sorter keeps its first rows and skips nearly every
+        // later one. Read oldest first, each row would be newer than all
+        // kept so far and replace one: 4x the time (docs/PERFORMANCE.md).
+        let ingest_rows = if filter.after_id.is_some() {
+            format!("SELECT {COLUMNS} FROM ingest.ingest_logs{ingest_clause}")
+        } else {
+            format!(
+                "SELECT * FROM (SELECT {COLUMNS} FROM ingest.ingest_logs{ingest_clause} \
+                 ORDER BY id DESC LIMIT -1)"
+            )
+        };
         let sql = format!(
             "SELECT * FROM (SELECT {COLUMNS} FROM main.logs{clause} ORDER BY {order} LIMIT ?) \
              UNION ALL \
-             SELECT * FROM (SELECT {COLUMNS} FROM ingest.ingest_logs{ingest_clause} \
-             ORDER BY {order} LIMIT ?) ORDER BY {order} LIMIT ?"
+             SELECT * FROM ({ingest_rows} ORDER BY {order} LIMIT ?) ORDER BY {order} LIMIT ?"
         );
         let limit = SqlValue::Integer(limit as i64);
         let values: Vec<SqlValue> = params
@@ -297,15 +309,15 @@ mod tests {
             message: format!("at {ts}"),
             metadata_json: None,
         };
-        // Ids 1-3 in `logs`, 4-6 still in the ingest file; timestamps
-        // interleave across the two.
+        // Ids 1-3 in `logs`, 4-7 still in the ingest file; timestamps
+        // interleave across the two, and two ingest rows tie.
         let tx = conn.transaction().unwrap();
         ops::apply(&tx, &WriteOp::Logs(vec![row(100), row(400), row(250)]), 0).unwrap();
         tx.commit().unwrap();
         let mut ing = schema::open_ingest_rw(&path, 4).unwrap();
         let tx = ing.transaction().unwrap();
         let mut alloc = IdAllocator::new(&tx, 0).unwrap();
-        let waiting = [row(300), row(50), row(500)];
+        let waiting = [row(300), row(50), row(500), row(300)];
         ingest::insert_rows(
             &tx,
             &mut alloc,
@@ -317,14 +329,16 @@ mod tests {
         .unwrap();
         tx.commit().unwrap();
         let db = Db { _dir: dir, conn };
-        // Newest three by timestamp (500, 400, 300), oldest first.
-        assert_eq!(ids(&db, &LogFilter::default(), 3), (vec![4, 2, 6], 6));
+        // Newest by timestamp (500, 400, then the later 300), oldest first.
+        assert_eq!(ids(&db, &LogFilter::default(), 3), (vec![7, 2, 6], 7));
+        assert_eq!(ids(&db, &LogFilter::default(), 4), (vec![4, 7, 2, 6], 7));
+        assert_eq!(ids(&db, &LogFilter::default(), 1), (vec![6], 7));
         // Paging by id crosses from one file into the other.
         let after = LogFilter {
             after_id: Some(1),
             ..LogFilter::default()
         };
-        assert_eq!(ids(&db, &after, 3), (vec![2, 3, 4], 5));
+        assert_eq!(ids(&db, &after, 3), (vec![2, 3, 4], 6));
     }
 
     #[test]
