@@ -39,7 +39,8 @@ counters! {
     logs_duplicate,
     /// Log entries rejected (nothing stored).
     logs_rejected,
-    /// Write transactions committed (ingest and session changes).
+    /// Write transactions committed (ingest, straight into the indexed
+    /// table, and session changes).
     commits,
     /// Log batches committed straight into the indexed table, past the
     /// ingest file (rows from few sessions, or large rows).

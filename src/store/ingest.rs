@@ -11,8 +11,8 @@
 //! throughput. The merger thread then moves
 //! rows into `logs` in large id-ordered chunks, so each session's index leaf
 //! is written once per chunk instead of once per log. The two tables are in
-//! separate files so that the merge never holds the lock the acknowledged
-//! commits need.
+//! separate files so that the merge never holds the lock the ingest
+//! file's acknowledged commits need.
 //!
 //! The rules that keep every row visible exactly once:
 //! - Row ids are handed out by whoever inserts into `ingest_logs` (under its
@@ -379,6 +379,13 @@ pub fn merge_chunk(
     };
     let rows = tx.prepare_cached(MERGE)?.execute(params![floor, through])?;
     Ok(Some(Merged { rows, through }))
+}
+
+/// Whether the ingest file (attached as `ingest` to `conn`, a connection
+/// to the main database) holds a row above `floor`: a read, no lock.
+pub fn holds_rows_above(conn: &Connection, floor: i64) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM ingest.ingest_logs WHERE id > ?1)")?
+        .query_row([floor], |r| r.get(0))
 }
 
 /// Starts a read transaction on a connection of [`super::schema::open_ro`]

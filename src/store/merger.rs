@@ -3,7 +3,9 @@
 //! indexed `logs` table in large id-ordered chunks (see [`super::ingest`]
 //! for why), applies session changes, and runs the main database's WAL
 //! policy. It never holds the ingest file's write lock, so a long merge
-//! cannot delay an acknowledgment.
+//! cannot delay an acknowledgment of the ingest file; a batch the writer
+//! sends straight into `logs` waits for it at most briefly, and is only
+//! sent while nothing awaits merging.
 
 use super::ingest::{self, Merged};
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
@@ -155,6 +157,7 @@ pub(super) fn spawn_merger(
         progress: progress_tx,
         acker,
         last_merge: Instant::now(),
+        woken: false,
     };
     let thread = super::writer::spawn_named("codi-merger", move || {
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
@@ -191,6 +194,8 @@ struct Merger {
     progress: Sender<()>,
     acker: Acker,
     last_merge: Instant,
+    /// The writer asked for a merge now.
+    woken: bool,
 }
 
 impl Merger {
@@ -212,10 +217,11 @@ impl Merger {
                     self.acker
                         .commit_and_answer(&mut self.conn, &mut SessionBody);
                 }
-                Ok(MergerMsg::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(MergerMsg::Wake) => self.woken = true,
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if self.merge_due() {
+            if std::mem::take(&mut self.woken) || self.merge_due() {
                 self.merge_step();
             }
         }
@@ -246,6 +252,16 @@ impl Merger {
         self.last_merge = Instant::now();
         let result = (|| {
             let floor = ingest::merged_floor(&self.conn)?.max(self.state.merged_through());
+            if !ingest::holds_rows_above(&self.conn, floor)? {
+                // Nothing to move: the main database's write lock, which a
+                // batch bound straight for `logs` may be waiting for, is
+                // left alone.
+                let idle = Merged {
+                    rows: 0,
+                    through: floor,
+                };
+                return Ok((idle, ingest::logs_max_uuid(&self.conn)?));
+            }
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;

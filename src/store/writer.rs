@@ -68,6 +68,11 @@ const FINAL_DELETE_ROWS: usize = 65_536;
 /// Bytes SQLite writes for one index leaf page a commit dirties.
 const INDEX_PAGE_BYTES: usize = schema::PAGE_SIZE as usize;
 
+/// How long a batch bound straight for `logs` waits for the main
+/// database's lock (a session change, an export row, a WAL restart) before
+/// it goes to the ingest file instead: acknowledgments never wait long.
+const INDEXED_LOCK_WAIT: Duration = Duration::from_millis(200);
+
 /// The running writer thread, which owns the merger and checkpointers.
 #[derive(Debug)]
 pub struct WriterHandle {
@@ -109,6 +114,7 @@ pub fn spawn_writer(
     let main = schema::open_rw(db_path, settings.cache_size_mb)?;
     let indexed = schema::open_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&indexed, &settings.wal)?;
+    indexed.busy_timeout(INDEXED_LOCK_WAIT)?;
     let mut conn = schema::open_ingest_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&conn, &settings.wal)?;
     let (state, pending) = recover(&mut conn, ingest::logs_max_uuid(&main)?)?;
@@ -149,8 +155,9 @@ pub fn spawn_writer(
             last_own_id,
             max_pending: MAX_PENDING_ROWS,
         },
+        indexed_trimmer: WalTrimmer::new(&indexed, settings.wal, Arc::clone(&main_wal))?,
         indexed,
-        main_wal: Arc::clone(&main_wal),
+        woke_merger_at: None,
         merger_stalled_at: None,
         acker: Acker::new(replies, metrics, budget),
         batch_max_rows: settings.batch_max_rows.max(1),
@@ -452,42 +459,39 @@ impl TxBody for IngestBody {
     }
 }
 
-/// Log rows go straight into `logs`, with ids handed out under the ingest
-/// file's write lock ([`IdAllocator::for_indexed`]).
-struct IndexedBody {
-    ids: IdAllocator,
-    /// The largest uuid of the open transaction's rows.
-    newest_in_tx: Uuid,
-    /// The largest uuid of the committed rows.
-    newest: Uuid,
-    /// The largest committed id (0 if nothing committed yet).
-    committed_through: i64,
-}
-
-impl TxBody for IndexedBody {
-    fn begin(&mut self, _tx: &Transaction) -> rusqlite::Result<()> {
-        self.newest_in_tx = Uuid::nil();
-        Ok(())
+/// Commits `jobs` (log jobs only) straight into `logs` in one transaction
+/// on `indexed`, with ids handed out under the ingest file's write lock,
+/// taken on `ingest` and held (having written nothing) until the rows are
+/// committed, so that nobody else hands out ids meanwhile. Returns each
+/// job's outcome, the last id and the largest uuid written, or `None` when
+/// the ingest file holds rows not yet merged (see
+/// [`IdAllocator::for_indexed`]).
+fn insert_indexed(
+    ingest: &mut Connection,
+    indexed: &mut Connection,
+    jobs: &[WriteJob],
+    merged_through: i64,
+    now_us: i64,
+) -> rusqlite::Result<Option<(Vec<JobResult>, i64, Uuid)>> {
+    let lock = ingest.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(mut ids) = IdAllocator::for_indexed(&lock, merged_through)? else {
+        return Ok(None);
+    };
+    let tx = indexed.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut newest = Uuid::nil();
+    for job in jobs {
+        let WriteOp::Logs(rows) = &job.op else {
+            return Ok(None);
+        };
+        newest = rows.iter().map(|r| r.uuid).fold(newest, std::cmp::max);
+        outcomes.push(Ok(ingest::insert_rows_indexed(
+            &tx, &mut ids, rows, now_us,
+        )?));
     }
-
-    fn apply(&mut self, tx: &Transaction, op: &WriteOp, now_us: i64) -> JobResult {
-        match op {
-            WriteOp::Logs(rows) => {
-                for row in rows {
-                    self.newest_in_tx = self.newest_in_tx.max(row.uuid);
-                }
-                ingest::insert_rows_indexed(tx, &mut self.ids, rows, now_us)
-            }
-            _ => Ok(OpOutcome::Rejected(
-                "internal: only logs go straight into the indexed table".into(),
-            )),
-        }
-    }
-
-    fn committed(&mut self) {
-        self.newest = self.newest.max(self.newest_in_tx);
-        self.committed_through = self.ids.last();
-    }
+    tx.commit()?;
+    drop(lock);
+    Ok(Some((outcomes, ids.last(), newest)))
 }
 
 /// Whether a batch of log jobs costs less written straight into `logs` than
@@ -515,10 +519,14 @@ fn prefers_indexed(jobs: &[WriteJob]) -> bool {
 struct Writer {
     conn: Connection,
     /// A read-write connection to the main database, for batches that go
-    /// straight into `logs`.
+    /// straight into `logs`; it waits at most [`INDEXED_LOCK_WAIT`] for
+    /// the main database's lock.
     indexed: Connection,
-    /// The main database's WAL state, told of those commits.
-    main_wal: Arc<WalState>,
+    /// The main database's WAL policy after those commits.
+    indexed_trimmer: WalTrimmer,
+    /// `merged_through` when the merger was last woken for a batch that
+    /// would have gone straight into `logs`: woken once per merge.
+    woke_merger_at: Option<i64>,
     /// Finished (after its final merge) before the final checkpoint.
     merger: Option<MergerHandle>,
     /// Stopped before the final checkpoint.
@@ -585,46 +593,48 @@ impl Writer {
 
     /// Commits and answers the queued batch straight into `logs` when that
     /// costs less ([`prefers_indexed`]) and no ingest row awaits merging;
-    /// returns whether it did. Otherwise the batch goes to the ingest file.
+    /// returns whether it did. Otherwise (or if that fails, e.g. on the
+    /// main database's lock) the batch goes to the ingest file.
     fn commit_indexed(&mut self) -> bool {
         if !prefers_indexed(&self.acker.jobs) {
             return false;
         }
+        let (through, _) = self.body.state.merged_mark();
         if self.body.state.unmerged() > 0 {
-            // The next batch like this one may go straight in.
-            self.send_to_merger(MergerMsg::Wake);
+            // So that a later batch like this one may go straight in.
+            if self.woke_merger_at != Some(through) {
+                self.woke_merger_at = Some(through);
+                self.send_to_merger(MergerMsg::Wake);
+            }
             return false;
         }
-        let (through, _) = self.body.state.merged_mark();
-        // Held (and rolled back, having written nothing) until the rows are
-        // committed: nobody else hands out ids meanwhile.
-        let ids = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .and_then(|lock| Ok((IdAllocator::for_indexed(&lock, through)?, lock)));
-        let (ids, lock) = match ids {
-            Ok((Some(ids), lock)) => (ids, lock),
-            Ok((None, _)) => return false,
+        let now_us = Timestamp::now().as_micros();
+        let written = insert_indexed(
+            &mut self.conn,
+            &mut self.indexed,
+            &self.acker.jobs,
+            through,
+            now_us,
+        );
+        let (outcomes, last_id, newest) = match written {
+            Ok(Some(written)) => written,
+            Ok(None) => return false,
             Err(e) => {
-                log::warn!("cannot lock the ingest file to write into the indexed table: {e}");
+                log::warn!("a batch goes to the ingest file: writing it into the indexed table failed: {e}");
                 return false;
             }
         };
-        let mut body = IndexedBody {
-            ids,
-            newest_in_tx: Uuid::nil(),
-            newest: Uuid::nil(),
-            committed_through: 0,
-        };
-        self.acker.commit_and_answer(&mut self.indexed, &mut body);
-        drop(lock);
-        if body.committed_through > 0 {
-            self.main_wal.note_commit();
-            Metrics::add(&self.acker.metrics.indexed_commits, 1);
-            self.body
-                .state
-                .note_merged(body.committed_through, body.newest);
+        if last_id > through {
+            self.body.state.note_merged(last_id, newest);
         }
+        let metrics = &self.acker.metrics;
+        Metrics::add(&metrics.commits, 1);
+        Metrics::add(&metrics.indexed_commits, 1);
+        if self.indexed_trimmer.after_commit(&self.indexed).is_some() {
+            Metrics::add(&metrics.checkpoints, 1);
+        }
+        self.acker.outcomes = outcomes;
+        self.acker.answer();
         true
     }
 
@@ -780,6 +790,10 @@ mod tests {
             })
             .collect()
     }
+
+    /// Far above [`INDEXED_LOCK_WAIT`], far below the writer's own lock
+    /// wait.
+    const WRITER_TEST_WAIT: Duration = Duration::from_secs(20);
 
     fn job(seq: u64, op: WriteOp, cost: usize) -> WriteJob {
         WriteJob {
@@ -949,6 +963,72 @@ mod tests {
         handle.join();
         assert_eq!(count_logs(&path), 65);
         assert_eq!(Metrics::get(&metrics.logs_stored), 65);
+    }
+
+    #[test]
+    fn a_batch_finding_the_main_database_locked_goes_to_the_ingest_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let (tx, handle, loops, metrics, budget) = start(&path, &WriterSettings::default());
+        let mut other = schema::open_rw(&path, 1).unwrap();
+        let lock = other
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        assert!(budget.try_acquire(1));
+        let j = job(0, WriteOp::Logs(session_logs(Some("s"), 64, 200)), 1);
+        let to = j.reply;
+        tx.send(j).unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            ack(&loops[to.worker].rx.recv().unwrap()).1,
+            AckStatus::Accepted
+        );
+        assert!(
+            started.elapsed() < WRITER_TEST_WAIT,
+            "the batch did not wait for the lock's holder"
+        );
+        assert_eq!(Metrics::get(&metrics.indexed_commits), 0);
+        assert_eq!(Metrics::get(&metrics.logs_stored), 64);
+        drop(lock);
+        drop(tx);
+        handle.join();
+        assert_eq!(count_logs(&path), 64, "merged once the lock was free");
+    }
+
+    #[test]
+    fn batches_straight_into_logs_keep_the_main_wal_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let settings = WriterSettings {
+            wal: WalPolicy {
+                interval: Duration::from_millis(20),
+                restart_bytes: 1 << 20,
+                hard_limit_bytes: 4 << 20,
+            },
+            ..WriterSettings::default()
+        };
+        let (tx, handle, loops, metrics, budget) = start(&path, &settings);
+        let mut largest_wal = 0;
+        for seq in 0..400 {
+            assert!(budget.try_acquire(1));
+            let j = job(seq, WriteOp::Logs(session_logs(Some("s"), 64, 1024)), 1);
+            let to = j.reply;
+            tx.send(j).unwrap();
+            loops[to.worker].rx.recv().unwrap();
+            let wal = std::fs::metadata(path.with_extension("db-wal")).map_or(0, |m| m.len());
+            largest_wal = largest_wal.max(wal);
+        }
+        assert_eq!(Metrics::get(&metrics.indexed_commits), 400);
+        // Bounded by the policy's hard limit plus what commits add before
+        // the checkpointer reports the WAL's size; unbounded, 26 MB of
+        // rows make a WAL of over 50 MB.
+        assert!(
+            largest_wal < 16 << 20,
+            "26 MB of rows grew the WAL to {largest_wal} bytes"
+        );
+        drop(tx);
+        handle.join();
+        assert_eq!(count_logs(&path), 400 * 64);
     }
 
     #[test]
