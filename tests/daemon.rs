@@ -810,6 +810,26 @@ mod pipelining {
     }
 
     #[test]
+    fn frames_and_the_close_queued_before_the_first_read_are_all_handled() {
+        // The frames and the end of the stream reach the socket before the
+        // daemon first reads it, so one read takes every byte and only a
+        // further read sees the end: a read that came back short must not
+        // end reading here.
+        let d = Daemon::start_default();
+        for round in 0..20 {
+            let mut c = d.unix();
+            let msg = log(LogLevel::Info, "queued", &format!("q{round}"));
+            let mut bytes = Vec::new();
+            encode_message(&msg, &mut bytes).unwrap();
+            c.send_raw(&bytes).unwrap();
+            c.shutdown_write();
+            assert_accepted(&c.recv(), msg.id);
+            c.expect_eof();
+        }
+        assert_eq!(d.db().count_logs(), 20);
+    }
+
+    #[test]
     fn frames_dribbled_one_byte_at_a_time_are_decoded() {
         let d = Daemon::start_default();
         let mut c = d.tcp();

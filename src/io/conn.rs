@@ -111,6 +111,9 @@ pub struct Connection {
     pub pause: Pause,
     /// The socket may have more bytes to read (edge-triggered readiness).
     pub readable: bool,
+    /// An event reported the peer's side closed (or an error): read until
+    /// the end of the stream, never stopping at a short read.
+    pub read_closed: bool,
     /// The peer closed its side (or the socket failed).
     pub peer_closed: bool,
     /// The peer closed both directions or the socket failed: nothing sent
@@ -141,6 +144,7 @@ impl Connection {
             rate: RateLimiter::new(burst),
             pause: Pause::None,
             readable: true,
+            read_closed: false,
             peer_closed: false,
             gone: false,
             queries_in_flight: 0,

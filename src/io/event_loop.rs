@@ -165,6 +165,9 @@ impl EventLoop {
                             if event.is_readable() || event.is_read_closed() || event.is_error() {
                                 conn.readable = true;
                             }
+                            if event.is_read_closed() || event.is_error() {
+                                conn.read_closed = true;
+                            }
                             if event.is_write_closed() || event.is_error() {
                                 conn.gone = true;
                             }
@@ -494,11 +497,21 @@ fn read_and_dispatch(
             return true;
         }
         match read_once(conn) {
-            Ok(0) => {
+            Ok((0, _)) => {
                 conn.peer_closed = true;
                 conn.readable = false;
             }
-            Ok(n) => read_total += n,
+            Ok((n, offered)) => {
+                read_total += n;
+                // A short read emptied the socket: bytes arriving later
+                // raise a new edge, so the read that would only say
+                // `WouldBlock` is skipped (one syscall per request at one
+                // request in flight). Not once the peer has closed: the
+                // end of the stream comes only from a read.
+                if n < offered && !conn.read_closed {
+                    conn.readable = false;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
@@ -537,16 +550,18 @@ fn discard_input(conn: &mut Connection) -> Discarded {
 }
 
 /// Reads once into the connection's buffer, offering room for the whole
-/// frame being received when its length is known.
-fn read_once(conn: &mut Connection) -> io::Result<usize> {
+/// frame being received when its length is known. Returns the bytes read
+/// and the room offered.
+fn read_once(conn: &mut Connection) -> io::Result<(usize, usize)> {
     let want = match frame_body_len(conn.input.data()) {
         Ok(Some(body)) => HEADER_LEN + body,
         _ => conn.input.len() + READ_CHUNK,
     };
     let spare = conn.input.spare_for(want);
+    let offered = spare.len();
     let n = conn.stream.read(spare)?;
     conn.input.filled(n);
-    Ok(n)
+    Ok((n, offered))
 }
 
 /// Decodes and dispatches every complete frame in the buffer until the
