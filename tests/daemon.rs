@@ -815,18 +815,25 @@ mod pipelining {
         // daemon first reads it, so one read takes every byte and only a
         // further read sees the end: a read that came back short must not
         // end reading here.
+        // Many connections opened at once, so that the daemon registers
+        // most of them only after their bytes and their close are queued.
         let d = Daemon::start_default();
-        for round in 0..20 {
-            let mut c = d.unix();
-            let msg = log(LogLevel::Info, "queued", &format!("q{round}"));
-            let mut bytes = Vec::new();
-            encode_message(&msg, &mut bytes).unwrap();
-            c.send_raw(&bytes).unwrap();
-            c.shutdown_write();
+        let clients: Vec<(Client, Message)> = (0..200)
+            .map(|n| {
+                let mut c = if n % 2 == 0 { d.unix() } else { d.tcp() };
+                let msg = log(LogLevel::Info, "queued", &format!("q{n}"));
+                let mut bytes = Vec::new();
+                encode_message(&msg, &mut bytes).unwrap();
+                c.send_raw(&bytes).unwrap();
+                c.shutdown_write();
+                (c, msg)
+            })
+            .collect();
+        for (mut c, msg) in clients {
             assert_accepted(&c.recv(), msg.id);
             c.expect_eof();
         }
-        assert_eq!(d.db().count_logs(), 20);
+        assert_eq!(d.db().count_logs(), 200);
     }
 
     #[test]
