@@ -37,7 +37,9 @@
 
 use super::ops::OpOutcome;
 use super::LogRow;
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, ToSql, Transaction};
+use rusqlite::{
+    params, params_from_iter, CachedStatement, Connection, OptionalExtension, ToSql, Transaction,
+};
 use std::collections::{HashSet, VecDeque};
 use uuid::Uuid;
 
@@ -133,6 +135,24 @@ impl IdAllocator {
             return Ok(None);
         }
         Self::new(tx, merged_through).map(Some)
+    }
+
+    /// Runs `insert` (a statement taking a row's values, then its id) for
+    /// `row` with the next id, which is used up only if a row was added.
+    /// Returns the rows added (0 or 1).
+    fn insert(
+        &mut self,
+        insert: &mut CachedStatement,
+        row: &LogRow,
+        now_us: i64,
+    ) -> rusqlite::Result<usize> {
+        let id = self.next;
+        let values = row.values(&now_us);
+        let added = insert.execute(params_from_iter(
+            values.into_iter().chain([&id as &dyn ToSql]),
+        ))?;
+        self.next += added as i64;
+        Ok(added)
     }
 
     /// The id the last inserted row got (0 if none yet).
@@ -261,14 +281,10 @@ pub fn insert_rows(
             _ => &mut probed,
         };
         let id = ids.next;
-        let values = row.values(&now_us);
-        let added = insert.execute(params_from_iter(
-            values.into_iter().chain([&id as &dyn ToSql]),
-        ))?;
+        let added = ids.insert(insert, row, now_us)?;
         if added > 0 {
             pending.add(id, row.uuid);
         }
-        ids.next += added as i64;
         inserted += added;
     }
     Ok(OpOutcome::Logs {
@@ -289,13 +305,7 @@ pub fn insert_rows_indexed(
     let mut insert = tx.prepare_cached(INSERT_INDEXED)?;
     let mut inserted = 0;
     for row in rows {
-        let id = ids.next;
-        let values = row.values(&now_us);
-        let added = insert.execute(params_from_iter(
-            values.into_iter().chain([&id as &dyn ToSql]),
-        ))?;
-        ids.next += added as i64;
-        inserted += added;
+        inserted += ids.insert(&mut insert, row, now_us)?;
     }
     Ok(OpOutcome::Logs {
         inserted,

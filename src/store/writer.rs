@@ -811,6 +811,21 @@ mod tests {
         }
     }
 
+    /// Sends one job of cost 1 and waits for its answer.
+    fn send_and_wait(
+        tx: &Sender<WriteJob>,
+        loops: &[Loop],
+        budget: &InflightBudget,
+        seq: u64,
+        op: WriteOp,
+    ) -> AckStatus {
+        assert!(budget.try_acquire(1));
+        let j = job(seq, op, 1);
+        let to = j.reply;
+        tx.send(j).unwrap();
+        ack(&loops[to.worker].rx.recv().unwrap()).1
+    }
+
     fn count_logs(path: &Path) -> i64 {
         let conn = schema::open_ro(path).unwrap();
         conn.query_row("SELECT COUNT(*) FROM logs", [], |r| r.get(0))
@@ -936,13 +951,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         let (tx, handle, loops, metrics, budget) = start(&path, &WriterSettings::default());
-        let send = |seq: u64, op: WriteOp| {
-            assert!(budget.try_acquire(1));
-            let j = job(seq, op, 1);
-            let to = j.reply;
-            tx.send(j).unwrap();
-            ack(&loops[to.worker].rx.recv().unwrap()).1
-        };
+        let send = |seq: u64, op: WriteOp| send_and_wait(&tx, &loops, &budget, seq, op);
         let rows = session_logs(Some("s"), 64, 200);
         assert_eq!(send(0, WriteOp::Logs(rows.clone())), AckStatus::Accepted);
         let ingest_rows: i64 = schema::open_ingest_rw(&path, 1)
@@ -974,13 +983,10 @@ mod tests {
         let lock = other
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .unwrap();
-        assert!(budget.try_acquire(1));
-        let j = job(0, WriteOp::Logs(session_logs(Some("s"), 64, 200)), 1);
-        let to = j.reply;
-        tx.send(j).unwrap();
         let started = Instant::now();
+        let rows = session_logs(Some("s"), 64, 200);
         assert_eq!(
-            ack(&loops[to.worker].rx.recv().unwrap()).1,
+            send_and_wait(&tx, &loops, &budget, 0, WriteOp::Logs(rows)),
             AckStatus::Accepted
         );
         assert!(
@@ -1010,11 +1016,8 @@ mod tests {
         let (tx, handle, loops, metrics, budget) = start(&path, &settings);
         let mut largest_wal = 0;
         for seq in 0..400 {
-            assert!(budget.try_acquire(1));
-            let j = job(seq, WriteOp::Logs(session_logs(Some("s"), 64, 1024)), 1);
-            let to = j.reply;
-            tx.send(j).unwrap();
-            loops[to.worker].rx.recv().unwrap();
+            let rows = session_logs(Some("s"), 64, 1024);
+            send_and_wait(&tx, &loops, &budget, seq, WriteOp::Logs(rows));
             let wal = std::fs::metadata(path.with_extension("db-wal")).map_or(0, |m| m.len());
             largest_wal = largest_wal.max(wal);
         }
@@ -1036,13 +1039,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         let (tx, handle, loops, metrics, budget) = start(&path, &WriterSettings::default());
-        let send = |seq: u64, op: WriteOp| {
-            assert!(budget.try_acquire(1));
-            let j = job(seq, op, 1);
-            let to = j.reply;
-            tx.send(j).unwrap();
-            ack(&loops[to.worker].rx.recv().unwrap()).1
-        };
+        let send = |seq: u64, op: WriteOp| send_and_wait(&tx, &loops, &budget, seq, op);
         let first = Uuid::now_v7();
         assert_eq!(send(0, logs(&[first])), AckStatus::Accepted);
         // Another process writes into the ingest file behind the writer's
