@@ -620,7 +620,13 @@ impl Writer {
             Ok(Some(written)) => written,
             Ok(None) => return false,
             Err(e) => {
-                log::warn!("a batch goes to the ingest file: writing it into the indexed table failed: {e}");
+                // Busy is expected now and then (someone held the main
+                // database's lock past the wait); anything else is news.
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
+                    log::debug!("a batch goes to the ingest file: the main database is busy");
+                } else {
+                    log::warn!("a batch goes to the ingest file: writing it into the indexed table failed: {e}");
+                }
                 return false;
             }
         };
