@@ -1,16 +1,16 @@
 //! The ingest file: where new logs are committed (and acknowledged) first,
 //! and how they move from there into the indexed `logs` table.
 //!
-//! Why two steps (for most batches): with a thousand sessions logging at once, every commit to
-//! `logs` dirties one leaf page of the session index per session, and SQLite
-//! writes each dirty page whole to the WAL and again to the database, about
-//! 4 KiB per log. `ingest_logs` has no index but its integer key, so an
-//! acknowledged commit appends a few pages for a thousand logs, whatever
-//! their sessions. Its only writer keeps the uuids of its rows in memory
-//! ([`PendingUuids`]) instead of a unique index, which cost a fifth of the
-//! throughput. The merger thread then moves
-//! rows into `logs` in large id-ordered chunks, so each session's index leaf
-//! is written once per chunk instead of once per log. The two tables are in
+//! Why two steps (for most batches): with a thousand sessions logging at
+//! once, every commit to `logs` dirties one leaf page of the session index
+//! per session, and SQLite writes each dirty page whole to the WAL and again
+//! to the database, about 4 KiB per log. `ingest_logs` has no index but its
+//! integer key, so an acknowledged commit appends a few pages for a
+//! thousand logs, whatever their sessions. Its only writer keeps the uuids
+//! of its rows in memory ([`PendingUuids`]) instead of a unique index,
+//! which cost a fifth of the throughput. The merger thread then moves rows
+//! into `logs` in large id-ordered chunks, so each session's index leaf is
+//! written once per chunk instead of once per log. The two tables are in
 //! separate files so that the merge never holds the lock the ingest
 //! file's acknowledged commits need.
 //!
@@ -54,12 +54,23 @@ pub(super) const CREATE_ALL_LOGS: &str = "CREATE TEMP VIEW IF NOT EXISTS all_log
     SELECT * FROM main.logs UNION ALL \
     SELECT * FROM ingest.ingest_logs WHERE id > (SELECT coalesce(max(id), 0) FROM main.logs)";
 
-/// The next free row id, seen from the ingest writer's connection (the
-/// ingest file as `main`, the main database as `store`), inside its write
-/// transaction.
-const NEXT_ID: &str = "SELECT max(coalesce((SELECT max(id) FROM main.ingest_logs), 0), \
-    coalesce((SELECT max(id) FROM store.logs), 0), \
-    coalesce((SELECT merged_floor FROM main.ingest_meta), 0)) + 1";
+/// Where ids stand, seen from the ingest writer's connection (the ingest
+/// file as `main`, the main database as `store`), inside its write
+/// transaction: the largest id in the ingest file, and the largest id
+/// merged (the largest in `logs`, or the recorded merge floor).
+const ID_MARKS: &str = "SELECT coalesce((SELECT max(id) FROM main.ingest_logs), 0), \
+    max(coalesce((SELECT max(id) FROM store.logs), 0), \
+    coalesce((SELECT merged_floor FROM main.ingest_meta), 0))";
+
+/// [`ID_MARKS`] inside `tx`, the merged id raised to `merged_through` (the
+/// merger's mark can pass the largest id in `logs` when a chunk ended in
+/// a duplicate).
+fn id_marks(tx: &Transaction, merged_through: i64) -> rusqlite::Result<(i64, i64)> {
+    let (newest_ingest, merged): (i64, i64) = tx
+        .prepare_cached(ID_MARKS)?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok((newest_ingest, merged.max(merged_through)))
+}
 
 /// Records that rows up to `?1` were merged and deleted: ids at or below
 /// it must never be handed out again.
@@ -82,13 +93,6 @@ const INSERT_NEWER: &str = "INSERT INTO main.ingest_logs \
 const INSERT_INDEXED: &str = "INSERT INTO main.logs \
     (uuid, timestamp, level, component, session_id, message, metadata, created_at, id) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT(uuid) DO NOTHING";
-
-/// Whether the ingest file holds a row not yet merged, seen from the ingest
-/// writer's connection: one above the largest id in `logs`, the recorded
-/// merge floor and `?1` (the merger's mark).
-const HOLDS_UNMERGED: &str = "SELECT coalesce((SELECT max(id) FROM main.ingest_logs), 0) > \
-    max(coalesce((SELECT max(id) FROM store.logs), 0), \
-    coalesce((SELECT merged_floor FROM main.ingest_meta), 0), ?1)";
 
 /// Deletes at most `?2` of the oldest rows with ids up to `?1`.
 const DELETE_MERGED: &str = "DELETE FROM main.ingest_logs WHERE id IN \
@@ -116,9 +120,9 @@ impl IdAllocator {
     /// duplicate). Call inside the ingest write transaction: the write lock
     /// keeps anyone else from taking the same ids.
     pub fn new(tx: &Transaction, merged_through: i64) -> rusqlite::Result<Self> {
-        let next: i64 = tx.prepare_cached(NEXT_ID)?.query_row([], |r| r.get(0))?;
+        let (newest_ingest, merged) = id_marks(tx, merged_through)?;
         Ok(IdAllocator {
-            next: next.max(merged_through.saturating_add(1)),
+            next: newest_ingest.max(merged) + 1,
         })
     }
 
@@ -128,13 +132,8 @@ impl IdAllocator {
     /// ingest file holds rows not yet merged: rows with larger ids in
     /// `logs` would hide those from readers (the module's prefix rule).
     pub fn for_indexed(tx: &Transaction, merged_through: i64) -> rusqlite::Result<Option<Self>> {
-        let unmerged: bool = tx
-            .prepare_cached(HOLDS_UNMERGED)?
-            .query_row([merged_through], |r| r.get(0))?;
-        if unmerged {
-            return Ok(None);
-        }
-        Self::new(tx, merged_through).map(Some)
+        let (newest_ingest, merged) = id_marks(tx, merged_through)?;
+        Ok((newest_ingest <= merged).then_some(IdAllocator { next: merged + 1 }))
     }
 
     /// Runs `insert` (a statement taking a row's values, then its id) for
