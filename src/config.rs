@@ -31,12 +31,11 @@ pub const DEFAULT_LOG_LEVEL: LevelFilter = LevelFilter::Info;
 /// `general.session_timeout` when unset: a session with no end is closed
 /// after this long.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// `storage.wal_mode` when unset.
-pub const DEFAULT_WAL_MODE: bool = true;
 /// `storage.cache_size_mb` when unset (SQLite page cache per connection).
 pub const DEFAULT_CACHE_SIZE_MB: u32 = 64;
-/// `storage.retention_days` when unset (0 keeps logs forever).
-pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+/// `storage.retention_days` when unset: 0 keeps logs forever (age-based
+/// deletion is not built yet; a non-zero value only draws a warning).
+pub const DEFAULT_RETENTION_DAYS: u32 = 0;
 /// `storage.reader_threads` when unset.
 pub const DEFAULT_READER_THREADS: usize = 2;
 /// `storage.batch_max_rows` when unset: most rows in one group commit.
@@ -77,6 +76,23 @@ pub const DEFAULT_SERVER_HUB_BATCH_SIZE: usize = 1000;
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest Unix socket path the kernel accepts (`sun_path` less its NUL).
 pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+/// `monitor.auth_timeout` when unset: how long a TCP connection may take to
+/// authenticate before it is closed.
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// `monitor.max_unauthenticated` when unset: TCP connections that may wait
+/// for their `Authenticate` at once.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 64;
+/// `monitor.reserved_unix_connections` when unset: connection slots TCP
+/// clients can never take.
+pub const DEFAULT_RESERVED_UNIX_CONNECTIONS: usize = 64;
+/// `monitor.idle_timeout` when unset: a connection that sends no request
+/// and is owed nothing for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// `monitor.max_watches_per_root` when unset: inotify watches one watched
+/// tree may use; deeper trees are covered by the periodic scan.
+pub const DEFAULT_MAX_WATCHES_PER_ROOT: usize = 10_000;
+/// Shortest token the daemon accepts, in bytes: a short token is guessed.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Environment variable naming the config file.
 pub const ENV_CONFIG: &str = "CODI_CONFIG";
@@ -242,6 +258,28 @@ pub struct RawMonitor {
     /// `copy` (default) or `move` exports into the archive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive_mode: Option<String>,
+    /// Listen on loopback TCP without a token (every local user may connect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_unauthenticated_tcp: Option<bool>,
+    /// Humantime duration a TCP connection has to authenticate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_timeout: Option<String>,
+    /// Most TCP connections waiting to authenticate at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unauthenticated: Option<usize>,
+    /// Connection slots kept for the Unix socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_unix_connections: Option<usize>,
+    /// Humantime duration after which an idle connection is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// The user the system daemon runs as (name or uid), which `codi2`
+    /// trusts besides root and itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_user: Option<String>,
+    /// Most inotify watches one watched tree may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_watches_per_root: Option<usize>,
 }
 
 /// `[server_hub]` as written.
@@ -285,6 +323,10 @@ pub struct Config {
     pub server_hub: ServerHubConfig,
     /// The file loaded, if any.
     pub source: Option<PathBuf>,
+    /// What the daemon says at start about this configuration: keys that
+    /// are accepted but not yet in effect, and unsafe choices made on
+    /// purpose.
+    pub warnings: Vec<String>,
 }
 
 /// Process-wide settings.
@@ -303,8 +345,6 @@ pub struct GeneralConfig {
 pub struct StorageConfig {
     /// The SQLite file.
     pub sqlite_path: PathBuf,
-    /// `journal_mode=WAL` (true) or `DELETE`.
-    pub wal_mode: bool,
     /// SQLite page cache per connection, MiB.
     pub cache_size_mb: u32,
     /// Days logs are kept; 0 keeps them forever.
@@ -348,6 +388,20 @@ pub struct MonitorConfig {
     pub scan_interval: Duration,
     /// Copy or move exports into the archive.
     pub archive_mode: ArchiveMode,
+    /// Loopback TCP without a token was asked for explicitly.
+    pub allow_unauthenticated_tcp: bool,
+    /// How long a TCP connection may take to authenticate.
+    pub auth_timeout: Duration,
+    /// Most TCP connections waiting to authenticate at once.
+    pub max_unauthenticated: usize,
+    /// Connection slots TCP clients never take (0 without a Unix socket).
+    pub reserved_unix_connections: usize,
+    /// A connection idle this long is closed.
+    pub idle_timeout: Duration,
+    /// The user (name or uid) the system daemon runs as, if configured.
+    pub service_user: Option<String>,
+    /// Most inotify watches one watched tree may use.
+    pub max_watches_per_root: usize,
 }
 
 impl fmt::Debug for MonitorConfig {
@@ -370,6 +424,13 @@ impl fmt::Debug for MonitorConfig {
             .field("export_patterns", &self.export_patterns)
             .field("scan_interval", &self.scan_interval)
             .field("archive_mode", &self.archive_mode)
+            .field("allow_unauthenticated_tcp", &self.allow_unauthenticated_tcp)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("max_unauthenticated", &self.max_unauthenticated)
+            .field("reserved_unix_connections", &self.reserved_unix_connections)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("service_user", &self.service_user)
+            .field("max_watches_per_root", &self.max_watches_per_root)
             .finish()
     }
 }
@@ -465,7 +526,7 @@ impl Config {
             }),
             storage: Some(RawStorage {
                 sqlite_path: Some(self.storage.sqlite_path.display().to_string()),
-                wal_mode: Some(self.storage.wal_mode),
+                wal_mode: Some(true),
                 cache_size_mb: Some(self.storage.cache_size_mb),
                 retention_days: Some(self.storage.retention_days),
                 reader_threads: Some(self.storage.reader_threads),
@@ -503,6 +564,13 @@ impl Config {
                     }
                     .into(),
                 ),
+                allow_unauthenticated_tcp: Some(self.monitor.allow_unauthenticated_tcp),
+                auth_timeout: Some(format_duration(self.monitor.auth_timeout)),
+                max_unauthenticated: Some(self.monitor.max_unauthenticated),
+                reserved_unix_connections: Some(self.monitor.reserved_unix_connections),
+                idle_timeout: Some(format_duration(self.monitor.idle_timeout)),
+                service_user: self.monitor.service_user.clone(),
+                max_watches_per_root: Some(self.monitor.max_watches_per_root),
             }),
             server_hub: Some(RawServerHub {
                 enabled: Some(self.server_hub.enabled),
@@ -521,7 +589,12 @@ impl Config {
             "none"
         };
         let body = toml::to_string(&raw).expect("a RawConfig always serializes");
-        format!("# Effective configuration (file: {source})\n# token: {token}\n\n{body}")
+        let warnings: String = self
+            .warnings
+            .iter()
+            .map(|w| format!("# warning: {w}\n"))
+            .collect();
+        format!("# Effective configuration (file: {source})\n# token: {token}\n{warnings}\n{body}")
     }
 }
 
@@ -554,33 +627,59 @@ fn load_from(o: &Overrides, host: &Host, system_config: &Path) -> Result<Config,
     resolve(raw, o, host, Some(path))
 }
 
-/// Parses a humantime duration of `key`, refusing zero.
-fn duration(key: &str, value: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+/// Parses a humantime duration of `key` (or takes `default`), refusing
+/// zero and values outside `range`.
+fn duration(
+    key: &str,
+    value: Option<&String>,
+    default: Duration,
+    range: std::ops::RangeInclusive<Duration>,
+) -> Result<Duration, ConfigError> {
     let Some(text) = value else {
         return Ok(default);
     };
-    match humantime::parse_duration(text) {
-        Ok(d) if d.is_zero() => invalid(format!("{key} must be longer than zero")),
-        Ok(d) => Ok(d),
-        Err(e) => invalid(format!(
-            "{key} `{text}` is not a duration like \"30s\" or \"24h\": {e}"
-        )),
+    let d = match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => return invalid(format!("{key} must be longer than zero")),
+        Ok(d) => d,
+        Err(e) => {
+            return invalid(format!(
+                "{key} `{text}` is not a duration like \"30s\" or \"24h\": {e}"
+            ))
+        }
+    };
+    if !range.contains(&d) {
+        return invalid(format!(
+            "{key} is {text} but must be between {} and {}",
+            format_duration(*range.start()),
+            format_duration(*range.end())
+        ));
     }
+    Ok(d)
 }
 
-/// `value` or `default`, refusing values below `min`.
-fn at_least<T: PartialOrd + Copy + fmt::Display>(
+/// `value` or `default`, refusing values outside `range`.
+fn in_range<T: PartialOrd + Copy + fmt::Display>(
     key: &str,
     value: Option<T>,
     default: T,
-    min: T,
+    range: std::ops::RangeInclusive<T>,
 ) -> Result<T, ConfigError> {
     let v = value.unwrap_or(default);
-    if v < min {
-        return invalid(format!("{key} is {v} but must be at least {min}"));
+    if v < *range.start() {
+        return invalid(format!(
+            "{key} is {v} but must be at least {}",
+            range.start()
+        ));
+    }
+    if v > *range.end() {
+        return invalid(format!("{key} is {v} but must be at most {}", range.end()));
     }
     Ok(v)
 }
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(24 * 3600);
 
 fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.is_empty())
@@ -784,6 +883,7 @@ fn resolve(
         (None, Some(l)) => parse_level("general.log_level", l)?,
         (None, None) => DEFAULT_LOG_LEVEL,
     };
+    let mut warnings = Vec::new();
     let general = GeneralConfig {
         workspace: non_empty(g.workspace).map(PathBuf::from),
         log_level,
@@ -791,8 +891,14 @@ fn resolve(
             "general.session_timeout",
             g.session_timeout.as_ref(),
             DEFAULT_SESSION_TIMEOUT,
+            MINUTE..=365 * DAY,
         )?,
     };
+    if general.session_timeout != DEFAULT_SESSION_TIMEOUT {
+        warnings.push(
+            "general.session_timeout is set but not yet in effect: sessions stay open until SessionEnd".into(),
+        );
+    }
 
     let sqlite_path = match (&o.db, (host.env)(ENV_DB), &s.sqlite_path) {
         (Some(p), _, _) if p.as_os_str().is_empty() => return invalid("--db is empty".into()),
@@ -806,36 +912,52 @@ fn resolve(
     };
     let storage = StorageConfig {
         sqlite_path,
-        wal_mode: s.wal_mode.unwrap_or(DEFAULT_WAL_MODE),
-        cache_size_mb: at_least(
+        cache_size_mb: in_range(
             "storage.cache_size_mb",
             s.cache_size_mb,
             DEFAULT_CACHE_SIZE_MB,
-            1,
+            1..=4096,
         )?,
-        retention_days: s.retention_days.unwrap_or(DEFAULT_RETENTION_DAYS),
-        reader_threads: at_least(
+        retention_days: in_range(
+            "storage.retention_days",
+            s.retention_days,
+            DEFAULT_RETENTION_DAYS,
+            0..=36_500,
+        )?,
+        reader_threads: in_range(
             "storage.reader_threads",
             s.reader_threads,
             DEFAULT_READER_THREADS,
-            1,
+            1..=64,
         )?,
-        batch_max_rows: at_least(
+        batch_max_rows: in_range(
             "storage.batch_max_rows",
             s.batch_max_rows,
             DEFAULT_BATCH_MAX_ROWS,
-            1,
+            1..=1_000_000,
         )?,
-        inflight_bytes: at_least(
+        inflight_bytes: in_range(
             "storage.inflight_bytes",
             s.inflight_bytes,
             DEFAULT_INFLIGHT_BYTES,
-            crate::proto::MAX_FRAME_LEN,
+            crate::proto::MAX_FRAME_LEN..=4 << 30,
         )?,
     };
+    if s.wal_mode == Some(false) {
+        return invalid(
+            "storage.wal_mode = false is not supported: the daemon always uses WAL (remove the key)"
+                .into(),
+        );
+    }
+    if s.retention_days.is_some_and(|d| d > 0) {
+        warnings.push(
+            "storage.retention_days is set but not yet in effect: no log is deleted by age".into(),
+        );
+    }
 
     let (unix, tcp) = resolve_listeners(&m, o, host)?;
     let (token, token_file) = resolve_token(&m, o, host)?;
+    let allow_unauthenticated_tcp = m.allow_unauthenticated_tcp.unwrap_or(false);
     let workers = match o.workers.or(m.workers).unwrap_or(DEFAULT_WORKERS) {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n if n > MAX_WORKERS => {
@@ -871,14 +993,56 @@ fn resolve(
             }
         }
         if let Some(c) = &tcp {
-            if !c.addr.ip().is_loopback() && token.is_none() {
-                return invalid(format!(
-                    "{} is beyond loopback: refusing to listen without a token (set monitor.token_file or {ENV_TOKEN})",
+            match &token {
+                None if !c.addr.ip().is_loopback() => {
+                    return invalid(format!(
+                        "{} is beyond loopback: refusing to listen without a token (set monitor.token_file or {ENV_TOKEN})",
+                        c.origin
+                    ));
+                }
+                None if !allow_unauthenticated_tcp => {
+                    return invalid(format!(
+                        "{} needs a token: every local user can reach loopback TCP (set monitor.token_file or {ENV_TOKEN}, or monitor.allow_unauthenticated_tcp = true to accept that)",
+                        c.origin
+                    ));
+                }
+                None => warnings.push(format!(
+                    "{} listens without a token (monitor.allow_unauthenticated_tcp): every local user may read and write every log",
                     c.origin
-                ));
+                )),
+                Some(t) if t.len() < MIN_TOKEN_LEN => {
+                    return invalid(format!(
+                        "the token is {} bytes long but must be at least {MIN_TOKEN_LEN} (e.g. `openssl rand -hex 32`)",
+                        t.len()
+                    ));
+                }
+                Some(_) => {}
             }
         }
     }
+    let max_connections = in_range(
+        "monitor.max_connections",
+        m.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+        1..=1_000_000,
+    )?;
+    let reserved_default = if unix.is_some() && tcp.is_some() {
+        DEFAULT_RESERVED_UNIX_CONNECTIONS.min(max_connections / 2)
+    } else {
+        0
+    };
+    let reserved_unix_connections = in_range(
+        "monitor.reserved_unix_connections",
+        m.reserved_unix_connections,
+        reserved_default,
+        0..=max_connections.saturating_sub(1),
+    )?;
+    let max_unauthenticated = in_range(
+        "monitor.max_unauthenticated",
+        m.max_unauthenticated,
+        DEFAULT_MAX_UNAUTHENTICATED.min(max_connections),
+        1..=max_connections,
+    )?;
     let monitor = MonitorConfig {
         unix_socket_path: unix,
         socket_group: non_empty(m.socket_group),
@@ -888,23 +1052,18 @@ fn resolve(
         token_file,
         rate_limit,
         rate_burst,
-        max_connections: at_least(
-            "monitor.max_connections",
-            m.max_connections,
-            DEFAULT_MAX_CONNECTIONS,
-            1,
-        )?,
-        max_pending_per_connection: at_least(
+        max_connections,
+        max_pending_per_connection: in_range(
             "monitor.max_pending_per_connection",
             m.max_pending_per_connection,
             DEFAULT_MAX_PENDING_PER_CONNECTION,
-            1,
+            1..=65_536,
         )?,
-        file_batch_size: at_least(
+        file_batch_size: in_range(
             "monitor.file_batch_size",
             m.file_batch_size,
             DEFAULT_FILE_BATCH_SIZE,
-            1,
+            1..=100_000,
         )?,
         export_patterns: match m.export_patterns {
             Some(p) if p.iter().any(String::is_empty) => {
@@ -925,6 +1084,7 @@ fn resolve(
             "monitor.scan_interval",
             m.scan_interval.as_ref(),
             DEFAULT_SCAN_INTERVAL,
+            SECOND..=DAY,
         )?,
         archive_mode: match m.archive_mode.as_deref() {
             None | Some("copy") => ArchiveMode::Copy,
@@ -935,6 +1095,28 @@ fn resolve(
                 ))
             }
         },
+        allow_unauthenticated_tcp,
+        auth_timeout: duration(
+            "monitor.auth_timeout",
+            m.auth_timeout.as_ref(),
+            DEFAULT_AUTH_TIMEOUT,
+            Duration::from_millis(100)..=5 * MINUTE,
+        )?,
+        max_unauthenticated,
+        reserved_unix_connections,
+        idle_timeout: duration(
+            "monitor.idle_timeout",
+            m.idle_timeout.as_ref(),
+            DEFAULT_IDLE_TIMEOUT,
+            SECOND..=30 * DAY,
+        )?,
+        service_user: non_empty(m.service_user),
+        max_watches_per_root: in_range(
+            "monitor.max_watches_per_root",
+            m.max_watches_per_root,
+            DEFAULT_MAX_WATCHES_PER_ROOT,
+            1..=1_000_000,
+        )?,
     };
 
     let enabled = h.enabled.unwrap_or(DEFAULT_SERVER_HUB_ENABLED);
@@ -953,18 +1135,27 @@ fn resolve(
     let server_hub = ServerHubConfig {
         enabled,
         url,
-        batch_size: at_least(
+        batch_size: in_range(
             "server_hub.batch_size",
             h.batch_size,
             DEFAULT_SERVER_HUB_BATCH_SIZE,
-            1,
+            1..=1_000_000,
         )?,
         sync_interval: duration(
             "server_hub.sync_interval",
             h.sync_interval.as_ref(),
             DEFAULT_SYNC_INTERVAL,
+            Duration::from_millis(100)..=DAY,
         )?,
     };
+    if enabled {
+        warnings.push(
+            "server_hub.enabled is true but hub sync is not yet built: nothing is sent to the hub"
+                .into(),
+        );
+    } else if server_hub.url.is_some() {
+        warnings.push("[server_hub] is set but hub sync is not yet built: it has no effect".into());
+    }
 
     Ok(Config {
         general,
@@ -972,6 +1163,7 @@ fn resolve(
         monitor,
         server_hub,
         source,
+        warnings,
     })
 }
 

@@ -145,6 +145,11 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         metrics,
         live: Arc::clone(&live),
         started,
+        default_workspace: config
+            .general
+            .workspace
+            .as_ref()
+            .map(|w| w.to_string_lossy().into_owned()),
     });
     let limits = LoopLimits {
         max_pending_per_connection: config.monitor.max_pending_per_connection.max(1),

@@ -20,3 +20,4 @@ pub mod proto;
 pub mod reply;
 pub mod sched;
 pub mod store;
+pub mod text;

@@ -183,6 +183,26 @@ mod requests {
     }
 
     #[test]
+    fn general_workspace_is_the_workspace_of_sessions_that_name_none() {
+        let sandbox = Sandbox::new();
+        sandbox.write_config("[general]\nworkspace = \"/srv/default\"\n");
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+        let mut c = d.unix();
+        for (id, workspace) in [("named", Some("/srv/own")), ("unnamed", None)] {
+            c.expect_accepted(&Message::new(Payload::SessionStart {
+                session_id: id.into(),
+                identity: "alice".into(),
+                agent_type: None,
+                workspace: workspace.map(str::to_owned),
+            }));
+        }
+        let db = d.db();
+        let workspace = |id| db.session(id).expect("session row").workspace;
+        assert_eq!(workspace("named").as_deref(), Some("/srv/own"));
+        assert_eq!(workspace("unnamed").as_deref(), Some("/srv/default"));
+    }
+
+    #[test]
     fn sessions_are_recorded_and_default_for_their_connection() {
         let d = Daemon::start_default();
         let mut c = d.unix();
@@ -542,7 +562,7 @@ mod requests {
 
     #[test]
     fn authenticate_on_unix_is_accepted() {
-        let d = Daemon::start_default();
+        let d = Daemon::start(Sandbox::new(), Opts::default().token(None).tcp(None));
         let mut c = d.unix();
         let auth = Message::new(Payload::Authenticate {
             token: "anything".into(),
@@ -1395,6 +1415,8 @@ mod security {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
+    const SECRET: &str = "secret-0123456789";
+
     fn auth(token: &str) -> Message {
         Message::new(Payload::Authenticate {
             token: token.into(),
@@ -1405,31 +1427,38 @@ mod security {
     fn tcp_requires_the_token_and_unix_does_not() {
         let d = Daemon::start(
             Sandbox::new(),
-            Opts::default().env("CODI_MONITOR_TOKEN", "secret"),
+            Opts::default().env("CODI_MONITOR_TOKEN", SECRET),
         );
         let db = d.db();
 
-        let mut c = d.tcp();
+        let mut c = d.tcp_raw();
         c.send(&Message::new(Payload::Ping)).unwrap();
         assert_error(&c.recv(), ErrorCode::Unauthorized);
         c.expect_eof();
 
-        let mut c = d.tcp();
+        let mut c = d.tcp_raw();
         let sneaky = log(LogLevel::Info, "auth", "before authenticating");
         c.send(&sneaky).unwrap();
         assert_error(&c.recv(), ErrorCode::Unauthorized);
         c.expect_eof();
         assert_eq!(db.count_uuid(sneaky.id), 0);
 
-        for wrong in ["wrong", "", "secret ", "Secret", "secretsecret"] {
-            let mut c = d.tcp();
+        for wrong in [
+            "wrong",
+            "",
+            "secret-0123456789 ",
+            "Secret-0123456789",
+            "secret-0123456789secret-0123456789",
+            "secret-012345678",
+        ] {
+            let mut c = d.tcp_raw();
             let answer = c.request(&auth(wrong));
             assert_error(&answer, ErrorCode::Unauthorized);
             c.expect_eof();
         }
 
-        let mut c = d.tcp();
-        let right = auth("secret");
+        let mut c = d.tcp_raw();
+        let right = auth(SECRET);
         assert_accepted(&c.request(&right), right.id);
         let entry = log(LogLevel::Info, "auth", "authenticated");
         c.expect_accepted(&entry);
@@ -1442,9 +1471,43 @@ mod security {
     }
 
     #[test]
+    fn loopback_tcp_without_a_token_is_refused_unless_allowed_and_then_warned() {
+        let sandbox = Sandbox::new();
+        let (status, stderr) = Opts::default().token(None).run_expecting_failure(&sandbox);
+        assert!(!status.success());
+        assert!(
+            stderr.contains("needs a token") && stderr.contains("allow_unauthenticated_tcp"),
+            "the refusal should name the token and the opt-in: {stderr}"
+        );
+        sandbox.write_config("[monitor]\nallow_unauthenticated_tcp = true\n");
+        let d = Daemon::start(
+            Arc::clone(&sandbox),
+            Opts::default().token(None).with_config(),
+        );
+        d.tcp_raw().ping();
+        assert!(
+            d.stderr().contains("listens without a token"),
+            "no warning at start: {}",
+            d.stderr()
+        );
+    }
+
+    #[test]
+    fn short_tokens_are_refused() {
+        let sandbox = Sandbox::new();
+        let (status, stderr) = Opts::default()
+            .token(Some("1"))
+            .tcp(Some("0.0.0.0:0"))
+            .run_expecting_failure(&sandbox);
+        assert!(!status.success());
+        assert!(stderr.contains("must be at least 16"), "{stderr}");
+    }
+
+    #[test]
     fn wildcard_tcp_without_a_token_is_refused() {
         let sandbox = Sandbox::new();
         let (status, stderr) = Opts::default()
+            .token(None)
             .tcp(Some("0.0.0.0:0"))
             .run_expecting_failure(&sandbox);
         assert!(!status.success());
@@ -1461,12 +1524,12 @@ mod security {
             Sandbox::new(),
             Opts::default()
                 .tcp(Some("0.0.0.0:0"))
-                .env("CODI_MONITOR_TOKEN", "secret"),
+                .env("CODI_MONITOR_TOKEN", SECRET),
         );
         let addr = d.tcp_addr();
         assert!(addr.ip().is_unspecified(), "READY shows {addr}");
         let mut c = Client::tcp(([127, 0, 0, 1], addr.port()).into());
-        let right = auth("secret");
+        let right = auth(SECRET);
         assert_accepted(&c.request(&right), right.id);
         c.ping();
     }
@@ -1475,14 +1538,14 @@ mod security {
     fn token_file_is_honoured() {
         let sandbox = Sandbox::new();
         let token_file = sandbox.path().join("token");
-        std::fs::write(&token_file, "from-file\n").unwrap();
+        std::fs::write(&token_file, "from-file-0123456789\n").unwrap();
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let opts = Opts::default().arg("--token-file").arg(&token_file);
         let d = Daemon::start(sandbox, opts);
-        let mut c = d.tcp();
+        let mut c = d.tcp_raw();
         assert_error(&c.request(&auth("wrong")), ErrorCode::Unauthorized);
-        let mut c = d.tcp();
-        let right = auth("from-file");
+        let mut c = d.tcp_raw();
+        let right = auth("from-file-0123456789");
         assert_accepted(&c.request(&right), right.id);
     }
 
@@ -1602,10 +1665,10 @@ mod security {
     fn authenticate_and_requests_in_one_write() {
         let d = Daemon::start(
             Sandbox::new(),
-            Opts::default().env("CODI_MONITOR_TOKEN", "secret"),
+            Opts::default().env("CODI_MONITOR_TOKEN", SECRET),
         );
-        let mut c = d.tcp();
-        let right = auth("secret");
+        let mut c = d.tcp_raw();
+        let right = auth(SECRET);
         let entry = log(LogLevel::Info, "auth", "pipelined after auth");
         let ping = Message::new(Payload::Ping);
         let mut bytes = Vec::new();
@@ -1618,7 +1681,7 @@ mod security {
         assert_accepted(&c.recv(), ping.id);
 
         // After a wrong token nothing that follows is served.
-        let mut c = d.tcp();
+        let mut c = d.tcp_raw();
         let sneaky = log(LogLevel::Info, "auth", "after a wrong token");
         let mut bytes = Vec::new();
         for m in [&auth("nope"), &sneaky] {
@@ -1650,16 +1713,16 @@ mod security {
     fn sighup_rereads_the_token_file() {
         let sandbox = Sandbox::new();
         let token_file = sandbox.path().join("token");
-        std::fs::write(&token_file, "first\n").unwrap();
+        std::fs::write(&token_file, "first-0123456789ab\n").unwrap();
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let d = Daemon::start(
             Arc::clone(&sandbox),
             Opts::default().arg("--token-file").arg(&token_file),
         );
-        let first = auth("first");
-        assert_accepted(&d.tcp().request(&first), first.id);
+        let first = auth("first-0123456789ab");
+        assert_accepted(&d.tcp_raw().request(&first), first.id);
 
-        std::fs::write(&token_file, "second\n").unwrap();
+        std::fs::write(&token_file, "second-0123456789ab\n").unwrap();
         let before = d.stderr().len();
         d.signal(libc::SIGHUP);
         assert!(
@@ -1668,10 +1731,13 @@ mod security {
             "no reload message; stderr:\n{}",
             d.stderr()
         );
-        let mut c = d.tcp();
-        assert_error(&c.request(&auth("first")), ErrorCode::Unauthorized);
-        let second = auth("second");
-        assert_accepted(&d.tcp().request(&second), second.id);
+        let mut c = d.tcp_raw();
+        assert_error(
+            &c.request(&auth("first-0123456789ab")),
+            ErrorCode::Unauthorized,
+        );
+        let second = auth("second-0123456789ab");
+        assert_accepted(&d.tcp_raw().request(&second), second.id);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 
 fn loadgen(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_codi-loadgen"))
+        .env("CODI_MONITOR_TOKEN", TEST_TOKEN)
         .args(args)
         .output()
         .expect("run codi-loadgen")

@@ -112,6 +112,9 @@ pub struct Setup {
     pub session_tag: String,
     /// Log entries per load frame.
     pub batch: u32,
+    /// Token every TCP connection authenticates with first
+    /// (`$CODI_MONITOR_TOKEN`).
+    pub token: Option<String>,
 }
 
 /// Counts of one thread (and, summed, of the run).
@@ -252,8 +255,33 @@ impl Conn {
     }
 }
 
+/// Sends `Authenticate` on a fresh blocking TCP stream and waits for its
+/// answer, so the load frames that follow are served.
+fn authenticate(stream: &mut std::net::TcpStream, token: &str) -> io::Result<()> {
+    let auth = Message::new(Payload::Authenticate {
+        token: token.to_owned(),
+    });
+    let mut frame = Vec::new();
+    encode_message(&auth, &mut frame).map_err(io::Error::other)?;
+    stream.write_all(&frame)?;
+    let mut header = [0u8; 4];
+    stream.read_exact(&mut header)?;
+    let len = frame_body_len(&header)
+        .map_err(|e| io::Error::other(format!("bad answer to Authenticate: {e}")))?
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    match decode_message(&body).map(|m| m.payload) {
+        Ok(Payload::Acknowledgment { .. }) => Ok(()),
+        Ok(other) => Err(io::Error::other(format!(
+            "the daemon refused the token: {other:?}"
+        ))),
+        Err(e) => Err(io::Error::other(format!("undecodable answer: {e}"))),
+    }
+}
+
 /// Connects one stream, retrying briefly while the daemon's backlog is full.
-fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
+fn connect(endpoint: &Endpoint, token: Option<&str>) -> io::Result<Stream> {
     let give_up = Instant::now() + CONNECT_PATIENCE;
     loop {
         let result = match endpoint {
@@ -261,8 +289,12 @@ fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
                 s.set_nonblocking(true)?;
                 Ok(Stream::Unix(mio::net::UnixStream::from_std(s)))
             }),
-            Endpoint::Tcp(addr) => std::net::TcpStream::connect(addr).and_then(|s| {
+            Endpoint::Tcp(addr) => std::net::TcpStream::connect(addr).and_then(|mut s| {
                 s.set_nodelay(true)?;
+                if let Some(token) = token {
+                    s.set_read_timeout(Some(CONNECT_PATIENCE))?;
+                    authenticate(&mut s, token)?;
+                }
                 s.set_nonblocking(true)?;
                 Ok(Stream::Tcp(mio::net::TcpStream::from_std(s)))
             }),
@@ -314,7 +346,7 @@ impl Driver {
             .chain(plan.query.map(|s| (Role::Query(s), String::new())))
             .chain(std::iter::repeat_with(|| (Role::Idle, String::new())).take(plan.idle));
         for (role, session) in roles {
-            let stream = connect(&setup.endpoint).map_err(|e| {
+            let stream = connect(&setup.endpoint, setup.token.as_deref()).map_err(|e| {
                 format!(
                     "thread {}: cannot connect to {:?} (connection {}): {e}",
                     plan.thread,

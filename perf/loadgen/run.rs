@@ -129,6 +129,10 @@ pub fn execute(cfg: RunConfig) -> Result<bool, String> {
         template,
         session_tag: run_tag(run_id),
         batch: cfg.batch as u32,
+        token: std::env::var("CODI_MONITOR_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()),
     };
     let shared = Arc::new(Shared::new());
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();

@@ -122,6 +122,9 @@ fn main() -> ExitCode {
         }
     };
     logger::init(config.general.log_level);
+    for warning in &config.warnings {
+        log::warn!("configuration: {warning}");
+    }
     match daemon::run(config, overrides) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -101,7 +101,10 @@ mod tests {
     }
 
     fn config(text: &str) -> Config {
-        let env = env_of(&[("XDG_RUNTIME_DIR", "/run/user/1000")]);
+        let env = env_of(&[
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            ("CODI_MONITOR_TOKEN", "0123456789abcdef"),
+        ]);
         let mut c = Config::from_toml_str_with_env(text, &Overrides::default(), &env).unwrap();
         // The default socket depends on who runs the tests; pin it.
         if text.is_empty() {

@@ -75,7 +75,6 @@ fn empty_file_gives_every_default() {
         c.storage.sqlite_path,
         Path::new("/home/me/.data/codi/codi.db")
     );
-    assert_eq!(c.storage.wal_mode, DEFAULT_WAL_MODE);
     assert_eq!(c.storage.cache_size_mb, DEFAULT_CACHE_SIZE_MB);
     assert_eq!(c.storage.retention_days, DEFAULT_RETENTION_DAYS);
     assert_eq!(c.storage.reader_threads, DEFAULT_READER_THREADS);
@@ -118,7 +117,7 @@ fn file_values_are_used() {
         session_timeout = "2h 30m"
         [storage]
         sqlite_path = "/data/codi.db"
-        wal_mode = false
+        wal_mode = true
         cache_size_mb = 8
         retention_days = 0
         reader_threads = 4
@@ -146,7 +145,7 @@ fn file_values_are_used() {
     assert_eq!(c.general.log_level, LevelFilter::Debug);
     assert_eq!(c.general.session_timeout, Duration::from_secs(9000));
     assert_eq!(c.storage.sqlite_path, Path::new("/data/codi.db"));
-    assert!(!c.storage.wal_mode);
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
     assert_eq!(
         (
             c.storage.cache_size_mb,
@@ -280,10 +279,21 @@ fn log_level_flag_beats_file() {
 
 #[test]
 fn tcp_port_and_tcp_address_turn_tcp_on() {
-    let c = plain("[monitor]\ntcp_port = 4000\n");
+    let e = err(
+        "[monitor]\ntcp_port = 4000\n",
+        &Overrides::default(),
+        &Env::new(&[]),
+    );
+    assert!(e.contains("needs a token"), "{e}");
+    let c = plain("[monitor]\ntcp_port = 4000\nallow_unauthenticated_tcp = true\n");
     assert_eq!(c.monitor.tcp_listen, tcp("127.0.0.1:4000"));
+    assert!(
+        c.warnings[0].contains("listens without a token"),
+        "{:?}",
+        c.warnings
+    );
     assert!(c.monitor.unix_socket_path.is_some());
-    let c = plain("[monitor]\ntcp_address = \"[::1]:4001\"\nunix_socket_path = \"\"\n");
+    let c = plain("[monitor]\ntcp_address = \"[::1]:4001\"\nunix_socket_path = \"\"\nallow_unauthenticated_tcp = true\n");
     assert_eq!(c.monitor.tcp_listen, tcp("[::1]:4001"));
     assert_eq!(c.monitor.unix_socket_path, None);
 }
@@ -323,18 +333,28 @@ fn both_listeners_off_is_refused() {
 
 #[test]
 fn mode_tcp_is_tcp_only_on_loopback() {
-    let env = Env::new(&[("CODI_MONITOR_MODE", "tcp")]);
+    let env = Env::new(&[
+        ("CODI_MONITOR_MODE", "tcp"),
+        ("CODI_MONITOR_TOKEN", "0123456789abcdef"),
+    ]);
     let c = daemon("", &Overrides::default(), &env).unwrap();
     assert_eq!(c.monitor.unix_socket_path, None);
     assert_eq!(c.monitor.tcp_listen, tcp("127.0.0.1:9847"));
-    let env = Env::new(&[("CODI_MONITOR_MODE", "TCP"), ("CODI_MONITOR_PORT", "5555")]);
+    let env = Env::new(&[
+        ("CODI_MONITOR_MODE", "TCP"),
+        ("CODI_MONITOR_PORT", "5555"),
+        ("CODI_MONITOR_TOKEN", "0123456789abcdef"),
+    ]);
     let c = daemon("[monitor]\ntcp_port = 4000\n", &Overrides::default(), &env).unwrap();
     assert_eq!(c.monitor.tcp_listen, tcp("127.0.0.1:5555"));
 }
 
 #[test]
 fn mode_both_and_unix() {
-    let env = Env::new(&[("CODI_MONITOR_MODE", "both")]);
+    let env = Env::new(&[
+        ("CODI_MONITOR_MODE", "both"),
+        ("CODI_MONITOR_TOKEN", "0123456789abcdef"),
+    ]);
     let c = daemon(
         "[monitor]\nunix_socket_path = \"\"\n",
         &Overrides::default(),
@@ -360,7 +380,10 @@ fn mode_both_and_unix() {
 
 #[test]
 fn env_port_moves_a_file_tcp_listener() {
-    let env = Env::new(&[("CODI_MONITOR_PORT", "6000")]);
+    let env = Env::new(&[
+        ("CODI_MONITOR_PORT", "6000"),
+        ("CODI_MONITOR_TOKEN", "0123456789abcdef"),
+    ]);
     let c = daemon("[monitor]\ntcp_port = 4000\n", &Overrides::default(), &env).unwrap();
     assert_eq!(c.monitor.tcp_listen, tcp("127.0.0.1:6000"));
     // A port alone does not turn TCP on.
@@ -370,7 +393,10 @@ fn env_port_moves_a_file_tcp_listener() {
 
 #[test]
 fn flags_set_listeners() {
-    let env = Env::new(&[("CODI_MONITOR_MODE", "tcp")]);
+    let env = Env::new(&[
+        ("CODI_MONITOR_MODE", "tcp"),
+        ("CODI_MONITOR_TOKEN", "0123456789abcdef"),
+    ]);
     let o = Overrides {
         socket: Some("/tmp/t.sock".into()),
         tcp: Some("127.0.0.1:0".into()),
@@ -387,7 +413,12 @@ fn flags_set_listeners() {
         tcp: Some("127.0.0.1:7".into()),
         ..Overrides::default()
     };
-    let c = daemon("", &o, &Env::new(&[])).unwrap();
+    let c = daemon(
+        "",
+        &o,
+        &Env::new(&[("CODI_MONITOR_TOKEN", "0123456789abcdef")]),
+    )
+    .unwrap();
     assert_eq!(c.monitor.unix_socket_path, None);
 }
 
@@ -406,8 +437,14 @@ fn beyond_loopback_needs_a_token() {
     let e = err("", &flag, &Env::new(&[]));
     assert!(e.starts_with("--tcp 0.0.0.0:1 is beyond loopback"), "{e}");
     let env = Env::new(&[("CODI_MONITOR_TOKEN", " s3cret\n")]);
+    let e = err(text, &Overrides::default(), &env);
+    assert!(
+        e.starts_with("the token is 6 bytes long but must be at least 16"),
+        "{e}"
+    );
+    let env = Env::new(&[("CODI_MONITOR_TOKEN", " s3cret-s3cret-s3cret\n")]);
     let c = daemon(text, &Overrides::default(), &env).unwrap();
-    assert_eq!(c.monitor.token.as_deref(), Some("s3cret"));
+    assert_eq!(c.monitor.token.as_deref(), Some("s3cret-s3cret-s3cret"));
     // codi2 does not listen: no such check.
     let c = resolve_as(text, &Overrides::default(), &Env::new(&[]), Purpose::Client).unwrap();
     assert_eq!(c.monitor.token, None);
@@ -516,7 +553,7 @@ fn debug_output_redacts_the_token() {
 
 #[test]
 fn to_toml_round_trips_and_redacts() {
-    let env = Env::new(&[("CODI_MONITOR_TOKEN", "hunter2")]);
+    let env = Env::new(&[("CODI_MONITOR_TOKEN", "hunter2-hunter2-hunter2")]);
     let text = "[monitor]\ntcp_address = \"0.0.0.0:9000\"\nworkers = 2\n[server_hub]\nurl = \"http://h\"\n[general]\nsession_timeout = \"90m\"\n";
     let c = daemon(text, &Overrides::default(), &env).unwrap();
     let out = c.to_toml();
@@ -612,4 +649,89 @@ fn unreadable_files() {
 fn config_doc_shows_the_packaged_example() {
     let doc = include_str!("../../docs/CONFIG.md");
     assert!(doc.contains(include_str!("../../packaging/monitor.toml")));
+}
+
+#[test]
+fn absurd_values_are_refused_with_their_bounds() {
+    let o = Overrides::default();
+    let env = Env::new(&[]);
+    for (text, want) in [
+        (
+            "[storage]\nreader_threads = 1000000\n",
+            "storage.reader_threads is 1000000 but must be at most 64",
+        ),
+        (
+            "[storage]\nbatch_max_rows = 1000000000000\n",
+            "storage.batch_max_rows is 1000000000000 but must be at most 1000000",
+        ),
+        (
+            "[monitor]\nmax_connections = 1000000000\n",
+            "monitor.max_connections is 1000000000 but must be at most 1000000",
+        ),
+        (
+            "[monitor]\nscan_interval = \"1ns\"\n",
+            "monitor.scan_interval is 1ns but must be between 1s and 1day",
+        ),
+        (
+            "[monitor]\nauth_timeout = \"1h\"\n",
+            "monitor.auth_timeout is 1h but must be between 100ms and 5m",
+        ),
+        (
+            "[monitor]\nmax_watches_per_root = 0\n",
+            "monitor.max_watches_per_root is 0 but must be at least 1",
+        ),
+        (
+            "[storage]\nwal_mode = false\n",
+            "storage.wal_mode = false is not supported",
+        ),
+    ] {
+        let e = err(text, &o, &env);
+        assert!(e.starts_with(want), "{text}: {e}");
+    }
+}
+
+#[test]
+fn keys_not_yet_in_effect_draw_warnings() {
+    let c = plain("");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    let c = plain(
+        "[general]\nsession_timeout = \"1h\"\n[storage]\nretention_days = 30\n[server_hub]\nenabled = true\nurl = \"http://hub\"\n",
+    );
+    let all = c.warnings.join("\n");
+    assert!(
+        all.contains("general.session_timeout is set but not yet in effect"),
+        "{all}"
+    );
+    assert!(
+        all.contains("storage.retention_days is set but not yet in effect"),
+        "{all}"
+    );
+    assert!(
+        all.contains("server_hub.enabled is true but hub sync is not yet built"),
+        "{all}"
+    );
+    assert!(
+        c.to_toml().contains("# warning: storage.retention_days"),
+        "{}",
+        c.to_toml()
+    );
+}
+
+#[test]
+fn unix_slots_and_unauthenticated_quota_follow_the_listeners() {
+    let env = Env::new(&[("CODI_MONITOR_TOKEN", "0123456789abcdef")]);
+    let c = daemon("[monitor]\ntcp_port = 4000\n", &Overrides::default(), &env).unwrap();
+    assert_eq!(
+        c.monitor.reserved_unix_connections,
+        DEFAULT_RESERVED_UNIX_CONNECTIONS
+    );
+    assert_eq!(c.monitor.max_unauthenticated, DEFAULT_MAX_UNAUTHENTICATED);
+    let c = plain("");
+    assert_eq!(c.monitor.reserved_unix_connections, 0);
+    let e = err(
+        "[monitor]\nmax_connections = 10\nreserved_unix_connections = 10\n",
+        &Overrides::default(),
+        &env,
+    );
+    assert!(e.contains("must be at most 9"), "{e}");
 }

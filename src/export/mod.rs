@@ -124,6 +124,9 @@ pub struct ControlJob {
     pub request_id: Uuid,
     /// What to do.
     pub op: ControlOp,
+    /// The uid of the local user who asked (`SO_PEERCRED`); `None` when it
+    /// could not be read.
+    pub requester_uid: Option<u32>,
 }
 
 /// The event loops' handle on the watcher: a bounded queue plus the waker.

@@ -123,6 +123,9 @@ pub struct Connection {
     pub queries_in_flight: usize,
     /// The connection is on its loop's run list.
     pub scheduled: bool,
+    /// The uid of the process at the other end of a Unix socket
+    /// (`SO_PEERCRED`); `None` over TCP.
+    pub peer_uid: Option<u32>,
 }
 
 impl Connection {
@@ -149,6 +152,7 @@ impl Connection {
             gone: false,
             queries_in_flight: 0,
             scheduled: false,
+            peer_uid: None,
         }
     }
 

@@ -261,7 +261,9 @@ impl EventLoop {
             return;
         }
         self.next_serial += 1;
+        let peer_uid = stream.peer_uid();
         let conn = entry.insert(Connection::new(self.next_serial, stream, needs_auth, burst));
+        conn.peer_uid = peer_uid;
         schedule(&mut self.run_list, conn, key);
     }
 

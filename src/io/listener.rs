@@ -228,6 +228,17 @@ impl Stream {
         }
     }
 
+    /// The uid of the peer process of a Unix stream, from `SO_PEERCRED`
+    /// (taken by the kernel at `connect`, so it cannot be forged).
+    pub fn peer_uid(&self) -> Option<u32> {
+        match self {
+            Stream::Unix(s) => rustix::net::sockopt::socket_peercred(s)
+                .ok()
+                .map(|c| c.uid.as_raw()),
+            Stream::Tcp(_) => None,
+        }
+    }
+
     /// The mio event source to register.
     pub fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {

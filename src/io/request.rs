@@ -78,6 +78,8 @@ pub struct Services {
     pub live: Arc<LiveSettings>,
     /// When the daemon started.
     pub started: Instant,
+    /// `general.workspace`: the workspace of a session that names none.
+    pub default_workspace: Option<String>,
 }
 
 /// The result of handling one decoded request.
@@ -145,6 +147,9 @@ impl Services {
                     return self.reject(conn, id, reason, 0);
                 }
                 conn.session = Some(session_id.clone());
+                let workspace = workspace
+                    .filter(|w| !w.is_empty())
+                    .or_else(|| self.default_workspace.clone());
                 let op = WriteOp::SessionStart {
                     session_id,
                     identity,
@@ -259,6 +264,7 @@ impl Services {
             reply: self.reply_to(conn, origin, false),
             request_id,
             op,
+            requester_uid: conn.peer_uid,
         };
         match exports.try_send(job) {
             Ok(()) => {

@@ -35,6 +35,19 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// Hang protection for a daemon to exit after a signal.
 pub const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The token test daemons get (through `$CODI_MONITOR_TOKEN`) unless a
+/// test says otherwise: every TCP listener needs one.
+pub const TEST_TOKEN: &str = "test-token-0123456789abcdef";
+
+/// The daemon binary under test: `$CODI_TEST_DAEMON` when set (to run the
+/// suite against another build, e.g. the one before a fix), else this
+/// crate's own.
+pub fn daemon_binary() -> PathBuf {
+    std::env::var_os("CODI_TEST_DAEMON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_codi-monitor")))
+}
+
 /// Environment variables the daemon and codi2 read; cleared so the tests
 /// see only what they set themselves.
 const ISOLATED_ENV: &[&str] = &[
@@ -163,6 +176,9 @@ pub struct Opts {
     pub args: Vec<OsString>,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// Token given through `$CODI_MONITOR_TOKEN` (before `env`, which may
+    /// override it); `None` gives none.
+    pub token: Option<String>,
 }
 
 impl Default for Opts {
@@ -175,6 +191,7 @@ impl Default for Opts {
             config: false,
             args: Vec::new(),
             env: Vec::new(),
+            token: Some(TEST_TOKEN.into()),
         }
     }
 }
@@ -198,6 +215,26 @@ impl Opts {
         self
     }
 
+    /// Sets the token (or none).
+    pub fn token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(str::to_owned);
+        self
+    }
+
+    /// The token the daemon will hold: the last `$CODI_MONITOR_TOKEN` set,
+    /// unless a token file on the command line wins.
+    pub fn effective_token(&self) -> Option<String> {
+        if self.args.iter().any(|a| a == "--token-file") {
+            return None;
+        }
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "CODI_MONITOR_TOKEN")
+            .map(|(_, v)| v.trim().to_owned())
+            .or_else(|| self.token.clone())
+    }
+
     /// Passes the sandbox's config file.
     pub fn with_config(mut self) -> Self {
         self.config = true;
@@ -206,7 +243,7 @@ impl Opts {
 
     /// The daemon command for `sandbox`.
     pub fn command(&self, sandbox: &Sandbox) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_codi-monitor"));
+        let mut cmd = Command::new(daemon_binary());
         for key in ISOLATED_ENV {
             cmd.env_remove(key);
         }
@@ -229,6 +266,9 @@ impl Opts {
             cmd.arg("--config").arg(sandbox.config());
         }
         cmd.args(&self.args);
+        if let Some(token) = &self.token {
+            cmd.env("CODI_MONITOR_TOKEN", token);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -318,6 +358,8 @@ pub struct Daemon {
     pub sandbox: Arc<Sandbox>,
     /// What it announced.
     pub ready: Ready,
+    /// The token its TCP clients authenticate with.
+    pub token: Option<String>,
     child: Child,
     stderr_path: PathBuf,
     exit: Option<ExitStatus>,
@@ -387,6 +429,7 @@ impl Daemon {
         Daemon {
             sandbox,
             ready,
+            token: opts.effective_token(),
             child,
             stderr_path,
             exit: None,
@@ -427,8 +470,18 @@ impl Daemon {
         Client::unix(self.socket())
     }
 
-    /// A client over TCP.
+    /// A client over TCP, authenticated with the daemon's token if it has
+    /// one.
     pub fn tcp(&self) -> Client {
+        let mut c = Client::tcp(self.tcp_addr());
+        if let Some(token) = &self.token {
+            c.authenticate(token);
+        }
+        c
+    }
+
+    /// A client over TCP that has not authenticated.
+    pub fn tcp_raw(&self) -> Client {
         Client::tcp(self.tcp_addr())
     }
 
@@ -641,6 +694,13 @@ impl Client {
     pub fn expect_accepted(&mut self, msg: &Message) {
         let answer = self.request(msg);
         assert_accepted(&answer, msg.id);
+    }
+
+    /// Authenticates with `token`, which must be accepted.
+    pub fn authenticate(&mut self, token: &str) {
+        self.expect_accepted(&Message::new(Payload::Authenticate {
+            token: token.into(),
+        }));
     }
 
     /// A ping that must come back `Accepted`.

@@ -47,12 +47,18 @@ class Daemon:
                     "XDG_STATE_HOME"):
             env[var] = str(workdir / "home")
         (workdir / "home").mkdir(mode=0o700, exist_ok=True)
+        argv = [str(daemon_binary()), "--socket", self.socket_path,
+                "--tcp", "127.0.0.1:0", "--db", self.db_path, "--workers", "2"]
         if token is not None:
             env["CODI_MONITOR_TOKEN"] = token
+        else:
+            # Loopback TCP without a token must be asked for explicitly.
+            config = workdir / "monitor.toml"
+            config.write_text("[monitor]\nallow_unauthenticated_tcp = true\n")
+            argv += ["--config", str(config)]
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
-                [str(daemon_binary()), "--socket", self.socket_path,
-                 "--tcp", "127.0.0.1:0", "--db", self.db_path, "--workers", "2"],
+                argv,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
                 env=env, cwd=workdir)
         try:
