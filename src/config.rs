@@ -1037,10 +1037,11 @@ fn resolve(
         reserved_default,
         0..=max_connections.saturating_sub(1),
     )?;
+    let tcp_share = max_connections - reserved_unix_connections;
     let max_unauthenticated = in_range(
         "monitor.max_unauthenticated",
         m.max_unauthenticated,
-        DEFAULT_MAX_UNAUTHENTICATED.min(max_connections),
+        DEFAULT_MAX_UNAUTHENTICATED.min(tcp_share / 2).max(1),
         1..=max_connections,
     )?;
     let monitor = MonitorConfig {

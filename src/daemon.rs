@@ -11,13 +11,14 @@ use crate::config::{Config, Overrides};
 use crate::export::{spawn_watcher, ExportSettings};
 use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
 use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
-use crate::io::request::{LiveSettings, Services};
+use crate::io::request::{AuthGuard, LiveSettings, Services};
 use crate::metrics::Metrics;
 use crate::reply::{self, Replies};
 use crate::store::reader::spawn_readers;
 use crate::store::writer::{spawn_writer, WriterSettings};
 use crate::store::StoreError;
 use mio::{Poll, Waker};
+use parking_lot::Mutex;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::io::{self, Write};
@@ -53,7 +54,11 @@ pub enum DaemonError {
 pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::default());
-    raise_fd_limit(config.monitor.max_connections);
+    let max_connections = fit_to_descriptor_limit(
+        config.monitor.max_connections,
+        config.monitor.workers,
+        config.storage.reader_threads,
+    );
 
     let unix = config
         .monitor
@@ -93,6 +98,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
 
     let db = &config.storage.sqlite_path;
     let budget = Arc::new(InflightBudget::new(config.storage.inflight_bytes));
+    let receive = Arc::new(InflightBudget::new(config.storage.inflight_bytes));
     let writer_settings = WriterSettings {
         cache_size_mb: config.storage.cache_size_mb,
         batch_max_rows: config.storage.batch_max_rows,
@@ -142,6 +148,8 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         readers: reader_tx,
         exports: exports_tx,
         budget,
+        receive,
+        auth_guard: Mutex::new(AuthGuard::default()),
         metrics,
         live: Arc::clone(&live),
         started,
@@ -151,9 +159,17 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             .as_ref()
             .map(|w| w.to_string_lossy().into_owned()),
     });
+    let m = &config.monitor;
+    let reserved = m
+        .reserved_unix_connections
+        .min(max_connections.saturating_sub(1));
     let limits = LoopLimits {
-        max_pending_per_connection: config.monitor.max_pending_per_connection.max(1),
-        max_connections: config.monitor.max_connections.max(1),
+        max_pending_per_connection: m.max_pending_per_connection.max(1),
+        max_connections,
+        max_tcp_connections: max_connections - reserved,
+        unauthenticated_per_loop: m.max_unauthenticated.div_ceil(m.workers.max(1)).max(1),
+        auth_timeout: m.auth_timeout,
+        idle_timeout: m.idle_timeout,
     };
     let shutdown = Arc::new(AtomicBool::new(false));
 
@@ -237,34 +253,49 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Descriptors the daemon needs besides its clients': listeners, each
+/// loop's poll and waker, the database connections (three files each), the
+/// checkpointers, the watcher and the spare kept for refusing clients.
+fn descriptor_overhead(workers: usize, readers: usize) -> u64 {
+    64 + 4 * workers as u64 + 8 * readers as u64
+}
+
 /// Raises the soft descriptor limit toward the hard one so that
-/// `max_connections` clients (plus database and listener descriptors) fit;
-/// says so when the hard limit is too low.
-fn raise_fd_limit(max_connections: usize) {
-    let wanted = (max_connections as u64).saturating_add(64);
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+/// `max_connections` clients fit beside the daemon's own descriptors, and
+/// returns how many clients really fit: `max_connections`, or fewer (with a
+/// warning) when the limit cannot be raised far enough. Beyond that limit
+/// new clients would hang in the backlog instead of being told why.
+fn fit_to_descriptor_limit(max_connections: usize, workers: usize, readers: usize) -> usize {
+    let overhead = descriptor_overhead(workers, readers);
+    let wanted = (max_connections as u64).saturating_add(overhead);
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let maximum = limit.maximum;
+    // No soft limit at all: everything fits.
+    let Some(current) = limit.current else {
+        return max_connections;
     };
-    // SAFETY: getrlimit/setrlimit write/read a valid rlimit struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
+    if current >= wanted {
+        return max_connections;
     }
-    if limit.rlim_cur >= wanted {
-        return;
+    let target = maximum.map_or(wanted, |max| wanted.min(max));
+    let raised = rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(target),
+            maximum,
+        },
+    )
+    .is_ok();
+    let usable = if raised { target } else { current };
+    if usable >= wanted {
+        return max_connections;
     }
-    let target = wanted.min(limit.rlim_max);
-    let raised = libc::rlimit {
-        rlim_cur: target,
-        rlim_max: limit.rlim_max,
-    };
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 || target < wanted {
-        log::warn!(
-            "open-file limit is {} (hard {}); fewer than monitor.max_connections={max_connections} clients may connect",
-            target.max(limit.rlim_cur),
-            limit.rlim_max
-        );
-    }
+    let fit = usable.saturating_sub(overhead).max(1) as usize;
+    log::warn!(
+        "monitor.max_connections lowered from {max_connections} to {fit}: the open-file limit is {usable} (hard {}) and the daemon needs {overhead} descriptors of its own; raise LimitNOFILE (ulimit -n) to at least {wanted}",
+        maximum.map_or_else(|| "unlimited".to_owned(), |m| m.to_string())
+    );
+    fit
 }
 
 /// Where archived exports go: `archive/` beside the database.

@@ -55,6 +55,19 @@ counters! {
     queries,
     /// Failed authentications.
     auth_failures,
+    /// `Authenticate` attempts refused unchecked because their address
+    /// failed too often.
+    auth_throttled,
+    /// TCP connections closed for not authenticating in time.
+    auth_timeouts,
+    /// TCP connections waiting to authenticate closed to make room for a
+    /// newer one.
+    unauthenticated_evicted,
+    /// Connections closed after the idle timeout.
+    idle_closed,
+    /// Times a connection stopped reading because the receive pool for
+    /// partly received frames was full.
+    receive_pauses,
     /// Times a connection was paused for backpressure.
     backpressure_pauses,
     /// Times a connection was paused by its rate limit.

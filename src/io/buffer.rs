@@ -1,5 +1,7 @@
 //! A connection's read buffer: explicit positions, compaction instead of
-//! reallocation, and a hard growth cap of one maximum frame.
+//! reallocation, growth only with the bytes that actually arrived (a header
+//! announcing 1 MiB buys no memory by itself), and a hard cap of one
+//! maximum frame.
 
 use crate::proto::{HEADER_LEN, MAX_FRAME_LEN};
 
@@ -7,6 +9,8 @@ use crate::proto::{HEADER_LEN, MAX_FRAME_LEN};
 pub const INITIAL_CAPACITY: usize = 4 * 1024;
 /// Capacity kept after a burst; larger buffers shrink back when empty.
 const RETAINED_CAPACITY: usize = 64 * 1024;
+/// Room offered beyond what is buffered when growing.
+pub const GROWTH_CHUNK: usize = 16 * 1024;
 /// The most a read buffer ever holds: one whole maximum frame.
 pub const MAX_CAPACITY: usize = HEADER_LEN + MAX_FRAME_LEN;
 
@@ -76,16 +80,31 @@ impl ReadBuffer {
         debug_assert!(self.end <= self.buf.len());
     }
 
+    /// The capacity to hold `wanted` undecoded bytes of a frame of which
+    /// `len()` have arrived: at most twice what arrived (plus one chunk),
+    /// never more than `wanted` or [`MAX_CAPACITY`], never less than now.
+    pub fn capacity_for(&self, wanted: usize) -> usize {
+        let by_arrival = self.len().saturating_mul(2).max(self.len() + GROWTH_CHUNK);
+        wanted
+            .min(by_arrival)
+            .clamp(1, MAX_CAPACITY)
+            .max(self.buf.len())
+    }
+
     /// Current allocation in bytes.
     pub fn capacity(&self) -> usize {
         self.buf.len()
     }
 
-    /// Gives memory back after a large frame once the buffer is empty.
-    pub fn shrink_if_idle(&mut self) {
+    /// Gives memory back after a large frame once the buffer is empty;
+    /// true if it shrank.
+    pub fn shrink_if_idle(&mut self) -> bool {
         if self.is_empty() && self.buf.len() > RETAINED_CAPACITY {
             self.buf.truncate(INITIAL_CAPACITY);
             self.buf.shrink_to_fit();
+            true
+        } else {
+            false
         }
     }
 }
@@ -109,6 +128,22 @@ mod tests {
         assert_eq!(b.data(), b"456789");
         b.consume(6);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn growth_follows_the_bytes_that_arrived() {
+        let mut b = ReadBuffer::default();
+        // A header announcing a maximum frame buys one chunk, not a MiB.
+        assert_eq!(
+            b.capacity_for(MAX_CAPACITY),
+            INITIAL_CAPACITY.max(GROWTH_CHUNK)
+        );
+        let cap = b.capacity_for(MAX_CAPACITY);
+        b.spare_for(cap);
+        b.filled(cap);
+        assert_eq!(b.capacity_for(MAX_CAPACITY), 2 * cap);
+        // Never past what the frame needs.
+        assert_eq!(b.capacity_for(cap + 10), cap + 10);
     }
 
     #[test]

@@ -126,6 +126,20 @@ pub struct Connection {
     /// The uid of the process at the other end of a Unix socket
     /// (`SO_PEERCRED`); `None` over TCP.
     pub peer_uid: Option<u32>,
+    /// The address of a TCP peer.
+    pub peer_ip: Option<std::net::IpAddr>,
+    /// When the connection was accepted (the `Authenticate` deadline
+    /// counts from here).
+    pub accepted_at: Instant,
+    /// When the last complete frame arrived (or the connection opened);
+    /// the idle timeout counts from here.
+    pub last_frame_at: Instant,
+    /// Bytes of the read buffer charged to the global receive pool.
+    pub receive_charged: usize,
+    /// Close right after the last answer is written, without lingering: for
+    /// connections turned away before they authenticated, whose slot must
+    /// come free at once.
+    pub skip_linger: bool,
 }
 
 impl Connection {
@@ -153,7 +167,18 @@ impl Connection {
             queries_in_flight: 0,
             scheduled: false,
             peer_uid: None,
+            peer_ip: None,
+            accepted_at: Instant::now(),
+            last_frame_at: Instant::now(),
+            receive_charged: 0,
+            skip_linger: false,
         }
+    }
+
+    /// True when the connection owes nothing: no answer pending, nothing
+    /// unsent, no query running.
+    pub fn owes_nothing(&self) -> bool {
+        self.answers.is_empty() && self.pending_output() == 0 && self.queries_in_flight == 0
     }
 
     /// Bytes of encoded output still to send.

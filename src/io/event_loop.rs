@@ -7,9 +7,11 @@
 //! and the next `poll` does not sleep. Paused connections (backlog, global
 //! pressure, rate limit) are resumed from here, never by growing a buffer.
 
+use super::buffer::INITIAL_CAPACITY;
 use super::conn::{ConnState, Connection, Pause};
 use super::listener::{Stream, Transport, UnixEndpoint};
 use super::request::{Handled, Origin, Services};
+use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::proto::{
     decode_message, encode_message, frame_body_len, ErrorCode, FrameError, Message, HEADER_LEN,
@@ -19,6 +21,8 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
+use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,6 +44,18 @@ const GLOBAL_RETRY: Duration = Duration::from_millis(1);
 const LINGER: Duration = Duration::from_secs(1);
 /// After shutdown begins, connections get this long to be answered.
 pub const DRAIN_DEADLINE: Duration = Duration::from_millis(3500);
+/// Largest frame body accepted before a TCP connection has authenticated:
+/// `Authenticate` is tiny, so nobody unauthenticated makes the daemon
+/// buffer a megabyte.
+pub const MAX_UNAUTHENTICATED_FRAME_LEN: usize = 16 * 1024;
+/// Read-buffer bytes per connection that are not charged to the global
+/// receive pool: the initial buffer plus one read's worth.
+pub const FREE_RECEIVE_BYTES: usize = INITIAL_CAPACITY + READ_CHUNK;
+/// How often a loop looks for connections past their deadlines.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long accepting pauses after an error other than running out of
+/// descriptors (which is answered at once with the spare descriptor).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Limits that apply to every connection of a loop.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +64,15 @@ pub struct LoopLimits {
     pub max_pending_per_connection: usize,
     /// Connections the whole daemon holds at once.
     pub max_connections: usize,
+    /// Connections TCP may hold (the rest are kept for the Unix socket).
+    pub max_tcp_connections: usize,
+    /// TCP connections this loop lets wait for `Authenticate` at once; a
+    /// newcomer beyond it evicts the oldest.
+    pub unauthenticated_per_loop: usize,
+    /// How long a TCP connection has to authenticate.
+    pub auth_timeout: Duration,
+    /// How long a connection that owes nothing may go without a request.
+    pub idle_timeout: Duration,
 }
 
 /// Where loop 0 sends a connection it accepted for another loop.
@@ -67,6 +92,9 @@ pub struct Acceptor {
     /// Every loop (index = worker id); loop 0's own entry is not used.
     pub peers: Vec<Peer>,
     next: usize,
+    /// A descriptor kept open to be closed when `accept` runs out of
+    /// them, so the waiting client can be told why instead of hanging.
+    spare_fd: Option<File>,
 }
 
 impl Acceptor {
@@ -77,6 +105,7 @@ impl Acceptor {
             tcp,
             peers,
             next: 0,
+            spare_fd: File::open("/dev/null").ok(),
         }
     }
 }
@@ -97,7 +126,11 @@ pub struct EventLoop {
     paused_global: Vec<usize>,
     timers: Vec<(Instant, usize)>,
     draining_since: Option<Instant>,
-    accept_retry: bool,
+    accept_retry_at: Option<Instant>,
+    /// TCP connections waiting to authenticate, oldest first (serial,
+    /// key); entries that authenticated or closed are pruned lazily.
+    awaiting_auth: VecDeque<(u64, usize)>,
+    next_sweep: Instant,
 }
 
 impl EventLoop {
@@ -129,7 +162,9 @@ impl EventLoop {
             paused_global: Vec::new(),
             timers: Vec::new(),
             draining_since: None,
-            accept_retry: false,
+            accept_retry_at: None,
+            awaiting_auth: VecDeque::new(),
+            next_sweep: Instant::now() + SWEEP_INTERVAL,
         };
         if let Some(acc) = this.acceptor.as_mut() {
             let registry = this.poll.registry();
@@ -178,8 +213,14 @@ impl EventLoop {
             }
             self.take_new_connections();
             self.take_completions();
-            if !self.shutdown.load(Ordering::Acquire) && (accept_ready || self.accept_retry) {
+            let now = Instant::now();
+            let retry_due = self.accept_retry_at.is_some_and(|at| at <= now);
+            if !self.shutdown.load(Ordering::Acquire) && (accept_ready || retry_due) {
                 self.accept();
+            }
+            if now >= self.next_sweep {
+                self.sweep(now);
+                self.next_sweep = now + SWEEP_INTERVAL;
             }
             if self.shutdown.load(Ordering::Acquire) && self.draining_since.is_none() {
                 self.begin_drain();
@@ -216,10 +257,16 @@ impl EventLoop {
         }
         let mut timeout: Option<Duration> = None;
         let mut tighten = |d: Duration| timeout = Some(timeout.map_or(d, |t| t.min(d)));
-        if !self.paused_global.is_empty() || self.accept_retry {
+        if !self.paused_global.is_empty() {
             tighten(GLOBAL_RETRY);
         }
         let now = Instant::now();
+        if let Some(at) = self.accept_retry_at {
+            tighten(at.saturating_duration_since(now));
+        }
+        if !self.conns.is_empty() {
+            tighten(self.next_sweep.saturating_duration_since(now));
+        }
         for (until, _) in &self.timers {
             tighten(until.saturating_duration_since(now));
         }
@@ -261,10 +308,88 @@ impl EventLoop {
             return;
         }
         self.next_serial += 1;
+        let serial = self.next_serial;
         let peer_uid = stream.peer_uid();
-        let conn = entry.insert(Connection::new(self.next_serial, stream, needs_auth, burst));
+        let peer_ip = stream.peer_ip();
+        let conn = entry.insert(Connection::new(serial, stream, needs_auth, burst));
         conn.peer_uid = peer_uid;
+        conn.peer_ip = peer_ip;
         schedule(&mut self.run_list, conn, key);
+        if needs_auth {
+            self.make_room_to_authenticate();
+            self.awaiting_auth.push_back((serial, key));
+        }
+    }
+
+    /// Keeps at most `unauthenticated_per_loop - 1` connections waiting to
+    /// authenticate, so a newcomer fits: the oldest waiting one is told
+    /// why and closed. A flood of connections that never authenticate thus
+    /// holds a fixed number of slots, whatever its size.
+    fn make_room_to_authenticate(&mut self) {
+        let conns = &self.conns;
+        self.awaiting_auth.retain(|&(serial, key)| {
+            conns
+                .get(key)
+                .is_some_and(|c| c.serial == serial && c.state == ConnState::AwaitingAuth)
+        });
+        while self.awaiting_auth.len() >= self.limits.unauthenticated_per_loop {
+            let Some((_, key)) = self.awaiting_auth.pop_front() else {
+                break;
+            };
+            Metrics::add(&self.services.metrics.unauthenticated_evicted, 1);
+            let conn = &mut self.conns[key];
+            close_with(
+                conn,
+                ErrorCode::Unauthorized,
+                "too many connections are waiting to authenticate; the oldest is closed".into(),
+            );
+            conn.skip_linger = true;
+            schedule(&mut self.run_list, conn, key);
+        }
+    }
+
+    /// Closes connections past their deadlines: TCP connections that did
+    /// not authenticate in time, and connections idle for too long.
+    fn sweep(&mut self, now: Instant) {
+        let limits = self.limits;
+        let metrics = &self.services.metrics;
+        for (key, conn) in self.conns.iter_mut() {
+            let expired = match conn.state {
+                ConnState::AwaitingAuth
+                    if now.saturating_duration_since(conn.accepted_at) >= limits.auth_timeout =>
+                {
+                    Metrics::add(&metrics.auth_timeouts, 1);
+                    Some((
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "no Authenticate within {}; closing",
+                            humantime::format_duration(limits.auth_timeout)
+                        ),
+                    ))
+                }
+                ConnState::Open
+                    if conn.pause == Pause::None
+                        && conn.owes_nothing()
+                        && now.saturating_duration_since(conn.last_frame_at)
+                            >= limits.idle_timeout =>
+                {
+                    Metrics::add(&metrics.idle_closed, 1);
+                    Some((
+                        ErrorCode::Unavailable,
+                        format!(
+                            "closing a connection idle for {}",
+                            humantime::format_duration(limits.idle_timeout)
+                        ),
+                    ))
+                }
+                _ => None,
+            };
+            if let Some((code, reason)) = expired {
+                conn.skip_linger = conn.state == ConnState::AwaitingAuth;
+                close_with(conn, code, reason);
+                schedule(&mut self.run_list, conn, key);
+            }
+        }
     }
 
     fn take_completions(&mut self) {
@@ -288,7 +413,8 @@ impl EventLoop {
         let Some(acc) = self.acceptor.as_mut() else {
             return;
         };
-        self.accept_retry = false;
+        self.accept_retry_at = None;
+        let metrics = Arc::clone(&self.services.metrics);
         let mut accepted = Vec::new();
         for transport in [Transport::Unix, Transport::Tcp] {
             loop {
@@ -309,23 +435,60 @@ impl EventLoop {
                     Ok(stream) => accepted.push(stream),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e)
+                        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                            && acc.spare_fd.is_some() =>
+                    {
+                        // Free the spare descriptor, take the waiting
+                        // client, tell it why and close it: it neither
+                        // hangs in the backlog nor makes us spin here.
+                        acc.spare_fd = None;
+                        let refused = match transport {
+                            Transport::Unix => acc
+                                .unix
+                                .as_ref()
+                                .map(|u| u.listener.accept().map(|(s, _)| Stream::Unix(s))),
+                            Transport::Tcp => acc
+                                .tcp
+                                .as_ref()
+                                .map(|t| t.accept().map(|(s, _)| Stream::Tcp(s))),
+                        };
+                        if let Some(Ok(mut stream)) = refused {
+                            Metrics::add(&metrics.connections_refused, 1);
+                            refuse(
+                                &mut stream,
+                                "the daemon is out of file descriptors (raise LimitNOFILE or lower max_connections); retry later",
+                            );
+                        }
+                        log::warn!(
+                            "accept failed: {e}: refusing new clients until descriptors are free"
+                        );
+                        acc.spare_fd = File::open("/dev/null").ok();
+                    }
                     Err(e) => {
-                        // Out of descriptors and the like: the pending
-                        // connections stay in the backlog; retry shortly.
-                        log::warn!("accept failed: {e}");
-                        self.accept_retry = true;
+                        // The pending connections stay in the backlog.
+                        log::warn!("accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                        self.accept_retry_at = Some(Instant::now() + ACCEPT_BACKOFF);
                         break;
                     }
                 }
             }
         }
-        let metrics = Arc::clone(&self.services.metrics);
         for mut stream in accepted {
             let open = metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-            if open as usize >= self.limits.max_connections {
+            let limit = match stream.transport() {
+                Transport::Unix => self.limits.max_connections,
+                Transport::Tcp => self.limits.max_tcp_connections,
+            };
+            if open as usize >= limit {
                 metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
                 Metrics::add(&metrics.connections_refused, 1);
-                refuse(&mut stream, self.limits.max_connections);
+                let reason = if limit < self.limits.max_connections {
+                    format!("the {limit} connections TCP may use are taken (the rest are kept for the Unix socket); retry later")
+                } else {
+                    format!("connection limit of {limit} reached; retry later")
+                };
+                refuse(&mut stream, &reason);
                 continue;
             }
             Metrics::add(&metrics.connections_accepted, 1);
@@ -429,7 +592,11 @@ impl EventLoop {
             return;
         }
         if conn.state == ConnState::Closing && conn.is_drained() {
-            if conn.peer_closed || conn.gone || conn.stream.shutdown_write().is_err() {
+            if conn.peer_closed
+                || conn.gone
+                || conn.skip_linger
+                || conn.stream.shutdown_write().is_err()
+            {
                 self.close(key);
             } else {
                 let until = Instant::now() + LINGER;
@@ -446,8 +613,9 @@ impl EventLoop {
         {
             schedule(&mut self.run_list, conn, key);
         }
-        if conn.answers.is_empty() {
-            conn.input.shrink_if_idle();
+        if conn.answers.is_empty() && conn.input.shrink_if_idle() {
+            self.services.receive.release(conn.receive_charged);
+            conn.receive_charged = 0;
         }
         match conn.pause {
             Pause::Global => self.paused_global.push(key),
@@ -459,6 +627,7 @@ impl EventLoop {
 
     fn close(&mut self, key: usize) {
         if let Some(mut conn) = self.conns.try_remove(key) {
+            self.services.receive.release(conn.receive_charged);
             let _ = self.poll.registry().deregister(conn.stream.source());
             self.services
                 .metrics
@@ -498,12 +667,18 @@ fn read_and_dispatch(
         if read_total >= READ_BUDGET {
             return true;
         }
-        match read_once(conn) {
-            Ok((0, _)) => {
+        match read_once(conn, &services.receive) {
+            Ok(None) => {
+                // The global receive pool is spent: wait with the others.
+                conn.pause = Pause::Global;
+                Metrics::add(&services.metrics.receive_pauses, 1);
+                return false;
+            }
+            Ok(Some((0, _))) => {
                 conn.peer_closed = true;
                 conn.readable = false;
             }
-            Ok((n, offered)) => {
+            Ok(Some((n, offered))) => {
                 read_total += n;
                 // A short read emptied the socket: bytes arriving later
                 // raise a new edge, so the read that would only say
@@ -551,19 +726,41 @@ fn discard_input(conn: &mut Connection) -> Discarded {
     Discarded::Budget
 }
 
-/// Reads once into the connection's buffer, offering room for the whole
-/// frame being received when its length is known. Returns the bytes read
-/// and the room offered.
-fn read_once(conn: &mut Connection) -> io::Result<(usize, usize)> {
+/// Reads once into the connection's buffer. The buffer grows towards the
+/// frame being received only as fast as its bytes arrive (at most doubling
+/// per read), and growth beyond [`FREE_RECEIVE_BYTES`] is charged to the
+/// global receive pool first. Returns the bytes read and the room offered,
+/// or `None` when the pool has no room (nothing was read).
+fn read_once(
+    conn: &mut Connection,
+    receive: &InflightBudget,
+) -> io::Result<Option<(usize, usize)>> {
     let want = match frame_body_len(conn.input.data()) {
         Ok(Some(body)) => HEADER_LEN + body,
         _ => conn.input.len() + READ_CHUNK,
     };
-    let spare = conn.input.spare_for(want);
+    let capacity = conn.input.capacity_for(want);
+    let charge = capacity.saturating_sub(FREE_RECEIVE_BYTES);
+    if charge > conn.receive_charged {
+        if !receive.try_acquire(charge - conn.receive_charged) {
+            return Ok(None);
+        }
+        conn.receive_charged = charge;
+    }
+    let spare = conn.input.spare_for(capacity);
     let offered = spare.len();
     let n = conn.stream.read(spare)?;
     conn.input.filled(n);
-    Ok((n, offered))
+    Ok(Some((n, offered)))
+}
+
+/// Queues one last `Error` (after every answer owed) and stops reading:
+/// the connection closes once it is written.
+fn close_with(conn: &mut Connection, code: ErrorCode, reason: String) {
+    conn.answers.push_ready(Message::error(code, reason));
+    conn.state = ConnState::Closing;
+    let all = conn.input.len();
+    conn.input.consume(all);
 }
 
 /// Decodes and dispatches every complete frame in the buffer until the
@@ -595,10 +792,22 @@ fn process_frames(services: &Services, conn: &mut Connection, origin: Origin, li
                 return;
             }
         };
+        if conn.state == ConnState::AwaitingAuth && body_len > MAX_UNAUTHENTICATED_FRAME_LEN {
+            Metrics::add(&services.metrics.frames_invalid, 1);
+            close_with(
+                conn,
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "a frame of {body_len} bytes before Authenticate: at most {MAX_UNAUTHENTICATED_FRAME_LEN} bytes until the connection has authenticated"
+                ),
+            );
+            return;
+        }
         let frame_len = HEADER_LEN + body_len;
         if conn.input.len() < frame_len {
             return;
         }
+        conn.last_frame_at = Instant::now();
         let message = decode_message(&conn.input.data()[HEADER_LEN..frame_len]);
         let msg = match message {
             Ok(msg) => msg,
@@ -631,13 +840,10 @@ fn process_frames(services: &Services, conn: &mut Connection, origin: Origin, li
     }
 }
 
-/// Tells a client over the connection limit why it is turned away.
-fn refuse(stream: &mut Stream, limit: usize) {
+/// Tells a client turned away at accept why.
+fn refuse(stream: &mut Stream, reason: &str) {
     let mut frame = Vec::new();
-    let msg = Message::error(
-        ErrorCode::Unavailable,
-        format!("connection limit of {limit} reached; retry later"),
-    );
+    let msg = Message::error(ErrorCode::Unavailable, reason);
     if encode_message(&msg, &mut frame).is_ok() {
         let _ = stream.write(&frame);
     }

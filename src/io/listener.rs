@@ -239,6 +239,14 @@ impl Stream {
         }
     }
 
+    /// The address of a TCP peer.
+    pub fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Stream::Unix(_) => None,
+            Stream::Tcp(s) => s.peer_addr().ok().map(|a| a.ip()),
+        }
+    }
+
     /// The mio event source to register.
     pub fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {

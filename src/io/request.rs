@@ -12,7 +12,9 @@ use crate::proto::{AckStatus, ComponentStatus, ErrorCode, LogFields, Message, Pa
 use crate::reply::ReplyTo;
 use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp};
 use crossbeam_channel::{Sender, TrySendError};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,6 +63,58 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Failed `Authenticate` attempts one address may make at once.
+pub const AUTH_FAILURE_BURST: f64 = 10.0;
+/// Failed attempts per second an address earns back.
+pub const AUTH_FAILURES_PER_SECOND: f64 = 1.0;
+/// Addresses remembered; beyond it, those that earned their attempts back
+/// are forgotten first (then all, rather than growing).
+const AUTH_GUARD_ADDRESSES: usize = 4096;
+
+/// A token bucket of failed `Authenticate` attempts per client address: a
+/// guesser gets [`AUTH_FAILURE_BURST`] tries, then one a second, and its
+/// further attempts are refused without comparing the token.
+#[derive(Debug, Default)]
+pub struct AuthGuard {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl AuthGuard {
+    fn refill(bucket: &mut (f64, Instant), now: Instant) {
+        let earned =
+            now.saturating_duration_since(bucket.1).as_secs_f64() * AUTH_FAILURES_PER_SECOND;
+        bucket.0 = (bucket.0 + earned).min(AUTH_FAILURE_BURST);
+        bucket.1 = now;
+    }
+
+    /// True while `ip` may still try a token.
+    pub fn may_try(&mut self, ip: IpAddr, now: Instant) -> bool {
+        match self.buckets.get_mut(&ip) {
+            Some(bucket) => {
+                Self::refill(bucket, now);
+                bucket.0 >= 1.0
+            }
+            None => true,
+        }
+    }
+
+    /// Charges one failed attempt to `ip`.
+    pub fn failed(&mut self, ip: IpAddr, now: Instant) {
+        if self.buckets.len() >= AUTH_GUARD_ADDRESSES && !self.buckets.contains_key(&ip) {
+            self.buckets.retain(|_, b| {
+                Self::refill(b, now);
+                b.0 < AUTH_FAILURE_BURST
+            });
+            if self.buckets.len() >= AUTH_GUARD_ADDRESSES {
+                self.buckets.clear();
+            }
+        }
+        let bucket = self.buckets.entry(ip).or_insert((AUTH_FAILURE_BURST, now));
+        Self::refill(bucket, now);
+        bucket.0 -= 1.0;
+    }
+}
+
 /// Everything the loops share to serve requests.
 pub struct Services {
     /// The writer thread's queue.
@@ -72,6 +126,11 @@ pub struct Services {
     pub exports: Option<ControlSender>,
     /// Bytes of requests in flight.
     pub budget: Arc<InflightBudget>,
+    /// Bytes of partly received frames buffered beyond each connection's
+    /// free allowance.
+    pub receive: Arc<InflightBudget>,
+    /// Failed `Authenticate` attempts per client address.
+    pub auth_guard: Mutex<AuthGuard>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Reloadable settings.
@@ -326,6 +385,23 @@ impl Services {
                 ),
             );
         };
+        let now = Instant::now();
+        if let Some(ip) = conn.peer_ip {
+            if !self.auth_guard.lock().may_try(ip, now) {
+                Metrics::add(&self.metrics.auth_throttled, 1);
+                log::warn!("refusing Authenticate from {ip} unchecked: too many failed attempts");
+                conn.state = ConnState::Closing;
+                return self.answer(
+                    conn,
+                    Message::error(
+                        ErrorCode::Unauthorized,
+                        format!(
+                            "too many failed Authenticate attempts from {ip}; wait a few seconds"
+                        ),
+                    ),
+                );
+            }
+        }
         if self.live.token_matches(token) {
             if conn.state == ConnState::AwaitingAuth {
                 conn.state = ConnState::Open;
@@ -333,6 +409,13 @@ impl Services {
             self.answer(conn, Message::ack(msg.id, AckStatus::Accepted))
         } else {
             Metrics::add(&self.metrics.auth_failures, 1);
+            match conn.peer_ip {
+                Some(ip) => {
+                    self.auth_guard.lock().failed(ip, now);
+                    log::warn!("failed Authenticate from {ip}: wrong token");
+                }
+                None => log::warn!("failed Authenticate on the Unix socket: wrong token"),
+            }
             conn.state = ConnState::Closing;
             self.answer(
                 conn,

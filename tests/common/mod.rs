@@ -373,11 +373,17 @@ impl Daemon {
 
     /// Starts a daemon in `sandbox` and waits for its READY line.
     pub fn start(sandbox: Arc<Sandbox>, opts: Opts) -> Daemon {
+        let cmd = opts.command(&sandbox);
+        Daemon::spawn_command(sandbox, cmd, opts.effective_token())
+    }
+
+    /// Runs `cmd` (from [`Opts::command`], perhaps adjusted) and waits for
+    /// its READY line; TCP clients authenticate with `token`.
+    pub fn spawn_command(sandbox: Arc<Sandbox>, mut cmd: Command, token: Option<String>) -> Daemon {
         let n = sandbox.spawned.fetch_add(1, Ordering::Relaxed);
         let stderr_path = sandbox.path().join(format!("daemon-{n}.stderr"));
         let stderr = File::create(&stderr_path).expect("create stderr file");
-        let mut child = opts
-            .command(&sandbox)
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -429,7 +435,7 @@ impl Daemon {
         Daemon {
             sandbox,
             ready,
-            token: opts.effective_token(),
+            token,
             child,
             stderr_path,
             exit: None,
@@ -740,6 +746,13 @@ pub fn ack(answer: &Message) -> (Uuid, &AckStatus) {
         Payload::Acknowledgment { request_id, status } => (*request_id, status),
         other => panic!("expected an Acknowledgment, got {other:?}"),
     }
+}
+
+/// True if `answer` accepts request `id`.
+#[allow(dead_code)]
+pub fn is_accepted(answer: &Message, id: Uuid) -> bool {
+    matches!(&answer.payload,
+        Payload::Acknowledgment { request_id, status: AckStatus::Accepted } if *request_id == id)
 }
 
 /// Asserts `answer` accepts request `id`.

@@ -1,0 +1,252 @@
+//! Hostile connections against the real daemon: clients that never
+//! authenticate, never finish a frame, guess tokens, sit idle or arrive
+//! beyond the descriptor limit. Each test checks the bound holds and that
+//! ordinary clients are still served.
+
+#[allow(dead_code)]
+mod common;
+
+use codi_monitor::proto::{ErrorCode, LogLevel, Message, Payload};
+use common::*;
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Reads answers until the daemon closes; returns the last `Error`'s code
+/// and message (the reason it gave for closing).
+fn closing_reason(c: &mut Client) -> (ErrorCode, String) {
+    let mut last = None;
+    loop {
+        match c.try_recv() {
+            Ok(Some(Message {
+                payload: Payload::Error { code, message, .. },
+                ..
+            })) => last = Some((code, message)),
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => panic!("no close within the read timeout: {e}"),
+        }
+    }
+    last.expect("an Error naming the reason before the close")
+}
+
+fn auth(token: &str) -> Message {
+    Message::new(Payload::Authenticate {
+        token: token.into(),
+    })
+}
+
+#[test]
+fn a_tcp_connection_that_never_authenticates_is_closed_at_the_deadline() {
+    let sandbox = Sandbox::new();
+    sandbox.write_config("[monitor]\nauth_timeout = \"300ms\"\n");
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    let started = Instant::now();
+    let mut silent = d.tcp_raw();
+    let (code, message) = closing_reason(&mut silent);
+    assert_eq!(code, ErrorCode::Unauthorized, "{message}");
+    assert!(
+        message.contains("no Authenticate within 300ms"),
+        "{message}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // Authenticating in time is unaffected.
+    d.tcp().ping();
+}
+
+#[test]
+fn an_unauthenticated_tcp_flood_cannot_lock_out_unix_or_authenticated_clients() {
+    raise_nofile_limit();
+    let sandbox = Sandbox::new();
+    sandbox.write_config("[monitor]\nmax_connections = 64\n");
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    // Far more never-authenticating connections than there are slots.
+    let flood: Vec<TcpStream> = (0..200)
+        .filter_map(|_| TcpStream::connect(d.tcp_addr()).ok())
+        .collect();
+    assert!(flood.len() >= 100, "only {} flood connections", flood.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let served = (0..24)
+        .filter(|i| {
+            let entry = log(LogLevel::Info, "bystander", &format!("unix {i}"));
+            let mut c = d.unix();
+            c.send(&entry).is_ok()
+                && matches!(c.try_recv(), Ok(Some(answer)) if is_accepted(&answer, entry.id))
+        })
+        .count();
+    let mut tcp = Client::tcp(d.tcp_addr());
+    let tcp_served = tcp.send(&auth(TEST_TOKEN)).is_ok()
+        && matches!(
+            tcp.try_recv(),
+            Ok(Some(Message {
+                payload: Payload::Acknowledgment { .. },
+                ..
+            }))
+        );
+    eprintln!(
+        "{} flood connections open: {served} of 24 Unix clients served, authenticated TCP client served: {tcp_served}",
+        flood.len()
+    );
+    assert_eq!(served, 24);
+    assert!(tcp_served);
+    tcp.expect_accepted(&log(LogLevel::Info, "bystander", "tcp"));
+    assert_eq!(d.db().count_logs(), 25);
+    drop(flood);
+}
+
+#[test]
+fn a_connection_idle_past_the_timeout_is_told_and_closed() {
+    let sandbox = Sandbox::new();
+    sandbox.write_config("[monitor]\nidle_timeout = \"1s\"\n");
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    let mut idle = d.unix();
+    idle.ping();
+    let started = Instant::now();
+    let (code, message) = closing_reason(&mut idle);
+    assert_eq!(code, ErrorCode::Unavailable, "{message}");
+    assert!(message.contains("idle for 1s"), "{message}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // A busy connection is not idle.
+    let mut busy = d.unix();
+    for _ in 0..6 {
+        busy.ping();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+}
+
+#[test]
+fn a_big_frame_before_authenticate_is_refused_at_once() {
+    let d = Daemon::start_default();
+    let mut c = d.tcp_raw();
+    c.send_raw(&(1024u32 * 1024).to_le_bytes()).unwrap();
+    c.send_raw(b"x").unwrap();
+    let (code, message) = closing_reason(&mut c);
+    assert_eq!(code, ErrorCode::FrameTooLarge, "{message}");
+    assert!(message.contains("before Authenticate"), "{message}");
+}
+
+/// Opens `n` Unix connections that each announce a maximum frame and send
+/// `sent` bytes of it; returns them (kept open) and the daemon's RSS growth
+/// in MiB.
+fn slowloris(d: &Daemon, n: usize, sent: usize) -> (Vec<UnixStream>, u64) {
+    let before = d.rss_kib();
+    let chunk = vec![0x91u8; sent];
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut s = UnixStream::connect(d.socket()).expect("connect");
+        s.write_all(&(1024u32 * 1024).to_le_bytes()).unwrap();
+        s.set_nonblocking(true).unwrap();
+        // What the kernel does not take now stays unsent, as a slow
+        // client's would.
+        let _ = s.write(&chunk);
+        held.push(s);
+    }
+    // And then one more byte each, a second later, as slowloris does.
+    std::thread::sleep(Duration::from_secs(1));
+    for s in &mut held {
+        let _ = s.write(b"\x91");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let grown = d.rss_kib().saturating_sub(before) / 1024;
+    (held, grown)
+}
+
+#[test]
+fn partly_sent_frames_cost_memory_only_for_bytes_received_and_within_the_pool() {
+    raise_nofile_limit();
+    let sandbox = Sandbox::new();
+    sandbox
+        .write_config("[storage]\ninflight_bytes = 8388608\n[monitor]\nmax_connections = 1024\n");
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    // Headers announcing 1 MiB with one byte each: no MiB is reserved.
+    let (announced, grown_headers) = slowloris(&d, 400, 1);
+    // Then 256 KiB of each frame actually sent (100 MiB in all): only the
+    // 8 MiB receive pool (plus a small allowance each) is buffered.
+    let (partial, grown_partial) = slowloris(&d, 400, 256 * 1024);
+    eprintln!(
+        "RSS growth: {grown_headers} MiB for 400 announced-only frames, {grown_partial} MiB for 400 frames 256 KiB into 1 MiB"
+    );
+    assert!(grown_headers < 64, "{grown_headers} MiB for bare headers");
+    assert!(grown_partial < 96, "{grown_partial} MiB for partial frames");
+    // A bystander with small frames is served all along.
+    let mut c = d.unix();
+    c.expect_accepted(&log(LogLevel::Info, "bystander", "during slowloris"));
+    drop((announced, partial));
+}
+
+#[test]
+fn token_guesses_are_throttled_per_address_and_logged() {
+    let d = Daemon::start_default();
+    let mut throttled = 0;
+    for i in 0..40 {
+        let mut c = d.tcp_raw();
+        let message = assert_error(
+            &c.request(&auth(&format!("wrong-guess-{i:08}"))),
+            ErrorCode::Unauthorized,
+        );
+        if message.contains("too many failed Authenticate attempts") {
+            throttled += 1;
+        }
+    }
+    assert!(throttled >= 25, "only {throttled} of 40 guesses throttled");
+    assert!(
+        d.stderr().contains("failed Authenticate from 127.0.0.1"),
+        "failures are not logged: {}",
+        d.stderr()
+    );
+    // The Unix socket is unaffected.
+    d.unix().ping();
+}
+
+#[test]
+fn a_descriptor_limit_below_max_connections_is_fitted_and_said() {
+    let sandbox = Sandbox::new();
+    let mut cmd = Opts::default().command(&sandbox);
+    // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 256,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let d = Daemon::spawn_command(Arc::clone(&sandbox), cmd, Opts::default().effective_token());
+    assert!(
+        d.stderr()
+            .contains("monitor.max_connections lowered from 2048 to"),
+        "{}",
+        d.stderr()
+    );
+    // Clients beyond the fitted limit are told so instead of hanging.
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..300 {
+        let mut c = d.unix();
+        if c.send(&Message::new(Payload::Ping)).is_err() {
+            continue;
+        }
+        match c.try_recv() {
+            Ok(Some(Message {
+                payload: Payload::Error { code, message, .. },
+                ..
+            })) => {
+                assert_eq!(code, ErrorCode::Unavailable, "{message}");
+                refused = Some(message);
+                break;
+            }
+            Ok(Some(_)) => held.push(c),
+            other => panic!("a client beyond the limit got {other:?}"),
+        }
+    }
+    let message = refused.expect("a client beyond the limit is refused");
+    assert!(message.contains("connection limit"), "{message}");
+    drop(held);
+}
