@@ -14,6 +14,7 @@ use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
 use crate::io::request::{AuthGuard, LiveSettings, Services};
 use crate::metrics::Metrics;
 use crate::reply::{self, Replies};
+use crate::store::lock::DatabaseLock;
 use crate::store::reader::spawn_readers;
 use crate::store::writer::{spawn_writer, WriterSettings};
 use crate::store::StoreError;
@@ -54,6 +55,9 @@ pub enum DaemonError {
 pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::default());
+    // First of all, so a second daemon on this database touches nothing
+    // (not even a socket) before it is refused.
+    let _db_lock = DatabaseLock::acquire(&config.storage.sqlite_path)?;
     let max_connections = fit_to_descriptor_limit(
         config.monitor.max_connections,
         config.monitor.workers,

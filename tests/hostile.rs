@@ -250,3 +250,27 @@ fn a_descriptor_limit_below_max_connections_is_fitted_and_said() {
     assert!(message.contains("connection limit"), "{message}");
     drop(held);
 }
+
+#[test]
+fn a_second_daemon_on_the_same_database_is_refused() {
+    let first = Daemon::start_default();
+    let other = Sandbox::new();
+    let opts = Opts {
+        db_flag: false,
+        ..Opts::default()
+    };
+    let (status, stderr) = opts
+        .arg("--db")
+        .arg(first.db_path())
+        .run_expecting_failure(&other);
+    assert!(!status.success());
+    assert!(
+        stderr.contains("is in use by process") && stderr.contains(".lock"),
+        "{stderr}"
+    );
+    assert!(
+        !other.socket().exists(),
+        "the refused daemon bound its socket"
+    );
+    first.unix().ping();
+}

@@ -7,6 +7,7 @@
 //! daemon's writer and `codi2`'s standalone fallback cannot drift apart.
 
 pub mod ingest;
+pub mod lock;
 pub mod merger;
 pub mod metadata;
 pub mod ops;
@@ -97,6 +98,19 @@ pub enum StoreError {
         name: String,
         /// The underlying error.
         source: std::io::Error,
+    },
+    /// Another process (a second daemon) holds the database's lock.
+    #[error(
+        "database `{path}` is in use by {holder} (lock `{lock}`): another codi-monitor \
+         serves it; stop that one or give this one another --db"
+    )]
+    DatabaseInUse {
+        /// The database file.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// Who holds it, as far as the lock file says.
+        holder: String,
     },
     /// Any other SQLite failure.
     #[error("database error: {0}")]

@@ -359,7 +359,7 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 /// Creates the directory at 0700 if missing; refuses an existing one that
 /// others may write to or another user owns.
-fn prepare_directory(path: &Path) -> Result<(), StoreError> {
+pub(super) fn prepare_directory(path: &Path) -> Result<(), StoreError> {
     let dir = parent_dir(path);
     match fs::metadata(&dir) {
         Ok(meta) => {
