@@ -6,7 +6,7 @@
 #[allow(dead_code)]
 mod common;
 
-use codi_monitor::proto::{ErrorCode, LogLevel, Message, Payload};
+use codi_monitor::proto::{ErrorCode, LogLevel, Message, Payload, Timestamp};
 use common::*;
 use std::io::Write;
 use std::net::TcpStream;
@@ -273,4 +273,62 @@ fn a_second_daemon_on_the_same_database_is_refused() {
         "the refused daemon bound its socket"
     );
     first.unix().ping();
+}
+
+/// The frame of `msg` with its timestamp string replaced by `timestamp`.
+fn with_timestamp(msg: &Message, timestamp: &str) -> Vec<u8> {
+    let mut frame = Vec::new();
+    codi_monitor::proto::encode_message(msg, &mut frame).unwrap();
+    let mut value = rmpv::decode::read_value(&mut &frame[4..]).unwrap();
+    let rmpv::Value::Map(fields) = &mut value else {
+        panic!("a message is a map");
+    };
+    for (k, v) in fields.iter_mut() {
+        if k.as_str() == Some("timestamp") {
+            *v = rmpv::Value::from(timestamp);
+        }
+    }
+    let mut body = Vec::new();
+    rmpv::encode::write_value(&mut body, &value).unwrap();
+    let mut out = (body.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+#[test]
+fn timestamps_beyond_year_9999_are_refused_and_queries_keep_working() {
+    let d = Daemon::start_default();
+    let mut c = d.unix();
+    let entry = log(LogLevel::Info, "clock", "from the year 10000");
+    c.send_raw(&with_timestamp(&entry, "9999-12-31T23:59:59-01:00"))
+        .unwrap();
+    let message = assert_error(&c.recv(), ErrorCode::InvalidMessage);
+    assert!(message.contains("outside years 0000-9999"), "{message}");
+    let edge = log(LogLevel::Info, "clock", "last microsecond of 9999");
+    c.send_raw(&with_timestamp(&edge, "9999-12-31T23:59:59.999999Z"))
+        .unwrap();
+    let answer = c.recv();
+    // Accepted as a timestamp, but far ahead of the clock.
+    let reason = assert_rejected(&answer, edge.id);
+    assert!(reason.contains("more than 24 hours ahead"), "{reason}");
+    let soon = Timestamp::from_micros(Timestamp::now().as_micros() + 3_600_000_000);
+    let near = log(LogLevel::Info, "clock", "an hour ahead");
+    c.send_raw(&with_timestamp(&near, &soon.to_rfc3339()))
+        .unwrap();
+    assert_accepted(&c.recv(), near.id);
+    let out = d
+        .sandbox
+        .codi2()
+        .arg("--socket")
+        .arg(d.socket())
+        .arg("logs")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("an hour ahead"));
+    assert_eq!(d.db().count_logs(), 1);
 }

@@ -8,7 +8,10 @@ use crate::budget::InflightBudget;
 use crate::export::{ControlJob, ControlOp, ControlSender};
 use crate::io::listener::Stream;
 use crate::metrics::Metrics;
-use crate::proto::{AckStatus, ComponentStatus, ErrorCode, LogFields, Message, Payload};
+use crate::proto::{
+    AckStatus, ComponentStatus, ErrorCode, LogFields, Message, Payload, Timestamp,
+    MAX_FUTURE_SKEW_MICROS,
+};
 use crate::reply::ReplyTo;
 use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp};
 use crossbeam_channel::{Sender, TrySendError};
@@ -177,6 +180,18 @@ impl Services {
             Payload::Ping => self.answer(conn, Message::ack(id, AckStatus::Accepted)),
             Payload::Authenticate { .. } => self.authenticate(conn, msg),
             Payload::GetStatus => self.answer(conn, self.status()),
+            Payload::LogEntry(_) | Payload::LogBatch { .. }
+                if too_far_ahead(msg.timestamp).is_some() =>
+            {
+                let count = match &msg.payload {
+                    Payload::LogBatch { entries } => {
+                        u32::try_from(entries.len()).unwrap_or(u32::MAX)
+                    }
+                    _ => 1,
+                };
+                let reason = too_far_ahead(msg.timestamp).unwrap_or_default();
+                self.reject(conn, id, reason, count)
+            }
             Payload::LogEntry(fields) => {
                 let row = LogRow::from_fields(id, msg.timestamp, fields, conn.session.as_deref());
                 match row {
@@ -546,9 +561,23 @@ fn check_name(what: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// Why a log stamped `timestamp` is refused as being from the future, if
+/// it is: more than a day ahead of the daemon's clock.
+fn too_far_ahead(timestamp: Timestamp) -> Option<String> {
+    let limit = Timestamp::now()
+        .as_micros()
+        .saturating_add(MAX_FUTURE_SKEW_MICROS);
+    (timestamp.as_micros() > limit).then(|| {
+        format!(
+            "timestamp {timestamp} is more than 24 hours ahead of the daemon's clock ({}); fix the sender's clock",
+            Timestamp::now()
+        )
+    })
+}
+
 fn batch_rows(
     batch_id: Uuid,
-    timestamp: crate::proto::Timestamp,
+    timestamp: Timestamp,
     entries: Vec<LogFields>,
     session: Option<&str>,
 ) -> Result<Vec<LogRow>, String> {

@@ -445,15 +445,29 @@ pub struct Timestamp {
     micros: i64,
 }
 
+/// The earliest instant a timestamp may name: 0000-01-01T00:00:00Z.
+pub const MIN_TIMESTAMP_MICROS: i64 = -62_167_219_200_000_000;
+/// How far ahead of the daemon's clock a log may be stamped; later ones
+/// are `Rejected` (they would sort above every real log for years).
+pub const MAX_FUTURE_SKEW_MICROS: i64 = 24 * 3600 * 1_000_000;
+/// The latest instant a timestamp may name: 9999-12-31T23:59:59.999999Z.
+/// Later instants would format with a five-digit year, which RFC 3339
+/// cannot express.
+pub const MAX_TIMESTAMP_MICROS: i64 = 253_402_300_799_999_999;
+
 impl Timestamp {
     /// The current time.
     pub fn now() -> Self {
         Timestamp::from_micros(Utc::now().timestamp_micros())
     }
 
-    /// From microseconds since the Unix epoch.
+    /// From microseconds since the Unix epoch, clamped to years 0000-9999
+    /// so that every timestamp formats as valid RFC 3339 (rows stored
+    /// before the range was enforced are shown at its edge).
     pub fn from_micros(micros: i64) -> Self {
-        Timestamp { micros }
+        Timestamp {
+            micros: micros.clamp(MIN_TIMESTAMP_MICROS, MAX_TIMESTAMP_MICROS),
+        }
     }
 
     /// Microseconds since the Unix epoch (the database's representation).
@@ -461,11 +475,19 @@ impl Timestamp {
         self.micros
     }
 
-    /// Parses RFC 3339 with any offset; the result is UTC.
+    /// Parses RFC 3339 with any offset; the result is UTC and must fall
+    /// within years 0000-9999 (`9999-12-31T23:59:59-01:00` is year 10000 in
+    /// UTC and is refused).
     pub fn parse_rfc3339(s: &str) -> Result<Self, String> {
-        DateTime::parse_from_rfc3339(s)
-            .map(|t| Timestamp::from_micros(t.timestamp_micros()))
-            .map_err(|e| format!("invalid RFC 3339 timestamp `{s}`: {e}"))
+        let t = DateTime::parse_from_rfc3339(s)
+            .map_err(|e| format!("invalid RFC 3339 timestamp `{s}`: {e}"))?;
+        let micros = t.timestamp_micros();
+        if !(MIN_TIMESTAMP_MICROS..=MAX_TIMESTAMP_MICROS).contains(&micros) {
+            return Err(format!(
+                "timestamp `{s}` falls outside years 0000-9999 in UTC"
+            ));
+        }
+        Ok(Timestamp { micros })
     }
 
     /// Formats as RFC 3339 UTC with microseconds, e.g.
@@ -502,5 +524,34 @@ impl<'de> Deserialize<'de> for Timestamp {
             }
         }
         d.deserialize_str(TsVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_must_fall_within_years_0000_to_9999_in_utc() {
+        for ok in [
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999Z",
+            "2026-12-03T10:00:00+02:00",
+        ] {
+            let t = Timestamp::parse_rfc3339(ok).unwrap();
+            assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()), Ok(t), "{ok}");
+        }
+        for bad in ["9999-12-31T23:59:59-01:00", "0000-01-01T00:00:00+01:00"] {
+            let e = Timestamp::parse_rfc3339(bad).unwrap_err();
+            assert!(e.contains("outside years 0000-9999"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_timestamp_formats_as_parseable_rfc3339() {
+        for micros in [i64::MIN, -1, 0, i64::MAX] {
+            let text = Timestamp::from_micros(micros).to_rfc3339();
+            assert!(Timestamp::parse_rfc3339(&text).is_ok(), "{micros}: {text}");
+        }
     }
 }

@@ -16,5 +16,6 @@ pub use frame::{
 };
 pub use message::{
     AckStatus, ComponentStatus, ErrorCode, LogFields, LogFilter, LogLevel, Message, MonitoredPath,
-    Payload, StoredLog, Timestamp,
+    Payload, StoredLog, Timestamp, MAX_FUTURE_SKEW_MICROS, MAX_TIMESTAMP_MICROS,
+    MIN_TIMESTAMP_MICROS,
 };
