@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod export;
 pub mod fsperm;
+pub mod health;
 pub mod io;
 pub mod logger;
 pub mod metrics;

@@ -1,14 +1,18 @@
 //! Counters every part of the daemon bumps and the status answer (and later
-//! the HTTP metrics endpoint) reads. Plain relaxed atomics: no locks.
+//! the HTTP metrics endpoint) reads. Plain relaxed atomics, plus the
+//! (rarely touched) health table.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// The daemon's counters and gauges.
+        /// The daemon's counters and gauges, and which components are
+        /// degraded now.
         #[derive(Debug, Default)]
         pub struct Metrics {
             $($(#[$doc])* pub $name: AtomicU64,)*
+            /// Degraded components and why (cleared on recovery).
+            pub health: crate::health::Health,
         }
 
         impl Metrics {

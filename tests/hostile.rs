@@ -332,3 +332,130 @@ fn timestamps_beyond_year_9999_are_refused_and_queries_keep_working() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("an hour ahead"));
     assert_eq!(d.db().count_logs(), 1);
 }
+
+/// Sets the file-size limit of process `pid` (`None`: unlimited).
+fn set_file_size_limit(pid: i32, bytes: Option<u64>) {
+    let limit = libc::rlimit {
+        rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit on our own child with a valid struct.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+fn writer_status(c: &mut Client) -> (String, String) {
+    match c.call(Payload::GetStatus).payload {
+        Payload::Status { components, .. } => components
+            .into_iter()
+            .find(|s| s.name == "writer")
+            .map(|s| (s.status, s.message))
+            .expect("a writer component"),
+        other => panic!("expected Status, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_full_disk_fails_each_batch_once_logs_a_few_lines_and_recovers() {
+    let sandbox = Sandbox::new();
+    let mut cmd = Opts::default().command(&sandbox);
+    // SAFETY: signal(2) is async-signal-safe; runs in the child before exec.
+    // A write past the file-size limit then fails with EFBIG, as on a full
+    // disk, instead of killing the daemon.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let d = Daemon::spawn_command(Arc::clone(&sandbox), cmd, None);
+    let mut c = d.unix();
+    c.expect_accepted(&log(LogLevel::Info, "disk", "before the disk fills"));
+    set_file_size_limit(d.pid(), Some(16 * 1024));
+    let lines_before = d.stderr().lines().count();
+    let mut rejected = 0;
+    for round in 0..20 {
+        let entries: Vec<Message> = (0..100)
+            .map(|i| {
+                log(
+                    LogLevel::Info,
+                    "disk",
+                    &format!("{round}-{i} {}", "x".repeat(400)),
+                )
+            })
+            .collect();
+        for e in &entries {
+            c.send(e).unwrap();
+        }
+        for e in &entries {
+            match c.recv().payload {
+                Payload::Acknowledgment {
+                    status: codi_monitor::proto::AckStatus::Rejected(reason),
+                    request_id,
+                } => {
+                    assert_eq!(request_id, e.id);
+                    assert!(reason.starts_with("storage error"), "{reason}");
+                    rejected += 1;
+                }
+                Payload::Acknowledgment { .. } => {}
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+    }
+    let stderr = d.stderr();
+    let lines = stderr.lines().count() - lines_before;
+    let (status, message) = writer_status(&mut c);
+    eprintln!("{rejected} of 2000 logs rejected on the full disk; {lines} log lines; writer {status}: {message}");
+    assert!(rejected >= 1000, "only {rejected} rejected");
+    assert!(
+        lines <= 60,
+        "{lines} log lines for {rejected} rejections:\n{stderr}"
+    );
+    assert_eq!(status, "degraded");
+    assert!(message.contains("write transactions fail"), "{message}");
+
+    set_file_size_limit(d.pid(), None);
+    let after = log(LogLevel::Info, "disk", "after space came back");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let mut c = d.unix();
+            c.send(&after).is_ok()
+                && matches!(c.try_recv(), Ok(Some(a)) if is_accepted(&a, after.id))
+        }),
+        "no log accepted after the disk recovered"
+    );
+    let (status, message) = writer_status(&mut c);
+    assert_eq!(status, "healthy", "{message}");
+}
+
+#[test]
+fn a_directory_name_cannot_forge_lines_in_the_daemons_log() {
+    let d = Daemon::start_default();
+    let forged = "w\n2026-01-01T00:00:00.000Z ERROR forged line\x1b[31m";
+    let dir = d.sandbox.path().join(forged);
+    std::fs::create_dir(&dir).unwrap();
+    let mut c = d.unix();
+    c.expect_accepted(&Message::new(Payload::StartMonitoring {
+        path: dir.to_str().unwrap().into(),
+        recursive: false,
+        patterns: Vec::new(),
+        session_id: None,
+    }));
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .stderr()
+            .contains("forged line")),
+        "the watch is not logged: {}",
+        d.stderr()
+    );
+    let stderr = d.stderr();
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("2026-01-01")),
+        "a forged line in the log:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b'),
+        "a raw escape in the log:\n{stderr}"
+    );
+    assert!(stderr.contains(r"w\n2026-01-01"), "{stderr}");
+}

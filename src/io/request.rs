@@ -481,6 +481,23 @@ impl Services {
         let m = &self.metrics;
         let get = Metrics::get;
         let commit_errors = get(&m.commit_errors);
+        // Degraded while the component's last operation failed, saying why;
+        // healthy again after its next success. The counters follow.
+        let component = |name: &'static str, counters: String| match m.health.get(name) {
+            Some(d) => ComponentStatus {
+                name: name.into(),
+                status: "degraded".into(),
+                message: format!(
+                    "{} (since {}, {} failures); {counters}",
+                    d.reason, d.since, d.failures
+                ),
+            },
+            None => ComponentStatus {
+                name: name.into(),
+                status: "healthy".into(),
+                message: counters,
+            },
+        };
         let components = vec![
             ComponentStatus {
                 name: "ipc".into(),
@@ -493,10 +510,9 @@ impl Services {
                     get(&m.frames_invalid)
                 ),
             },
-            ComponentStatus {
-                name: "writer".into(),
-                status: if commit_errors == 0 { "healthy" } else { "degraded" }.into(),
-                message: format!(
+            component(
+                "writer",
+                format!(
                     "{} logs stored, {} duplicates, {} rejected, {} commits, {} commit errors, {} of {} bytes in flight",
                     get(&m.logs_stored),
                     get(&m.logs_duplicate),
@@ -506,23 +522,22 @@ impl Services {
                     self.budget.used(),
                     self.budget.limit()
                 ),
-            },
+            ),
             ComponentStatus {
                 name: "readers".into(),
                 status: "healthy".into(),
                 message: format!("{} queries answered", get(&m.queries)),
             },
-            ComponentStatus {
-                name: "merger".into(),
-                status: "healthy".into(),
-                message: format!(
+            component(
+                "merger",
+                format!(
                     "{} logs moved into the indexed table in {} merges; \
                      {} batches written straight into it",
                     get(&m.logs_merged),
                     get(&m.merges),
                     get(&m.indexed_commits)
                 ),
-            },
+            ),
             ComponentStatus {
                 name: "exports".into(),
                 status: if get(&m.export_errors) + get(&m.watch_limit_errors) == 0 {

@@ -276,6 +276,7 @@ impl Merger {
         })();
         match result {
             Ok((merged, max_uuid)) => {
+                self.acker.metrics.health.recover("merger");
                 self.state.note_merged(merged.through, max_uuid);
                 if merged.rows > 0 {
                     Metrics::add(&self.acker.metrics.merges, 1);
@@ -291,6 +292,10 @@ impl Merger {
             Err(e) => {
                 Metrics::add(&self.acker.metrics.commit_errors, 1);
                 log::error!("merging logs into the indexed table failed (retrying): {e}");
+                self.acker
+                    .metrics
+                    .health
+                    .fail("merger", format!("merges into the indexed table fail: {e}"));
                 None
             }
         }

@@ -233,11 +233,39 @@ pub(super) trait TxBody {
 pub(super) struct BatchStats {
     pub(super) commits: u64,
     pub(super) commit_errors: u64,
+    /// The last error, when a transaction failed.
+    pub(super) failure: Option<String>,
+}
+
+/// True when `e` is about the database as a whole (full disk, I/O error,
+/// read-only or corrupt file, lock timeout, out of memory) rather than about
+/// one row: retrying the batch's jobs one by one would only fail each again.
+pub(super) fn fails_every_job(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            DiskFull
+                | SystemIoFailure
+                | ReadOnly
+                | DatabaseCorrupt
+                | NotADatabase
+                | DatabaseBusy
+                | DatabaseLocked
+                | OutOfMemory
+                | CannotOpen
+                | PermissionDenied
+                | FileLockingProtocolFailed
+        )
+    )
 }
 
 /// Applies `ops` in one IMMEDIATE transaction, pushing one result per op to
-/// `out`. If that transaction fails, it is rolled back and every op is
-/// retried in its own transaction, so one bad op cannot sink the others.
+/// `out`. If that transaction fails because of one op (a constraint, a
+/// value too big), it is rolled back and every op is retried in its own
+/// transaction, so one bad op cannot sink the others; if it fails because
+/// of the database as a whole ([`fails_every_job`]), every op fails at once
+/// with that error, without a retry per op.
 pub(super) fn write_batch<'a, B: TxBody>(
     conn: &mut Connection,
     ops: impl Iterator<Item = &'a WriteOp> + Clone,
@@ -262,6 +290,19 @@ pub(super) fn write_batch<'a, B: TxBody>(
             BatchStats {
                 commits: 1,
                 commit_errors: 0,
+                failure: None,
+            }
+        }
+        Err(e) if fails_every_job(&e) => {
+            out.truncate(start);
+            let jobs = ops.count();
+            log::error!("a write transaction of {jobs} jobs failed: {e}; all are rejected");
+            let reason = format!("storage error: {e}");
+            out.extend((0..jobs).map(|_| Ok(OpOutcome::Rejected(reason.clone()))));
+            BatchStats {
+                commits: 0,
+                commit_errors: 1,
+                failure: Some(e.to_string()),
             }
         }
         Err(e) => {
@@ -270,6 +311,7 @@ pub(super) fn write_batch<'a, B: TxBody>(
             let mut stats = BatchStats {
                 commits: 0,
                 commit_errors: 1,
+                failure: None,
             };
             for op in ops {
                 let result = write_one(conn, op, now_us, body);
@@ -278,6 +320,7 @@ pub(super) fn write_batch<'a, B: TxBody>(
                     Err(e) => {
                         stats.commit_errors += 1;
                         log::error!("write failed: {e}");
+                        stats.failure = Some(e.to_string());
                     }
                 }
                 out.push(result);
@@ -344,6 +387,16 @@ impl Acker {
         );
         Metrics::add(&self.metrics.commits, stats.commits);
         Metrics::add(&self.metrics.commit_errors, stats.commit_errors);
+        match &stats.failure {
+            Some(e) => self
+                .metrics
+                .health
+                .fail("writer", format!("write transactions fail: {e}")),
+            None if stats.commits > 0 => {
+                self.metrics.health.recover("writer");
+            }
+            None => {}
+        }
         self.answer();
     }
 
@@ -1166,6 +1219,32 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_database_failure_rejects_the_batch_once_without_retries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let mut conn = schema::open_rw(&path, 4).unwrap();
+        conn.execute_batch("PRAGMA query_only = 1").unwrap();
+        let ops: Vec<WriteOp> = (1..=50).map(|i| logs(&[Uuid::from_u128(i)])).collect();
+        let mut out = Vec::new();
+        let stats = write_batch(&mut conn, ops.iter(), 7, &mut DirectBody, &mut out);
+        assert_eq!(
+            (stats.commits, stats.commit_errors),
+            (0, 1),
+            "one failure, no retries"
+        );
+        assert!(stats.failure.is_some());
+        assert_eq!(out.len(), 50);
+        for outcome in &out {
+            match outcome {
+                Ok(OpOutcome::Rejected(reason)) => {
+                    assert!(reason.starts_with("storage error: "), "{reason}")
+                }
+                other => panic!("expected a rejection, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn batch_falls_back_to_one_transaction_per_job() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
@@ -1181,13 +1260,8 @@ mod tests {
         ];
         let mut out = Vec::new();
         let stats = write_batch(&mut conn, ops.iter(), 7, &mut DirectBody, &mut out);
-        assert_eq!(
-            stats,
-            BatchStats {
-                commits: 2,
-                commit_errors: 2
-            }
-        );
+        assert_eq!((stats.commits, stats.commit_errors), (2, 2));
+        assert!(stats.failure.unwrap().contains("sessions"));
         assert_eq!(out.len(), 3);
         assert_eq!(
             out[0].as_ref().unwrap(),
@@ -1212,7 +1286,8 @@ mod tests {
             stats,
             BatchStats {
                 commits: 1,
-                commit_errors: 0
+                commit_errors: 0,
+                failure: None,
             }
         );
         assert_eq!(
