@@ -22,6 +22,7 @@ use codi_monitor::client::stream;
 use codi_monitor::client::{Client, ClientError, ClientOptions, RetryPolicy};
 use codi_monitor::config::paths;
 use codi_monitor::config::{Config, Overrides};
+use codi_monitor::fsperm::{self, TrustedUsers};
 use codi_monitor::proto::{
     AckStatus, LogFields, LogFilter, LogLevel, Message, Payload, StoredLog, Timestamp,
 };
@@ -385,9 +386,19 @@ fn run(cli: Cli) -> Result<(), Exit> {
         cli.command,
         Command::Status(_) | Command::Ping(_) | Command::Watch(_)
     );
+    let service = config.monitor.service_user.as_deref().and_then(|user| {
+        let uid = fsperm::lookup_user(user);
+        if uid.is_none() {
+            notice(&format!(
+                "monitor.service_user `{user}` is no user here; trusting only this user and root"
+            ));
+        }
+        uid
+    });
     let opts = ClientOptions {
         endpoints,
         token: config.monitor.token.clone(),
+        trusted: TrustedUsers::current(service),
         timeout: cli.timeout,
         retry: RetryPolicy::default(),
         standalone_db: (!needs_daemon).then(|| config.storage.sqlite_path.clone()),
