@@ -122,8 +122,10 @@ pub fn lookup_user(user: &str) -> Option<u32> {
     }
 }
 
-/// What is wrong with a path on the way to a daemon's socket, or with the
-/// daemon answering on it.
+/// How messages name the users a client trusts, after an untrusted uid.
+pub const NOT_TRUSTED: &str = "not this user, root or monitor.service_user";
+
+/// What is wrong with a path on the way to a daemon's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SocketProblem {
     /// Owned by a user that is not trusted; that user's id.
@@ -139,15 +141,12 @@ pub enum SocketProblem {
     NotASocket,
     /// More symbolic links than the kernel would follow.
     TooManyLinks,
-    /// The process that listens runs as an untrusted user; its id.
-    ForeignPeer(u32),
 }
 
 impl fmt::Display for SocketProblem {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        const WHO: &str = "not this user, root or monitor.service_user";
         match self {
-            SocketProblem::ForeignOwner(uid) => write!(f, "is owned by uid {uid}, {WHO}"),
+            SocketProblem::ForeignOwner(uid) => write!(f, "is owned by uid {uid}, {NOT_TRUSTED}"),
             SocketProblem::Writable(mode) => {
                 write!(f, "is writable by group or others (mode {mode:o})")
             }
@@ -155,9 +154,6 @@ impl fmt::Display for SocketProblem {
             SocketProblem::NotADirectory => f.write_str("is not a directory"),
             SocketProblem::NotASocket => f.write_str("is not a socket"),
             SocketProblem::TooManyLinks => f.write_str("goes through too many symbolic links"),
-            SocketProblem::ForeignPeer(uid) => {
-                write!(f, "is served by a process of uid {uid}, {WHO}")
-            }
         }
     }
 }

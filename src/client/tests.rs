@@ -301,7 +301,10 @@ fn an_untrusted_socket_is_skipped_with_one_notice_and_the_next_endpoint_used() {
     let mut client = Client::connect(opts).unwrap();
     assert_eq!(client.endpoint(), Some(&Endpoint::Unix(good_path)));
     let m = log("to the right daemon");
-    assert_eq!(client.request(m.clone()).unwrap().payload, accepted(&m).payload);
+    assert_eq!(
+        client.request(m.clone()).unwrap().payload,
+        accepted(&m).payload
+    );
     server.join().unwrap();
     let seen = SEEN.lock().unwrap().clone();
     assert_eq!(seen.len(), 1, "{seen:?}");
