@@ -12,6 +12,7 @@ use crate::procstat;
 use crate::report::{fmt_count, fmt_rate, Percentiles};
 use codi_monitor::client::conn::{Connection, Endpoint};
 use codi_monitor::export::archive;
+use codi_monitor::fsperm::TrustedUsers;
 use codi_monitor::proto::{AckStatus, Message, Payload, Timestamp};
 use codi_monitor::store::schema;
 use hdrhistogram::Histogram;
@@ -37,8 +38,13 @@ pub fn execute(a: &FilesArgs) -> Result<bool, String> {
     }
     let run = format!("files-{}", uuid::Uuid::now_v7().simple());
     let tree = make_tree(&a.dir.join(&run), a.subdirs)?;
-    let mut conn = Connection::connect(&Endpoint::Unix(a.socket.clone()), Duration::from_secs(5))
-        .map_err(|e| e.to_string())?;
+    let trusted = TrustedUsers::current(None);
+    let mut conn = Connection::connect(
+        &Endpoint::Unix(a.socket.clone()),
+        Duration::from_secs(5),
+        &trusted,
+    )
+    .map_err(|e| e.to_string())?;
     let start = Message::new(Payload::StartMonitoring {
         path: tree.display().to_string(),
         recursive: true,

@@ -22,9 +22,11 @@ use codi_monitor::client::stream;
 use codi_monitor::client::{Client, ClientError, ClientOptions, RetryPolicy};
 use codi_monitor::config::paths;
 use codi_monitor::config::{Config, Overrides};
+use codi_monitor::fsperm::{self, TrustedUsers};
 use codi_monitor::proto::{
     AckStatus, LogFields, LogFilter, LogLevel, Message, Payload, StoredLog, Timestamp,
 };
+use codi_monitor::text::escape_controls;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -345,15 +347,17 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(exit) => {
             if !exit.message.is_empty() {
-                eprintln!("codi2: error: {}", exit.message);
+                eprintln!("codi2: error: {}", escape_controls(&exit.message));
             }
             ExitCode::from(exit.code)
         }
     }
 }
 
+/// One line on stderr. Every message may quote the daemon or a path, so
+/// controls in it are shown escaped, as on stdout.
 fn notice(sentence: &str) {
-    eprintln!("codi2: {sentence}");
+    eprintln!("codi2: {}", escape_controls(sentence));
 }
 
 fn run(cli: Cli) -> Result<(), Exit> {
@@ -385,9 +389,19 @@ fn run(cli: Cli) -> Result<(), Exit> {
         cli.command,
         Command::Status(_) | Command::Ping(_) | Command::Watch(_)
     );
+    let service = config.monitor.service_user.as_deref().and_then(|user| {
+        let uid = fsperm::lookup_user(user);
+        if uid.is_none() {
+            notice(&format!(
+                "monitor.service_user `{user}` is no user here; trusting only this user and root"
+            ));
+        }
+        uid
+    });
     let opts = ClientOptions {
         endpoints,
         token: config.monitor.token.clone(),
+        trusted: TrustedUsers::current(service),
         timeout: cli.timeout,
         retry: RetryPolicy::default(),
         standalone_db: (!needs_daemon).then(|| config.storage.sqlite_path.clone()),
@@ -431,23 +445,7 @@ fn watch(cmd: WatchCmd, opts: ClientOptions) -> Result<(), Exit> {
     };
     let mut out = io::stdout().lock();
     for p in paths {
-        let mut line = format!(
-            "{}  {}  {}",
-            p.path,
-            if p.recursive {
-                "recursive"
-            } else {
-                "this directory only"
-            },
-            p.patterns.join(" ")
-        );
-        if let Some(s) = p.session_id {
-            line.push_str(&format!("  session {s}"));
-        }
-        if !p.active {
-            line.push_str("  (missing: watched again when it reappears)");
-        }
-        writeln!(out, "{line}").map_err(stdout_error)?;
+        writeln!(out, "{}", output::watch_line(&p)).map_err(stdout_error)?;
     }
     Ok(())
 }
@@ -507,7 +505,7 @@ fn log(cmd: LogCmd, opts: ClientOptions) -> Result<(), Exit> {
 fn log_stdin(defaults: LineDefaults, opts: ClientOptions) -> Result<(), Exit> {
     let input = io::BufReader::with_capacity(64 * 1024, io::stdin());
     let rx = stream::spawn_reader(input, defaults);
-    let mut warn = |w: &str| eprintln!("codi2: {w}");
+    let mut warn = |w: &str| notice(w);
     let report = stream::send_lines(&rx, || Client::connect(opts), stream::WINDOW, &mut warn)?;
     if report.rejected > 0 {
         return Err(Exit::rejected(format!(
@@ -679,7 +677,8 @@ fn status(opts: ClientOptions) -> Result<(), Exit> {
         Payload::Status { components, uptime } => {
             let mut out = io::stdout().lock();
             if let Some(e) = client.endpoint() {
-                writeln!(out, "daemon at {e}").map_err(stdout_error)?;
+                let at = e.to_string();
+                writeln!(out, "daemon at {}", escape_controls(&at)).map_err(stdout_error)?;
             }
             for line in output::status_lines(&components, uptime) {
                 writeln!(out, "{line}").map_err(stdout_error)?;
@@ -698,7 +697,7 @@ fn ping(cmd: PingCmd, opts: ClientOptions) -> Result<(), Exit> {
     let mut client = Client::connect(opts)?;
     let endpoint = client
         .endpoint()
-        .cloned()
+        .map(|e| escape_controls(&e.to_string()).into_owned())
         .ok_or_else(|| Exit::protocol("ping needs a daemon"))?;
     let mut out = io::stdout().lock();
     for _ in 0..cmd.count.max(1) {

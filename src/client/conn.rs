@@ -4,7 +4,16 @@
 //! reusable buffer and decoded once each. The declared length of an incoming
 //! frame is checked before the buffer grows, so a corrupt or hostile peer
 //! cannot make the client allocate more than one maximum frame.
+//!
+//! Connecting is also where the client decides whom to trust: a Unix
+//! socket is used only if the way to it passes
+//! [`crate::fsperm::check_socket_path`] and the process behind it runs as a
+//! trusted user (`SO_PEERCRED`); a loopback TCP address only if the kernel's
+//! socket table says a trusted user listens there (see [`super::peer`]).
+//! Nothing, not even the token, is sent before that.
 
+use super::peer;
+use crate::fsperm::{self, SocketPathError, TrustedUsers};
 use crate::proto::{
     decode_message, encode_message, frame_body_len, DecodeError, EncodeError, FrameError, Message,
     HEADER_LEN,
@@ -19,6 +28,8 @@ use thiserror::Error;
 
 /// Bytes the read buffer starts with and grows by.
 const READ_CHUNK: usize = 64 * 1024;
+/// Room for a path in a Unix socket address (`sun_path`), with its NUL.
+const MAX_SUN_PATH: usize = 108;
 
 /// Where a daemon may listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +83,16 @@ pub enum ConnError {
     /// The request cannot be sent (too large).
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// Something listens, but not someone this client trusts: nothing was
+    /// sent to it. Counts as "no daemon here".
+    #[error("not using {endpoint}: {reason}")]
+    Untrusted {
+        /// The endpoint.
+        endpoint: Endpoint,
+        /// What is wrong with it, as a sentence that names the path or
+        /// address.
+        reason: String,
+    },
 }
 
 impl ConnError {
@@ -86,14 +107,16 @@ impl ConnError {
         )
     }
 
-    /// True when nothing listens at the endpoint: the socket file is missing
-    /// or the connection was refused. The daemon is down.
+    /// True when no daemon of ours listens at the endpoint: the socket file
+    /// is missing, the connection was refused, or what answers is not
+    /// trusted. The daemon is down.
     pub fn is_daemon_down(&self) -> bool {
         match self {
             ConnError::Connect { source, .. } => matches!(
                 source.kind(),
                 io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
             ),
+            ConnError::Untrusted { .. } => true,
             _ => false,
         }
     }
@@ -174,23 +197,55 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `endpoint`; `timeout` bounds the TCP connect and every
-    /// later read and write. A zero timeout is treated as one millisecond.
-    pub fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Connection, ConnError> {
+    /// Connects to `endpoint` if it belongs to one of the `trusted` users
+    /// (see the module docs; a TCP address beyond loopback is not checked:
+    /// it was asked for explicitly); `timeout` bounds the TCP connect and
+    /// every later read and write. A zero timeout is treated as one
+    /// millisecond.
+    pub fn connect(
+        endpoint: &Endpoint,
+        timeout: Duration,
+        trusted: &TrustedUsers,
+    ) -> Result<Connection, ConnError> {
         let timeout = timeout.max(Duration::from_millis(1));
         let connect_err = |source| ConnError::Connect {
             endpoint: endpoint.clone(),
             source,
         };
+        let untrusted = |reason: String| ConnError::Untrusted {
+            endpoint: endpoint.clone(),
+            reason,
+        };
         let stream = match endpoint {
             Endpoint::Unix(path) => {
-                let s = UnixStream::connect(path).map_err(connect_err)?;
+                let real = fsperm::check_socket_path(path, trusted).map_err(|e| match e {
+                    SocketPathError::Io(source) => connect_err(source),
+                    SocketPathError::Untrusted(u) => untrusted(u.to_string()),
+                })?;
+                // The checked path, unless it is too long for a socket
+                // address; then the given one (the peer check still holds).
+                let target = if real.as_os_str().len() < MAX_SUN_PATH {
+                    real.as_path()
+                } else {
+                    path.as_path()
+                };
+                let s = UnixStream::connect(target).map_err(connect_err)?;
+                peer::check_unix_peer(&s, trusted).map_err(|why| {
+                    untrusted(format!("the process listening on {} {why}", path.display()))
+                })?;
                 s.set_read_timeout(Some(timeout)).map_err(connect_err)?;
                 s.set_write_timeout(Some(timeout)).map_err(connect_err)?;
                 Stream::Unix(s)
             }
             Endpoint::Tcp(addr) => {
                 let s = TcpStream::connect_timeout(addr, timeout).map_err(connect_err)?;
+                if peer::is_loopback(addr.ip()) {
+                    peer::check_tcp_peer(&s, trusted).map_err(|why| {
+                        untrusted(format!(
+                            "the process listening on {addr} {why}; not sending it the token or any request"
+                        ))
+                    })?;
+                }
                 s.set_nodelay(true).map_err(connect_err)?;
                 s.set_read_timeout(Some(timeout)).map_err(connect_err)?;
                 s.set_write_timeout(Some(timeout)).map_err(connect_err)?;
@@ -386,7 +441,9 @@ mod tests {
                 .unwrap();
             req
         });
-        let mut conn = Connection::connect(&Endpoint::Unix(path), Duration::from_secs(10)).unwrap();
+        let me = TrustedUsers::current(None);
+        let mut conn =
+            Connection::connect(&Endpoint::Unix(path), Duration::from_secs(10), &me).unwrap();
         let req = Message::new(Payload::Ping);
         let answer = conn.request(&req).unwrap();
         assert_eq!(server.join().unwrap(), req);
@@ -405,6 +462,7 @@ mod tests {
         let e = Connection::connect(
             &Endpoint::Unix(dir.path().join("none.sock")),
             Duration::from_secs(1),
+            &TrustedUsers::current(None),
         )
         .unwrap_err();
         assert!(e.is_daemon_down(), "{e}");

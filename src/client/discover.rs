@@ -5,12 +5,19 @@
 //! Otherwise `$CODI_SOCKET` replaces the Unix candidates; else the config's
 //! socket (whose default follows the same root/per-user rules as the daemon,
 //! see [`crate::config::paths`]) and, for a non-root user, the system
-//! daemon's socket if it exists. TCP comes last: the config's listener if on,
-//! else `127.0.0.1:$CODI_MONITOR_PORT` (default 9847).
+//! daemon's socket if it exists. TCP comes last, and only when the user
+//! asked for it: the config's listener if on (a config file's
+//! `tcp_address`/`tcp_port` or `$CODI_MONITOR_MODE`), else
+//! `127.0.0.1:$CODI_MONITOR_PORT` if that is set.
+//!
+//! There is deliberately no TCP default: any local user may listen on a
+//! free loopback port, and a client that tried `127.0.0.1:9847` on its own
+//! would hand such a listener its logs and its token whenever the daemon is
+//! down.
 
 use super::conn::Endpoint;
 use crate::config::paths::{self, EnvLookup};
-use crate::config::{Config, DEFAULT_TCP_HOST, DEFAULT_TCP_PORT, ENV_PORT};
+use crate::config::{Config, DEFAULT_TCP_HOST, ENV_PORT};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -53,16 +60,15 @@ pub fn endpoints(
         }
     }
     let tcp = match cfg.monitor.tcp_listen {
-        Some(addr) => connectable(addr),
-        None => {
-            let port = env(ENV_PORT)
-                .and_then(|p| p.parse::<u16>().ok())
-                .filter(|&p| p > 0)
-                .unwrap_or(DEFAULT_TCP_PORT);
-            SocketAddr::new(DEFAULT_TCP_HOST, port)
-        }
+        Some(addr) => Some(connectable(addr)),
+        None => env(ENV_PORT)
+            .and_then(|p| p.parse::<u16>().ok())
+            .filter(|&p| p > 0)
+            .map(|port| SocketAddr::new(DEFAULT_TCP_HOST, port)),
     };
-    push_unique(&mut out, Endpoint::Tcp(tcp));
+    if let Some(tcp) = tcp {
+        push_unique(&mut out, Endpoint::Tcp(tcp));
+    }
     out
 }
 
@@ -124,7 +130,7 @@ mod tests {
     const USER: u32 = 1000;
 
     #[test]
-    fn user_tries_own_socket_then_system_socket_then_tcp() {
+    fn user_tries_own_socket_then_system_socket_and_no_tcp_unless_asked() {
         let got = endpoints(
             &config(""),
             &Explicit::default(),
@@ -137,9 +143,38 @@ mod tests {
             [
                 unix("/run/user/1000/codi/monitor.sock"),
                 unix("/run/codi/monitor.sock"),
-                tcp("127.0.0.1:9847"),
             ]
         );
+    }
+
+    #[test]
+    fn tcp_only_when_the_config_or_the_environment_names_it() {
+        // CODI_MONITOR_MODE turns the listener on in the config itself.
+        let env = env_of(&[
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            ("CODI_MONITOR_MODE", "both"),
+            ("CODI_MONITOR_TOKEN", "0123456789abcdef"),
+        ]);
+        let c = Config::from_toml_str_with_env("", &Overrides::default(), &env).unwrap();
+        let got = endpoints(&c, &Explicit::default(), &env_of(&[]), USER, &|_| false);
+        assert_eq!(got.last(), Some(&tcp("127.0.0.1:9847")));
+        // CODI_MONITOR_PORT alone names a loopback port.
+        let env = env_of(&[("CODI_MONITOR_PORT", "4000")]);
+        let got = endpoints(&config(""), &Explicit::default(), &env, USER, &|_| false);
+        assert_eq!(
+            got,
+            [
+                unix("/run/user/1000/codi/monitor.sock"),
+                tcp("127.0.0.1:4000")
+            ]
+        );
+        // Nothing at all: no endpoint, so standalone mode.
+        let mut c = config("");
+        c.monitor.unix_socket_path = None;
+        let got = endpoints(&c, &Explicit::default(), &env_of(&[]), USER, &|_| true);
+        assert_eq!(got, [unix("/run/codi/monitor.sock")]);
+        let got = endpoints(&c, &Explicit::default(), &env_of(&[]), 0, &|_| true);
+        assert_eq!(got, []);
     }
 
     #[test]
@@ -151,21 +186,18 @@ mod tests {
             USER,
             &|_| false,
         );
-        assert_eq!(
-            got,
-            [
-                unix("/run/user/1000/codi/monitor.sock"),
-                tcp("127.0.0.1:9847")
-            ]
-        );
+        assert_eq!(got, [unix("/run/user/1000/codi/monitor.sock")]);
         let mut root = config("");
         root.monitor.unix_socket_path = Some("/run/codi/monitor.sock".into());
         let got = endpoints(&root, &Explicit::default(), &env_of(&[]), 0, &|_| true);
-        assert_eq!(got, [unix("/run/codi/monitor.sock"), tcp("127.0.0.1:9847")]);
+        assert_eq!(got, [unix("/run/codi/monitor.sock")]);
     }
 
     #[test]
     fn codi_socket_replaces_unix_candidates() {
+        let env = env_of(&[("CODI_SOCKET", "/x/y.sock")]);
+        let got = endpoints(&config(""), &Explicit::default(), &env, USER, &|_| true);
+        assert_eq!(got, [unix("/x/y.sock")]);
         let env = env_of(&[("CODI_SOCKET", "/x/y.sock"), ("CODI_MONITOR_PORT", "4000")]);
         let got = endpoints(&config(""), &Explicit::default(), &env, USER, &|_| true);
         assert_eq!(got, [unix("/x/y.sock"), tcp("127.0.0.1:4000")]);

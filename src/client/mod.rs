@@ -8,14 +8,20 @@
 //! each id once, so nothing is lost or doubled. If no daemon accepts a
 //! connection at all (socket missing, connection refused) the client goes
 //! standalone at once, with the same ids.
+//!
+//! Trust: an endpoint whose owner is not this user, root or the configured
+//! service user (see [`conn::Connection::connect`]) is skipped with one
+//! notice, exactly as if nothing listened there; nothing is sent to it.
 
 pub mod conn;
 pub mod discover;
 pub mod input;
 pub mod output;
+pub mod peer;
 pub mod standalone;
 pub mod stream;
 
+use crate::fsperm::TrustedUsers;
 use crate::proto::{AckStatus, Message, Payload};
 use crate::store::StoreError;
 use conn::{ConnError, Connection, Endpoint};
@@ -116,13 +122,16 @@ pub struct ClientOptions {
     pub endpoints: Vec<Endpoint>,
     /// Sent as `Authenticate` first on TCP connections, if set.
     pub token: Option<String>,
+    /// Whose sockets to talk to: this user, root and the service user.
+    pub trusted: TrustedUsers,
     /// Connect, read and write timeout.
     pub timeout: Duration,
     /// Reconnect policy.
     pub retry: RetryPolicy,
     /// Database for standalone mode; `None` forbids standalone mode.
     pub standalone_db: Option<PathBuf>,
-    /// Called once with a sentence when standalone mode is first used.
+    /// Called with a sentence when standalone mode is first used, and once
+    /// for each endpoint skipped as untrusted.
     pub notice: fn(&str),
 }
 
@@ -153,6 +162,8 @@ pub struct Client {
     /// Reconnects since the last answer.
     failures: u32,
     noticed: bool,
+    /// Endpoints already reported as untrusted.
+    distrusted: Vec<Endpoint>,
 }
 
 /// Result of trying every endpoint once.
@@ -169,9 +180,12 @@ impl Client {
     /// failures; goes standalone at once when every endpoint is down.
     pub fn connect(opts: ClientOptions) -> Result<Client, ClientError> {
         let mut attempt = 0;
+        let mut distrusted = Vec::new();
         let tried = loop {
-            match try_endpoints(&opts)? {
-                Attempt::Connected(conn) => return Ok(Client::with(opts, Backend::Daemon(conn))),
+            match try_endpoints(&opts, &mut distrusted)? {
+                Attempt::Connected(conn) => {
+                    return Ok(Client::with(opts, Backend::Daemon(conn), distrusted))
+                }
                 Attempt::AllDown(tried) => break tried,
                 Attempt::Failed(tried) => {
                     attempt += 1;
@@ -189,10 +203,10 @@ impl Client {
             }
         };
         let backend = Backend::Standalone(open_standalone(&opts, tried)?);
-        Ok(Client::with(opts, backend))
+        Ok(Client::with(opts, backend, distrusted))
     }
 
-    fn with(opts: ClientOptions, backend: Backend) -> Client {
+    fn with(opts: ClientOptions, backend: Backend, distrusted: Vec<Endpoint>) -> Client {
         Client {
             opts,
             backend,
@@ -200,6 +214,7 @@ impl Client {
             ready: VecDeque::new(),
             failures: 0,
             noticed: false,
+            distrusted,
         }
     }
 
@@ -302,7 +317,7 @@ impl Client {
                 });
             }
             thread::sleep(self.opts.retry.delay(self.failures));
-            let mut conn = match try_endpoints(&self.opts)? {
+            let mut conn = match try_endpoints(&self.opts, &mut self.distrusted)? {
                 Attempt::Connected(conn) => conn,
                 Attempt::AllDown(tried) if self.opts.standalone_db.is_some() => {
                     return self.go_standalone(tried);
@@ -361,12 +376,17 @@ fn open_standalone(opts: &ClientOptions, tried: String) -> Result<Standalone, Cl
     })
 }
 
-/// Tries each endpoint once, in order; authenticates on TCP.
-fn try_endpoints(opts: &ClientOptions) -> Result<Attempt, ClientError> {
+/// Tries each endpoint once, in order; authenticates on TCP. An untrusted
+/// endpoint counts as down and is reported through `opts.notice` unless it
+/// is in `distrusted` already (then it is added).
+fn try_endpoints(
+    opts: &ClientOptions,
+    distrusted: &mut Vec<Endpoint>,
+) -> Result<Attempt, ClientError> {
     let mut tried = Vec::new();
     let mut down = true;
     for endpoint in &opts.endpoints {
-        match Connection::connect(endpoint, opts.timeout) {
+        match Connection::connect(endpoint, opts.timeout, &opts.trusted) {
             Ok(mut conn) => match authenticate(&mut conn, opts) {
                 Ok(()) => return Ok(Attempt::Connected(conn)),
                 Err(AuthError::Refused(reason)) => {
@@ -381,6 +401,10 @@ fn try_endpoints(opts: &ClientOptions) -> Result<Attempt, ClientError> {
                 }
             },
             Err(e) => {
+                if matches!(e, ConnError::Untrusted { .. }) && !distrusted.contains(endpoint) {
+                    distrusted.push(endpoint.clone());
+                    (opts.notice)(&e.to_string());
+                }
                 tried.push(e.to_string());
                 down &= e.is_daemon_down();
             }

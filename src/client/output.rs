@@ -1,7 +1,16 @@
 //! How `codi2` shows what the daemon answered: a table for people, one JSON
 //! object per line for programs.
+//!
+//! Everything here shows text that other clients wrote (messages, component
+//! and session names, watched paths) or that the daemon sent, so every such
+//! field goes through [`escape_controls`]: a newline in a message must not
+//! forge a row, and an escape sequence must not reach the terminal. JSON
+//! lines keep the exact values; only the characters JSON allows raw but a
+//! terminal acts on (DEL, C1 controls, bidirectional overrides) are written
+//! as `\uXXXX` escapes, which decode to the same string.
 
-use crate::proto::{ComponentStatus, LogLevel, StoredLog, Timestamp};
+use crate::proto::{ComponentStatus, LogLevel, MonitoredPath, StoredLog, Timestamp};
+use crate::text::{escape_controls, json_escape_unsafe};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
@@ -35,13 +44,18 @@ fn colour(level: LogLevel) -> &'static str {
     }
 }
 
-/// Metadata as compact JSON.
+/// Metadata as compact JSON, safe to show: no raw control characters.
 pub fn metadata_json(value: &rmpv::Value) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| value.to_string())
+    match serde_json::to_string(value) {
+        Ok(json) => json_escape_unsafe(&json).into_owned(),
+        Err(_) => escape_controls(&value.to_string()).into_owned(),
+    }
 }
 
-/// One row: time, level, component, session, message and metadata; the
-/// level is coloured with ANSI escapes when `colour_on`.
+/// One row: time, level, component, session, message and metadata, each
+/// on this one line whatever it contains (controls are shown escaped, see
+/// [`escape_controls`]); the level is coloured with ANSI escapes when
+/// `colour_on`.
 pub fn table_row(log: &StoredLog, colour_on: bool) -> String {
     let level = format!("{:<5}", log.level.as_str().to_ascii_uppercase());
     let level = if colour_on {
@@ -52,9 +66,9 @@ pub fn table_row(log: &StoredLog, colour_on: bool) -> String {
     let mut row = format!(
         "{:<24}  {level}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  {}",
         short_time(log.timestamp),
-        log.component,
-        log.session_id.as_deref().unwrap_or("-"),
-        log.message,
+        escape_controls(&log.component),
+        escape_controls(log.session_id.as_deref().unwrap_or("-")),
+        escape_controls(&log.message),
     );
     if let Some(meta) = log.metadata.as_ref().filter(|m| !m.is_nil()) {
         row.push_str("  ");
@@ -63,13 +77,13 @@ pub fn table_row(log: &StoredLog, colour_on: bool) -> String {
     row
 }
 
-/// One log as a single-line JSON object.
+/// One log as a single-line JSON object with the exact stored values.
 pub fn json_row(log: &StoredLog) -> String {
     let meta = match &log.metadata {
         Some(m) => serde_json::to_value(m).unwrap_or(serde_json::Value::Null),
         None => serde_json::Value::Null,
     };
-    serde_json::json!({
+    let row = serde_json::json!({
         "id": log.id,
         "uuid": log.uuid.to_string(),
         "timestamp": log.timestamp.to_rfc3339(),
@@ -79,7 +93,8 @@ pub fn json_row(log: &StoredLog) -> String {
         "message": log.message,
         "metadata": meta,
     })
-    .to_string()
+    .to_string();
+    json_escape_unsafe(&row).into_owned()
 }
 
 /// A round-trip time: `87 µs`, `1.52 ms`, `2.10 s`.
@@ -96,17 +111,55 @@ pub fn round_trip(d: Duration) -> String {
 
 /// The `Status` answer as lines: uptime, then one line per component.
 pub fn status_lines(components: &[ComponentStatus], uptime: Duration) -> Vec<String> {
-    let width = components.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    let shown: Vec<_> = components
+        .iter()
+        .map(|c| {
+            (
+                escape_controls(&c.name),
+                escape_controls(&c.status),
+                escape_controls(&c.message),
+            )
+        })
+        .collect();
+    let width = shown
+        .iter()
+        .map(|(name, ..)| name.chars().count())
+        .max()
+        .unwrap_or(0);
     let mut lines = vec![format!(
         "uptime {}",
         humantime::format_duration(Duration::from_secs(uptime.as_secs()))
     )];
     lines.extend(
-        components
+        shown
             .iter()
-            .map(|c| format!("{:<width$}  {:<8}  {}", c.name, c.status, c.message)),
+            .map(|(name, status, message)| format!("{name:<width$}  {status:<8}  {message}")),
     );
     lines
+}
+
+/// One watched directory as a line of `codi2 watch list`: path, whether
+/// subdirectories count, patterns, session, and whether it is missing.
+pub fn watch_line(p: &MonitoredPath) -> String {
+    let patterns: Vec<_> = p.patterns.iter().map(|g| escape_controls(g)).collect();
+    let mut line = format!(
+        "{}  {}  {}",
+        escape_controls(&p.path),
+        if p.recursive {
+            "recursive"
+        } else {
+            "this directory only"
+        },
+        patterns.join(" ")
+    );
+    if let Some(s) = &p.session_id {
+        line.push_str("  session ");
+        line.push_str(&escape_controls(s));
+    }
+    if !p.active {
+        line.push_str("  (missing: watched again when it reappears)");
+    }
+    line
 }
 
 #[cfg(test)]
@@ -162,6 +215,70 @@ mod tests {
         assert_eq!(v["level"], "Warn");
         assert_eq!(v["session_id"], serde_json::Value::Null);
         assert_eq!(v["metadata"], "m");
+    }
+
+    /// A message that, printed raw, would add a forged row and turn the
+    /// rest of the terminal red.
+    const FORGED: &str = "\n2026-01-01 FORGED ERROR row\x1b[31m";
+
+    #[test]
+    fn controls_in_a_log_stay_on_its_one_row_and_show_as_escapes() {
+        let mut log = stored(Some(rmpv::Value::from("meta\u{9b}2J\u{202e}")));
+        log.message = format!("ok{FORGED}");
+        log.component = "c\rX".into();
+        log.session_id = Some("s\x07".into());
+        for colour_on in [false, true] {
+            let row = table_row(&log, colour_on);
+            assert_eq!(row.lines().count(), 1, "{row:?}");
+            assert!(!row.contains('\r'), "{row:?}");
+            // Only the level's own colour codes are raw escapes.
+            let raw_escapes = if colour_on { 2 } else { 0 };
+            assert_eq!(row.matches('\x1b').count(), raw_escapes, "{row:?}");
+            assert!(!row
+                .chars()
+                .any(|c| c != '\x1b' && crate::text::is_unsafe(c)));
+            assert!(
+                row.contains("ok\\n2026-01-01 FORGED ERROR row\\x1b[31m"),
+                "{row}"
+            );
+            assert!(row.contains("c\\rX"), "{row}");
+            assert!(row.contains("s\\x07"), "{row}");
+            assert!(row.ends_with("\"meta\\u009b2J\\u202e\""), "{row}");
+        }
+    }
+
+    #[test]
+    fn json_rows_keep_the_exact_text_but_no_raw_controls() {
+        let mut log = stored(Some(rmpv::Value::from("\u{9b}m")));
+        log.message = format!("{FORGED}\u{7f}\u{85}\u{202e}");
+        let row = json_row(&log);
+        assert_eq!(row.lines().count(), 1);
+        assert!(!row.chars().any(crate::text::is_unsafe), "{row:?}");
+        let v: serde_json::Value = serde_json::from_str(&row).unwrap();
+        assert_eq!(v["message"], log.message.as_str());
+        assert_eq!(v["metadata"], "\u{9b}m");
+    }
+
+    #[test]
+    fn status_and_watch_lines_escape_what_the_daemon_sent() {
+        let c = vec![ComponentStatus {
+            name: "ipc\n".into(),
+            status: "ok\x1b]0;pwned\x07".into(),
+            message: "a\nb".into(),
+        }];
+        let lines = status_lines(&c, Duration::ZERO);
+        assert_eq!(lines[1], "ipc\\n  ok\\x1b]0;pwned\\x07  a\\nb");
+        let w = MonitoredPath {
+            path: "/w/\x1b[2J".into(),
+            recursive: false,
+            patterns: vec!["*.md".into(), "\n*".into()],
+            session_id: Some("s\u{202e}".into()),
+            active: false,
+        };
+        assert_eq!(
+            watch_line(&w),
+            "/w/\\x1b[2J  this directory only  *.md \\n*  session s\\u{202e}  (missing: watched again when it reappears)"
+        );
     }
 
     #[test]

@@ -271,6 +271,7 @@ mod tests {
         let opts = ClientOptions {
             endpoints: vec![Endpoint::Unix(path)],
             token: None,
+            trusted: crate::fsperm::TrustedUsers::current(None),
             timeout: Duration::from_secs(10),
             retry: RetryPolicy::default(),
             standalone_db: None,

@@ -32,6 +32,7 @@ fn options(endpoints: Vec<Endpoint>) -> ClientOptions {
     ClientOptions {
         endpoints,
         token: None,
+        trusted: crate::fsperm::TrustedUsers::current(None),
         timeout: Duration::from_secs(10),
         retry: RetryPolicy {
             base: Duration::from_millis(1),
@@ -271,4 +272,55 @@ fn a_request_larger_than_a_frame_is_unsendable() {
     assert_eq!(client.pending(), 0);
     drop(client);
     server.join().unwrap();
+}
+
+#[test]
+fn an_untrusted_socket_is_skipped_with_one_notice_and_the_next_endpoint_used() {
+    use std::os::unix::fs::PermissionsExt;
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    // Another user could have planted this one: its directory is
+    // group-writable.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let planted = UnixListener::bind(open.join("d.sock")).unwrap();
+    planted.set_nonblocking(true).unwrap();
+    let good_path = dir.path().join("d.sock");
+    let good = UnixListener::bind(&good_path).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = good.accept().unwrap();
+        let m = read_frame(&mut s).unwrap();
+        write_msg(&mut s, &accepted(&m));
+    });
+    let mut opts = options(vec![
+        Endpoint::Unix(open.join("d.sock")),
+        Endpoint::Unix(good_path.clone()),
+    ]);
+    opts.notice = |s| SEEN.lock().unwrap().push(s.to_owned());
+    let mut client = Client::connect(opts).unwrap();
+    assert_eq!(client.endpoint(), Some(&Endpoint::Unix(good_path)));
+    let m = log("to the right daemon");
+    assert_eq!(
+        client.request(m.clone()).unwrap().payload,
+        accepted(&m).payload
+    );
+    server.join().unwrap();
+    let seen = SEEN.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let open_real = std::fs::canonicalize(&open).unwrap();
+    assert!(
+        seen[0].starts_with(&format!("not using unix:{}/d.sock: ", open.display()))
+            && seen[0].contains(&format!(
+                "{} is writable by group or others",
+                open_real.display()
+            )),
+        "{seen:?}"
+    );
+    let err = planted.accept().unwrap_err();
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::WouldBlock,
+        "nothing connected to it"
+    );
 }
