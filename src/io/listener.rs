@@ -6,7 +6,7 @@
 //! lock file so that a second daemon refuses to start instead of stealing a
 //! live socket. A stale socket file (nobody answers) is replaced.
 
-use crate::fsperm::{check_private_dir, Untrusted};
+use crate::fsperm::{check_private_dir, check_socket_path, TrustedUsers, Untrusted};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -34,6 +34,11 @@ pub enum ListenError {
         /// What is wrong with it.
         problem: Untrusted,
     },
+    /// The way to the socket fails the rule clients apply before they
+    /// connect (a symlinked socket directory, an ancestor others may
+    /// write): they would refuse it, and someone could swap it.
+    #[error("socket {0}: clients would not trust it; choose a path whose directories only root or this user can change")]
+    UntrustedPath(String),
     /// The configured group does not exist.
     #[error("socket group `{0}` does not exist")]
     UnknownGroup(String),
@@ -128,6 +133,12 @@ pub fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixEndpoint, Liste
         chown_group(path, gid)?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o660))
             .map_err(io_err("cannot chmod", path.display()))?;
+    }
+    // The very rule codi2 applies before connecting: no symlinked socket
+    // directory, no ancestor another user may change. Dropping the endpoint
+    // on failure removes the socket again.
+    if let Err(e) = check_socket_path(path, &TrustedUsers::current(None)) {
+        return Err(ListenError::UntrustedPath(e.to_string()));
     }
     Ok(endpoint)
 }
@@ -344,6 +355,21 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_symlinked_socket_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::create_dir(&real).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = bind_unix(&link.join("m.sock"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clients would not trust it"), "{e}");
+        assert!(!real.join("m.sock").exists(), "the socket was left behind");
     }
 
     #[test]
