@@ -447,6 +447,9 @@ fn watch(cmd: WatchCmd, opts: ClientOptions) -> Result<(), Exit> {
         if !p.active {
             line.push_str("  (missing: watched again when it reappears)");
         }
+        if p.watch_cap_reached {
+            line.push_str("  (watch cap reached: deeper directories found by the periodic scan)");
+        }
         writeln!(out, "{line}").map_err(stdout_error)?;
     }
     Ok(())

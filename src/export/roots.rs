@@ -84,6 +84,7 @@ impl Root {
             patterns: self.patterns.clone(),
             session_id: self.session_id.clone(),
             active: self.active,
+            watch_cap_reached: false,
         }
     }
 }
