@@ -12,8 +12,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Free space kept in the archive's filesystem beyond the file itself.
-const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
+/// Free space the archive leaves in its filesystem beyond the file
+/// itself (the database and its WAL live there too); named in the
+/// [`CopyError::NoSpace`] sentence.
+pub const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
 /// Read and write unit while copying.
 const COPY_CHUNK: usize = 64 * 1024;
 /// Longest source file name kept in an archive file name, in bytes.
@@ -149,24 +151,60 @@ pub struct Copied {
 pub enum CopyError {
     /// The file was gone (or replaced by a non-file) before it was copied.
     Vanished,
-    /// The archive's filesystem has not enough free space for it.
+    /// The archive's filesystem has not enough free space for it plus
+    /// [`FREE_SPACE_MARGIN`].
     NoSpace {
         /// The file's size.
         needed: u64,
-        /// Bytes free for this user.
-        free: u64,
+        /// Bytes free for this user; `None` when the filesystem itself
+        /// refused the copy (`ENOSPC`, `EDQUOT`).
+        free: Option<u64>,
+        /// The archive directory.
+        archive: PathBuf,
     },
     /// Any other failure, as a sentence.
     Io(String),
+}
+
+/// How every [`CopyError::NoSpace`] sentence starts; with it
+/// [`error_class`] tells two such errors apart from their free-space
+/// figures.
+const NO_SPACE: &str = "not enough free space in the archive";
+
+/// The part of a recorded error sentence that says what went wrong, without
+/// the figures that change from one attempt to the next (the free space): a
+/// file version that fails again for the same reason is not recorded again.
+pub fn error_class(sentence: &str) -> &str {
+    if sentence.starts_with(NO_SPACE) {
+        NO_SPACE
+    } else {
+        sentence
+    }
 }
 
 impl std::fmt::Display for CopyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CopyError::Vanished => f.write_str("the file vanished before it was copied"),
-            CopyError::NoSpace { needed, free } => write!(
+            CopyError::NoSpace {
+                needed,
+                free: Some(free),
+                archive,
+            } => write!(
                 f,
-                "not enough free space in the archive: {needed} bytes needed, {free} free"
+                "{NO_SPACE}: {needed} bytes needed plus the {} MiB the archive keeps free; \
+                 {free} free on {}",
+                FREE_SPACE_MARGIN >> 20,
+                archive.display()
+            ),
+            CopyError::NoSpace {
+                needed,
+                free: None,
+                archive,
+            } => write!(
+                f,
+                "{NO_SPACE}: the filesystem of {} is full or over quota ({needed} bytes to copy)",
+                archive.display()
             ),
             CopyError::Io(e) => f.write_str(e),
         }
@@ -213,14 +251,20 @@ pub fn copy_to_temp(source: Source, archive_dir: &Path, free: u64) -> Result<Cop
     // A file that grows while it is copied is copied as it was when opened;
     // its next close event brings the rest.
     let mut file = file.take(size);
+    let full = || CopyError::NoSpace {
+        needed: size,
+        free: None,
+        archive: archive_dir.to_owned(),
+    };
     if size.saturating_add(FREE_SPACE_MARGIN) > free {
-        return Err(CopyError::NoSpace { needed: size, free });
+        return Err(CopyError::NoSpace {
+            needed: size,
+            free: Some(free),
+            archive: archive_dir.to_owned(),
+        });
     }
     let (mut output, temp) = create_temp(archive_dir).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => CopyError::NoSpace {
-            needed: size,
-            free: 0,
-        },
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => full(),
         _ => CopyError::Io(format!("cannot create the archive copy: {e}")),
     })?;
     let result = (|| {
@@ -249,10 +293,7 @@ pub fn copy_to_temp(source: Source, archive_dir: &Path, free: u64) -> Result<Cop
         Err(e) => {
             temp.discard();
             Err(match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => CopyError::NoSpace {
-                    needed: size,
-                    free: 0,
-                },
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => full(),
                 _ => CopyError::Io(format!("cannot copy: {e}")),
             })
         }
@@ -517,5 +558,40 @@ mod tests {
                 Some(false)
             );
         }
+    }
+
+    #[test]
+    fn the_no_space_sentence_names_the_reserve_and_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.md");
+        fs::write(&big, vec![0u8; 1_048_576]).unwrap();
+        let err = copy_to_temp(
+            open_source(&big, false).unwrap().unwrap(),
+            dir.path(),
+            5_240_832,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "not enough free space in the archive: 1048576 bytes needed plus the 16 MiB \
+                 the archive keeps free; 5240832 free on {}",
+                dir.path().display()
+            )
+        );
+        // The same failure with other free-space figures is the same error.
+        let again = CopyError::NoSpace {
+            needed: 1_048_576,
+            free: Some(1),
+            archive: dir.path().to_owned(),
+        };
+        assert_eq!(
+            error_class(&err.to_string()),
+            error_class(&again.to_string())
+        );
+        assert_ne!(
+            error_class("cannot copy: EIO"),
+            error_class(&err.to_string())
+        );
     }
 }

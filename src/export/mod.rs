@@ -67,6 +67,10 @@ const EVENT_BUFFER: usize = 64 * 1024;
 /// How long the archive's free space and the sessions' workspaces are
 /// trusted before they are read again.
 const REFRESH: Duration = Duration::from_millis(250);
+/// Most files whose last recorded error is remembered (so that a full scan
+/// does not record the same error again); beyond it the memory is cleared
+/// and each such file may get one more row.
+const MAX_REMEMBERED_ERRORS: usize = 100_000;
 
 /// What the archive does with the source file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +226,7 @@ pub fn spawn_watcher(
         known: load_known(&conn)?,
         contents: load_contents(&conn)?,
         failed: HashMap::new(),
+        errors: load_errors(&conn)?,
         conn,
         settings: ExportSettings {
             archive_dir,
@@ -287,6 +292,34 @@ fn load_known(conn: &Connection) -> Result<HashMap<String, (u64, i64)>, StoreErr
         ))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The last error recorded for each source whose last row is an error
+/// (other than a vanished file): its version and [`archive::error_class`].
+fn load_errors(conn: &Connection) -> Result<HashMap<String, (u64, i64, String)>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT original_path, file_size, source_mtime_ns, error FROM export_archive \
+         WHERE id IN (SELECT max(id) FROM export_archive GROUP BY original_path) \
+         AND error IS NOT NULL",
+    )?;
+    let vanished = CopyError::Vanished.to_string();
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<i64>>(1)?.unwrap_or(-1) as u64,
+            r.get::<_, Option<i64>>(2)?.unwrap_or(-1),
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut errors = HashMap::new();
+    for row in rows {
+        let (path, size, mtime_ns, error) = row?;
+        if error != vanished && errors.len() < MAX_REMEMBERED_ERRORS {
+            let class = archive::error_class(&error).to_owned();
+            errors.insert(path, (size, mtime_ns, class));
+        }
+    }
+    Ok(errors)
 }
 
 /// [`content_key`] of every content in the archive.
@@ -356,6 +389,10 @@ struct Watcher {
     /// Versions that failed to archive (no space, I/O); tried again at the
     /// next full scan, or when they change.
     failed: HashMap<String, (u64, i64)>,
+    /// Source ([`key`]) to the version and [`archive::error_class`] of its
+    /// last error row: the same error for the same version is recorded
+    /// once, however many scans try again.
+    errors: HashMap<String, (u64, i64, String)>,
     /// Files a scan found still changing, and when to look again.
     settling: HashMap<PathBuf, Instant>,
     /// Files reported closed (or moved in), oldest first, not yet archived.
@@ -966,6 +1003,7 @@ impl Watcher {
             }
         };
         self.known.insert(key(source), version);
+        self.errors.remove(&key(source));
         self.contents.extend(content_key(&copied.content_hash));
         self.batch.push(Record {
             source: source.to_owned(),
@@ -982,12 +1020,34 @@ impl Watcher {
         }
     }
 
+    /// Records that `source` (this version) could not be archived: once
+    /// per version and kind of error (a full scan tries failed versions
+    /// again, and a file that still does not fit is not recorded again).
+    /// Every vanished file is.
     fn record_error(&mut self, source: &Path, size: u64, mtime_ns: i64, error: &CopyError) {
-        Metrics::add(&self.metrics.export_errors, 1);
-        log::warn!("cannot archive export `{}`: {error}", source.display());
+        let name = key(source);
+        let sentence = error.to_string();
         if *error != CopyError::Vanished {
-            self.failed.insert(key(source), (size, mtime_ns));
+            self.failed.insert(name.clone(), (size, mtime_ns));
+            let class = archive::error_class(&sentence);
+            if self
+                .errors
+                .get(&name)
+                .is_some_and(|(s, m, c)| (*s, *m, c.as_str()) == (size, mtime_ns, class))
+            {
+                log::debug!(
+                    "still cannot archive export `{}`: {sentence}",
+                    source.display()
+                );
+                return;
+            }
+            if self.errors.len() >= MAX_REMEMBERED_ERRORS {
+                self.errors.clear();
+            }
+            self.errors.insert(name, (size, mtime_ns, class.to_owned()));
         }
+        Metrics::add(&self.metrics.export_errors, 1);
+        log::warn!("cannot archive export `{}`: {sentence}", source.display());
         self.batch.push(Record {
             source: source.to_owned(),
             archive_path: String::new(),
@@ -995,7 +1055,7 @@ impl Watcher {
             size,
             mtime_ns,
             content_hash: None,
-            error: Some(error.to_string()),
+            error: Some(sentence),
             remove_source: None,
         });
     }
@@ -1127,6 +1187,7 @@ impl Watcher {
                 Metrics::add(&self.metrics.export_errors, self.batch.len() as u64);
                 for r in self.batch.drain(..) {
                     self.known.remove(&key(&r.source));
+                    self.errors.remove(&key(&r.source));
                 }
             }
         }
