@@ -22,6 +22,7 @@
 
 pub mod archive;
 mod roots;
+pub mod walk;
 
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, ErrorCode, Message, MonitoredPath, Payload};
