@@ -315,7 +315,8 @@ impl Watcher {
                 "watched directory `{}` was replaced by another directory; watching the new one",
                 path.display()
             );
-            self.dir_cache.clear();
+            // The old tree's watches name paths that are the new tree's now.
+            self.drop_watches_of(&path);
         }
         let root = &mut self.roots[index];
         root.fd = Some(fd);
@@ -331,6 +332,12 @@ impl Watcher {
         root.fd = None;
         root.identity = None;
         let path = root.path.clone();
+        self.drop_watches_of(&path);
+        self.mark_root(index, false, reason);
+    }
+
+    /// Drops every watch counted against the root `path`.
+    fn drop_watches_of(&mut self, path: &Path) {
         self.dir_cache.clear();
         let stale: Vec<PathBuf> = self
             .dirs
@@ -341,7 +348,6 @@ impl Watcher {
         for dir in stale {
             self.unwatch(&dir);
         }
-        self.mark_root(index, false, reason);
     }
 
     /// Records whether a root directory is present, and says so when that
