@@ -23,8 +23,11 @@
 //!   sessions, or large rows) goes there only while no ingest row awaits
 //!   merging, with ids handed out under the ingest file's write lock: the
 //!   prefix rule holds for it too.
-//! - A row is deleted from `ingest_logs` only after it was committed to
-//!   `logs`, so at every moment it is in one file or both.
+//! - A row is deleted from `ingest_logs` only once its copy in `logs` is
+//!   durable: not merely committed (at `synchronous=NORMAL` a commit sits
+//!   unsynced in the WAL) but copied into the database file by a
+//!   checkpoint that synced it ([`super::merger::MergeState::durable_through`]).
+//!   So at every moment, and after a power cut, it is in one file or both.
 //! - A reader takes its snapshot of the ingest file before the one of the
 //!   main database ([`begin_read`]) and skips ingest rows at or below the
 //!   largest id of `logs` ([`ALL_LOGS`]): a row merged between the two

@@ -11,7 +11,7 @@
 use super::ingest::{self, IdAllocator, PendingUuids};
 use super::merger::{self, MergeState, MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
 use super::ops::OpOutcome;
-use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
+use super::wal::{self, Checkpointer, DurableMark, WalPolicy, WalState, WalTrimmer};
 use super::{schema, LogRow, StoreError, WriteJob, WriteOp};
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
@@ -132,7 +132,9 @@ pub fn spawn_writer(
         wal_state,
         Arc::clone(&metrics),
     )?;
-    let main_wal = Arc::new(WalState::default());
+    // The main database's checkpoints make merges durable (see
+    // `MergeState::durable_through`).
+    let main_wal = Arc::new(WalState::marking(Arc::clone(&state) as Arc<dyn DurableMark>));
     let merger = merger::spawn_merger(
         main,
         db_path,
@@ -146,15 +148,7 @@ pub fn spawn_writer(
         checkpointer: Some(checkpointer),
         trimmer,
         conn,
-        body: IngestBody {
-            state,
-            mark: (0, Uuid::nil()),
-            ids: None,
-            delete_rows: 0,
-            pending,
-            last_own_id,
-            max_pending: MAX_PENDING_ROWS,
-        },
+        body: IngestBody::new(state, pending, last_own_id, MAX_PENDING_ROWS),
         indexed_trimmer: WalTrimmer::new(&indexed, settings.wal, Arc::clone(&main_wal))?,
         indexed,
         woke_merger_at: None,
@@ -172,9 +166,15 @@ pub fn spawn_writer(
 }
 
 /// Reads where the ingest file and `logs` stand (after a crash the ingest
-/// file may hold rows not yet merged, and merged rows not yet deleted),
-/// deletes the merged ones and returns the uuids of the rest.
-fn recover(
+/// file may hold rows not yet merged, and merged rows not yet deleted) and
+/// the uuids of the ingest file's rows.
+///
+/// Merged rows stay: their copies in `logs` may be only in the main
+/// database's WAL, which nothing has synced (the daemon may have been
+/// killed right after the merge). The writer deletes them once the main
+/// database's checkpointer has made them durable, as it does while
+/// running.
+pub(super) fn recover(
     conn: &mut Connection,
     logs_max_uuid: Uuid,
 ) -> Result<(MergeState, PendingUuids), StoreError> {
@@ -182,13 +182,9 @@ fn recover(
         r.get(0)
     })?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut pending = PendingUuids::load(&tx)?;
-    while ingest::delete_merged(&tx, merged, FINAL_DELETE_ROWS, &mut pending)? == FINAL_DELETE_ROWS
-    {
-    }
+    let pending = PendingUuids::load(&tx)?;
     let committed = ingest::max_ingest_id(&tx)?;
     tx.commit()?;
-    pending.commit();
     if committed > merged {
         log::info!(
             "{} logs committed before the last stop are not yet in the indexed table; merging them",
@@ -392,11 +388,14 @@ impl Acker {
 }
 
 /// Log rows go into the ingest table, after deleting some rows the merger
-/// has already moved.
-struct IngestBody {
+/// has already moved and the main database has synced.
+pub(super) struct IngestBody {
     state: Arc<MergeState>,
     /// The merge mark read before the current transaction began.
     mark: (i64, Uuid),
+    /// Ingest rows up to this id may be deleted: the durable mark read
+    /// before the current transaction began.
+    deletable: i64,
     ids: Option<IdAllocator>,
     /// Merged rows the next transaction may delete.
     delete_rows: usize,
@@ -410,12 +409,44 @@ struct IngestBody {
     max_pending: usize,
 }
 
+impl IngestBody {
+    /// The writer's body for an ingest file holding the rows in `pending`,
+    /// of which this writer knows ids up to `last_own_id`; logs are refused
+    /// once it holds `max_pending` rows.
+    pub(super) fn new(
+        state: Arc<MergeState>,
+        pending: PendingUuids,
+        last_own_id: i64,
+        max_pending: usize,
+    ) -> Self {
+        IngestBody {
+            state,
+            mark: (0, Uuid::nil()),
+            deletable: 0,
+            ids: None,
+            delete_rows: 0,
+            pending,
+            last_own_id,
+            max_pending,
+        }
+    }
+
+    /// Lets the next transaction delete at most `rows` rows already in
+    /// `logs` on disk.
+    pub(super) fn delete_at_most(&mut self, rows: usize) {
+        self.delete_rows = rows;
+    }
+}
+
 impl TxBody for IngestBody {
     fn before(&mut self) {
         // Read before BEGIN: the transaction's snapshot of `logs` (taken at
         // BEGIN) then holds every row merged up to this mark, which the
-        // deletes, the id floor and the skipped uuid lookups rely on.
+        // id floor and the skipped uuid lookups rely on.
         self.mark = self.state.merged_mark();
+        // Never the merge mark: a merge may still be only in the main
+        // database's WAL, and a power cut would lose a row deleted here.
+        self.deletable = self.state.durable_through();
     }
 
     fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
@@ -427,7 +458,7 @@ impl TxBody for IngestBody {
             self.pending = PendingUuids::load(tx)?;
             self.last_own_id = newest;
         }
-        ingest::delete_merged(tx, through, self.delete_rows, &mut self.pending)?;
+        ingest::delete_merged(tx, self.deletable, self.delete_rows, &mut self.pending)?;
         self.ids = Some(IdAllocator::new(tx, through)?);
         Ok(())
     }
@@ -563,7 +594,7 @@ impl Writer {
             }
             self.wait_for_merger();
             // Delete merged rows a little faster than they arrive.
-            self.body.delete_rows = 2 * rows + 1024;
+            self.body.delete_at_most(2 * rows + 1024);
             self.acker.commit_and_answer(&mut self.conn, &mut self.body);
             if self.trimmer.after_commit(&self.conn).is_some() {
                 Metrics::add(&self.metrics().checkpoints, 1);
@@ -584,6 +615,7 @@ impl Writer {
             FINAL_CHECKPOINT_LOCK_WAIT,
             "the ingest file",
             &self.acker.metrics,
+            None,
         );
     }
 
@@ -705,9 +737,11 @@ impl Writer {
         }
     }
 
-    /// After the final merge: empties the ingest table of merged rows.
+    /// After the final merge and the main database's final checkpoint:
+    /// empties the ingest table of merged rows that checkpoint made
+    /// durable (all of them, unless it was blocked).
     fn delete_all_merged(&mut self) {
-        let through = self.body.state.merged_through();
+        let through = self.body.state.durable_through();
         let result = (|| loop {
             self.body.pending.begin();
             let tx = self
@@ -1070,15 +1104,12 @@ mod tests {
         let path = dir.path().join("w.db");
         drop(schema::open_rw(&path, 4).unwrap());
         let mut conn = schema::open_ingest_rw(&path, 4).unwrap();
-        let mut body = IngestBody {
-            state: Arc::new(MergeState::new(0, 0, Uuid::nil())),
-            mark: (0, Uuid::nil()),
-            ids: None,
-            delete_rows: 0,
-            pending: PendingUuids::default(),
-            last_own_id: 0,
-            max_pending: 2,
-        };
+        let mut body = IngestBody::new(
+            Arc::new(MergeState::new(0, 0, Uuid::nil())),
+            PendingUuids::default(),
+            0,
+            2,
+        );
         let ops = [
             logs(&[Uuid::now_v7(), Uuid::now_v7()]),
             logs(&[Uuid::now_v7()]),
