@@ -60,7 +60,7 @@ const MERGER_STALL: Duration = Duration::from_secs(5);
 /// Most rows the ingest file holds before new logs are refused: reached
 /// only while the merger is stalled (the writer waits for it below
 /// [`MAX_UNMERGED_ROWS`]); bounds [`PendingUuids`] at about 40 MiB.
-const MAX_PENDING_ROWS: usize = 1 << 20;
+pub(super) const MAX_PENDING_ROWS: usize = 1 << 20;
 
 /// Merged rows deleted from the ingest file at shutdown per transaction.
 const FINAL_DELETE_ROWS: usize = 65_536;
@@ -436,6 +436,42 @@ impl IngestBody {
     pub(super) fn delete_at_most(&mut self, rows: usize) {
         self.delete_rows = rows;
     }
+
+    /// Starts `pending` on the transaction `tx`, reading it again if
+    /// another process wrote rows meanwhile: deletions must know every row.
+    fn begin_pending(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
+        self.pending.begin();
+        let newest = ingest::max_ingest_id(tx)?;
+        if newest > self.last_own_id {
+            log::info!("another process wrote logs into the ingest file; rereading their ids");
+            self.pending = PendingUuids::load(tx)?;
+            self.last_own_id = newest;
+        }
+        Ok(())
+    }
+
+    /// Deletes every ingest row that is in `logs` on disk, in transactions
+    /// of at most [`FINAL_DELETE_ROWS`] on `conn` (the writer's).
+    pub(super) fn delete_all_durable(&mut self, conn: &mut Connection) {
+        let through = self.state.durable_through();
+        let result = (|| loop {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            self.begin_pending(&tx)?;
+            let deleted =
+                ingest::delete_merged(&tx, through, FINAL_DELETE_ROWS, &mut self.pending)?;
+            tx.commit()?;
+            self.pending.commit();
+            if deleted < FINAL_DELETE_ROWS {
+                return Ok::<_, rusqlite::Error>(());
+            }
+        })();
+        if let Err(e) = result {
+            log::warn!(
+                "cannot delete merged rows from the ingest file (the writer will after \
+                 the next start): {e}"
+            );
+        }
+    }
 }
 
 impl TxBody for IngestBody {
@@ -451,13 +487,7 @@ impl TxBody for IngestBody {
 
     fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
         let (through, _) = self.mark;
-        self.pending.begin();
-        let newest = ingest::max_ingest_id(tx)?;
-        if newest > self.last_own_id {
-            log::info!("another process wrote logs into the ingest file; rereading their ids");
-            self.pending = PendingUuids::load(tx)?;
-            self.last_own_id = newest;
-        }
+        self.begin_pending(tx)?;
         ingest::delete_merged(tx, self.deletable, self.delete_rows, &mut self.pending)?;
         self.ids = Some(IdAllocator::new(tx, through)?);
         Ok(())
@@ -493,17 +523,18 @@ impl TxBody for IngestBody {
 /// Commits `jobs` (log jobs only) straight into `logs` in one transaction
 /// on `indexed`, with ids handed out under the ingest file's write lock,
 /// taken on `ingest` and held (having written nothing) until the rows are
-/// committed, so that nobody else hands out ids meanwhile. Returns each
-/// job's outcome, the last id and the largest uuid written, or `None` when
-/// the ingest file holds rows not yet merged (see
+/// committed, so that nobody else hands out ids meanwhile, and publishes
+/// the rows as merged in `state`. Returns each job's outcome, or `None`
+/// when the ingest file holds rows not yet merged (see
 /// [`IdAllocator::for_indexed`]).
-fn insert_indexed(
+pub(super) fn insert_indexed(
     ingest: &mut Connection,
     indexed: &mut Connection,
     jobs: &[WriteJob],
-    merged_through: i64,
+    state: &MergeState,
     now_us: i64,
-) -> rusqlite::Result<Option<(Vec<JobResult>, i64, Uuid)>> {
+) -> rusqlite::Result<Option<Vec<JobResult>>> {
+    let (merged_through, _) = state.merged_mark();
     let lock = ingest.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let Some(mut ids) = IdAllocator::for_indexed(&lock, merged_through)? else {
         return Ok(None);
@@ -522,7 +553,10 @@ fn insert_indexed(
     }
     tx.commit()?;
     drop(lock);
-    Ok(Some((outcomes, ids.last(), newest)))
+    if ids.last() > merged_through {
+        state.note_merged(ids.last(), newest);
+    }
+    Ok(Some(outcomes))
 }
 
 /// Whether a batch of log jobs costs less written straight into `logs` than
@@ -645,10 +679,10 @@ impl Writer {
             &mut self.conn,
             &mut self.indexed,
             &self.acker.jobs,
-            through,
+            &self.body.state,
             now_us,
         );
-        let (outcomes, last_id, newest) = match written {
+        let outcomes = match written {
             Ok(Some(written)) => written,
             Ok(None) => return false,
             Err(e) => {
@@ -662,9 +696,6 @@ impl Writer {
                 return false;
             }
         };
-        if last_id > through {
-            self.body.state.note_merged(last_id, newest);
-        }
         let metrics = &self.acker.metrics;
         Metrics::add(&metrics.commits, 1);
         Metrics::add(&metrics.indexed_commits, 1);
@@ -741,23 +772,7 @@ impl Writer {
     /// empties the ingest table of merged rows that checkpoint made
     /// durable (all of them, unless it was blocked).
     fn delete_all_merged(&mut self) {
-        let through = self.body.state.durable_through();
-        let result = (|| loop {
-            self.body.pending.begin();
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let deleted =
-                ingest::delete_merged(&tx, through, FINAL_DELETE_ROWS, &mut self.body.pending)?;
-            tx.commit()?;
-            self.body.pending.commit();
-            if deleted < FINAL_DELETE_ROWS {
-                return Ok::<_, rusqlite::Error>(());
-            }
-        })();
-        if let Err(e) = result {
-            log::warn!("cannot delete merged rows from the ingest file (the next start will): {e}");
-        }
+        self.body.delete_all_durable(&mut self.conn);
     }
 }
 
