@@ -1275,6 +1275,8 @@ mod durability {
         assert!(indexed as usize >= accepted.lock().unwrap().len());
     }
 
+    use power_cut::WalIndex;
+
     /// How many logs had been acknowledged (a prefix of the clients'
     /// list) and how far each file's WAL reached just after: those logs
     /// are all in frames up to those.

@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use uuid::Uuid;
 
+#[path = "../../src/store/power_cut.rs"]
+pub mod power_cut;
+
 /// Hang protection for a daemon to print its READY line.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
 /// Hang protection for one answer on a client connection.
@@ -966,137 +969,12 @@ impl Db {
     }
 }
 
-/// The parts of an SQLite file's WAL index (its `-shm` file) that say how
-/// far the WAL's checkpoints got. The layout is SQLite's (`wal.c`): two
-/// copies of the 48-byte `WalIndexHdr`, then `WalCkptInfo`, in the host's
-/// byte order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WalIndex {
-    /// `mxFrame`: the last committed frame.
-    pub max_frame: u32,
-    /// `aSalt`: changes whenever the WAL starts over from its first frame.
-    pub salt: [u32; 2],
-    /// `szPage`: the database's page size.
-    pub page_size: u32,
-    /// `nBackfill`: frames a checkpoint copied into the database file, after
-    /// syncing the WAL.
-    pub backfilled: u32,
-    /// `nBackfillAttempted`: above `backfilled` while a checkpoint copies.
-    pub backfill_attempted: u32,
-}
-
-/// The WAL-index byte SQLite locks while a checkpoint runs (its lock bytes
-/// start at 120; `WAL_CKPT_LOCK` is the second).
-const WAL_CHECKPOINT_LOCK_BYTE: i64 = 121;
-
-impl WalIndex {
-    /// Reads the WAL index of the SQLite file `file`; `None` if it has none
-    /// yet or the two header copies differ (caught mid-update).
-    pub fn read(file: &Path) -> Option<WalIndex> {
-        let bytes = fs::read(shm_path(file)).ok()?;
-        if bytes.len() < 136 || bytes[..48] != bytes[48..96] || bytes[12] == 0 {
-            return None;
-        }
-        let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap());
-        let page_size = u32::from(u16::from_ne_bytes([bytes[14], bytes[15]]));
-        Some(WalIndex {
-            max_frame: u32_at(16),
-            salt: [u32_at(32), u32_at(36)],
-            page_size: if page_size == 1 { 65536 } else { page_size },
-            backfilled: u32_at(96),
-            backfill_attempted: u32_at(128),
-        })
-    }
-
-    /// Whether every frame committed when `earlier` was read has been
-    /// copied into the database file by a checkpoint (which syncs the WAL
-    /// before it copies): the WAL has started over since, which SQLite does
-    /// only once everything was copied and the file synced, or the
-    /// checkpoints got past the frame that was then the last.
-    pub fn backfilled_past(&self, earlier: &WalIndex) -> bool {
-        self.salt != earlier.salt || self.backfilled >= earlier.max_frame
-    }
-
-    /// Whether some process is checkpointing the SQLite file `file`: it
-    /// holds the checkpoint lock, or a checkpoint is still copying frames.
-    pub fn checkpoint_running(file: &Path) -> bool {
-        let Some(index) = WalIndex::read(file) else {
-            return true;
-        };
-        if index.backfill_attempted != index.backfilled {
-            return true;
-        }
-        let shm = File::open(shm_path(file)).expect("open the -shm file");
-        // SAFETY: F_GETLK fills in the local struct; the descriptor is open.
-        let lock = unsafe {
-            let mut lock: libc::flock = std::mem::zeroed();
-            lock.l_type = libc::F_WRLCK as libc::c_short;
-            lock.l_whence = libc::SEEK_SET as libc::c_short;
-            lock.l_start = WAL_CHECKPOINT_LOCK_BYTE;
-            lock.l_len = 1;
-            use std::os::fd::AsRawFd;
-            assert_eq!(libc::fcntl(shm.as_raw_fd(), libc::F_GETLK, &mut lock), 0);
-            lock
-        };
-        lock.l_type != libc::F_UNLCK as libc::c_short
-    }
-}
-
-fn shm_path(file: &Path) -> PathBuf {
-    let mut name = file.as_os_str().to_owned();
-    name.push("-shm");
-    PathBuf::from(name)
-}
-
 /// Copies the database `db` and its ingest file into the directory `to` as
-/// a power cut could leave them at `synchronous=NORMAL`: nothing syncs a
-/// commit, so of each WAL only the frames its own checkpoints copied (and
-/// synced first) are kept, followed by a torn frame of garbage; the
-/// `-shm` files are left behind, as a reboot loses them. Call with the
-/// daemon frozen and no checkpoint running (else a database file may hold
-/// pages of frames the cut WAL lacks). Returns the copy's database path.
+/// a power cut could leave them ([`power_cut::copy_cut`]) and returns the
+/// copy's database path.
 pub fn copy_as_after_power_cut(db: &Path, to: &Path) -> PathBuf {
-    fs::create_dir_all(to).unwrap();
-    let name = db.file_name().unwrap();
-    let ingest = schema::ingest_path(db);
-    for file in [db.to_owned(), ingest] {
-        let index = WalIndex::read(&file);
-        let file_name = file.file_name().unwrap();
-        fs::copy(&file, to.join(file_name)).unwrap();
-        let mut wal_name = file_name.to_owned();
-        wal_name.push("-wal");
-        let wal = file.with_file_name(&wal_name);
-        let copy = to.join(&wal_name);
-        if !wal.exists() {
-            continue;
-        }
-        fs::copy(&wal, &copy).unwrap();
-        let (Some(index), Ok(len)) = (index, fs::metadata(&copy).map(|m| m.len())) else {
-            continue;
-        };
-        const WAL_HEADER: u64 = 32;
-        const FRAME_HEADER: u64 = 24;
-        if len < WAL_HEADER {
-            continue;
-        }
-        let frame = FRAME_HEADER + u64::from(index.page_size);
-        let kept = (WAL_HEADER + u64::from(index.backfilled) * frame).min(len);
-        let out = fs::OpenOptions::new().write(true).open(&copy).unwrap();
-        out.set_len(kept).unwrap();
-        // Half a frame of pseudo-random bytes: a frame the cut tore.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ len;
-        let torn: Vec<u8> = (0..frame / 2)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        use std::os::unix::fs::FileExt;
-        out.write_all_at(&torn, kept).unwrap();
-    }
-    to.join(name)
+    power_cut::copy_cut(&[db, &schema::ingest_path(db)], to);
+    to.join(db.file_name().unwrap())
 }
 
 /// Runs a command with stdin and returns its output (hang-protected by
