@@ -36,7 +36,13 @@
 //!   recorded in the ingest file whenever merged rows are deleted.
 //! - The one exception to "once": a resend that a writer without the
 //!   daemon's uuid set let into the ingest file shows twice until the
-//!   merge drops it.
+//!   merge drops it and the merged rows leave the ingest file (a dropped
+//!   duplicate with the largest id stays above every id in `logs` until
+//!   then).
+//!
+//! `store::model_tests` checks these rules against random interleavings
+//! of batches, merges, direct batches, `codi2` writes, checkpoints,
+//! crashes, restarts and power cuts.
 
 use super::ops::OpOutcome;
 use super::LogRow;
