@@ -23,8 +23,11 @@
 //!   sessions, or large rows) goes there only while no ingest row awaits
 //!   merging, with ids handed out under the ingest file's write lock: the
 //!   prefix rule holds for it too.
-//! - A row is deleted from `ingest_logs` only after it was committed to
-//!   `logs`, so at every moment it is in one file or both.
+//! - A row is deleted from `ingest_logs` only once its copy in `logs` is
+//!   durable: not merely committed (at `synchronous=NORMAL` a commit sits
+//!   unsynced in the WAL) but copied into the database file by a
+//!   checkpoint that synced it ([`super::merger::MergeState::durable_through`]).
+//!   So at every moment, and after a power cut, it is in one file or both.
 //! - A reader takes its snapshot of the ingest file before the one of the
 //!   main database ([`begin_read`]) and skips ingest rows at or below the
 //!   largest id of `logs` ([`ALL_LOGS`]): a row merged between the two
@@ -33,7 +36,13 @@
 //!   recorded in the ingest file whenever merged rows are deleted.
 //! - The one exception to "once": a resend that a writer without the
 //!   daemon's uuid set let into the ingest file shows twice until the
-//!   merge drops it.
+//!   merge drops it and the merged rows leave the ingest file (a dropped
+//!   duplicate with the largest id stays above every id in `logs` until
+//!   then).
+//!
+//! `store::model_tests` checks these rules against random interleavings
+//! of batches, merges, direct batches, `codi2` writes, checkpoints,
+//! crashes, restarts and power cuts.
 
 use super::ops::OpOutcome;
 use super::LogRow;

@@ -37,13 +37,19 @@ pub const MERGE_INTERVAL: Duration = Duration::from_millis(200);
 /// without an index when clients outpace the indexed table.
 pub const MAX_UNMERGED_ROWS: i64 = 262_144;
 
-/// Progress shared by the ingest writer and the merger.
+/// Progress shared by the ingest writer, the merger and the main
+/// database's checkpointer.
 #[derive(Debug, Default)]
 pub struct MergeState {
     /// The largest id the ingest writer has committed.
     committed_through: AtomicI64,
     /// Every ingest row up to this id is in `logs`.
     merged_through: AtomicI64,
+    /// Every ingest row up to this id is in `logs` on disk: a checkpoint
+    /// of the main database copied and synced the commit that put it
+    /// there. Only rows up to here may leave the ingest file, or a power
+    /// cut could take a row from both files.
+    durable_through: AtomicI64,
     /// The largest uuid in `logs` as of (at least) `merged_through`.
     logs_max_uuid: Mutex<Uuid>,
 }
@@ -52,10 +58,14 @@ impl MergeState {
     /// State of a store whose ingest file holds ids up to `committed` and
     /// whose `logs` table holds ids up to `merged` and uuids up to
     /// `max_uuid`.
+    ///
+    /// Nothing is durable yet: the rows in `logs` may still be only in the
+    /// main database's WAL, unsynced, until its checkpointer has run.
     pub fn new(committed: i64, merged: i64, max_uuid: Uuid) -> Self {
         MergeState {
             committed_through: AtomicI64::new(committed.max(merged)),
             merged_through: AtomicI64::new(merged),
+            durable_through: AtomicI64::new(0),
             logs_max_uuid: Mutex::new(max_uuid),
         }
     }
@@ -72,9 +82,17 @@ impl MergeState {
         self.committed_through.fetch_max(id, Ordering::Relaxed);
     }
 
-    /// Every ingest row up to this id is in `logs` and may be deleted.
+    /// Every ingest row up to this id is in `logs` (perhaps only in its
+    /// WAL: see [`durable_through`](Self::durable_through)).
     pub fn merged_through(&self) -> i64 {
         self.merged_through.load(Ordering::Relaxed)
+    }
+
+    /// Every ingest row up to this id is in `logs` on disk and may be
+    /// deleted from the ingest file; never above
+    /// [`merged_through`](Self::merged_through).
+    pub fn durable_through(&self) -> i64 {
+        self.durable_through.load(Ordering::Acquire)
     }
 
     /// Committed rows not yet merged.
@@ -93,6 +111,21 @@ impl MergeState {
         self.merged_through.fetch_max(through, Ordering::Release);
         // Rows `codi2` committed standalone count as committed once merged.
         self.committed_through.fetch_max(through, Ordering::Relaxed);
+    }
+}
+
+/// The main database's checkpoints make merges durable: its checkpointer
+/// reads the merged-through id before each checkpoint and, if the
+/// checkpoint copied the whole WAL, publishes it as durable.
+impl wal::DurableMark for MergeState {
+    fn committed(&self) -> i64 {
+        // Acquire: pairs with `note_merged`, which publishes the mark
+        // after the commit that reached it returned.
+        self.merged_through.load(Ordering::Acquire)
+    }
+
+    fn made_durable(&self, mark: i64) {
+        self.durable_through.fetch_max(mark, Ordering::Release);
     }
 }
 
@@ -234,12 +267,15 @@ impl Merger {
                 _ => break,
             }
         }
+        // Makes every merge durable, so that the writer may then delete
+        // the merged rows from the ingest file.
         wal::final_truncate(
             &self.conn,
             self.checkpointer.take(),
             FINAL_CHECKPOINT_LOCK_WAIT,
             "the database",
             &self.acker.metrics,
+            Some(&*self.state),
         );
     }
 
@@ -250,34 +286,9 @@ impl Merger {
     /// Moves one chunk; `None` if it failed (it is retried on the next tick).
     fn merge_step(&mut self) -> Option<Merged> {
         self.last_merge = Instant::now();
-        let result = (|| {
-            let floor = ingest::merged_floor(&self.conn)?.max(self.state.merged_through());
-            if !ingest::holds_rows_above(&self.conn, floor)? {
-                // Nothing to move: the main database's write lock, which a
-                // batch bound straight for `logs` may be waiting for, is
-                // left alone.
-                let idle = Merged {
-                    rows: 0,
-                    through: floor,
-                };
-                return Ok((idle, ingest::logs_max_uuid(&self.conn)?));
-            }
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let merged = ingest::merge_chunk(&tx, floor, MERGE_MAX_ROWS)?;
-            let max_uuid = ingest::logs_max_uuid(&tx)?;
-            tx.commit()?;
-            let merged = merged.unwrap_or(Merged {
-                rows: 0,
-                through: floor,
-            });
-            Ok::<_, rusqlite::Error>((merged, max_uuid))
-        })();
-        match result {
-            Ok((merged, max_uuid)) => {
+        match merge_once(&mut self.conn, &self.state, MERGE_MAX_ROWS) {
+            Ok(merged) => {
                 self.acker.metrics.health.recover("merger");
-                self.state.note_merged(merged.through, max_uuid);
                 if merged.rows > 0 {
                     Metrics::add(&self.acker.metrics.merges, 1);
                     Metrics::add(&self.acker.metrics.logs_merged, merged.rows as u64);
@@ -300,4 +311,32 @@ impl Merger {
             }
         }
     }
+}
+
+/// Moves the next at most `max_rows` ingest rows into `logs` in one
+/// transaction on `conn` (the merger's connection) and publishes the new
+/// mark in `state`.
+pub(super) fn merge_once(
+    conn: &mut Connection,
+    state: &MergeState,
+    max_rows: usize,
+) -> rusqlite::Result<Merged> {
+    let floor = ingest::merged_floor(conn)?.max(state.merged_through());
+    let (merged, max_uuid) = if ingest::holds_rows_above(conn, floor)? {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let merged = ingest::merge_chunk(&tx, floor, max_rows)?;
+        let max_uuid = ingest::logs_max_uuid(&tx)?;
+        tx.commit()?;
+        (merged, max_uuid)
+    } else {
+        // Nothing to move: the main database's write lock, which a batch
+        // bound straight for `logs` may be waiting for, is left alone.
+        (None, ingest::logs_max_uuid(conn)?)
+    };
+    let merged = merged.unwrap_or(Merged {
+        rows: 0,
+        through: floor,
+    });
+    state.note_merged(merged.through, max_uuid);
+    Ok(merged)
 }

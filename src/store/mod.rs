@@ -18,6 +18,13 @@ pub mod standalone;
 pub mod wal;
 pub mod writer;
 
+#[cfg(test)]
+mod model_tests;
+// Also included by the integration tests, which use all of it.
+#[cfg(test)]
+#[allow(dead_code)]
+mod power_cut;
+
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
 use crate::reply::ReplyTo;
 use rusqlite::ToSql;

@@ -24,6 +24,17 @@
 //!    last look, everything backfilled) with a WAL past `restart_bytes`, the
 //!    checkpointer truncates it: there is nothing left to copy, so the lock
 //!    it takes is brief and only ever meets an idle writer.
+//!
+//! Checkpoints are also what makes commits survive a power cut. With
+//! `synchronous=NORMAL` a commit only appends to the WAL, and nothing
+//! syncs it; a checkpoint that has frames to copy first syncs the WAL
+//! (every frame written so far), and only then records how far it got
+//! (`nBackfill`), and SQLite starts the WAL over only once a checkpoint
+//! has also copied every frame and synced the database file. So a
+//! checkpoint that reports every frame of its snapshot copied proves that
+//! each commit made before it began is on disk. A [`DurableMark`] turns
+//! that into a position the rest of the store can act on (the merger's
+//! merged-through id: ingest rows may be deleted only up to it).
 
 use crate::metrics::Metrics;
 use crate::store::{schema, StoreError};
@@ -70,12 +81,52 @@ impl Default for WalPolicy {
 /// What one `PRAGMA wal_checkpoint` reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointResult {
-    /// It could not finish because of a lock (only for blocking modes).
+    /// It could not finish because of a lock (a blocking mode that met a
+    /// reader, or another checkpoint running).
     pub busy: bool,
     /// Frames in the WAL.
     pub log_frames: u64,
     /// Frames already copied into the database.
     pub backfilled: u64,
+}
+
+impl CheckpointResult {
+    /// Whether every frame of the WAL (as the checkpoint found it) is in
+    /// the database file: then every commit made before the checkpoint
+    /// began is on disk (see the module's last paragraph).
+    pub fn complete(&self) -> bool {
+        !self.busy && self.backfilled == self.log_frames
+    }
+}
+
+/// A position in what the writers of one database have committed (the
+/// merger's merged-through id for the main database) that its checkpoints
+/// declare durable. Writers must advance [`committed`](Self::committed)
+/// only after the commit that reached it returned.
+pub trait DurableMark: Send + Sync + std::fmt::Debug {
+    /// How far the commits have got; read before a checkpoint begins.
+    fn committed(&self) -> i64;
+    /// Every commit up to `mark` (a value [`committed`](Self::committed)
+    /// returned) is on disk.
+    fn made_durable(&self, mark: i64);
+}
+
+/// Runs [`checkpoint`] in `mode` on `conn` and, if it was
+/// [complete](CheckpointResult::complete), tells `mark` that what had been
+/// committed when it began is durable.
+pub fn checkpoint_marking(
+    conn: &Connection,
+    mode: &str,
+    mark: Option<&dyn DurableMark>,
+) -> rusqlite::Result<CheckpointResult> {
+    let committed = mark.map(|m| (m, m.committed()));
+    let result = checkpoint(conn, mode)?;
+    if let Some((mark, through)) = committed {
+        if result.complete() {
+            mark.made_durable(through);
+        }
+    }
+    Ok(result)
 }
 
 /// Runs `PRAGMA main.wal_checkpoint(mode)` on `conn`: only its own file,
@@ -98,6 +149,8 @@ pub struct WalState {
     /// Microseconds after `epoch` of the writer's last commit.
     last_commit_us: AtomicU64,
     epoch: Instant,
+    /// What the checkpointer's complete checkpoints make durable.
+    mark: Option<Arc<dyn DurableMark>>,
 }
 
 impl Default for WalState {
@@ -107,11 +160,21 @@ impl Default for WalState {
             backfilled: AtomicU64::new(0),
             last_commit_us: AtomicU64::new(0),
             epoch: Instant::now(),
+            mark: None,
         }
     }
 }
 
 impl WalState {
+    /// The state of a WAL whose checkpointer tells `mark` what each of its
+    /// complete checkpoints made durable.
+    pub fn marking(mark: Arc<dyn DurableMark>) -> Self {
+        WalState {
+            mark: Some(mark),
+            ..WalState::default()
+        }
+    }
+
     fn publish(&self, r: CheckpointResult) {
         self.log_frames.store(r.log_frames, Ordering::Relaxed);
         self.backfilled.store(r.backfilled, Ordering::Relaxed);
@@ -147,13 +210,15 @@ pub fn configure_writer(conn: &Connection, policy: &WalPolicy) -> rusqlite::Resu
 
 /// At shutdown, after the last commit: stops `checkpointer`, then truncates
 /// the WAL of `conn`'s file (`what`, for the log) as a courtesy that waits
-/// at most `lock_wait` for another connection's lock.
+/// at most `lock_wait` for another connection's lock, and tells `mark`
+/// (if any) what that made durable.
 pub fn final_truncate(
     conn: &Connection,
     checkpointer: Option<Checkpointer>,
     lock_wait: Duration,
     what: &str,
     metrics: &Metrics,
+    mark: Option<&dyn DurableMark>,
 ) {
     if let Some(checkpointer) = checkpointer {
         checkpointer.stop();
@@ -161,7 +226,7 @@ pub fn final_truncate(
     if let Err(e) = conn.busy_timeout(lock_wait) {
         log::warn!("cannot shorten the busy timeout for the final checkpoint of {what}: {e}");
     }
-    match checkpoint(conn, "TRUNCATE") {
+    match checkpoint_marking(conn, "TRUNCATE", mark) {
         Ok(result) if !result.busy => Metrics::add(&metrics.checkpoints, 1),
         Ok(_) => log::warn!("final WAL checkpoint of {what} was blocked by a reader"),
         Err(e) => log::error!("final WAL checkpoint of {what} failed: {e}"),
@@ -242,7 +307,7 @@ fn run_checkpointer(
         .pragma_query_value(None, "page_size", |r| r.get(0))
         .unwrap_or(4096);
     while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(policy.interval) {
-        let result = match checkpoint(conn, "PASSIVE") {
+        let result = match checkpoint_marking(conn, "PASSIVE", state.mark.as_deref()) {
             Ok(result) => result,
             Err(e) => {
                 log::warn!("PASSIVE checkpoint failed: {e}");
@@ -263,7 +328,7 @@ fn run_checkpointer(
 fn truncate_idle(conn: &Connection, state: &WalState, metrics: &Metrics) {
     let outcome = conn
         .busy_timeout(TRUNCATE_LOCK_WAIT)
-        .and_then(|()| checkpoint(conn, "TRUNCATE"));
+        .and_then(|()| checkpoint_marking(conn, "TRUNCATE", state.mark.as_deref()));
     if let Err(e) = conn.busy_timeout(schema::BUSY_TIMEOUT) {
         log::warn!("cannot restore the checkpointer's busy timeout: {e}");
     }
@@ -315,7 +380,7 @@ impl WalTrimmer {
             return None;
         }
         let started = Instant::now();
-        match checkpoint(conn, "PASSIVE") {
+        match checkpoint_marking(conn, "PASSIVE", self.state.mark.as_deref()) {
             Ok(result) => {
                 // Until the checkpointer looks again, assume the restart took:
                 // the writer's next transaction starts the WAL over.

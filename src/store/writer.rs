@@ -11,7 +11,7 @@
 use super::ingest::{self, IdAllocator, PendingUuids};
 use super::merger::{self, MergeState, MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
 use super::ops::OpOutcome;
-use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
+use super::wal::{self, Checkpointer, DurableMark, WalPolicy, WalState, WalTrimmer};
 use super::{schema, LogRow, StoreError, WriteJob, WriteOp};
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
@@ -60,7 +60,7 @@ const MERGER_STALL: Duration = Duration::from_secs(5);
 /// Most rows the ingest file holds before new logs are refused: reached
 /// only while the merger is stalled (the writer waits for it below
 /// [`MAX_UNMERGED_ROWS`]); bounds [`PendingUuids`] at about 40 MiB.
-const MAX_PENDING_ROWS: usize = 1 << 20;
+pub(super) const MAX_PENDING_ROWS: usize = 1 << 20;
 
 /// Merged rows deleted from the ingest file at shutdown per transaction.
 const FINAL_DELETE_ROWS: usize = 65_536;
@@ -132,7 +132,9 @@ pub fn spawn_writer(
         wal_state,
         Arc::clone(&metrics),
     )?;
-    let main_wal = Arc::new(WalState::default());
+    // The main database's checkpoints make merges durable (see
+    // `MergeState::durable_through`).
+    let main_wal = Arc::new(WalState::marking(Arc::clone(&state) as Arc<dyn DurableMark>));
     let merger = merger::spawn_merger(
         main,
         db_path,
@@ -146,15 +148,7 @@ pub fn spawn_writer(
         checkpointer: Some(checkpointer),
         trimmer,
         conn,
-        body: IngestBody {
-            state,
-            mark: (0, Uuid::nil()),
-            ids: None,
-            delete_rows: 0,
-            pending,
-            last_own_id,
-            max_pending: MAX_PENDING_ROWS,
-        },
+        body: IngestBody::new(state, pending, last_own_id, MAX_PENDING_ROWS),
         indexed_trimmer: WalTrimmer::new(&indexed, settings.wal, Arc::clone(&main_wal))?,
         indexed,
         woke_merger_at: None,
@@ -172,9 +166,15 @@ pub fn spawn_writer(
 }
 
 /// Reads where the ingest file and `logs` stand (after a crash the ingest
-/// file may hold rows not yet merged, and merged rows not yet deleted),
-/// deletes the merged ones and returns the uuids of the rest.
-fn recover(
+/// file may hold rows not yet merged, and merged rows not yet deleted) and
+/// the uuids of the ingest file's rows.
+///
+/// Merged rows stay: their copies in `logs` may be only in the main
+/// database's WAL, which nothing has synced (the daemon may have been
+/// killed right after the merge). The writer deletes them once the main
+/// database's checkpointer has made them durable, as it does while
+/// running.
+pub(super) fn recover(
     conn: &mut Connection,
     logs_max_uuid: Uuid,
 ) -> Result<(MergeState, PendingUuids), StoreError> {
@@ -182,13 +182,9 @@ fn recover(
         r.get(0)
     })?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut pending = PendingUuids::load(&tx)?;
-    while ingest::delete_merged(&tx, merged, FINAL_DELETE_ROWS, &mut pending)? == FINAL_DELETE_ROWS
-    {
-    }
+    let pending = PendingUuids::load(&tx)?;
     let committed = ingest::max_ingest_id(&tx)?;
     tx.commit()?;
-    pending.commit();
     if committed > merged {
         log::info!(
             "{} logs committed before the last stop are not yet in the indexed table; merging them",
@@ -445,11 +441,14 @@ impl Acker {
 }
 
 /// Log rows go into the ingest table, after deleting some rows the merger
-/// has already moved.
-struct IngestBody {
+/// has already moved and the main database has synced.
+pub(super) struct IngestBody {
     state: Arc<MergeState>,
     /// The merge mark read before the current transaction began.
     mark: (i64, Uuid),
+    /// Ingest rows up to this id may be deleted: the durable mark read
+    /// before the current transaction began.
+    deletable: i64,
     ids: Option<IdAllocator>,
     /// Merged rows the next transaction may delete.
     delete_rows: usize,
@@ -463,16 +462,37 @@ struct IngestBody {
     max_pending: usize,
 }
 
-impl TxBody for IngestBody {
-    fn before(&mut self) {
-        // Read before BEGIN: the transaction's snapshot of `logs` (taken at
-        // BEGIN) then holds every row merged up to this mark, which the
-        // deletes, the id floor and the skipped uuid lookups rely on.
-        self.mark = self.state.merged_mark();
+impl IngestBody {
+    /// The writer's body for an ingest file holding the rows in `pending`,
+    /// of which this writer knows ids up to `last_own_id`; logs are refused
+    /// once it holds `max_pending` rows.
+    pub(super) fn new(
+        state: Arc<MergeState>,
+        pending: PendingUuids,
+        last_own_id: i64,
+        max_pending: usize,
+    ) -> Self {
+        IngestBody {
+            state,
+            mark: (0, Uuid::nil()),
+            deletable: 0,
+            ids: None,
+            delete_rows: 0,
+            pending,
+            last_own_id,
+            max_pending,
+        }
     }
 
-    fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
-        let (through, _) = self.mark;
+    /// Lets the next transaction delete at most `rows` rows already in
+    /// `logs` on disk.
+    pub(super) fn delete_at_most(&mut self, rows: usize) {
+        self.delete_rows = rows;
+    }
+
+    /// Starts `pending` on the transaction `tx`, reading it again if
+    /// another process wrote rows meanwhile: deletions must know every row.
+    fn begin_pending(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
         self.pending.begin();
         let newest = ingest::max_ingest_id(tx)?;
         if newest > self.last_own_id {
@@ -480,7 +500,48 @@ impl TxBody for IngestBody {
             self.pending = PendingUuids::load(tx)?;
             self.last_own_id = newest;
         }
-        ingest::delete_merged(tx, through, self.delete_rows, &mut self.pending)?;
+        Ok(())
+    }
+
+    /// Deletes every ingest row that is in `logs` on disk, in transactions
+    /// of at most [`FINAL_DELETE_ROWS`] on `conn` (the writer's).
+    pub(super) fn delete_all_durable(&mut self, conn: &mut Connection) {
+        let through = self.state.durable_through();
+        let result = (|| loop {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            self.begin_pending(&tx)?;
+            let deleted =
+                ingest::delete_merged(&tx, through, FINAL_DELETE_ROWS, &mut self.pending)?;
+            tx.commit()?;
+            self.pending.commit();
+            if deleted < FINAL_DELETE_ROWS {
+                return Ok::<_, rusqlite::Error>(());
+            }
+        })();
+        if let Err(e) = result {
+            log::warn!(
+                "cannot delete merged rows from the ingest file (the writer will after \
+                 the next start): {e}"
+            );
+        }
+    }
+}
+
+impl TxBody for IngestBody {
+    fn before(&mut self) {
+        // Read before BEGIN: the transaction's snapshot of `logs` (taken at
+        // BEGIN) then holds every row merged up to this mark, which the
+        // id floor and the skipped uuid lookups rely on.
+        self.mark = self.state.merged_mark();
+        // Never the merge mark: a merge may still be only in the main
+        // database's WAL, and a power cut would lose a row deleted here.
+        self.deletable = self.state.durable_through();
+    }
+
+    fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
+        let (through, _) = self.mark;
+        self.begin_pending(tx)?;
+        ingest::delete_merged(tx, self.deletable, self.delete_rows, &mut self.pending)?;
         self.ids = Some(IdAllocator::new(tx, through)?);
         Ok(())
     }
@@ -515,17 +576,18 @@ impl TxBody for IngestBody {
 /// Commits `jobs` (log jobs only) straight into `logs` in one transaction
 /// on `indexed`, with ids handed out under the ingest file's write lock,
 /// taken on `ingest` and held (having written nothing) until the rows are
-/// committed, so that nobody else hands out ids meanwhile. Returns each
-/// job's outcome, the last id and the largest uuid written, or `None` when
-/// the ingest file holds rows not yet merged (see
+/// committed, so that nobody else hands out ids meanwhile, and publishes
+/// the rows as merged in `state`. Returns each job's outcome, or `None`
+/// when the ingest file holds rows not yet merged (see
 /// [`IdAllocator::for_indexed`]).
-fn insert_indexed(
+pub(super) fn insert_indexed(
     ingest: &mut Connection,
     indexed: &mut Connection,
     jobs: &[WriteJob],
-    merged_through: i64,
+    state: &MergeState,
     now_us: i64,
-) -> rusqlite::Result<Option<(Vec<JobResult>, i64, Uuid)>> {
+) -> rusqlite::Result<Option<Vec<JobResult>>> {
+    let (merged_through, _) = state.merged_mark();
     let lock = ingest.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let Some(mut ids) = IdAllocator::for_indexed(&lock, merged_through)? else {
         return Ok(None);
@@ -544,7 +606,10 @@ fn insert_indexed(
     }
     tx.commit()?;
     drop(lock);
-    Ok(Some((outcomes, ids.last(), newest)))
+    if ids.last() > merged_through {
+        state.note_merged(ids.last(), newest);
+    }
+    Ok(Some(outcomes))
 }
 
 /// Whether a batch of log jobs costs less written straight into `logs` than
@@ -616,7 +681,7 @@ impl Writer {
             }
             self.wait_for_merger();
             // Delete merged rows a little faster than they arrive.
-            self.body.delete_rows = 2 * rows + 1024;
+            self.body.delete_at_most(2 * rows + 1024);
             self.acker.commit_and_answer(&mut self.conn, &mut self.body);
             if self.trimmer.after_commit(&self.conn).is_some() {
                 Metrics::add(&self.metrics().checkpoints, 1);
@@ -637,6 +702,7 @@ impl Writer {
             FINAL_CHECKPOINT_LOCK_WAIT,
             "the ingest file",
             &self.acker.metrics,
+            None,
         );
     }
 
@@ -666,10 +732,10 @@ impl Writer {
             &mut self.conn,
             &mut self.indexed,
             &self.acker.jobs,
-            through,
+            &self.body.state,
             now_us,
         );
-        let (outcomes, last_id, newest) = match written {
+        let outcomes = match written {
             Ok(Some(written)) => written,
             Ok(None) => return false,
             Err(e) => {
@@ -683,9 +749,6 @@ impl Writer {
                 return false;
             }
         };
-        if last_id > through {
-            self.body.state.note_merged(last_id, newest);
-        }
         let metrics = &self.acker.metrics;
         Metrics::add(&metrics.commits, 1);
         Metrics::add(&metrics.indexed_commits, 1);
@@ -758,25 +821,11 @@ impl Writer {
         }
     }
 
-    /// After the final merge: empties the ingest table of merged rows.
+    /// After the final merge and the main database's final checkpoint:
+    /// empties the ingest table of merged rows that checkpoint made
+    /// durable (all of them, unless it was blocked).
     fn delete_all_merged(&mut self) {
-        let through = self.body.state.merged_through();
-        let result = (|| loop {
-            self.body.pending.begin();
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let deleted =
-                ingest::delete_merged(&tx, through, FINAL_DELETE_ROWS, &mut self.body.pending)?;
-            tx.commit()?;
-            self.body.pending.commit();
-            if deleted < FINAL_DELETE_ROWS {
-                return Ok::<_, rusqlite::Error>(());
-            }
-        })();
-        if let Err(e) = result {
-            log::warn!("cannot delete merged rows from the ingest file (the next start will): {e}");
-        }
+        self.body.delete_all_durable(&mut self.conn);
     }
 }
 
@@ -1123,15 +1172,12 @@ mod tests {
         let path = dir.path().join("w.db");
         drop(schema::open_rw(&path, 4).unwrap());
         let mut conn = schema::open_ingest_rw(&path, 4).unwrap();
-        let mut body = IngestBody {
-            state: Arc::new(MergeState::new(0, 0, Uuid::nil())),
-            mark: (0, Uuid::nil()),
-            ids: None,
-            delete_rows: 0,
-            pending: PendingUuids::default(),
-            last_own_id: 0,
-            max_pending: 2,
-        };
+        let mut body = IngestBody::new(
+            Arc::new(MergeState::new(0, 0, Uuid::nil())),
+            PendingUuids::default(),
+            0,
+            2,
+        );
         let ops = [
             logs(&[Uuid::now_v7(), Uuid::now_v7()]),
             logs(&[Uuid::now_v7()]),

@@ -12,7 +12,7 @@ use codi_monitor::proto::{
 };
 use codi_monitor::store::{ingest, schema, StoreError};
 use rusqlite::{Connection, OptionalExtension, Transaction};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -27,6 +27,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use uuid::Uuid;
+
+#[path = "../../src/store/power_cut.rs"]
+pub mod power_cut;
 
 /// Hang protection for a daemon to print its READY line.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -512,6 +515,34 @@ impl Daemon {
         assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
     }
 
+    /// SIGSTOP, then waits (hang-protected) until every thread is stopped:
+    /// the files are then still while the test looks at them.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+        let task_dir = format!("/proc/{}/task", self.pid());
+        let all_stopped = || {
+            let Ok(tasks) = fs::read_dir(&task_dir) else {
+                return false;
+            };
+            tasks.flatten().all(|task| {
+                // The state follows the parenthesised command name.
+                fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+                })
+            })
+        };
+        assert!(
+            wait_until(READ_TIMEOUT, all_stopped),
+            "daemon did not stop on SIGSTOP"
+        );
+    }
+
+    /// SIGCONT after [`freeze`](Self::freeze).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// SIGKILL, and reaps the process.
     pub fn kill9(&mut self) {
         self.signal(libc::SIGKILL);
@@ -958,6 +989,26 @@ impl Db {
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .unwrap()
     }
+
+    /// How often each stored uuid is seen (through `all_logs`).
+    pub fn uuid_counts(&self) -> HashMap<Uuid, u32> {
+        let tx = self.snapshot();
+        let mut stmt = tx.prepare("SELECT uuid FROM all_logs").unwrap();
+        let mut counts = HashMap::new();
+        for uuid in stmt.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap() {
+            let uuid = Uuid::from_slice(&uuid.unwrap()).expect("16-byte uuid");
+            *counts.entry(uuid).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+/// Copies the database `db` and its ingest file into the directory `to` as
+/// a power cut could leave them ([`power_cut::copy_cut`]) and returns the
+/// copy's database path.
+pub fn copy_as_after_power_cut(db: &Path, to: &Path) -> PathBuf {
+    power_cut::copy_cut(&[db, &schema::ingest_path(db)], to);
+    to.join(db.file_name().unwrap())
 }
 
 /// A database (and its ingest file) an older daemon wrote, read-only.
