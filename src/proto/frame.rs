@@ -134,7 +134,6 @@ mod tests {
                     patterns: vec!["*.md".into()],
                     session_id: None,
                     active: true,
-                    watch_cap_reached: false,
                 }],
             },
             Payload::StopMonitoring {
