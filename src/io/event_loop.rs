@@ -807,7 +807,8 @@ fn process_frames(services: &Services, conn: &mut Connection, origin: Origin, li
         if conn.input.len() < frame_len {
             return;
         }
-        conn.last_frame_at = Instant::now();
+        let now = Instant::now();
+        conn.last_frame_at = now;
         let message = decode_message(&conn.input.data()[HEADER_LEN..frame_len]);
         let msg = match message {
             Ok(msg) => msg,
@@ -820,7 +821,7 @@ fn process_frames(services: &Services, conn: &mut Connection, origin: Origin, li
             }
         };
         let (rate, burst) = services.live.rate();
-        if let Err(until) = conn.rate.ready(rate, burst, Instant::now()) {
+        if let Err(until) = conn.rate.ready(rate, burst, now) {
             conn.pause = Pause::RateLimit(until);
             Metrics::add(&services.metrics.rate_limit_pauses, 1);
             return;

@@ -180,19 +180,10 @@ impl Services {
             Payload::Ping => self.answer(conn, Message::ack(id, AckStatus::Accepted)),
             Payload::Authenticate { .. } => self.authenticate(conn, msg),
             Payload::GetStatus => self.answer(conn, self.status()),
-            Payload::LogEntry(_) | Payload::LogBatch { .. }
-                if too_far_ahead(msg.timestamp).is_some() =>
-            {
-                let count = match &msg.payload {
-                    Payload::LogBatch { entries } => {
-                        u32::try_from(entries.len()).unwrap_or(u32::MAX)
-                    }
-                    _ => 1,
-                };
-                let reason = too_far_ahead(msg.timestamp).unwrap_or_default();
-                self.reject(conn, id, reason, count)
-            }
             Payload::LogEntry(fields) => {
+                if let Some(reason) = too_far_ahead(msg.timestamp) {
+                    return self.reject(conn, id, reason, 1);
+                }
                 let row = LogRow::from_fields(id, msg.timestamp, fields, conn.session.as_deref());
                 match row {
                     Ok(row) => self.write(conn, origin, id, WriteOp::Logs(vec![row]), frame_len, 1),
@@ -203,6 +194,9 @@ impl Services {
                 let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
                 if entries.is_empty() {
                     return self.answer(conn, Message::ack(id, AckStatus::Accepted));
+                }
+                if let Some(reason) = too_far_ahead(msg.timestamp) {
+                    return self.reject(conn, id, reason, count);
                 }
                 match batch_rows(id, msg.timestamp, entries, conn.session.as_deref()) {
                     Ok(rows) => self.write(conn, origin, id, WriteOp::Logs(rows), frame_len, count),
@@ -585,7 +579,7 @@ fn too_far_ahead(timestamp: Timestamp) -> Option<String> {
     (timestamp.as_micros() > limit).then(|| {
         format!(
             "timestamp {timestamp} is more than 24 hours ahead of the daemon's clock ({}); fix the sender's clock",
-            Timestamp::now()
+            Timestamp::from_micros(limit - MAX_FUTURE_SKEW_MICROS)
         )
     })
 }
