@@ -317,7 +317,10 @@ mod tests {
 
         let meta = rmpv::Value::Map(vec![("k".into(), rmpv::Value::Binary(vec![1, 2]))]);
         let row = LogRow::from_fields(id, ts, fields(Some(meta), None), None).unwrap();
-        assert_eq!(row.metadata_json.as_deref(), Some(r#"{"k":[1,2]}"#));
+        assert_eq!(
+            row.metadata_json.as_deref(),
+            Some(r#"{"k":{"$bin":"AQI="}}"#)
+        );
 
         let deep = (0..100).fold(rmpv::Value::Nil, |v, _| rmpv::Value::Array(vec![v]));
         let err = LogRow::from_fields(id, ts, fields(Some(deep), None), None).unwrap_err();
