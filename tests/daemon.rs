@@ -1037,26 +1037,54 @@ mod frames {
         assert!(d.is_running());
     }
 
+    /// A `LogBatch` of three logs whose encoded body is exactly `target`
+    /// bytes (each log stays under the row bound of 512 KiB).
+    fn batch_with_body_len(target: usize) -> Message {
+        let part = (target - 1000) / 3;
+        let mut msg = batch(
+            (0..3)
+                .map(|_| fields(LogLevel::Info, "big", &"m".repeat(part)))
+                .collect(),
+        );
+        let body_len = |m: &Message| rmp_serde::to_vec_named(m).unwrap().len();
+        let current = body_len(&msg);
+        if let Payload::LogBatch { entries } = &mut msg.payload {
+            entries[2].message = "m".repeat(part + target - current);
+        }
+        assert_eq!(body_len(&msg), target);
+        msg
+    }
+
     #[test]
     fn a_frame_of_exactly_one_mebibyte_is_accepted() {
         let d = Daemon::start_default();
         let mut c = d.unix();
-        let msg = log_with_body_len(MAX_FRAME_LEN);
+        let msg = batch_with_body_len(MAX_FRAME_LEN);
         let bytes = frame(&msg);
         assert_eq!(bytes.len(), 4 + MAX_FRAME_LEN);
         c.send_raw(&bytes).unwrap();
         assert_accepted(&c.recv(), msg.id);
-        let Payload::LogEntry(f) = &msg.payload else {
+        let Payload::LogBatch { entries } = &msg.payload else {
             unreachable!()
         };
-        assert_eq!(d.db().row(msg.id).unwrap().message.len(), f.message.len());
+        for (i, e) in entries.iter().enumerate() {
+            let row = d.db().row(batch_entry(msg.id, i)).unwrap();
+            assert_eq!(row.message.len(), e.message.len());
+        }
         // And over TCP, written in small pieces.
         let mut c = d.tcp();
-        let msg = log_with_body_len(MAX_FRAME_LEN);
+        let msg = batch_with_body_len(MAX_FRAME_LEN);
         for chunk in frame(&msg).chunks(100_003) {
             c.send_raw(chunk).unwrap();
         }
         assert_accepted(&c.recv(), msg.id);
+        // One log of a whole frame is a valid frame, refused by the row
+        // bound with the reason; the connection goes on.
+        let msg = log_with_body_len(MAX_FRAME_LEN);
+        c.send_raw(&frame(&msg)).unwrap();
+        let reason = assert_rejected(&c.recv(), msg.id);
+        assert!(reason.contains("524288"), "{reason}");
+        c.ping();
     }
 
     #[test]

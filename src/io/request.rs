@@ -10,16 +10,13 @@ use crate::io::listener::Stream;
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, ComponentStatus, ErrorCode, LogFields, Message, Payload};
 use crate::reply::ReplyTo;
-use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp};
+use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp, MAX_NAME_LEN};
 use crossbeam_channel::{Sender, TrySendError};
 use parking_lot::RwLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use uuid::Uuid;
-
-/// Longest session id, component or identity accepted.
-pub const MAX_NAME_LEN: usize = 256;
 
 /// Settings a SIGHUP may change while connections are open.
 #[derive(Debug, Default)]
@@ -350,8 +347,14 @@ impl Services {
         frame_len: usize,
         entries: u32,
     ) -> Handled {
-        // Decoded rows take roughly twice their wire size in memory.
-        let cost = 2 * frame_len + 256;
+        // Decoded rows take roughly twice their wire size in memory, or
+        // their stored size if that is more (JSON escapes can grow a text
+        // sixfold; each row is bounded by `MAX_ROW_BYTES`).
+        let stored: usize = match &op {
+            WriteOp::Logs(rows) => rows.iter().map(LogRow::stored_len).sum(),
+            WriteOp::SessionStart { .. } | WriteOp::SessionEnd { .. } => 0,
+        };
+        let cost = (2 * frame_len).max(stored) + 256;
         if !self.budget.try_acquire(cost) {
             return Handled::Blocked;
         }

@@ -411,14 +411,18 @@ def test_frame_of_exactly_one_mib_is_accepted(conn):
     when = rfc3339()
 
     def body(n: int) -> bytes:
-        return pack(message({"LogEntry": log_fields(component=component, message="y" * n)},
-                            msg_id=log_id, timestamp=when))
+        # Three logs: one log is at most 524 288 bytes once stored.
+        entries = [log_fields(component=component, message="y" * n) for _ in range(3)]
+        return pack(message({"LogBatch": {"entries": entries}}, msg_id=log_id, timestamp=when))
 
-    n = MAX_FRAME_LEN - len(body(70_000)) + 70_000  # str 32 header from 65 536 up
+    n = 300_000
+    n += (MAX_FRAME_LEN - len(body(n))) // 3
+    while len(body(n)) < MAX_FRAME_LEN:
+        n += 1
     assert len(body(n)) == MAX_FRAME_LEN
     conn.send_raw(frame(body(n)))
     expect_ack(conn.recv(), log_id)
-    assert query(conn, limit=0, component=component)["total_count"] == 1
+    assert query(conn, limit=0, component=component)["total_count"] == 3
 
 
 def test_truncated_frame_then_close_does_not_disturb_others(connect):
