@@ -1,7 +1,7 @@
 //! The query pool: a few threads, each with its own read-only connection, so
 //! that queries never wait for the writer (WAL lets them read a snapshot).
 
-use super::query::{fit_to_frame, run_query};
+use super::query::select;
 use super::{schema, QueryJob, StoreError};
 use crate::metrics::Metrics;
 use crate::proto::{ErrorCode, LogFilter, Message, Payload};
@@ -83,17 +83,14 @@ fn serve(conn: &Connection, jobs: &Receiver<QueryJob>, replies: &Replies, metric
     }
 }
 
-/// The answer to one `QueryLogs`: `LogResults` trimmed to one frame, or an
+/// The answer to one `QueryLogs`: `LogResults` within one frame, or an
 /// `Error`.
 fn answer(conn: &Connection, filter: &LogFilter, limit: u64) -> Message {
-    match run_query(conn, filter, limit) {
-        Ok((mut entries, total_count)) => {
-            fit_to_frame(&mut entries, filter.after_id.is_none());
-            Message::answer(Payload::LogResults {
-                entries,
-                total_count,
-            })
-        }
+    match select(conn, filter, limit) {
+        Ok(selection) => Message::answer(Payload::LogResults {
+            entries: selection.entries(),
+            total_count: selection.total_count,
+        }),
         Err(StoreError::InvalidFilter(reason)) => Message::error(
             ErrorCode::InvalidRequest,
             format!("invalid filter: {reason}"),
