@@ -142,6 +142,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         readers: reader_tx,
         exports: exports_tx,
         budget,
+        answer_pool: Arc::new(InflightBudget::new(config.storage.inflight_bytes)),
         metrics,
         live: Arc::clone(&live),
         started,

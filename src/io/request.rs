@@ -3,6 +3,7 @@
 //! blocking here: a full queue or budget reports `Blocked` and the loop
 //! pauses the connection without consuming the frame.
 
+use super::answers::QUERY_ANSWER_ROOM;
 use super::conn::{ConnState, Connection};
 use crate::budget::InflightBudget;
 use crate::export::{ControlJob, ControlOp, ControlSender};
@@ -69,6 +70,8 @@ pub struct Services {
     pub exports: Option<ControlSender>,
     /// Bytes of requests in flight.
     pub budget: Arc<InflightBudget>,
+    /// Bytes of query answers not yet written out (`io::answers`).
+    pub answer_pool: Arc<InflightBudget>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Reloadable settings.
@@ -170,11 +173,28 @@ impl Services {
                 self.write(conn, origin, id, op, frame_len, 1)
             }
             Payload::QueryLogs { filter, limit } => {
+                // Room for the answer first: answers that clients do not
+                // read must not add up without bound (`io::answers`).
+                let Some(room) = self
+                    .answer_pool
+                    .try_reserve(QUERY_ANSWER_ROOM, conn.rooms.holder())
+                else {
+                    Metrics::add(&self.metrics.queries_refused, 1);
+                    return self.answer(
+                        conn,
+                        Message::error(
+                            ErrorCode::Unavailable,
+                            "too many query answers waiting to be read by their clients; \
+                             retry shortly",
+                        ),
+                    );
+                };
                 let reply = self.reply_to(conn, origin, true);
                 match self.readers.try_send(QueryJob {
                     reply,
                     filter,
                     limit,
+                    room,
                 }) {
                     Ok(()) => {
                         conn.answers.reserve();
@@ -415,7 +435,15 @@ impl Services {
             ComponentStatus {
                 name: "readers".into(),
                 status: "healthy".into(),
-                message: format!("{} queries answered", get(&m.queries)),
+                message: format!(
+                    "{} queries answered, {} refused for a full answer pool, \
+                     {} of {} answer bytes held, {} rows cut to fit",
+                    get(&m.queries),
+                    get(&m.queries_refused),
+                    self.answer_pool.used(),
+                    self.answer_pool.limit(),
+                    get(&m.rows_cut)
+                ),
             },
             ComponentStatus {
                 name: "merger".into(),

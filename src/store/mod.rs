@@ -17,6 +17,7 @@ pub mod standalone;
 pub mod wal;
 pub mod writer;
 
+use crate::budget::Reservation;
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
 use crate::reply::ReplyTo;
 use metadata::MetadataError;
@@ -313,6 +314,10 @@ pub struct QueryJob {
     pub filter: LogFilter,
     /// How many at most.
     pub limit: u64,
+    /// Room for the answer in the answer pool, taken before the query was
+    /// queued: one whole frame, shrunk to the answer's size once it is
+    /// built, and held until it has been written out.
+    pub room: Reservation,
 }
 
 #[cfg(test)]
