@@ -2,6 +2,7 @@
 //! object per line for programs.
 
 use crate::proto::{ComponentStatus, LogLevel, StoredLog, Timestamp};
+use crate::store::metadata;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
@@ -35,9 +36,10 @@ fn colour(level: LogLevel) -> &'static str {
     }
 }
 
-/// Metadata as compact JSON.
+/// Metadata as compact JSON, in the mapping the database stores
+/// (`store::metadata`: binary as `{"$bin": "<base64>"}`, ...).
 pub fn metadata_json(value: &rmpv::Value) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| value.to_string())
+    metadata::to_json(value).unwrap_or_else(|_| value.to_string())
 }
 
 /// One row: time, level, component, session, message and metadata; the
@@ -66,7 +68,7 @@ pub fn table_row(log: &StoredLog, colour_on: bool) -> String {
 /// One log as a single-line JSON object.
 pub fn json_row(log: &StoredLog) -> String {
     let meta = match &log.metadata {
-        Some(m) => serde_json::to_value(m).unwrap_or(serde_json::Value::Null),
+        Some(m) => serde_json::from_str(&metadata_json(m)).unwrap_or(serde_json::Value::Null),
         None => serde_json::Value::Null,
     };
     serde_json::json!({
@@ -162,6 +164,11 @@ mod tests {
         assert_eq!(v["level"], "Warn");
         assert_eq!(v["session_id"], serde_json::Value::Null);
         assert_eq!(v["metadata"], "m");
+        let row = json_row(&stored(Some(rmpv::Value::Binary(vec![0, 7, 255]))));
+        let v: serde_json::Value = serde_json::from_str(&row).unwrap();
+        assert_eq!(v["metadata"], serde_json::json!({"$bin": "AAf/"}));
+        let row = table_row(&stored(Some(rmpv::Value::Ext(2, vec![1]))), false);
+        assert!(row.ends_with(r#"{"$ext":2,"data":"AQ=="}"#), "{row}");
     }
 
     #[test]
