@@ -48,6 +48,14 @@ pub fn daemon_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_codi-monitor")))
 }
 
+/// The `codi2` binary under test: `$CODI_TEST_CODI2` when set (like
+/// `$CODI_TEST_DAEMON`), else this crate's own.
+pub fn codi2_binary() -> PathBuf {
+    std::env::var_os("CODI_TEST_CODI2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_codi2")))
+}
+
 /// Environment variables the daemon and codi2 read; cleared so the tests
 /// see only what they set themselves.
 const ISOLATED_ENV: &[&str] = &[
@@ -146,7 +154,7 @@ impl Sandbox {
 
     /// A `codi2` command with an isolated environment.
     pub fn codi2(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_codi2"));
+        let mut cmd = Command::new(codi2_binary());
         for key in ISOLATED_ENV {
             cmd.env_remove(key);
         }
