@@ -181,7 +181,7 @@ fn writer_thread(c: &mut Criterion) {
                     }
                     for _ in 0..jobs {
                         let done = lp.rx.recv().unwrap();
-                        match done.answer.payload {
+                        match done.answer.into_message().unwrap().payload {
                             Payload::Acknowledgment {
                                 status: AckStatus::Accepted,
                                 ..

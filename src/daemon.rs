@@ -154,6 +154,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         budget,
         receive,
         auth_guard: Mutex::new(AuthGuard::default()),
+        answer_pool: Arc::new(InflightBudget::new(config.storage.inflight_bytes)),
         metrics,
         live: Arc::clone(&live),
         started,

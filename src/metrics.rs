@@ -57,6 +57,10 @@ counters! {
     commit_errors,
     /// Queries answered.
     queries,
+    /// Queries refused because the answer pool was full.
+    queries_refused,
+    /// Answer entries cut because the row was too large to answer whole.
+    rows_cut,
     /// Failed authentications.
     auth_failures,
     /// `Authenticate` attempts refused unchecked because their address

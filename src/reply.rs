@@ -1,9 +1,50 @@
 //! Routing answers from the writer and reader threads back to the event loop
 //! that owns the connection, through a channel and that loop's mio `Waker`.
 
-use crate::proto::Message;
+use crate::budget::Reservation;
+use crate::proto::{decode_message, DecodeError, Message, HEADER_LEN};
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
+
+/// An answer on its way to its connection.
+#[derive(Debug)]
+pub enum Answer {
+    /// A message the loop encodes when its turn comes.
+    Message(Message),
+    /// One whole frame, header included, already encoded (a reader's
+    /// `LogResults`), with the share of the answer pool it holds until it
+    /// has been written out.
+    Frame {
+        /// The frame.
+        bytes: Vec<u8>,
+        /// Its room in the answer pool, if it has one.
+        room: Option<Reservation>,
+    },
+}
+
+impl From<Message> for Answer {
+    fn from(message: Message) -> Self {
+        Answer::Message(message)
+    }
+}
+
+impl Answer {
+    /// The message, if this answer is one (not an encoded frame).
+    pub fn as_message(&self) -> Option<&Message> {
+        match self {
+            Answer::Message(m) => Some(m),
+            Answer::Frame { .. } => None,
+        }
+    }
+
+    /// The message: this one, or the frame decoded (tests and tools).
+    pub fn into_message(self) -> Result<Message, DecodeError> {
+        match self {
+            Answer::Message(m) => Ok(m),
+            Answer::Frame { bytes, .. } => decode_message(&bytes[HEADER_LEN.min(bytes.len())..]),
+        }
+    }
+}
 
 /// Where one request's answer must go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +68,7 @@ pub struct Completion {
     /// Whose answer it is.
     pub to: ReplyTo,
     /// The answer.
-    pub answer: Message,
+    pub answer: Answer,
 }
 
 /// The sending side for one event loop.
@@ -68,9 +109,12 @@ impl Replies {
     }
 
     /// Sends one answer and wakes its loop.
-    pub fn send(&self, to: ReplyTo, answer: Message) {
+    pub fn send(&self, to: ReplyTo, answer: impl Into<Answer>) {
         let sink = &self.sinks[to.worker];
-        sink.push(Completion { to, answer });
+        sink.push(Completion {
+            to,
+            answer: answer.into(),
+        });
         sink.wake();
     }
 

@@ -115,6 +115,61 @@ mod requests {
         assert_eq!(db.count_logs(), 2);
     }
 
+    /// Issue point 2: binary metadata was stored as an array of byte
+    /// values and came back as one.
+    #[test]
+    fn binary_and_extension_metadata_come_back_exactly() {
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+        let metadata = Value::Map(vec![
+            ("bin".into(), Value::Binary(bytes.clone())),
+            ("ext".into(), Value::Ext(-7, vec![0, 1, 254, 255])),
+            (
+                "nested".into(),
+                Value::Array(vec![Value::Binary(vec![]), Value::Ext(0, vec![9])]),
+            ),
+        ]);
+        let mut f = fields(LogLevel::Info, "bin", "with binary");
+        f.metadata = Some(metadata.clone());
+        let msg = Message::new(Payload::LogEntry(f));
+        c.expect_accepted(&msg);
+        let mut top = fields(LogLevel::Info, "bin", "binary at the top");
+        top.metadata = Some(Value::Binary(bytes.clone()));
+        let in_batch = batch(vec![top]);
+        c.expect_accepted(&in_batch);
+        // Stored as base64: 4/3 of the bytes, not an array of numbers.
+        let stored = d.db().row(msg.id).unwrap().metadata.unwrap();
+        assert!(
+            stored.contains(r#""bin":{"$bin":"AAECAwQF"#),
+            "not base64: {}",
+            &stored[..60]
+        );
+        assert!(
+            stored.len() < bytes.len() * 4 / 3 + 200,
+            "{} bytes",
+            stored.len()
+        );
+
+        let answer = c.request(&query(
+            LogFilter {
+                component: Some("bin".into()),
+                ..LogFilter::default()
+            },
+            10,
+        ));
+        let (entries, total) = results(&answer);
+        assert_eq!(total, 2);
+        assert!(
+            entries[0].metadata.as_ref() == Some(&metadata),
+            "binary in a map came back changed"
+        );
+        assert!(
+            entries[1].metadata == Some(Value::Binary(bytes)),
+            "binary metadata came back changed"
+        );
+    }
+
     #[test]
     fn every_level_round_trips() {
         let d = Daemon::start_default();
@@ -1037,26 +1092,54 @@ mod frames {
         assert!(d.is_running());
     }
 
+    /// A `LogBatch` of three logs whose encoded body is exactly `target`
+    /// bytes (each log stays under the row bound of 512 KiB).
+    fn batch_with_body_len(target: usize) -> Message {
+        let part = (target - 1000) / 3;
+        let mut msg = batch(
+            (0..3)
+                .map(|_| fields(LogLevel::Info, "big", &"m".repeat(part)))
+                .collect(),
+        );
+        let body_len = |m: &Message| rmp_serde::to_vec_named(m).unwrap().len();
+        let current = body_len(&msg);
+        if let Payload::LogBatch { entries } = &mut msg.payload {
+            entries[2].message = "m".repeat(part + target - current);
+        }
+        assert_eq!(body_len(&msg), target);
+        msg
+    }
+
     #[test]
     fn a_frame_of_exactly_one_mebibyte_is_accepted() {
         let d = Daemon::start_default();
         let mut c = d.unix();
-        let msg = log_with_body_len(MAX_FRAME_LEN);
+        let msg = batch_with_body_len(MAX_FRAME_LEN);
         let bytes = frame(&msg);
         assert_eq!(bytes.len(), 4 + MAX_FRAME_LEN);
         c.send_raw(&bytes).unwrap();
         assert_accepted(&c.recv(), msg.id);
-        let Payload::LogEntry(f) = &msg.payload else {
+        let Payload::LogBatch { entries } = &msg.payload else {
             unreachable!()
         };
-        assert_eq!(d.db().row(msg.id).unwrap().message.len(), f.message.len());
+        for (i, e) in entries.iter().enumerate() {
+            let row = d.db().row(batch_entry(msg.id, i)).unwrap();
+            assert_eq!(row.message.len(), e.message.len());
+        }
         // And over TCP, written in small pieces.
         let mut c = d.tcp();
-        let msg = log_with_body_len(MAX_FRAME_LEN);
+        let msg = batch_with_body_len(MAX_FRAME_LEN);
         for chunk in frame(&msg).chunks(100_003) {
             c.send_raw(chunk).unwrap();
         }
         assert_accepted(&c.recv(), msg.id);
+        // One log of a whole frame is a valid frame, refused by the row
+        // bound with the reason; the connection goes on.
+        let msg = log_with_body_len(MAX_FRAME_LEN);
+        c.send_raw(&frame(&msg)).unwrap();
+        let reason = assert_rejected(&c.recv(), msg.id);
+        assert!(reason.contains("524288"), "{reason}");
+        c.ping();
     }
 
     #[test]
@@ -2072,6 +2155,314 @@ mod limits {
             "daemon RSS reached {max_rss} KiB (bound {MAX_RSS_KIB} KiB)"
         );
         assert_eq!(d.db().count_logs(), (N - N / 100) as i64);
+    }
+
+    /// Samples the daemon's RSS every 5 ms while `work` runs; returns
+    /// `work`'s result and the largest RSS seen, in KiB.
+    fn peak_rss_during<T>(d: &Daemon, work: impl FnOnce() -> T) -> (T, u64) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let pid = d.pid();
+        let sampler = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut peak = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    peak = peak.max(rss_kib_of(pid));
+                    thread::sleep(Duration::from_millis(5));
+                }
+                peak.max(rss_kib_of(pid))
+            })
+        };
+        let out = work();
+        stop.store(true, Ordering::Relaxed);
+        (out, sampler.join().unwrap())
+    }
+
+    fn rss_kib_of(pid: i32) -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    fn with_blob(message: &str, bytes: usize) -> Message {
+        let mut f = fields(LogLevel::Info, "blob", message);
+        let blob: Vec<u8> = (0..bytes).map(|i| (i * 7) as u8).collect();
+        f.metadata = Some(Value::Map(vec![("blob".into(), Value::Binary(blob))]));
+        Message::new(Payload::LogEntry(f))
+    }
+
+    /// Issue point 2: 20 logs with ~1 MiB of binary metadata made one
+    /// `QueryLogs` take 911 MB and answer no entry. Each is now refused
+    /// (its base64 is over the row bound) or stored and answered, and the
+    /// query stays small.
+    #[test]
+    fn logs_with_a_megabyte_of_binary_metadata_cannot_exhaust_a_query() {
+        const MAX_GROWTH_KIB: u64 = 200 * 1024;
+        let d = Daemon::start_default();
+        let mut c = d.unix();
+        c.expect_accepted(&log(LogLevel::Info, "blob", "before"));
+        let before = d.rss_kib();
+        let mut stored = Vec::new();
+        // 900 KiB (a whole frame, over the row bound as base64), then
+        // 300 KiB (400 KB as base64: stored).
+        for (i, size) in [900 * 1024; 20]
+            .into_iter()
+            .chain([300 * 1024; 20])
+            .enumerate()
+        {
+            let msg = with_blob(&format!("blob {i}"), size);
+            let answer = c.request(&msg);
+            match ack(&answer).1 {
+                AckStatus::Accepted => stored.push(msg),
+                AckStatus::Rejected(reason) => {
+                    assert!(
+                        reason.contains("524288") && reason.contains("MAX_ROW_BYTES"),
+                        "the reason names the limit: {reason}"
+                    );
+                    assert!(size > 400 * 1024, "a 300 KiB blob fits: {reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        c.expect_accepted(&log(LogLevel::Info, "blob", "after"));
+        let after_logs = d.rss_kib();
+        let (answer, peak) = peak_rss_during(&d, || c.request(&query(LogFilter::default(), 100)));
+        eprintln!(
+            "RSS under the big-row attack: before {before} KiB, after the logs {after_logs} KiB, \
+             peak during QueryLogs {peak} KiB (+{} KiB)",
+            peak.saturating_sub(before)
+        );
+        assert!(
+            peak.saturating_sub(before) < MAX_GROWTH_KIB,
+            "RSS grew from {before} to {peak} KiB"
+        );
+        let (entries, total) = results(&answer);
+        assert_eq!(total as usize, 2 + stored.len());
+        assert!(
+            entries.len() > 1,
+            "the answer holds entries: {}",
+            entries.len()
+        );
+        assert_eq!(entries.last().unwrap().message, "after");
+        // Every stored blob that came back is exact.
+        for e in entries.iter().filter(|e| e.message.starts_with("blob")) {
+            let sent = stored
+                .iter()
+                .find(|m| m.id == e.uuid)
+                .expect("a stored log");
+            let Payload::LogEntry(f) = &sent.payload else {
+                unreachable!()
+            };
+            assert!(e.metadata == f.metadata, "{} came back changed", e.message);
+        }
+    }
+
+    /// A daemon whose database holds, as an older daemon stored it, a row
+    /// too large for any answer: a 700 KB message and 3.4 MB of binary
+    /// metadata as an array of byte values, after "old 1" and "old 2".
+    /// Returns the daemon and the row's stored text bytes.
+    fn daemon_with_a_legacy_row() -> (Daemon, usize) {
+        let sandbox = Sandbox::new();
+        let mut d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        let mut c = d.unix();
+        for m in ["old 1", "old 2"] {
+            c.expect_accepted(&log(LogLevel::Info, "legacy", m));
+        }
+        drop(c);
+        d.terminate();
+        assert!(d.wait_exit().success());
+        let legacy_json = format!("[{}255]", "255,".repeat(850_000));
+        let db = rusqlite::Connection::open(sandbox.db()).unwrap();
+        db.execute(
+            "INSERT INTO logs (id, uuid, timestamp, level, component, session_id, \
+             message, metadata, created_at) \
+             SELECT max(id) + 1, ?1, ?2, 'Info', 'legacy', NULL, ?3, ?4, ?2 FROM logs",
+            rusqlite::params![
+                Uuid::now_v7().as_bytes().as_slice(),
+                Timestamp::now().as_micros(),
+                "L".repeat(700_000),
+                legacy_json
+            ],
+        )
+        .unwrap();
+        drop(db);
+        let d = Daemon::start(sandbox, Opts::default());
+        (d, "legacy".len() + 700_000 + legacy_json.len())
+    }
+
+    /// Issue point 2: a row too large for any answer hid every older row
+    /// from `QueryLogs` (and so from `codi2 logs`).
+    #[test]
+    fn a_legacy_row_too_large_to_answer_hides_no_older_row() {
+        let (d, legacy_len) = daemon_with_a_legacy_row();
+        let mut c = d.unix();
+        let answer = c.request(&query(LogFilter::default(), 100));
+        let (entries, total) = results(&answer);
+        let messages: Vec<&str> = entries.iter().map(|e| &e.message[..5]).collect();
+        assert_eq!(total, 3);
+        assert_eq!(messages, ["old 1", "old 2", "LLLLL"], "nothing is hidden");
+        let cut = &entries[2];
+        assert_eq!(cut.message.len(), 64 * 1024);
+        assert!(
+            cut.metadata
+                == Some(Value::Map(vec![(
+                    "$truncated".into(),
+                    Value::from(legacy_len as u64)
+                )])),
+            "the metadata is replaced by the marker"
+        );
+    }
+
+    /// Issue point 2: `codi2 logs --follow` stopped for good at a row too
+    /// large for any answer. Either side's fix lets it pass: this daemon
+    /// answers the row cut, this `codi2` steps past a row it is not sent
+    /// (run with `$CODI_TEST_DAEMON` or `$CODI_TEST_CODI2` set to an older
+    /// build to see each alone).
+    #[test]
+    fn follow_goes_on_past_a_legacy_row_too_large_to_answer() {
+        let (d, _) = daemon_with_a_legacy_row();
+        let sandbox = &d.sandbox;
+        let mut follow = sandbox
+            .codi2()
+            .arg("--socket")
+            .arg(sandbox.socket())
+            .arg("--db")
+            .arg(sandbox.db())
+            .args(["logs", "--follow", "--json"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stdout = follow.stdout.take().unwrap();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                if tx.send(line.unwrap_or_default()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut c = d.unix();
+        c.expect_accepted(&log(LogLevel::Info, "legacy", "after the legacy row"));
+        let mut seen = Vec::new();
+        let found = wait_until(Duration::from_secs(10), || {
+            while let Ok(line) = rx.try_recv() {
+                seen.push(line);
+            }
+            seen.iter().any(|l| l.contains("after the legacy row"))
+        });
+        let _ = follow.kill();
+        let _ = follow.wait();
+        let summary: Vec<String> = seen.iter().map(|l| l.chars().take(100).collect()).collect();
+        assert!(found, "--follow stopped at the legacy row: {summary:#?}");
+    }
+
+    /// Clients that pipeline queries and never read the answers: answer
+    /// memory stays within the answer pool however many connect, a
+    /// bystander is served while the pool has room and told `Unavailable`
+    /// (never left hanging) once it has none, and logs are never refused.
+    #[test]
+    fn clients_that_never_read_query_answers_cannot_grow_the_daemon() {
+        const POOL: usize = 32 << 20;
+        const MAX_GROWTH_KIB: u64 = 100 * 1024;
+        let sandbox = Sandbox::new();
+        sandbox.write_config(&format!("[storage]\ninflight_bytes = {POOL}\n"));
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+        let mut bystander = d.unix();
+        // 40 logs of 100 KB: an answer of `limit 1000` fills a frame.
+        let row = "q".repeat(100_000);
+        for i in 0..40 {
+            bystander.expect_accepted(&log(LogLevel::Info, "big", &format!("{i} {row}")));
+        }
+        let queries = |n: usize| {
+            let mut bytes = Vec::new();
+            for _ in 0..n {
+                encode_message(&query(LogFilter::default(), 1000), &mut bytes).unwrap();
+            }
+            bytes
+        };
+        let answered = |c: &mut Client| -> u64 {
+            let answer = c.call(Payload::GetStatus);
+            let Payload::Status { components, .. } = &answer.payload else {
+                panic!("{answer:?}")
+            };
+            let readers = &components
+                .iter()
+                .find(|s| s.name == "readers")
+                .unwrap()
+                .message;
+            readers.split(' ').next().unwrap().parse().unwrap()
+        };
+        let settle = |c: &mut Client| {
+            let mut last = u64::MAX;
+            let mut still = 0;
+            wait_until(Duration::from_secs(30), || {
+                let now = answered(c);
+                still = if now == last { still + 1 } else { 0 };
+                last = now;
+                still >= 10
+            });
+        };
+        let mut observer = d.unix();
+        let before = d.rss_kib();
+        let ((), peak) = peak_rss_during(&d, || {
+            let mut hostile = Vec::new();
+            // Fewer than the pool holds (each holds at most two frames).
+            for _ in 0..12 {
+                let mut h = d.unix();
+                h.send_raw(&queries(30)).unwrap();
+                hostile.push(h);
+            }
+            settle(&mut observer);
+            let answer = bystander.request(&query(LogFilter::default(), 5));
+            assert_eq!(
+                results(&answer).0.len(),
+                5,
+                "served while the pool has room"
+            );
+            // Far more than the pool holds.
+            for _ in 0..50 {
+                let mut h = d.unix();
+                h.send_raw(&queries(30)).unwrap();
+                hostile.push(h);
+            }
+            settle(&mut observer);
+            match &bystander.request(&query(LogFilter::default(), 5)).payload {
+                Payload::LogResults { entries, .. } => assert_eq!(entries.len(), 5),
+                Payload::Error { code, message, .. } => {
+                    assert_eq!(code, &ErrorCode::Unavailable);
+                    assert!(message.contains("too many query answers"), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+            bystander.expect_accepted(&log(LogLevel::Info, "bystander", "still logging"));
+            drop(hostile);
+        });
+        eprintln!(
+            "RSS with 62 connections pipelining unread QueryLogs: before {before} KiB, \
+             peak {peak} KiB (+{} KiB)",
+            peak.saturating_sub(before)
+        );
+        // Once they are gone, their room is back.
+        let mut last = None;
+        let served = wait_until(Duration::from_secs(20), || {
+            let answer = bystander.request(&query(LogFilter::default(), 5));
+            let ok = matches!(&answer.payload, Payload::LogResults { entries, .. } if entries.len() == 5);
+            last = Some(answer);
+            ok
+        });
+        assert!(served, "still refused after the clients left: {last:?}");
+        assert!(
+            peak.saturating_sub(before) < MAX_GROWTH_KIB,
+            "RSS grew from {before} to {peak} KiB"
+        );
     }
 
     fn paths_config(sandbox: &Sandbox, socket: &std::path::Path, extra: &str) -> String {

@@ -16,6 +16,7 @@
 
 use argh::FromArgs;
 use codi_monitor::client::discover::{self, Explicit};
+use codi_monitor::client::follow::{Cursor, Step};
 use codi_monitor::client::input::{self, LineDefaults};
 use codi_monitor::client::output;
 use codi_monitor::client::stream;
@@ -26,6 +27,7 @@ use codi_monitor::fsperm::{self, TrustedUsers};
 use codi_monitor::proto::{
     AckStatus, LogFields, LogFilter, LogLevel, Message, Payload, StoredLog, Timestamp,
 };
+use codi_monitor::store::query::MAX_QUERY_LIMIT;
 use codi_monitor::text::escape_controls;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
@@ -615,27 +617,47 @@ fn logs(cmd: LogsCmd, opts: ClientOptions) -> Result<(), Exit> {
         if cmd.limit == 0 {
             out.line(&format!("{total} matching logs"))?;
         } else if total > shown.len() as u64 {
+            // Fewer than asked for: the rest did not fit in one answer.
+            let hint = if (shown.len() as u64) < cmd.limit.min(MAX_QUERY_LIMIT) {
+                "older ones did not fit in one answer; narrow the filter or use --until"
+            } else {
+                "see --limit"
+            };
             eprintln!(
-                "codi2: showing the newest {} of {total} matching logs (see --limit)",
+                "codi2: showing the newest {} of {total} matching logs ({hint})",
                 shown.len()
             );
         }
         return out.flush();
     }
     out.flush()?;
-    let mut last_id = entries.iter().map(|e| e.id).max().unwrap_or(0);
+    let mut cursor = Cursor::after(&entries);
+    let mut skipping = false;
     loop {
         let page = LogFilter {
-            after_id: Some(last_id),
+            after_id: Some(cursor.after_id),
             ..filter.clone()
         };
-        let (entries, _) = query(&mut client, page, FOLLOW_PAGE)?;
-        if let Some(max) = entries.iter().map(|e| e.id).max() {
-            last_id = last_id.max(max);
+        let (entries, total) = query(&mut client, page, FOLLOW_PAGE)?;
+        match cursor.advance(&entries, total) {
+            Step::Skipped => {
+                if !skipping {
+                    eprintln!(
+                        "codi2: the daemon sent no log after id {} although {total} wait \
+                         (one too large to send?); stepping past it",
+                        cursor.after_id - 1
+                    );
+                }
+                skipping = true;
+                continue;
+            }
+            Step::Moved | Step::Idle => skipping = false,
         }
         out.rows(&entries)?;
         out.flush()?;
-        if (entries.len() as u64) < FOLLOW_PAGE {
+        // Wait only once nothing more is waiting (a page may stop short of
+        // FOLLOW_PAGE when the answer frame is full).
+        if entries.len() as u64 >= total {
             thread::sleep(FOLLOW_POLL);
         }
     }

@@ -15,6 +15,7 @@
 
 pub mod conn;
 pub mod discover;
+pub mod follow;
 pub mod input;
 pub mod output;
 pub mod peer;

@@ -10,6 +10,7 @@
 //! as `\uXXXX` escapes, which decode to the same string.
 
 use crate::proto::{ComponentStatus, LogLevel, MonitoredPath, StoredLog, Timestamp};
+use crate::store::metadata;
 use crate::text::{escape_controls, json_escape_unsafe};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
@@ -44,9 +45,11 @@ fn colour(level: LogLevel) -> &'static str {
     }
 }
 
-/// Metadata as compact JSON, safe to show: no raw control characters.
+/// Metadata as compact JSON in the mapping the database stores
+/// (`store::metadata`: binary as `{"$bin": "<base64>"}`, ...), safe to
+/// show: no raw control characters.
 pub fn metadata_json(value: &rmpv::Value) -> String {
-    match serde_json::to_string(value) {
+    match metadata::to_json(value) {
         Ok(json) => json_escape_unsafe(&json).into_owned(),
         Err(_) => escape_controls(&value.to_string()).into_owned(),
     }
@@ -80,7 +83,7 @@ pub fn table_row(log: &StoredLog, colour_on: bool) -> String {
 /// One log as a single-line JSON object with the exact stored values.
 pub fn json_row(log: &StoredLog) -> String {
     let meta = match &log.metadata {
-        Some(m) => serde_json::to_value(m).unwrap_or(serde_json::Value::Null),
+        Some(m) => serde_json::from_str(&metadata_json(m)).unwrap_or(serde_json::Value::Null),
         None => serde_json::Value::Null,
     };
     let row = serde_json::json!({
@@ -215,6 +218,11 @@ mod tests {
         assert_eq!(v["level"], "Warn");
         assert_eq!(v["session_id"], serde_json::Value::Null);
         assert_eq!(v["metadata"], "m");
+        let row = json_row(&stored(Some(rmpv::Value::Binary(vec![0, 7, 255]))));
+        let v: serde_json::Value = serde_json::from_str(&row).unwrap();
+        assert_eq!(v["metadata"], serde_json::json!({"$bin": "AAf/"}));
+        let row = table_row(&stored(Some(rmpv::Value::Ext(2, vec![1]))), false);
+        assert!(row.ends_with(r#"{"$ext":2,"data":"AQ=="}"#), "{row}");
     }
 
     /// A message that, printed raw, would add a forged row and turn the

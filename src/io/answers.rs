@@ -1,16 +1,38 @@
 //! Answers in request order: each request takes a slot when it is read; the
 //! slot is filled when its answer arrives (at once, or later from the writer
 //! or a reader), and only the filled prefix is ever written out.
+//!
+//! Query answers are also bounded across the daemon: each `QueryLogs`
+//! takes [`QUERY_ANSWER_ROOM`] from the answer pool (a budget the size of
+//! `storage.inflight_bytes`) before it goes to the readers, is shrunk to
+//! its answer's size once built, and gives it back once the answer has
+//! been written to the socket or the connection is gone ([`AnswerRooms`]).
+//! A query that finds the pool full is answered `Unavailable` at once; a
+//! connection whose unwritten query answers hold
+//! [`MAX_CONNECTION_ANSWER_BYTES`] is not read further until it reads
+//! them. So clients that never read their answers hold at most the pool,
+//! and need pool / [`MAX_CONNECTION_ANSWER_BYTES`] connections to fill it.
 
-use crate::proto::Message;
+use crate::budget::{Holder, Reservation};
+use crate::proto::{Message, HEADER_LEN, MAX_FRAME_LEN};
+use crate::reply::Answer;
 use std::collections::VecDeque;
+
+/// What one `QueryLogs` takes from the answer pool until its answer is
+/// built: one whole frame.
+pub const QUERY_ANSWER_ROOM: usize = HEADER_LEN + MAX_FRAME_LEN;
+
+/// Answer-pool bytes one connection may hold in query answers not yet
+/// written out (running, waiting for their turn, or in its output buffer)
+/// before it is no longer read: two whole frames.
+pub const MAX_CONNECTION_ANSWER_BYTES: usize = 2 * QUERY_ANSWER_ROOM;
 
 /// The answers a connection still owes, oldest first.
 #[derive(Debug, Default)]
 pub struct AnswerQueue {
     /// Sequence number of the front slot.
     base: u64,
-    slots: VecDeque<Option<Message>>,
+    slots: VecDeque<Option<Answer>>,
 }
 
 impl AnswerQueue {
@@ -27,11 +49,13 @@ impl AnswerQueue {
 
     /// Reserves a slot that is answered at once.
     pub fn push_ready(&mut self, answer: Message) {
-        self.slots.push_back(Some(answer));
+        self.slots.push_back(Some(answer.into()));
     }
 
-    /// Fills slot `seq`; false when no such slot is open (a stale answer).
-    pub fn fill(&mut self, seq: u64, answer: Message) -> bool {
+    /// Fills slot `seq`; false when no such slot is open (a stale answer,
+    /// dropped with whatever room it holds).
+    pub fn fill(&mut self, seq: u64, answer: impl Into<Answer>) -> bool {
+        let answer = answer.into();
         let Some(index) = seq.checked_sub(self.base) else {
             return false;
         };
@@ -45,7 +69,7 @@ impl AnswerQueue {
     }
 
     /// Takes the next answer if it is ready, keeping request order.
-    pub fn pop_ready(&mut self) -> Option<Message> {
+    pub fn pop_ready(&mut self) -> Option<Answer> {
         match self.slots.front() {
             Some(Some(_)) => {
                 self.base += 1;
@@ -71,10 +95,55 @@ impl AnswerQueue {
     }
 }
 
+/// The answer-pool room one connection holds (see the module docs): its
+/// total across running queries and waiting answers, and the rooms of
+/// answers already in its output buffer, each released once the buffer has
+/// been written past the answer's end.
+#[derive(Debug, Default)]
+pub struct AnswerRooms {
+    holder: Holder,
+    /// (end of the answer in the output buffer, its room), oldest first.
+    unsent: VecDeque<(usize, Reservation)>,
+}
+
+impl AnswerRooms {
+    /// The connection's running total, to charge new reservations to.
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
+    /// True when one more query's room would take the connection past
+    /// [`MAX_CONNECTION_ANSWER_BYTES`]: it must not be read until it has
+    /// read some of its answers.
+    pub fn full(&self) -> bool {
+        self.holder.held() + QUERY_ANSWER_ROOM > MAX_CONNECTION_ANSWER_BYTES
+    }
+
+    /// An answer now ends at offset `end` of the output buffer and holds
+    /// `room` until that much has been written.
+    pub fn queued(&mut self, end: usize, room: Reservation) {
+        self.unsent.push_back((end, room));
+    }
+
+    /// The output buffer has been written up to offset `pos`.
+    pub fn written(&mut self, pos: usize) {
+        while self.unsent.front().is_some_and(|(end, _)| *end <= pos) {
+            self.unsent.pop_front();
+        }
+    }
+
+    /// The whole output buffer has been written (and is emptied).
+    pub fn all_written(&mut self) {
+        self.unsent.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::InflightBudget;
     use crate::proto::Payload;
+    use std::sync::Arc;
 
     fn msg() -> Message {
         Message::new(Payload::Ping)
@@ -106,5 +175,53 @@ mod tests {
         assert!(q.pop_ready().is_some());
         assert!(!q.fill(a, msg()), "already sent");
         assert!(!q.fill(a + 5, msg()), "never reserved");
+    }
+
+    #[test]
+    fn rooms_are_released_as_the_output_is_written() {
+        let pool = Arc::new(InflightBudget::new(64 * QUERY_ANSWER_ROOM));
+        let mut rooms = AnswerRooms::default();
+        assert!(!rooms.full());
+        let a = pool.try_reserve(QUERY_ANSWER_ROOM, rooms.holder()).unwrap();
+        assert!(!rooms.full(), "a second query still fits");
+        let mut b = pool.try_reserve(QUERY_ANSWER_ROOM, rooms.holder()).unwrap();
+        assert!(rooms.full());
+        b.shrink_to(100);
+        assert!(
+            rooms.full(),
+            "one frame and a bit held: no room for another frame"
+        );
+        rooms.queued(1000, a);
+        rooms.queued(1100, b);
+        rooms.written(999);
+        assert_eq!(pool.used(), QUERY_ANSWER_ROOM + 100);
+        rooms.written(1000);
+        assert_eq!(pool.used(), 100);
+        assert!(!rooms.full());
+        rooms.all_written();
+        assert_eq!((pool.used(), rooms.holder().held()), (0, 0));
+    }
+
+    #[test]
+    fn a_stale_answer_gives_its_room_back() {
+        let pool = Arc::new(InflightBudget::new(4 * QUERY_ANSWER_ROOM));
+        let holder = Holder::default();
+        let mut q = AnswerQueue::default();
+        let frame = |room| Answer::Frame {
+            bytes: vec![1, 0, 0, 0, 0xc0],
+            room: Some(room),
+        };
+        let room = pool.try_reserve(10, &holder).unwrap();
+        assert!(!q.fill(3, frame(room)), "never reserved");
+        assert_eq!(pool.used(), 0);
+        let seq = q.reserve();
+        assert!(q.fill(seq, frame(pool.try_reserve(10, &holder).unwrap())));
+        assert_eq!(pool.used(), 10);
+        drop(q);
+        assert_eq!(
+            (pool.used(), holder.held()),
+            (0, 0),
+            "dropped with the queue"
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! One client connection: its stream, buffers, protocol state, the answers
 //! it is owed, and why (if at all) reading from it is paused.
 
-use super::answers::AnswerQueue;
+use super::answers::{AnswerQueue, AnswerRooms};
 use super::buffer::ReadBuffer;
 use super::listener::Stream;
 use crate::proto::{encode_message, ErrorCode, Message};
+use crate::reply::Answer;
 use std::io::{self, Write};
 use std::time::Instant;
 
@@ -12,6 +13,9 @@ use std::time::Instant;
 pub const WRITE_HIGH_WATER: usize = 1024 * 1024;
 /// Queries one connection may have running at once.
 pub const MAX_QUERIES_IN_FLIGHT: usize = 4;
+/// Capacity an emptied output buffer keeps: one that held a 1 MiB answer
+/// would otherwise keep it (outside the answer pool) while idle.
+pub const OUTPUT_KEPT: usize = 64 * 1024;
 
 /// Where a connection is in the protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +107,8 @@ pub struct Connection {
     output_pos: usize,
     /// Answers owed, in request order.
     pub answers: AnswerQueue,
+    /// Answer-pool room held by this connection's query answers.
+    pub rooms: AnswerRooms,
     /// The session started on this connection, the default for its logs.
     pub session: Option<String>,
     /// Rate limiting state.
@@ -157,6 +163,7 @@ impl Connection {
             output: Vec::new(),
             output_pos: 0,
             answers: AnswerQueue::default(),
+            rooms: AnswerRooms::default(),
             session: None,
             rate: RateLimiter::new(burst),
             pause: Pause::None,
@@ -190,8 +197,22 @@ impl Connection {
     /// high-water mark.
     pub fn encode_ready_answers(&mut self) {
         while self.pending_output() < WRITE_HIGH_WATER {
-            let Some(answer) = self.answers.pop_ready() else {
-                break;
+            let answer = match self.answers.pop_ready() {
+                Some(Answer::Message(answer)) => answer,
+                Some(Answer::Frame { bytes, room }) => {
+                    // Already encoded (a reader's answer): its room is
+                    // released once the socket has taken it.
+                    if self.output.is_empty() {
+                        self.output = bytes;
+                    } else {
+                        self.output.extend_from_slice(&bytes);
+                    }
+                    if let Some(room) = room {
+                        self.rooms.queued(self.output.len(), room);
+                    }
+                    continue;
+                }
+                None => break,
             };
             if let Err(e) = encode_message(&answer, &mut self.output) {
                 log::error!("cannot encode a {} answer: {e}", answer.payload.name());
@@ -209,15 +230,19 @@ impl Connection {
             match self.stream.write(&self.output[self.output_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.output_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.rooms.written(self.output_pos);
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         self.output.clear();
         self.output_pos = 0;
-        if self.output.capacity() > 4 * WRITE_HIGH_WATER {
-            self.output.shrink_to(WRITE_HIGH_WATER);
+        self.rooms.all_written();
+        if self.output.capacity() > OUTPUT_KEPT {
+            self.output.shrink_to(OUTPUT_KEPT);
         }
         Ok(())
     }
@@ -244,6 +269,7 @@ impl Connection {
         self.answers.len() >= max_pending
             || self.pending_output() >= WRITE_HIGH_WATER
             || self.queries_in_flight >= MAX_QUERIES_IN_FLIGHT
+            || self.rooms.full()
     }
 }
 

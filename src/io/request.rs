@@ -3,6 +3,7 @@
 //! blocking here: a full queue or budget reports `Blocked` and the loop
 //! pauses the connection without consuming the frame.
 
+use super::answers::QUERY_ANSWER_ROOM;
 use super::conn::{ConnState, Connection};
 use crate::budget::InflightBudget;
 use crate::export::{ControlJob, ControlOp, ControlSender};
@@ -13,7 +14,7 @@ use crate::proto::{
     MAX_FUTURE_SKEW_MICROS,
 };
 use crate::reply::ReplyTo;
-use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp};
+use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp, MAX_NAME_LEN};
 use crossbeam_channel::{Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -22,9 +23,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use uuid::Uuid;
-
-/// Longest session id, component or identity accepted.
-pub const MAX_NAME_LEN: usize = 256;
 
 /// Settings a SIGHUP may change while connections are open.
 #[derive(Debug, Default)]
@@ -134,6 +132,8 @@ pub struct Services {
     pub receive: Arc<InflightBudget>,
     /// Failed `Authenticate` attempts per client address.
     pub auth_guard: Mutex<AuthGuard>,
+    /// Bytes of query answers not yet written out (`io::answers`).
+    pub answer_pool: Arc<InflightBudget>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Reloadable settings.
@@ -241,11 +241,28 @@ impl Services {
                 self.write(conn, origin, id, op, frame_len, 1)
             }
             Payload::QueryLogs { filter, limit } => {
+                // Room for the answer first: answers that clients do not
+                // read must not add up without bound (`io::answers`).
+                let Some(room) = self
+                    .answer_pool
+                    .try_reserve(QUERY_ANSWER_ROOM, conn.rooms.holder())
+                else {
+                    Metrics::add(&self.metrics.queries_refused, 1);
+                    return self.answer(
+                        conn,
+                        Message::error(
+                            ErrorCode::Unavailable,
+                            "too many query answers waiting to be read by their clients; \
+                             retry shortly",
+                        ),
+                    );
+                };
                 let reply = self.reply_to(conn, origin, true);
                 match self.readers.try_send(QueryJob {
                     reply,
                     filter,
                     limit,
+                    room,
                 }) {
                     Ok(()) => {
                         conn.answers.reserve();
@@ -442,8 +459,14 @@ impl Services {
         frame_len: usize,
         entries: u32,
     ) -> Handled {
-        // Decoded rows take roughly twice their wire size in memory.
-        let cost = 2 * frame_len + 256;
+        // Decoded rows take roughly twice their wire size in memory, or
+        // their stored size if that is more (JSON escapes can grow a text
+        // sixfold; each row is bounded by `MAX_ROW_BYTES`).
+        let stored: usize = match &op {
+            WriteOp::Logs(rows) => rows.iter().map(LogRow::stored_len).sum(),
+            WriteOp::SessionStart { .. } | WriteOp::SessionEnd { .. } => 0,
+        };
+        let cost = (2 * frame_len).max(stored) + 256;
         if !self.budget.try_acquire(cost) {
             return Handled::Blocked;
         }
@@ -520,7 +543,15 @@ impl Services {
             ComponentStatus {
                 name: "readers".into(),
                 status: "healthy".into(),
-                message: format!("{} queries answered", get(&m.queries)),
+                message: format!(
+                    "{} queries answered, {} refused for a full answer pool, \
+                     {} of {} answer bytes held, {} rows cut to fit",
+                    get(&m.queries),
+                    get(&m.queries_refused),
+                    self.answer_pool.used(),
+                    self.answer_pool.limit(),
+                    get(&m.rows_cut)
+                ),
             },
             component(
                 "merger",

@@ -1,9 +1,10 @@
 //! The pure frame codec: a 4-byte little-endian length, then that many bytes
 //! of MessagePack. No I/O here, so every edge is unit-testable.
 
-use super::message::Message;
+use super::message::{Message, Timestamp};
 use serde::Deserialize;
 use thiserror::Error;
+use uuid::Uuid;
 
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -79,6 +80,51 @@ pub fn encode_message(msg: &Message, out: &mut Vec<u8>) -> Result<(), EncodeErro
         out.truncate(start);
         return Err(e.into());
     }
+    if body_len > MAX_FRAME_LEN {
+        out.truncate(start);
+        return Err(EncodeError::TooLarge(body_len));
+    }
+    out[start..start + HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Appends one `LogResults` answer frame (id `id`, stamped `timestamp`)
+/// whose entries are already encoded, each a `StoredLog` as
+/// `rmp_serde::encode::write_named` writes it: the same bytes
+/// [`encode_message`] writes for that answer, without holding every entry
+/// decoded at once. The readers build their answers with it.
+///
+/// On error (the body would exceed [`MAX_FRAME_LEN`]) `out` is left as it
+/// was.
+pub fn encode_log_results<'a>(
+    id: Uuid,
+    timestamp: Timestamp,
+    entries: impl ExactSizeIterator<Item = &'a [u8]>,
+    total_count: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
+    use rmp::encode::{write_array_len, write_bin, write_map_len, write_str, write_uint};
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+    // Writing into a Vec cannot fail.
+    let _ = write_map_len(out, 3);
+    let _ = write_str(out, "id");
+    let _ = write_bin(out, id.as_bytes());
+    let _ = write_str(out, "timestamp");
+    let _ = write_str(out, &timestamp.to_rfc3339());
+    let _ = write_str(out, "payload");
+    let _ = write_map_len(out, 1);
+    let _ = write_str(out, "LogResults");
+    let _ = write_map_len(out, 2);
+    let _ = write_str(out, "entries");
+    let _ = write_array_len(out, count);
+    for entry in entries.take(count as usize) {
+        out.extend_from_slice(entry);
+    }
+    let _ = write_str(out, "total_count");
+    let _ = write_uint(out, total_count);
+    let body_len = out.len() - start - HEADER_LEN;
     if body_len > MAX_FRAME_LEN {
         out.truncate(start);
         return Err(EncodeError::TooLarge(body_len));
@@ -419,5 +465,54 @@ mod tests {
                 .collect();
             let _ = decode_message(&bytes);
         }
+    }
+
+    #[test]
+    fn log_results_from_encoded_entries_match_the_codec() {
+        let entry = |id: i64, message: &str| StoredLog {
+            id,
+            uuid: Uuid::from_u128(id as u128),
+            timestamp: Timestamp::from_micros(id * 1000),
+            level: LogLevel::Warn,
+            component: "c".into(),
+            session_id: (id % 2 == 0).then(|| "s".into()),
+            message: message.into(),
+            metadata: Some(rmpv::Value::Binary(vec![id as u8; 3])),
+        };
+        let id = Uuid::now_v7();
+        let timestamp = Timestamp::from_micros(1_700_000_000_123_456);
+        for (count, total) in [(0, 0), (1, 1), (3, 200), (20, 70_000), (40, u64::MAX)] {
+            let entries: Vec<StoredLog> = (0..count).map(|i| entry(i, "x")).collect();
+            let encoded: Vec<Vec<u8>> = entries
+                .iter()
+                .map(|e| rmp_serde::to_vec_named(e).unwrap())
+                .collect();
+            let mut ours = Vec::new();
+            encode_log_results(
+                id,
+                timestamp,
+                encoded.iter().map(Vec::as_slice),
+                total,
+                &mut ours,
+            )
+            .unwrap();
+            let message = Message {
+                id,
+                timestamp,
+                payload: Payload::LogResults {
+                    entries,
+                    total_count: total,
+                },
+            };
+            let mut theirs = Vec::new();
+            encode_message(&message, &mut theirs).unwrap();
+            assert_eq!(ours, theirs, "{count} entries, total {total}");
+        }
+        // Too large: refused, output untouched.
+        let big = rmp_serde::to_vec_named(&entry(1, &"y".repeat(MAX_FRAME_LEN))).unwrap();
+        let mut out = vec![7];
+        let err = encode_log_results(id, timestamp, [big.as_slice()].into_iter(), 1, &mut out);
+        assert!(matches!(err, Err(EncodeError::TooLarge(_))));
+        assert_eq!(out, [7]);
     }
 }

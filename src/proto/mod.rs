@@ -11,8 +11,8 @@ mod wire;
 mod examples;
 
 pub use frame::{
-    decode_message, encode_message, frame_body_len, DecodeError, EncodeError, FrameError,
-    HEADER_LEN, MAX_FRAME_LEN,
+    decode_message, encode_log_results, encode_message, frame_body_len, DecodeError, EncodeError,
+    FrameError, HEADER_LEN, MAX_FRAME_LEN,
 };
 pub use message::{
     AckStatus, ComponentStatus, ErrorCode, LogFields, LogFilter, LogLevel, Message, MonitoredPath,

@@ -25,8 +25,10 @@ mod model_tests;
 #[allow(dead_code)]
 mod power_cut;
 
+use crate::budget::Reservation;
 use crate::proto::{LogFields, LogFilter, LogLevel, Timestamp};
 use crate::reply::ReplyTo;
+use metadata::MetadataError;
 use rusqlite::ToSql;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -124,6 +126,19 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
 }
 
+/// Longest component, session id or identity accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// Most bytes one log may take once stored ([`LogRow::stored_len`]: its
+/// component, session id, message and metadata as JSON, plus a few dozen
+/// for the other columns). A `LogResults` answer carries whole rows in one
+/// 1 MiB frame; half of it leaves room for the envelope and for a row's
+/// answer being larger than its stored JSON (a float stored as `1.5` is 9
+/// bytes of MessagePack). Checked when the row is built, by the daemon and
+/// by `codi2` writing without one, so a log over it is `Rejected` with the
+/// reason and never stored.
+pub const MAX_ROW_BYTES: usize = 512 * 1024;
+
 /// A log ready to insert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogRow {
@@ -144,11 +159,14 @@ pub struct LogRow {
 }
 
 impl LogRow {
+    /// Bytes [`LogRow::stored_len`] counts for the uuid, the integer
+    /// columns and the level.
+    pub const FIXED_LEN: usize = 16 + 3 * 8 + 5;
+
     /// About how many bytes the row takes in a table: its texts plus the
     /// uuid and the integer columns.
     pub fn stored_len(&self) -> usize {
-        const FIXED: usize = 16 + 3 * 8 + 5;
-        FIXED
+        Self::FIXED_LEN
             + self.component.len()
             + self.session_id.as_ref().map_or(0, String::len)
             + self.message.len()
@@ -175,29 +193,68 @@ impl LogRow {
     /// by the message `uuid` stamped `timestamp`.
     ///
     /// Nil or absent metadata is stored as NULL; otherwise it is converted
-    /// to JSON, which fails (with a readable reason) only when it is nested
-    /// too deeply. The log's own `session_id` wins over the connection's.
+    /// to JSON. The log's own `session_id` wins over the connection's.
+    ///
+    /// Fails with a readable reason (for a `Rejected` answer) when the
+    /// component or session id is longer than [`MAX_NAME_LEN`], the
+    /// metadata nests too deeply, or the row would take more than
+    /// [`MAX_ROW_BYTES`] once stored; the JSON conversion stops as soon as
+    /// it passes that bound.
     pub fn from_fields(
         uuid: Uuid,
         timestamp: Timestamp,
         fields: LogFields,
         connection_session: Option<&str>,
     ) -> Result<LogRow, String> {
-        let metadata_json = match &fields.metadata {
-            None | Some(rmpv::Value::Nil) => None,
-            Some(value) => Some(metadata::to_json(value)?),
-        };
-        Ok(LogRow {
+        let session_id = fields
+            .session_id
+            .or_else(|| connection_session.map(str::to_owned));
+        check_name_len("component", &fields.component)?;
+        if let Some(session) = &session_id {
+            check_name_len("session_id", session)?;
+        }
+        let mut row = LogRow {
             uuid,
             timestamp_us: timestamp.as_micros(),
             level: fields.level,
             component: fields.component,
-            session_id: fields
-                .session_id
-                .or_else(|| connection_session.map(str::to_owned)),
+            session_id,
             message: fields.message,
-            metadata_json,
-        })
+            metadata_json: None,
+        };
+        let without_metadata = row.stored_len();
+        let too_large = |metadata: &str| {
+            format!(
+                "log too large: at most {MAX_ROW_BYTES} bytes are stored per log \
+                 (MAX_ROW_BYTES), and its message and names take {without_metadata}{metadata}"
+            )
+        };
+        let Some(room) = MAX_ROW_BYTES.checked_sub(without_metadata) else {
+            return Err(too_large(""));
+        };
+        row.metadata_json = match &fields.metadata {
+            None | Some(rmpv::Value::Nil) => None,
+            Some(value) => Some(metadata::to_json_within(value, room).map_err(|e| match e {
+                MetadataError::TooLarge(_) => too_large(&format!(
+                    ", leaving {room} for the metadata, which needs more as JSON \
+                     (binary is stored as base64, 4/3 of its size)"
+                )),
+                MetadataError::TooDeep => e.to_string(),
+            })?),
+        };
+        Ok(row)
+    }
+}
+
+/// Refuses a name longer than [`MAX_NAME_LEN`] bytes, with the reason.
+fn check_name_len(what: &str, value: &str) -> Result<(), String> {
+    if value.len() > MAX_NAME_LEN {
+        Err(format!(
+            "{what} is {} bytes, longer than the limit of {MAX_NAME_LEN} bytes",
+            value.len()
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -278,6 +335,10 @@ pub struct QueryJob {
     pub filter: LogFilter,
     /// How many at most.
     pub limit: u64,
+    /// Room for the answer in the answer pool, taken before the query was
+    /// queued: one whole frame, shrunk to the answer's size once it is
+    /// built, and held until it has been written out.
+    pub room: Reservation,
 }
 
 #[cfg(test)]
@@ -338,10 +399,57 @@ mod tests {
 
         let meta = rmpv::Value::Map(vec![("k".into(), rmpv::Value::Binary(vec![1, 2]))]);
         let row = LogRow::from_fields(id, ts, fields(Some(meta), None), None).unwrap();
-        assert_eq!(row.metadata_json.as_deref(), Some(r#"{"k":[1,2]}"#));
+        assert_eq!(
+            row.metadata_json.as_deref(),
+            Some(r#"{"k":{"$bin":"AQI="}}"#)
+        );
 
         let deep = (0..100).fold(rmpv::Value::Nil, |v, _| rmpv::Value::Array(vec![v]));
         let err = LogRow::from_fields(id, ts, fields(Some(deep), None), None).unwrap_err();
         assert!(err.contains("nested"), "{err}");
+    }
+
+    #[test]
+    fn names_and_stored_size_are_bounded() {
+        let id = Uuid::now_v7();
+        let ts = Timestamp::from_micros(1);
+        let build = |f: LogFields| LogRow::from_fields(id, ts, f, None);
+        let mut f = fields(None, None);
+        f.component = "c".repeat(MAX_NAME_LEN);
+        assert!(build(f.clone()).is_ok(), "exactly the limit is fine");
+        f.component.push('c');
+        let err = build(f).unwrap_err();
+        assert!(
+            err.contains("component is 257 bytes") && err.contains("256"),
+            "{err}"
+        );
+        let err = build(fields(None, Some(&"s".repeat(300)))).unwrap_err();
+        assert!(err.contains("session_id is 300 bytes"), "{err}");
+        // The connection's session counts too (it is stored with the row).
+        let long = "s".repeat(MAX_NAME_LEN + 1);
+        assert!(LogRow::from_fields(id, ts, fields(None, None), Some(&long)).is_err());
+
+        // A row of exactly MAX_ROW_BYTES is stored, one byte more is not.
+        let exact = |extra: usize| {
+            let mut f = fields(None, None);
+            f.message = "m".repeat(MAX_ROW_BYTES - LogRow::FIXED_LEN - 1 + extra);
+            build(f)
+        };
+        assert_eq!(exact(0).unwrap().stored_len(), MAX_ROW_BYTES);
+        let err = exact(1).unwrap_err();
+        assert!(
+            err.contains("524288") && err.contains("MAX_ROW_BYTES"),
+            "{err}"
+        );
+
+        // Binary metadata counts as base64: 393,000 bytes fit, 394,000 do not.
+        let blob = |n: usize| fields(Some(rmpv::Value::Binary(vec![0xab; n])), None);
+        let row = build(blob(393_000)).unwrap();
+        assert!(row.stored_len() <= MAX_ROW_BYTES);
+        let err = build(blob(394_000)).unwrap_err();
+        assert!(err.contains("base64") && err.contains("524288"), "{err}");
+        // Metadata that escapes into a larger text (6 bytes per NUL).
+        let nuls = fields(Some(rmpv::Value::from("\0".repeat(100_000))), None);
+        assert!(build(nuls).unwrap_err().contains("log too large"));
     }
 }

@@ -1,11 +1,11 @@
 //! The query pool: a few threads, each with its own read-only connection, so
 //! that queries never wait for the writer (WAL lets them read a snapshot).
 
-use super::query::{fit_to_frame, run_query};
+use super::query::select;
 use super::{schema, QueryJob, StoreError};
 use crate::metrics::Metrics;
-use crate::proto::{ErrorCode, LogFilter, Message, Payload};
-use crate::reply::Replies;
+use crate::proto::{encode_message, ErrorCode, LogFilter, Message};
+use crate::reply::{Answer, Replies};
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::Connection;
 use std::path::Path;
@@ -77,22 +77,40 @@ pub fn spawn_readers(
 
 fn serve(conn: &Connection, jobs: &Receiver<QueryJob>, replies: &Replies, metrics: &Metrics) {
     for job in jobs {
-        let answer = answer(conn, &job.filter, job.limit);
-        replies.send(job.reply, answer);
+        let QueryJob {
+            reply,
+            filter,
+            limit,
+            mut room,
+        } = job;
+        let bytes = answer(conn, &filter, limit, metrics);
+        // The answer now holds only what it takes.
+        room.shrink_to(bytes.len());
+        replies.send(
+            reply,
+            Answer::Frame {
+                bytes,
+                room: Some(room),
+            },
+        );
         Metrics::add(&metrics.queries, 1);
     }
 }
 
-/// The answer to one `QueryLogs`: `LogResults` trimmed to one frame, or an
-/// `Error`.
-fn answer(conn: &Connection, filter: &LogFilter, limit: u64) -> Message {
-    match run_query(conn, filter, limit) {
-        Ok((mut entries, total_count)) => {
-            fit_to_frame(&mut entries, filter.after_id.is_none());
-            Message::answer(Payload::LogResults {
-                entries,
-                total_count,
-            })
+/// The frame answering one `QueryLogs`: `LogResults` (at most one frame,
+/// built one row at a time, see `store::query`), or an `Error`.
+fn answer(conn: &Connection, filter: &LogFilter, limit: u64, metrics: &Metrics) -> Vec<u8> {
+    let error = match select(conn, filter, limit) {
+        Ok(selection) => {
+            Metrics::add(&metrics.rows_cut, selection.rows_cut as u64);
+            let mut frame = Vec::new();
+            match selection.encode_frame(&mut frame) {
+                Ok(()) => return frame,
+                Err(e) => {
+                    log::error!("query answer could not be encoded: {e}");
+                    Message::error(ErrorCode::Internal, format!("query failed: {e}"))
+                }
+            }
         }
         Err(StoreError::InvalidFilter(reason)) => Message::error(
             ErrorCode::InvalidRequest,
@@ -102,13 +120,18 @@ fn answer(conn: &Connection, filter: &LogFilter, limit: u64) -> Message {
             log::error!("query failed: {e}");
             Message::error(ErrorCode::Internal, format!("query failed: {e}"))
         }
-    }
+    };
+    let mut frame = Vec::new();
+    // A short error always encodes.
+    let _ = encode_message(&error, &mut frame);
+    frame
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{LogLevel, Timestamp};
+    use crate::budget::{Holder, InflightBudget};
+    use crate::proto::{LogLevel, Payload, Timestamp};
     use crate::reply::{self, ReplyTo};
     use crate::store::standalone::StandaloneStore;
     use crate::store::{LogRow, WriteOp};
@@ -165,6 +188,8 @@ mod tests {
             until: Some(Timestamp::from_micros(0)),
             ..LogFilter::default()
         };
+        let pool = Arc::new(InflightBudget::new(10 << 20));
+        let holder = Holder::default();
         for (seq, (filter, limit)) in [(errors_only, 2), (bad, 1), (backwards, 5)]
             .into_iter()
             .enumerate()
@@ -173,12 +198,33 @@ mod tests {
                 reply: reply_to(seq as u64),
                 filter,
                 limit,
+                room: pool.try_reserve(1 << 20, &holder).unwrap(),
             })
             .unwrap();
         }
         let mut got: Vec<_> = (0..3).map(|_| completions.recv().unwrap()).collect();
         got.sort_by_key(|c| c.to.seq);
-        match &got[0].answer.payload {
+        // Each answer is an encoded frame that holds only its own size.
+        let mut framed = 0;
+        for c in &got {
+            match &c.answer {
+                Answer::Frame {
+                    bytes,
+                    room: Some(room),
+                } => {
+                    assert_eq!(room.bytes(), bytes.len());
+                    framed += bytes.len();
+                }
+                other => panic!("not a frame: {other:?}"),
+            }
+        }
+        assert_eq!((pool.used(), holder.held()), (framed, framed));
+        let got: Vec<Message> = got
+            .into_iter()
+            .map(|c| c.answer.into_message().unwrap())
+            .collect();
+        assert_eq!(pool.used(), 0, "decoding dropped the rooms");
+        match &got[0].payload {
             Payload::LogResults {
                 entries,
                 total_count,
@@ -190,11 +236,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            &got[1].answer.payload,
+            &got[1].payload,
             Payload::Error { code: ErrorCode::InvalidRequest, message, .. } if message.contains("after_id")
         ));
         assert!(matches!(
-            &got[2].answer.payload,
+            &got[2].payload,
             Payload::LogResults { entries, total_count: 0 } if entries.is_empty()
         ));
         drop(tx);

@@ -61,7 +61,8 @@ impl StandaloneStore {
         Ok(outcome)
     }
 
-    /// Runs a query with the daemon's semantics (not trimmed to a frame).
+    /// Runs a query with the daemon's semantics: the same entries, within
+    /// one frame, with rows too large to answer cut (`store::query`).
     pub fn query(
         &self,
         filter: &LogFilter,

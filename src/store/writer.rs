@@ -424,7 +424,7 @@ impl Acker {
             };
             self.completions.push(Completion {
                 to: job.reply,
-                answer: Message::ack(job.request_id, status),
+                answer: Message::ack(job.request_id, status).into(),
             });
         }
         self.replies.send_all(self.completions.drain(..));
@@ -913,7 +913,12 @@ mod tests {
     }
 
     fn ack(c: &Completion) -> (Uuid, AckStatus) {
-        match &c.answer.payload {
+        match &c
+            .answer
+            .as_message()
+            .expect("the writer answers messages")
+            .payload
+        {
             Payload::Acknowledgment { request_id, status } => (*request_id, status.clone()),
             other => panic!("not an ack: {other:?}"),
         }

@@ -12,6 +12,7 @@ import random
 import socket
 import uuid
 
+import msgpack
 import pytest
 
 from codi_wire import (HEADER, LEVELS, MAX_FRAME_LEN, UTC_MICROS, Conn,
@@ -411,14 +412,40 @@ def test_frame_of_exactly_one_mib_is_accepted(conn):
     when = rfc3339()
 
     def body(n: int) -> bytes:
-        return pack(message({"LogEntry": log_fields(component=component, message="y" * n)},
-                            msg_id=log_id, timestamp=when))
+        # Three logs: one log is at most 524 288 bytes once stored.
+        entries = [log_fields(component=component, message="y" * n) for _ in range(3)]
+        return pack(message({"LogBatch": {"entries": entries}}, msg_id=log_id, timestamp=when))
 
-    n = MAX_FRAME_LEN - len(body(70_000)) + 70_000  # str 32 header from 65 536 up
+    n = 300_000
+    n += (MAX_FRAME_LEN - len(body(n))) // 3
+    while len(body(n)) < MAX_FRAME_LEN:
+        n += 1
     assert len(body(n)) == MAX_FRAME_LEN
     conn.send_raw(frame(body(n)))
     expect_ack(conn.recv(), log_id)
-    assert query(conn, limit=0, component=component)["total_count"] == 1
+    assert query(conn, limit=0, component=component)["total_count"] == 3
+
+
+def test_a_log_over_the_row_bound_is_rejected_with_the_limit(conn):
+    component = unique("row-bound")
+    log_id = conn.send({"LogEntry": log_fields(component=component, message="z" * 600_000)})
+    name, fields = payload_of(conn.recv())
+    assert name == "Acknowledgment"
+    assert fields["request_id"] == log_id.bytes
+    assert "524288" in fields["status"]["Rejected"]
+    ping_id = conn.send("Ping")  # the connection goes on
+    expect_ack(conn.recv(), ping_id)
+    assert query(conn, limit=0, component=component)["total_count"] == 0
+
+
+def test_binary_and_extension_metadata_come_back_exactly(conn):
+    component = unique("binary")
+    blob = bytes(range(256)) * 40
+    meta = {"blob": blob, "ext": msgpack.ExtType(5, b"\x00\xff"), "empty": b""}
+    log_id = conn.send({"LogEntry": log_fields(component=component, metadata=meta)})
+    expect_ack(conn.recv(), log_id)
+    (entry,) = query(conn, component=component)["entries"]
+    assert entry["metadata"] == meta
 
 
 def test_truncated_frame_then_close_does_not_disturb_others(connect):
