@@ -88,6 +88,9 @@ pub const DEFAULT_RESERVED_UNIX_CONNECTIONS: usize = 64;
 /// `monitor.idle_timeout` when unset: a connection that sends no request
 /// and is owed nothing for this long is closed.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// `monitor.write_timeout` when unset: a connection whose answers have
+/// waited unread for this long is closed, releasing their memory.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `monitor.max_watches_per_root` when unset: inotify watches one watched
 /// tree may use; deeper trees are covered by the periodic scan.
 pub const DEFAULT_MAX_WATCHES_PER_ROOT: usize = 10_000;
@@ -273,6 +276,10 @@ pub struct RawMonitor {
     /// Humantime duration after which an idle connection is closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<String>,
+    /// Humantime duration after which a connection that leaves its answers
+    /// unread is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_timeout: Option<String>,
     /// The user the system daemon runs as (name or uid), which `codi2`
     /// trusts besides root and itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -398,6 +405,8 @@ pub struct MonitorConfig {
     pub reserved_unix_connections: usize,
     /// A connection idle this long is closed.
     pub idle_timeout: Duration,
+    /// A connection whose answers wait unread this long is closed.
+    pub write_timeout: Duration,
     /// The user (name or uid) the system daemon runs as, if configured.
     pub service_user: Option<String>,
     /// Most inotify watches one watched tree may use.
@@ -429,6 +438,7 @@ impl fmt::Debug for MonitorConfig {
             .field("max_unauthenticated", &self.max_unauthenticated)
             .field("reserved_unix_connections", &self.reserved_unix_connections)
             .field("idle_timeout", &self.idle_timeout)
+            .field("write_timeout", &self.write_timeout)
             .field("service_user", &self.service_user)
             .field("max_watches_per_root", &self.max_watches_per_root)
             .finish()
@@ -569,6 +579,7 @@ impl Config {
                 max_unauthenticated: Some(self.monitor.max_unauthenticated),
                 reserved_unix_connections: Some(self.monitor.reserved_unix_connections),
                 idle_timeout: Some(format_duration(self.monitor.idle_timeout)),
+                write_timeout: Some(format_duration(self.monitor.write_timeout)),
                 service_user: self.monitor.service_user.clone(),
                 max_watches_per_root: Some(self.monitor.max_watches_per_root),
             }),
@@ -1110,6 +1121,12 @@ fn resolve(
             m.idle_timeout.as_ref(),
             DEFAULT_IDLE_TIMEOUT,
             SECOND..=30 * DAY,
+        )?,
+        write_timeout: duration(
+            "monitor.write_timeout",
+            m.write_timeout.as_ref(),
+            DEFAULT_WRITE_TIMEOUT,
+            SECOND..=DAY,
         )?,
         service_user: non_empty(m.service_user),
         max_watches_per_root: in_range(

@@ -175,6 +175,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         unauthenticated_per_loop: m.max_unauthenticated.div_ceil(m.workers.max(1)).max(1),
         auth_timeout: m.auth_timeout,
         idle_timeout: m.idle_timeout,
+        write_timeout: m.write_timeout,
     };
     let shutdown = Arc::new(AtomicBool::new(false));
 

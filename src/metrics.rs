@@ -73,6 +73,9 @@ counters! {
     unauthenticated_evicted,
     /// Connections closed after the idle timeout.
     idle_closed,
+    /// Connections closed because their answers waited unread past the
+    /// write timeout.
+    write_timeouts,
     /// Times a connection stopped reading because the receive pool for
     /// partly received frames was full.
     receive_pauses,

@@ -6,7 +6,7 @@
 #[allow(dead_code)]
 mod common;
 
-use codi_monitor::proto::{ErrorCode, LogLevel, Message, Payload, Timestamp};
+use codi_monitor::proto::{encode_message, ErrorCode, LogLevel, Message, Payload, Timestamp};
 use common::*;
 use std::io::Write;
 use std::net::TcpStream;
@@ -458,4 +458,74 @@ fn a_directory_name_cannot_forge_lines_in_the_daemons_log() {
         "a raw escape in the log:\n{stderr}"
     );
     assert!(stderr.contains(r"w\n2026-01-01"), "{stderr}");
+}
+
+/// Clients that pipeline queries and never read a byte of the answers:
+/// past `monitor.write_timeout` they are closed and the answer pool they
+/// held is free again, so a bystander's query is answered, not refused.
+#[test]
+fn clients_that_leave_answers_unread_are_closed_at_the_write_timeout() {
+    const POOL: usize = 8 << 20;
+    let sandbox = Sandbox::new();
+    sandbox.write_config(&format!(
+        "[monitor]\nwrite_timeout = \"1s\"\n\n[storage]\ninflight_bytes = {POOL}\n"
+    ));
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    let mut bystander = d.unix();
+    // 40 logs of 100 KB: one answer of `limit 1000` fills a frame.
+    let row = "q".repeat(100_000);
+    for i in 0..40 {
+        bystander.expect_accepted(&log(LogLevel::Info, "big", &format!("{i} {row}")));
+    }
+    let mut queries = Vec::new();
+    for _ in 0..30 {
+        let q = Message::new(Payload::QueryLogs {
+            filter: Default::default(),
+            limit: 1000,
+        });
+        encode_message(&q, &mut queries).unwrap();
+    }
+    // Far more than the pool holds (each holds up to two frames).
+    let mut stuck = Vec::new();
+    for _ in 0..20 {
+        let mut s = UnixStream::connect(d.socket()).expect("connect");
+        s.write_all(&queries).unwrap();
+        stuck.push(s);
+    }
+    let small = Message::new(Payload::QueryLogs {
+        filter: Default::default(),
+        limit: 5,
+    });
+    let mut last = None;
+    let started = Instant::now();
+    let served = wait_until(Duration::from_secs(20), || {
+        let answer = bystander.request(&small);
+        let ok =
+            matches!(&answer.payload, Payload::LogResults { entries, .. } if entries.len() == 5);
+        last = Some(answer);
+        ok && started.elapsed() > Duration::from_secs(3)
+    });
+    assert!(served, "the bystander is still refused: {last:?}");
+    // The clients holding answers find their connection closed once they
+    // read; the others were told `Unavailable` at once and owe nothing.
+    let mut closed = 0;
+    for mut s in stuck {
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut sink = Vec::new();
+        match std::io::Read::read_to_end(&mut s, &mut sink) {
+            Ok(_) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(sink.len() < 30 * 1024 * 1024, "every answer was written");
+    }
+    // The pool holds eight frames and each connection up to two of them.
+    assert!(closed >= 4, "only {closed} stuck connections were closed");
+    let log = d.stderr();
+    assert!(
+        log.contains("bytes of answers unread for 1s"),
+        "the daemon's log does not say why: {log}"
+    );
 }

@@ -142,6 +142,10 @@ pub struct Connection {
     pub last_frame_at: Instant,
     /// Bytes of the read buffer charged to the global receive pool.
     pub receive_charged: usize,
+    /// Since when output has been waiting for a socket that takes no more
+    /// (reset whenever everything owed is written); the write timeout
+    /// counts from here.
+    pub output_waiting_since: Option<Instant>,
     /// Close right after the last answer is written, without lingering: for
     /// connections turned away before they authenticated, whose slot must
     /// come free at once.
@@ -178,6 +182,7 @@ impl Connection {
             accepted_at: Instant::now(),
             last_frame_at: Instant::now(),
             receive_charged: 0,
+            output_waiting_since: None,
             skip_linger: false,
         }
     }
@@ -232,6 +237,7 @@ impl Connection {
                 Ok(n) => self.output_pos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.rooms.written(self.output_pos);
+                    self.output_waiting_since.get_or_insert_with(Instant::now);
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -240,6 +246,7 @@ impl Connection {
         }
         self.output.clear();
         self.output_pos = 0;
+        self.output_waiting_since = None;
         self.rooms.all_written();
         if self.output.capacity() > OUTPUT_KEPT {
             self.output.shrink_to(OUTPUT_KEPT);

@@ -73,6 +73,8 @@ pub struct LoopLimits {
     pub auth_timeout: Duration,
     /// How long a connection that owes nothing may go without a request.
     pub idle_timeout: Duration,
+    /// How long a connection's answers may wait unread before it is closed.
+    pub write_timeout: Duration,
 }
 
 /// Where loop 0 sends a connection it accepted for another loop.
@@ -349,11 +351,21 @@ impl EventLoop {
     }
 
     /// Closes connections past their deadlines: TCP connections that did
-    /// not authenticate in time, and connections idle for too long.
+    /// not authenticate in time, connections idle for too long, and
+    /// connections whose answers wait unread for too long (at once: nothing
+    /// more can be written to them, and their answers hold memory).
     fn sweep(&mut self, now: Instant) {
         let limits = self.limits;
         let metrics = &self.services.metrics;
+        let mut stalled = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
+            if conn
+                .output_waiting_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= limits.write_timeout)
+            {
+                stalled.push((key, conn.pending_output()));
+                continue;
+            }
             let expired = match conn.state {
                 ConnState::AwaitingAuth
                     if now.saturating_duration_since(conn.accepted_at) >= limits.auth_timeout =>
@@ -389,6 +401,14 @@ impl EventLoop {
                 close_with(conn, code, reason);
                 schedule(&mut self.run_list, conn, key);
             }
+        }
+        for (key, unsent) in stalled {
+            Metrics::add(&self.services.metrics.write_timeouts, 1);
+            log::warn!(
+                "closing a connection that left {unsent} bytes of answers unread for {}",
+                humantime::format_duration(limits.write_timeout)
+            );
+            self.close(key);
         }
     }
 
