@@ -308,6 +308,51 @@ mod tests {
         }
     }
 
+    /// Regression (property `timestamps_decode_only_if_they_re_encode`):
+    /// an offset that carries an instant past year 0000 or 9999 in UTC was
+    /// accepted, stored, and then made every answer listing it undecodable
+    /// (`-0001-12-31T23:59:00.000000Z` is not RFC 3339).
+    #[test]
+    fn timestamps_outside_years_0000_to_9999_in_utc_are_refused() {
+        let ping_at = |ts: &str| {
+            let value = rmpv::Value::Map(vec![
+                ("id".into(), rmpv::Value::Binary(vec![1; 16])),
+                ("timestamp".into(), ts.into()),
+                ("payload".into(), "Ping".into()),
+            ]);
+            let mut bytes = Vec::new();
+            rmpv::encode::write_value(&mut bytes, &value).unwrap();
+            decode_message(&bytes)
+        };
+        for bad in ["0000-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01"] {
+            assert!(ping_at(bad).is_err(), "{bad}");
+        }
+        for (edge, micros) in [
+            ("0000-01-01T00:00:00Z", Timestamp::MIN),
+            ("0000-01-01T00:01:00+00:01", Timestamp::MIN),
+            ("9999-12-31T23:59:59.999999999Z", Timestamp::MAX),
+        ] {
+            assert_eq!(ping_at(edge).unwrap().timestamp, micros, "{edge}");
+        }
+        // An instant no decoder accepts is not written either.
+        for t in [
+            Timestamp::from_micros(Timestamp::MIN.as_micros() - 1),
+            Timestamp::from_micros(Timestamp::MAX.as_micros() + 1),
+            Timestamp::from_micros(i64::MIN),
+        ] {
+            let mut out = vec![9];
+            let msg = Message {
+                timestamp: t,
+                ..Message::new(Payload::Ping)
+            };
+            assert!(matches!(
+                encode_message(&msg, &mut out),
+                Err(EncodeError::Serialize(_))
+            ));
+            assert_eq!(out, [9]);
+        }
+    }
+
     #[test]
     fn length_prefix_edges() {
         assert_eq!(frame_body_len(&[]), Ok(None));

@@ -452,20 +452,47 @@ impl Timestamp {
     }
 
     /// From microseconds since the Unix epoch.
-    pub fn from_micros(micros: i64) -> Self {
+    pub const fn from_micros(micros: i64) -> Self {
         Timestamp { micros }
     }
 
     /// Microseconds since the Unix epoch (the database's representation).
-    pub fn as_micros(self) -> i64 {
+    pub const fn as_micros(self) -> i64 {
         self.micros
     }
 
+    /// The earliest instant RFC 3339 can write in UTC,
+    /// `0000-01-01T00:00:00Z`.
+    pub const MIN: Timestamp = Timestamp {
+        micros: -62_167_219_200_000_000,
+    };
+    /// The latest instant RFC 3339 can write in UTC,
+    /// `9999-12-31T23:59:59.999999Z`.
+    pub const MAX: Timestamp = Timestamp {
+        micros: 253_402_300_799_999_999,
+    };
+
+    /// True if the instant lies between [`Timestamp::MIN`] and
+    /// [`Timestamp::MAX`], so that it can go on the wire.
+    pub fn is_writable(self) -> bool {
+        (Timestamp::MIN..=Timestamp::MAX).contains(&self)
+    }
+
     /// Parses RFC 3339 with any offset; the result is UTC.
+    ///
+    /// An instant that UTC puts outside years 0000 to 9999 (such as
+    /// `0000-01-01T00:00:00+01:00`) is refused: it could not be written
+    /// back, so a stored log with it would spoil every answer listing it.
     pub fn parse_rfc3339(s: &str) -> Result<Self, String> {
-        DateTime::parse_from_rfc3339(s)
+        let t = DateTime::parse_from_rfc3339(s)
             .map(|t| Timestamp::from_micros(t.timestamp_micros()))
-            .map_err(|e| format!("invalid RFC 3339 timestamp `{s}`: {e}"))
+            .map_err(|e| format!("invalid RFC 3339 timestamp `{s}`: {e}"))?;
+        if !t.is_writable() {
+            return Err(format!(
+                "timestamp `{s}` is outside years 0000 to 9999 in UTC, which RFC 3339 cannot write"
+            ));
+        }
+        Ok(t)
     }
 
     /// Formats as RFC 3339 UTC with microseconds, e.g.
@@ -484,7 +511,15 @@ impl fmt::Display for Timestamp {
 }
 
 impl Serialize for Timestamp {
+    /// Fails for an instant outside [`Timestamp::MIN`]..=[`Timestamp::MAX`]:
+    /// no decoder would accept the text it has.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if !self.is_writable() {
+            return Err(serde::ser::Error::custom(format!(
+                "timestamp {} µs after the epoch is outside years 0000 to 9999",
+                self.micros
+            )));
+        }
         s.serialize_str(&self.to_rfc3339())
     }
 }
