@@ -60,11 +60,22 @@ pub fn frame_body_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
 }
 
 /// Decodes one frame body, named-map or positional encoding, refusing
-/// bodies nested deeper than [`MAX_NESTING`].
+/// bodies nested deeper than [`MAX_NESTING`] and bodies with bytes after
+/// the message (a second message in the same frame would otherwise vanish
+/// without an answer).
 pub fn decode_message(body: &[u8]) -> Result<Message, DecodeError> {
-    let mut decoder = rmp_serde::Deserializer::from_read_ref(body);
+    let mut rest = body;
+    let mut decoder = rmp_serde::Deserializer::new(&mut rest);
     decoder.set_max_depth(MAX_NESTING);
-    Ok(Message::deserialize(&mut decoder)?)
+    let msg = Message::deserialize(&mut decoder)?;
+    if !rest.is_empty() {
+        return Err(DecodeError(rmp_serde::decode::Error::Syntax(format!(
+            "{} bytes after the message in a frame of {} bytes",
+            rest.len(),
+            body.len()
+        ))));
+    }
+    Ok(msg)
 }
 
 /// Appends `msg` as one frame (named-map encoding) to `out`.
@@ -351,6 +362,21 @@ mod tests {
             ));
             assert_eq!(out, [9]);
         }
+    }
+
+    /// Regression (property `bytes_after_the_message_are_refused`): a body
+    /// with bytes after its message decoded, so a second message packed
+    /// into the same frame vanished without an answer.
+    #[test]
+    fn bytes_after_the_message_are_a_decode_error() {
+        let mut out = Vec::new();
+        encode_message(&Message::new(Payload::Ping), &mut out).unwrap();
+        assert!(decode_message(&out[HEADER_LEN..]).is_ok());
+        let two = [&out[HEADER_LEN..], &out[HEADER_LEN..]].concat();
+        let err = decode_message(&two).unwrap_err().to_string();
+        assert!(err.contains("bytes after the message"), "{err}");
+        let nil_after = [&out[HEADER_LEN..], &[0xc0]].concat();
+        assert!(decode_message(&nil_after).is_err());
     }
 
     #[test]
