@@ -99,6 +99,9 @@ pub fn encode_message(msg: &Message, out: &mut Vec<u8>) -> Result<(), EncodeErro
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::message::*;
