@@ -153,6 +153,7 @@ struct StoredRow {
     message: String,
     timestamp: i64,
     has_metadata: bool,
+    session_id: Option<String>,
 }
 
 /// Every stored row by uuid (a list, so that a uuid stored twice shows).
@@ -160,8 +161,8 @@ fn stored_rows(db: &Db) -> HashMap<Uuid, Vec<StoredRow>> {
     let tx = db.snapshot();
     let mut stmt = tx
         .prepare(
-            "SELECT uuid, level, component, message, timestamp, metadata IS NOT NULL \
-             FROM all_logs",
+            "SELECT uuid, level, component, message, timestamp, metadata IS NOT NULL, \
+             session_id FROM all_logs",
         )
         .unwrap();
     let mut rows: HashMap<Uuid, Vec<StoredRow>> = HashMap::new();
@@ -175,6 +176,7 @@ fn stored_rows(db: &Db) -> HashMap<Uuid, Vec<StoredRow>> {
                     message: r.get(3)?,
                     timestamp: r.get(4)?,
                     has_metadata: r.get(5)?,
+                    session_id: r.get(6)?,
                 },
             ))
         })
@@ -208,10 +210,12 @@ fn check_database(d: &Daemon, records: &[bystander::Record], shared: &Shared) ->
                 || row.message != s.message
                 || row.timestamp != s.timestamp
                 || row.has_metadata != s.has_metadata
+                || row.session_id != s.session_id
             {
                 shared.fail(format!(
-                    "bystander log {id} is stored as ({}, {:?}, {:?}, {}) but was sent as {s:?}",
-                    row.level, row.component, row.message, row.timestamp
+                    "bystander log {id} is stored as ({}, {:?}, {:?}, {}, session {:?}) but was \
+                     sent as {s:?}",
+                    row.level, row.component, row.message, row.timestamp, row.session_id
                 ));
             }
         } else if let Some(candidates) = may_store.get(id) {

@@ -42,6 +42,8 @@ pub struct Sent {
     pub timestamp: i64,
     /// Metadata sent (for the row comparison: absent or not).
     pub has_metadata: bool,
+    /// The session it must be stored with: the one its connection started.
+    pub session_id: Option<String>,
 }
 
 /// What one bystander did.
@@ -106,9 +108,16 @@ fn metadata(rng: &mut Rng, i: u64) -> Option<rmpv::Value> {
 /// How long a bystander keeps trying to connect before it gives up.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(20);
 
-/// Connects (and authenticates over TCP). Refusals under load are counted
-/// and retried; `None` once [`CONNECT_PATIENCE`] has run out.
-fn connect(endpoint: &Endpoint, shared: &Shared, who: &str) -> Option<Client> {
+/// Connects (and authenticates over TCP), then starts `session` if given,
+/// so that every log sent on the connection belongs to it. Refusals under
+/// load are counted and retried; `None` once [`CONNECT_PATIENCE`] has run
+/// out.
+fn connect(
+    endpoint: &Endpoint,
+    session: Option<&str>,
+    shared: &Shared,
+    who: &str,
+) -> Option<Client> {
     let give_up = Instant::now() + CONNECT_PATIENCE;
     loop {
         let attempt = match endpoint {
@@ -133,6 +142,31 @@ fn connect(endpoint: &Endpoint, shared: &Shared, who: &str) -> Option<Client> {
                 }
             }),
         };
+        let attempt = attempt.and_then(|mut c| {
+            let Some(session) = session else {
+                return Ok(c);
+            };
+            let start = Message::new(Payload::SessionStart {
+                session_id: session.to_owned(),
+                identity: "fuzz-bystander".into(),
+                agent_type: None,
+                workspace: None,
+            });
+            c.send(&start)?;
+            match c.try_recv()? {
+                Some(Message {
+                    payload:
+                        Payload::Acknowledgment {
+                            request_id,
+                            status: AckStatus::Accepted,
+                        },
+                    ..
+                }) if request_id == start.id => Ok(c),
+                other => Err(std::io::Error::other(format!(
+                    "SessionStart answered {other:?}"
+                ))),
+            }
+        });
         match attempt {
             Ok(c) => return Some(c),
             Err(e) if Instant::now() >= give_up => {
@@ -168,8 +202,11 @@ pub fn run(
 ) -> Record {
     let who = format!("bystander {k} ({endpoint:?})");
     let component = format!("bystander-{k}");
+    // Bystanders 2 and 3 (one per transport) log inside a session.
+    let session = (k == 2 || k == 3).then(|| format!("bystander-session-{k}"));
+    let session = session.as_deref();
     let mut rec = Record::default();
-    let Some(mut client) = connect(&endpoint, &shared, &who) else {
+    let Some(mut client) = connect(&endpoint, session, &shared, &who) else {
         return rec;
     };
     let mut retry: Vec<Pending> = Vec::new();
@@ -208,7 +245,7 @@ pub fn run(
                         session_id: None,
                     };
                     let msg = Message::new(Payload::LogEntry(fields.clone()));
-                    record_sent(&mut rec, msg.id, &fields, &msg);
+                    record_sent(&mut rec, msg.id, &fields, &msg, session);
                     Pending::Logs(msg.clone(), vec![msg.id])
                 }
                 8..=11 => {
@@ -228,7 +265,7 @@ pub fn run(
                         .map(|i| batch_entry_id(msg.id, i))
                         .collect();
                     for (id, f) in ids.iter().zip(&entries) {
-                        record_sent(&mut rec, *id, f, &msg);
+                        record_sent(&mut rec, *id, f, &msg, session);
                     }
                     Pending::Logs(msg, ids)
                 }
@@ -263,7 +300,7 @@ pub fn run(
         if let Err(e) = client.send_raw(&bytes) {
             shared.fail(format!("{who}: sending a burst failed: {e}"));
             rec.reconnects += 1;
-            let Some(c) = connect(&endpoint, &shared, &who) else {
+            let Some(c) = connect(&endpoint, session, &shared, &who) else {
                 return rec;
             };
             client = c;
@@ -280,7 +317,7 @@ pub fn run(
                         p.message().payload.name()
                     ));
                     rec.reconnects += 1;
-                    let Some(c) = connect(&endpoint, &shared, &who) else {
+                    let Some(c) = connect(&endpoint, session, &shared, &who) else {
                         return rec;
                     };
                     client = c;
@@ -323,7 +360,7 @@ pub fn run(
     rec
 }
 
-fn record_sent(rec: &mut Record, id: Uuid, f: &LogFields, msg: &Message) {
+fn record_sent(rec: &mut Record, id: Uuid, f: &LogFields, msg: &Message, session: Option<&str>) {
     rec.sent.insert(
         id,
         Sent {
@@ -332,6 +369,7 @@ fn record_sent(rec: &mut Record, id: Uuid, f: &LogFields, msg: &Message) {
             message: f.message.clone(),
             timestamp: msg.timestamp.as_micros(),
             has_metadata: f.metadata.is_some(),
+            session_id: session.map(str::to_owned),
         },
     );
 }
@@ -437,6 +475,7 @@ fn check_results(
                     || s.component != e.component
                     || s.timestamp != e.timestamp.as_micros()
                     || s.has_metadata != e.metadata.is_some()
+                    || s.session_id != e.session_id
                 {
                     wrong(&format!(
                         "entry {} differs from what was sent: {s:?}",
