@@ -10,7 +10,8 @@
 //! `CODI_FUZZ_SECONDS` (default 30) bounds the run; `CODI_FUZZ_SEED` picks
 //! the seed, which is printed at the start so that a failure's frames can be
 //! generated again (the interleaving of threads is not reproducible, the
-//! input is). `scripts/fuzz [SECONDS]` runs it for longer. Regression tests
+//! input is). The seed also picks the daemon's configuration among
+//! [`PROFILES`] (`CODI_FUZZ_PROFILE=tight` forces one). `scripts/fuzz [SECONDS]` runs it for longer. Regression tests
 //! for what it found are in `regressions` below.
 
 #[allow(dead_code)]
@@ -47,6 +48,24 @@ const CONNECTIONS_PER_THREAD: usize = 64;
 const BYSTANDERS: usize = 5;
 /// Failures kept for the report (the first ones matter most).
 const MAX_FAILURES: usize = 40;
+
+/// Daemon configurations a run may use, picked by the seed (or by
+/// `CODI_FUZZ_PROFILE`), so that the pause paths are fuzzed too: the
+/// defaults; the smallest in-flight budget, two answers owed per connection
+/// and small commits (global and backlog pauses); a rate limit (throttled
+/// connections on timers).
+const PROFILES: &[(&str, &str)] = &[
+    ("default", ""),
+    (
+        "tight",
+        "[storage]\ninflight_bytes = 1048576\nbatch_max_rows = 16\n\
+         [monitor]\nmax_pending_per_connection = 2\n",
+    ),
+    (
+        "throttled",
+        "[monitor]\nrate_limit = 3000\nrate_burst = 40\n",
+    ),
+];
 
 /// Counters for the summary line.
 #[derive(Debug, Default)]
@@ -299,16 +318,25 @@ fn hostile_connections_never_disturb_valid_clients() {
             .unwrap()
             .as_nanos() as u64
     });
+    let (profile, config) = match std::env::var("CODI_FUZZ_PROFILE") {
+        Ok(name) => *PROFILES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("CODI_FUZZ_PROFILE={name} is not one of {PROFILES:?}")),
+        Err(_) => PROFILES[(seed % PROFILES.len() as u64) as usize],
+    };
     println!(
-        "fuzz: seed {seed}, {seconds} s (again: CODI_FUZZ_SEED={seed} CODI_FUZZ_SECONDS={seconds} \
-         cargo test --test fuzz -- --nocapture)"
+        "fuzz: seed {seed}, {seconds} s, profile {profile} (again: CODI_FUZZ_SEED={seed} \
+         CODI_FUZZ_SECONDS={seconds} cargo test --test fuzz -- --nocapture)"
     );
     let limit = raise_nofile_limit();
     assert!(
         limit as usize >= 2 * HOSTILE_THREADS * CONNECTIONS_PER_THREAD + 256,
         "RLIMIT_NOFILE hard limit {limit} is too low for this test"
     );
-    let mut d = Daemon::start_default();
+    let sandbox = Sandbox::new();
+    sandbox.write_config(config);
+    let mut d = Daemon::start(sandbox, Opts::default().with_config());
     let token = d.token.clone().expect("test daemons have a token");
     let shared = Arc::new(Shared::default());
     let mut rng = Rng::new(seed);
@@ -454,7 +482,8 @@ fn hostile_connections_never_disturb_valid_clients() {
     let (failures, total) = std::mem::take(&mut *shared.failures.lock().unwrap());
     assert!(
         failures.is_empty(),
-        "{total} fuzz failures with seed {seed} (CODI_FUZZ_SEED={seed}); the first {}:\n{}",
+        "{total} fuzz failures with seed {seed} (CODI_FUZZ_SEED={seed}, profile {profile}); the \
+         first {}:\n{}",
         failures.len(),
         failures.join("\n")
     );
