@@ -241,7 +241,7 @@ fn check_database(d: &Daemon, records: &[bystander::Record], shared: &Shared) ->
             let matches = candidates.iter().any(|c| {
                 c.level == row.level
                     && c.component == row.component
-                    && c.message == row.message
+                    && c.message == hostile::text_digest(&row.message)
                     && c.timestamp == row.timestamp
             });
             if !matches {

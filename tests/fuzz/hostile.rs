@@ -13,6 +13,7 @@ use codi_monitor::proto::{
 };
 use codi_monitor::store::batch_entry_id;
 use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -29,10 +30,18 @@ pub struct Candidate {
     pub level: String,
     /// Component.
     pub component: String,
-    /// Text.
-    pub message: String,
+    /// The text's length and hash (hostile texts reach 1 MiB; thousands
+    /// are kept).
+    pub message: (usize, u64),
     /// Timestamp, micros.
     pub timestamp: i64,
+}
+
+/// A text's length and hash, to compare it with a stored one.
+pub fn text_digest(text: &str) -> (usize, u64) {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    (text.len(), h.finish())
 }
 
 /// What the answer to one frame may be.
@@ -118,7 +127,7 @@ fn classify(body: &[u8], shared: &Shared) -> Expect {
     let candidate = |f: &codi_monitor::proto::LogFields| Candidate {
         level: f.level.as_str().to_owned(),
         component: f.component.clone(),
-        message: f.message.clone(),
+        message: text_digest(&f.message),
         timestamp: msg.timestamp.as_micros(),
     };
     let mut logs = Vec::new();
