@@ -661,13 +661,13 @@ pub fn big_frame(rng: &mut Rng, target: usize) -> Vec<u8> {
         let m = Message::new(Payload::LogEntry(fields.clone()));
         rmp_serde::to_vec_named(&m).unwrap().len()
     };
-    // A str 32 header is 5 bytes where an empty string took 1.
+    // A str 32 header is 5 bytes where the empty message (or the nil
+    // metadata) took 1.
     let fill = target.saturating_sub(probe + 4).max(1);
     if rng.one_in(2) {
         fields.message = "m".repeat(fill);
     } else {
         fields.metadata = Some(Value::from("d".repeat(fill)));
-        // `Some` of a string replaces a nil of 1 byte with the string.
     }
     let msg = Message::new(Payload::LogEntry(fields));
     framed(&rmp_serde::to_vec_named(&msg).unwrap())
