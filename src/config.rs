@@ -864,11 +864,13 @@ fn resolve_token(
     let token = match (&file, env_token) {
         (Some(path), env) if flag_wins || env.is_none() => match host.purpose {
             Purpose::Daemon => Some(read_token_file(path, key)?),
+            // A file codi2 cannot use falls back to the environment's
+            // token, unless that is blank.
             Purpose::Client => fs::read_to_string(path)
                 .ok()
                 .map(|t| t.trim().to_owned())
                 .filter(|t| !t.is_empty())
-                .or(env),
+                .or(env.filter(|t| !t.is_empty())),
         },
         (_, Some(t)) if t.is_empty() => {
             return invalid(format!("{ENV_TOKEN} is set but blank"));

@@ -9,6 +9,7 @@
 use crate::budget::InflightBudget;
 use crate::config::{Config, Overrides};
 use crate::export::{spawn_watcher, ExportSettings};
+use crate::io::answers::answer_pool_bytes;
 use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
 use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
 use crate::io::request::{AuthGuard, LiveSettings, Services};
@@ -154,7 +155,9 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         budget,
         receive,
         auth_guard: Mutex::new(AuthGuard::default()),
-        answer_pool: Arc::new(InflightBudget::new(config.storage.inflight_bytes)),
+        answer_pool: Arc::new(InflightBudget::new(answer_pool_bytes(
+            config.storage.inflight_bytes,
+        ))),
         metrics,
         live: Arc::clone(&live),
         started,

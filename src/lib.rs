@@ -22,3 +22,6 @@ pub mod reply;
 pub mod sched;
 pub mod store;
 pub mod text;
+
+#[cfg(test)]
+mod testing;

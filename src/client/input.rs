@@ -66,7 +66,8 @@ pub fn parse_meta_pairs(pairs: &[String]) -> Result<rmpv::Value, String> {
 }
 
 /// Parses a point in time: RFC 3339, or a duration like `10m` meaning that
-/// long before `now`.
+/// long before `now` (at the earliest [`Timestamp::MIN`]: `--since 20000y`
+/// means "since the beginning", not an instant no frame can carry).
 pub fn parse_time(text: &str, now: Timestamp) -> Result<Timestamp, String> {
     if let Ok(t) = Timestamp::parse_rfc3339(text) {
         return Ok(t);
@@ -75,7 +76,9 @@ pub fn parse_time(text: &str, now: Timestamp) -> Result<Timestamp, String> {
         .map_err(|_| format!("`{text}` is neither an RFC 3339 time nor a duration like \"10m\""))?;
     let micros = i64::try_from(ago.as_micros()).unwrap_or(i64::MAX);
     Ok(Timestamp::from_micros(
-        now.as_micros().saturating_sub(micros),
+        now.as_micros()
+            .saturating_sub(micros)
+            .max(Timestamp::MIN.as_micros()),
     ))
 }
 
@@ -274,6 +277,9 @@ mod tests {
             Timestamp::parse_rfc3339("2025-12-31T22:00:00Z").unwrap()
         );
         assert!(parse_time("yesterday", now).is_err());
+        // Longer ago than RFC 3339 can write: the earliest instant it can.
+        assert_eq!(parse_time("20000years", now).unwrap(), Timestamp::MIN);
+        assert!(parse_time("0000-01-01T00:00:00+01:00", now).is_err());
     }
 
     #[test]

@@ -524,6 +524,30 @@ fn client_reads_token_file_leniently() {
     assert_eq!(c.monitor.token, None);
 }
 
+/// Regression (property `plausible_documents_round_trip`): `codi2` with a
+/// token file it cannot use (empty or unreadable) fell back to a blank
+/// `$CODI_MONITOR_TOKEN` and resolved the empty token, which it would then
+/// offer to the daemon.
+#[test]
+fn client_never_falls_back_to_a_blank_environment_token() {
+    let (_dir, path) = token_file(" \n", 0o600);
+    let flags = Overrides {
+        token_file: Some(path),
+        ..Overrides::default()
+    };
+    let env = Env::new(&[("CODI_MONITOR_TOKEN", "   ")]);
+    let c = resolve_as("", &flags, &env, Purpose::Client).unwrap();
+    assert_eq!(c.monitor.token, None);
+    // Without the flag, a blank variable is refused as it always was.
+    let text = "[monitor]\ntoken_file = \"/nonexistent/token\"\n";
+    let e = resolve_as(text, &Overrides::default(), &env, Purpose::Client).unwrap_err();
+    assert!(e.to_string().contains("is set but blank"), "{e}");
+    // A usable environment token is still the fallback.
+    let env = Env::new(&[("CODI_MONITOR_TOKEN", " from-env ")]);
+    let c = resolve_as(text, &Overrides::default(), &env, Purpose::Client).unwrap();
+    assert_eq!(c.monitor.token.as_deref(), Some("from-env"));
+}
+
 #[test]
 fn overlong_socket_path_is_refused() {
     let long = format!("/tmp/{}.sock", "x".repeat(120));
@@ -734,4 +758,512 @@ fn unix_slots_and_unauthenticated_quota_follow_the_listeners() {
         &env,
     );
     assert!(e.contains("must be at most 9"), "{e}");
+}
+
+/// Property tests: no text makes parsing or resolution panic, and every
+/// configuration accepted comes back unchanged from its own `to_toml()`.
+mod properties {
+    use super::*;
+    use crate::testing::proptest_config;
+    use proptest::prelude::*;
+
+    /// A TOML value as text: the right type and bounds for some key, the
+    /// wrong type for others, numbers at and beyond every bound.
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                0i64, 1, -1, 2, 9, 10, 64, 65, 100, 256, 257, 4096, 4097, 9847, 36_500, 36_501,
+                65_535, 65_536, 65_537, 100_000, 100_001, 1_000_000, 1_000_001, 1_048_575,
+                1_048_576, 4 << 30, (4 << 30) + 1, u32::MAX as i64, u32::MAX as i64 + 1,
+                i64::MAX, i64::MIN,
+            ])
+            .prop_map(|n| n.to_string()),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => prop::sample::select(vec!["1.5", "nan", "inf", "-0.0", "1e3", "0x10", "1_000", "+5"])
+                .prop_map(str::to_owned),
+        ]
+    }
+
+    fn duration() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                "0s", "1ns", "99ms", "100ms", "100ms 1ns", "1s", "59s", "1m", "5m", "5m 1ns",
+                "90m", "24h", "1day", "1days 1ns", "30days", "30days 1s", "365d", "366d", "1y",
+                "1year", "2years", "1M", "18446744073709551615s", "18446744073709551616s",
+                "99999999999999999999999h", "1s 1s", "1 s", "-1s", "1.5h", "", " ", "abc", "1",
+            ])
+            .prop_map(str::to_owned),
+            1 => (1..100_000u64, prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", "d", "w", "months", "y"]))
+                .prop_map(|(n, u)| format!("{n}{u}")),
+            1 => "[0-9a-z .]{0,12}",
+        ]
+        .prop_map(|s| toml_string(&s))
+    }
+
+    fn toml_string(s: &str) -> String {
+        toml::Value::String(s.to_owned()).to_string()
+    }
+
+    fn string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                "", "/tmp/codi.db", "/run/codi/m.sock", "relative/path", "/", "off", "error",
+                "WARN", "Info", "debug", "trace", "verbose", "copy", "move", "Copy", "http://hub",
+                "https://hub:8443/x", "ftp://hub", "http://", "127.0.0.1:9847", "0.0.0.0:9000",
+                "[::1]:80", "[::]:1", "127.0.0.1:0", "localhost:80", "1.2.3.4", "[fe80::1%2]:80",
+                "300.0.0.1:1", "root", "0", "codi", "*.md", "[", "**", "{a,b}",
+                "日本語", "\u{0}", "a\nb",
+            ])
+            .prop_map(str::to_owned),
+            1 => any::<String>(),
+            1 => "/[a-z]{1,8}/[a-z]{100,130}",
+        ]
+        .prop_map(|s| toml_string(&s))
+    }
+
+    fn boolean() -> impl Strategy<Value = String> {
+        prop::sample::select(vec!["true", "false"]).prop_map(str::to_owned)
+    }
+
+    fn array() -> impl Strategy<Value = String> {
+        prop::collection::vec(string(), 0..4).prop_map(|items| format!("[{}]", items.join(", ")))
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Kind {
+        Number,
+        Duration,
+        Str,
+        Bool,
+        Array,
+    }
+
+    /// Every key of the file, by section, with the type it expects.
+    const KEYS: &[(&str, &[(&str, Kind)])] = &[
+        (
+            "general",
+            &[
+                ("workspace", Kind::Str),
+                ("log_level", Kind::Str),
+                ("session_timeout", Kind::Duration),
+            ],
+        ),
+        (
+            "storage",
+            &[
+                ("sqlite_path", Kind::Str),
+                ("wal_mode", Kind::Bool),
+                ("cache_size_mb", Kind::Number),
+                ("retention_days", Kind::Number),
+                ("reader_threads", Kind::Number),
+                ("batch_max_rows", Kind::Number),
+                ("inflight_bytes", Kind::Number),
+            ],
+        ),
+        (
+            "monitor",
+            &[
+                ("unix_socket_path", Kind::Str),
+                ("socket_group", Kind::Str),
+                ("tcp_port", Kind::Number),
+                ("tcp_address", Kind::Str),
+                ("workers", Kind::Number),
+                ("token_file", Kind::Str),
+                ("rate_limit", Kind::Number),
+                ("rate_burst", Kind::Number),
+                ("max_connections", Kind::Number),
+                ("max_pending_per_connection", Kind::Number),
+                ("file_batch_size", Kind::Number),
+                ("export_patterns", Kind::Array),
+                ("scan_interval", Kind::Duration),
+                ("archive_mode", Kind::Str),
+                ("allow_unauthenticated_tcp", Kind::Bool),
+                ("auth_timeout", Kind::Duration),
+                ("max_unauthenticated", Kind::Number),
+                ("reserved_unix_connections", Kind::Number),
+                ("idle_timeout", Kind::Duration),
+                ("service_user", Kind::Str),
+                ("max_watches_per_root", Kind::Number),
+            ],
+        ),
+        (
+            "server_hub",
+            &[
+                ("enabled", Kind::Bool),
+                ("url", Kind::Str),
+                ("batch_size", Kind::Number),
+                ("sync_interval", Kind::Duration),
+            ],
+        ),
+    ];
+
+    fn value_of(kind: Kind) -> BoxedStrategy<String> {
+        match kind {
+            Kind::Number => number().boxed(),
+            Kind::Duration => duration().boxed(),
+            Kind::Str => string().boxed(),
+            Kind::Bool => boolean().boxed(),
+            Kind::Array => array().boxed(),
+        }
+    }
+
+    /// A value for `kind`, usually of its type, sometimes of another.
+    fn value_for(kind: Kind) -> impl Strategy<Value = String> {
+        let any_kind = prop::sample::select(vec![
+            Kind::Number,
+            Kind::Duration,
+            Kind::Str,
+            Kind::Bool,
+            Kind::Array,
+        ])
+        .prop_flat_map(value_of);
+        prop_oneof![9 => value_of(kind), 1 => any_kind]
+    }
+
+    /// A TOML document of known sections and keys with random values, now
+    /// and then an unknown key or a section twice.
+    fn document() -> impl Strategy<Value = String> {
+        let sections: Vec<BoxedStrategy<String>> = KEYS
+            .iter()
+            .map(|&(section, keys)| {
+                let lines: Vec<BoxedStrategy<Option<String>>> = keys
+                    .iter()
+                    .map(|&(key, kind)| {
+                        prop::option::weighted(
+                            0.3,
+                            value_for(kind).prop_map(move |v| format!("{key} = {v}\n")),
+                        )
+                        .boxed()
+                    })
+                    .collect();
+                (
+                    lines,
+                    prop::option::weighted(0.03, "[a-z_]{1,10}"),
+                    prop::option::weighted(0.8, Just(())),
+                )
+                    .prop_map(move |(lines, unknown, present)| {
+                        if present.is_none() {
+                            return String::new();
+                        }
+                        let mut out = format!("[{section}]\n");
+                        out.extend(lines.into_iter().flatten());
+                        if let Some(k) = unknown {
+                            out.push_str(&format!("{k} = 1\n"));
+                        }
+                        out
+                    })
+                    .boxed()
+            })
+            .collect();
+        (
+            sections,
+            prop::option::weighted(0.02, Just(())),
+            any::<u64>(),
+        )
+            .prop_map(|(parts, dup, rot)| {
+                let n = parts.len();
+                let mut doc: String = (0..n)
+                    .map(|i| parts[(i + rot as usize) % n].as_str())
+                    .collect();
+                if dup.is_some() {
+                    doc.push_str(&parts[0]);
+                }
+                doc
+            })
+    }
+
+    /// An integer in `lo..=hi`, often at a bound.
+    fn int(lo: u64, hi: u64) -> BoxedStrategy<String> {
+        prop_oneof![Just(lo), Just(hi), lo..=hi]
+            .prop_map(|n| n.to_string())
+            .boxed()
+    }
+
+    /// A duration in `lo..=hi` seconds, written in one of several forms
+    /// humantime reads.
+    fn secs(lo: u64, hi: u64) -> BoxedStrategy<String> {
+        (prop_oneof![Just(lo), Just(hi), lo..=hi], 0..4u8, 0..1000u32)
+            .prop_map(|(s, form, ms)| {
+                let text = match form {
+                    0 => format!("{s}s"),
+                    1 if s > 0 && ms > 0 => format!("{}s {ms}ms", s - 1),
+                    2 if s % 60 == 0 => format!("{}m", s / 60),
+                    3 => humantime::format_duration(Duration::from_secs(s)).to_string(),
+                    _ => format!("{s} seconds"),
+                };
+                toml_string(&text)
+            })
+            .boxed()
+    }
+
+    fn one_of(values: &[&'static str]) -> BoxedStrategy<String> {
+        prop::sample::select(values.to_vec())
+            .prop_map(toml_string)
+            .boxed()
+    }
+
+    /// Token files the documents may name: private, readable by others,
+    /// empty, missing.
+    fn token_files() -> &'static [String; 4] {
+        static FILES: std::sync::OnceLock<(tempfile::TempDir, [String; 4])> =
+            std::sync::OnceLock::new();
+        &FILES
+            .get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let write = |name: &str, content: &str, mode: u32| {
+                    let p = dir.path().join(name);
+                    fs::write(&p, content).unwrap();
+                    fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+                    p.display().to_string()
+                };
+                let files = [
+                    write("ok", "  0123456789abcdef-file\n", 0o600),
+                    write("open", "0123456789abcdef-open", 0o644),
+                    write("empty", " \n", 0o600),
+                    dir.path().join("missing").display().to_string(),
+                ];
+                (dir, files)
+            })
+            .1
+    }
+
+    /// A plausible value for `key`: in range, at its bounds, with now and
+    /// then (one in twenty) a hostile value instead.
+    fn plausible(key: &'static str, kind: Kind) -> BoxedStrategy<String> {
+        let good = match key {
+            "log_level" => one_of(&[
+                "off", "error", "warn", "info", "debug", "trace", "WARN", "Info",
+            ]),
+            "session_timeout" => secs(60, 365 * 86_400),
+            "sqlite_path" => one_of(&["/tmp/codi.db", "rel.db", "/data/日本.db"]),
+            "wal_mode" => Just("true".to_owned()).boxed(),
+            "cache_size_mb" => int(1, 4096),
+            "retention_days" => int(0, 36_500),
+            "reader_threads" => int(1, 64),
+            "batch_max_rows" => int(1, 1_000_000),
+            "inflight_bytes" => int(1 << 20, 4 << 30),
+            "unix_socket_path" => one_of(&["", "/run/codi/m.sock", "rel.sock"]),
+            "tcp_port" => int(1, 65_535),
+            "tcp_address" => (
+                prop::sample::select(vec![
+                    "127.0.0.1",
+                    "[::1]",
+                    "0.0.0.0",
+                    "[fe80::1%2]",
+                    "10.1.2.3",
+                ]),
+                1..=65_535u32,
+            )
+                .prop_map(|(h, p)| toml_string(&format!("{h}:{p}")))
+                .boxed(),
+            "workers" => int(0, MAX_WORKERS as u64),
+            "token_file" => prop::sample::select(token_files().to_vec())
+                .prop_map(|p| toml_string(&p))
+                .boxed(),
+            "rate_limit" | "rate_burst" => int(0, u32::MAX as u64),
+            "max_connections" => prop_oneof![int(1, 130), int(1, 1_000_000)].boxed(),
+            "max_pending_per_connection" => int(1, 65_536),
+            "file_batch_size" => int(1, 100_000),
+            "export_patterns" => prop::collection::vec(
+                prop::sample::select(vec![
+                    "*.md",
+                    "**/*.json",
+                    "notes-?.txt",
+                    "{a,b}.md",
+                    "日本*",
+                ]),
+                0..3,
+            )
+            .prop_map(|v| {
+                let items: Vec<String> = v.into_iter().map(toml_string).collect();
+                format!("[{}]", items.join(", "))
+            })
+            .boxed(),
+            "scan_interval" => secs(1, 86_400),
+            "archive_mode" => one_of(&["copy", "move"]),
+            "auth_timeout" => prop_oneof![
+                secs(1, 300),
+                one_of(&["100ms", "250ms", "4m 59s 999ms 999us 1ns"])
+            ]
+            .boxed(),
+            "max_unauthenticated" | "reserved_unix_connections" => int(0, 200),
+            "idle_timeout" => secs(1, 30 * 86_400),
+            "max_watches_per_root" => int(1, 1_000_000),
+            "url" => one_of(&["http://hub", "https://hub:8443/sync", ""]),
+            "batch_size" => int(1, 1_000_000),
+            "sync_interval" => prop_oneof![secs(1, 86_400), one_of(&["100ms", "1s 1ns"])].boxed(),
+            _ => value_of(kind),
+        };
+        prop_oneof![19 => good, 1 => value_for(kind)].boxed()
+    }
+
+    /// A document of a few known keys with plausible values, which the
+    /// daemon accepts often enough for the round trip to be tested.
+    fn plausible_document() -> impl Strategy<Value = String> {
+        let lines: Vec<BoxedStrategy<Option<(&'static str, String)>>> = KEYS
+            .iter()
+            .flat_map(|&(section, keys)| keys.iter().map(move |&(key, kind)| (section, key, kind)))
+            .map(|(section, key, kind)| {
+                prop::option::weighted(0.15, plausible(key, kind))
+                    .prop_map(move |v| v.map(|v| (section, format!("{key} = {v}\n"))))
+                    .boxed()
+            })
+            .collect();
+        lines.prop_map(|lines| {
+            let mut doc = String::new();
+            for &(section, _) in KEYS {
+                let mine: String = lines
+                    .iter()
+                    .flatten()
+                    .filter(|(s, _)| *s == section)
+                    .map(|(_, l)| l.as_str())
+                    .collect();
+                if !mine.is_empty() {
+                    doc.push_str(&format!("[{section}]\n{mine}"));
+                }
+            }
+            doc
+        })
+    }
+
+    /// An environment: the listeners' variables set, unset or odd.
+    fn environment() -> impl Strategy<Value = Vec<(&'static str, String)>> {
+        let pick = |key: &'static str, values: Vec<&'static str>| {
+            prop::option::weighted(0.25, prop::sample::select(values))
+                .prop_map(move |v| v.map(|v| (key, v.to_owned())))
+        };
+        (
+            pick(
+                "CODI_MONITOR_MODE",
+                vec!["unix", "tcp", "both", "TCP", "bogus", ""],
+            ),
+            pick(
+                "CODI_MONITOR_PORT",
+                vec!["0", "1", "9000", "65535", "65536", "x", ""],
+            ),
+            pick(
+                "CODI_MONITOR_TOKEN",
+                vec![
+                    "0123456789abcdef",
+                    "  0123456789abcdef-padded  ",
+                    "short",
+                    "   ",
+                    "",
+                ],
+            ),
+            pick("CODI_DB", vec!["/tmp/env.db", "", "relative.db"]),
+        )
+            .prop_map(|(a, b, c, d)| [a, b, c, d].into_iter().flatten().collect())
+    }
+
+    /// Command-line flags. `--tcp` with port 0 is left out: an ephemeral
+    /// port has no file form (a file's port 0 is refused on purpose, even
+    /// under a `--tcp` that would replace it).
+    fn overrides() -> impl Strategy<Value = Overrides> {
+        let some = |p: f64, values: Vec<&'static str>| {
+            prop::option::weighted(p, prop::sample::select(values).prop_map(str::to_owned))
+        };
+        (
+            some(0.2, vec!["", "/o/m.sock", "rel.sock"]),
+            some(
+                0.2,
+                vec!["127.0.0.1:4000", "[::1]:9", "0.0.0.0:7000", "bogus"],
+            ),
+            some(0.2, vec!["/o/codi.db", ""]),
+            prop::option::weighted(0.2, 0..300usize),
+            some(0.2, vec!["debug", "OFF", "loud"]),
+            prop::option::weighted(0.1, prop::sample::select(token_files().to_vec())),
+        )
+            .prop_map(
+                |(socket, tcp, db, workers, log_level, token_file)| Overrides {
+                    socket: socket.map(PathBuf::from),
+                    tcp,
+                    db: db.map(PathBuf::from),
+                    workers,
+                    log_level,
+                    token_file: token_file.map(PathBuf::from),
+                    ..Overrides::default()
+                },
+            )
+    }
+
+    fn purpose() -> impl Strategy<Value = Purpose> {
+        prop::sample::select(vec![Purpose::Daemon, Purpose::Client])
+    }
+
+    /// `c` written by `to_toml()` and read back as the same purpose with the
+    /// same environment and flags is `c` again, with the same warnings
+    /// except for the setting a warning names: a listener that came from
+    /// `tcp_port` or `$CODI_MONITOR_MODE` is written as `tcp_address`, and
+    /// its warning then says so.
+    fn check_round_trip(
+        c: &Config,
+        flags: &Overrides,
+        env: &Env,
+        purpose: Purpose,
+    ) -> Result<(), TestCaseError> {
+        let out = c.to_toml();
+        if let Some(token) = &c.monitor.token {
+            prop_assert!(!token.is_empty(), "an empty token was resolved");
+            prop_assert!(!out.contains(token.as_str()), "the token leaked:\n{}", out);
+        }
+        let again = match resolve_as(&out, flags, env, purpose) {
+            Ok(again) => again,
+            Err(e) => {
+                return Err(TestCaseError::fail(format!(
+                    "to_toml() gave text that is refused: {e}\n{out}"
+                )))
+            }
+        };
+        let origin_free = |w: &String| {
+            let cut = w.find(" listens without a token").unwrap_or(0);
+            w[cut..].to_owned()
+        };
+        let warnings = |c: &Config| c.warnings.iter().map(origin_free).collect::<Vec<_>>();
+        prop_assert_eq!(warnings(&again), warnings(c), "to_toml() gave:\n{}", out);
+        let settings = |c: &Config| Config {
+            warnings: Vec::new(),
+            ..c.clone()
+        };
+        prop_assert_eq!(settings(&again), settings(c), "to_toml() gave:\n{}", out);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(256))]
+
+        #[test]
+        fn arbitrary_text_never_panics(text in prop_oneof![any::<String>(), "[\\[\\]a-z_=\" \n0-9.#{}]{0,80}"], purpose in purpose()) {
+            let _ = resolve_as(&text, &Overrides::default(), &Env::new(&[]), purpose);
+        }
+
+        #[test]
+        fn hostile_documents_never_panic_and_round_trip(
+            doc in document(),
+            env in environment(),
+            purpose in purpose(),
+        ) {
+            let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let env = Env::new(&pairs);
+            if let Ok(c) = resolve_as(&doc, &Overrides::default(), &env, purpose) {
+                check_round_trip(&c, &Overrides::default(), &env, purpose)?;
+            }
+        }
+
+        #[test]
+        fn plausible_documents_round_trip(
+            doc in plausible_document(),
+            env in environment(),
+            flags in overrides(),
+            purpose in purpose(),
+        ) {
+            // The environment still beats the file and the flags beat both,
+            // so the file is read back under the same ones.
+            let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let env = Env::new(&pairs);
+            if let Ok(c) = resolve_as(&doc, &flags, &env, purpose) {
+                check_round_trip(&c, &flags, &env, purpose)?;
+            }
+        }
+    }
 }

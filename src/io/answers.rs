@@ -27,6 +27,17 @@ pub const QUERY_ANSWER_ROOM: usize = HEADER_LEN + MAX_FRAME_LEN;
 /// before it is no longer read: two whole frames.
 pub const MAX_CONNECTION_ANSWER_BYTES: usize = 2 * QUERY_ANSWER_ROOM;
 
+/// The answer pool always holds at least this many whole answers, however
+/// small `storage.inflight_bytes` is, so that queries are not served one
+/// at a time daemon-wide.
+pub const MIN_POOL_ANSWERS: usize = 8;
+
+/// The answer pool's size for `storage.inflight_bytes`: that many bytes,
+/// but room for at least [`MIN_POOL_ANSWERS`] whole answers.
+pub fn answer_pool_bytes(inflight_bytes: usize) -> usize {
+    inflight_bytes.max(MIN_POOL_ANSWERS * QUERY_ANSWER_ROOM)
+}
+
 /// The answers a connection still owes, oldest first.
 #[derive(Debug, Default)]
 pub struct AnswerQueue {
@@ -144,6 +155,12 @@ mod tests {
     use crate::budget::InflightBudget;
     use crate::proto::Payload;
     use std::sync::Arc;
+
+    #[test]
+    fn the_pool_holds_a_few_answers_however_small_the_inflight_budget() {
+        assert_eq!(answer_pool_bytes(1 << 20), 8 * QUERY_ANSWER_ROOM);
+        assert_eq!(answer_pool_bytes(64 << 20), 64 << 20);
+    }
 
     fn msg() -> Message {
         Message::new(Payload::Ping)

@@ -61,11 +61,22 @@ pub fn frame_body_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
 }
 
 /// Decodes one frame body, named-map or positional encoding, refusing
-/// bodies nested deeper than [`MAX_NESTING`].
+/// bodies nested deeper than [`MAX_NESTING`] and bodies with bytes after
+/// the message (a second message in the same frame would otherwise vanish
+/// without an answer).
 pub fn decode_message(body: &[u8]) -> Result<Message, DecodeError> {
-    let mut decoder = rmp_serde::Deserializer::from_read_ref(body);
+    let mut rest = body;
+    let mut decoder = rmp_serde::Deserializer::new(&mut rest);
     decoder.set_max_depth(MAX_NESTING);
-    Ok(Message::deserialize(&mut decoder)?)
+    let msg = Message::deserialize(&mut decoder)?;
+    if !rest.is_empty() {
+        return Err(DecodeError(rmp_serde::decode::Error::Syntax(format!(
+            "{} bytes after the message in a frame of {} bytes",
+            rest.len(),
+            body.len()
+        ))));
+    }
+    Ok(msg)
 }
 
 /// Appends `msg` as one frame (named-map encoding) to `out`.
@@ -132,6 +143,9 @@ pub fn encode_log_results<'a>(
     out[start..start + HEADER_LEN].copy_from_slice(&(body_len as u32).to_le_bytes());
     Ok(())
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {
@@ -352,6 +366,64 @@ mod tests {
             rmpv::encode::write_value(&mut bytes, &value).unwrap();
             assert!(decode_message(&bytes).is_err(), "{value:?}");
         }
+    }
+
+    /// Regression (property `timestamps_decode_only_if_they_re_encode`):
+    /// an offset that carries an instant past year 0000 or 9999 in UTC was
+    /// accepted, stored, and then made every answer listing it undecodable
+    /// (`-0001-12-31T23:59:00.000000Z` is not RFC 3339).
+    #[test]
+    fn timestamps_outside_years_0000_to_9999_in_utc_are_refused() {
+        let ping_at = |ts: &str| {
+            let value = rmpv::Value::Map(vec![
+                ("id".into(), rmpv::Value::Binary(vec![1; 16])),
+                ("timestamp".into(), ts.into()),
+                ("payload".into(), "Ping".into()),
+            ]);
+            let mut bytes = Vec::new();
+            rmpv::encode::write_value(&mut bytes, &value).unwrap();
+            decode_message(&bytes)
+        };
+        for bad in ["0000-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01"] {
+            assert!(ping_at(bad).is_err(), "{bad}");
+        }
+        for (edge, micros) in [
+            ("0000-01-01T00:00:00Z", Timestamp::MIN),
+            ("0000-01-01T00:01:00+00:01", Timestamp::MIN),
+            ("9999-12-31T23:59:59.999999999Z", Timestamp::MAX),
+        ] {
+            assert_eq!(ping_at(edge).unwrap().timestamp, micros, "{edge}");
+        }
+        // No instant outside the range can even be made, so every one
+        // encodes as text a decoder accepts.
+        for (t, edge) in [
+            (Timestamp::MIN.as_micros() - 1, Timestamp::MIN),
+            (Timestamp::MAX.as_micros() + 1, Timestamp::MAX),
+            (i64::MIN, Timestamp::MIN),
+        ] {
+            let msg = Message {
+                timestamp: Timestamp::from_micros(t),
+                ..Message::new(Payload::Ping)
+            };
+            let mut out = Vec::new();
+            encode_message(&msg, &mut out).unwrap();
+            assert_eq!(decode_message(&out[4..]).unwrap().timestamp, edge);
+        }
+    }
+
+    /// Regression (property `bytes_after_the_message_are_refused`): a body
+    /// with bytes after its message decoded, so a second message packed
+    /// into the same frame vanished without an answer.
+    #[test]
+    fn bytes_after_the_message_are_a_decode_error() {
+        let mut out = Vec::new();
+        encode_message(&Message::new(Payload::Ping), &mut out).unwrap();
+        assert!(decode_message(&out[HEADER_LEN..]).is_ok());
+        let two = [&out[HEADER_LEN..], &out[HEADER_LEN..]].concat();
+        let err = decode_message(&two).unwrap_err().to_string();
+        assert!(err.contains("bytes after the message"), "{err}");
+        let nil_after = [&out[HEADER_LEN..], &[0xc0]].concat();
+        assert!(decode_message(&nil_after).is_err());
     }
 
     #[test]

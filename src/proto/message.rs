@@ -456,6 +456,17 @@ pub const MAX_FUTURE_SKEW_MICROS: i64 = 24 * 3600 * 1_000_000;
 pub const MAX_TIMESTAMP_MICROS: i64 = 253_402_300_799_999_999;
 
 impl Timestamp {
+    /// The earliest instant RFC 3339 can write in UTC,
+    /// `0000-01-01T00:00:00Z`.
+    pub const MIN: Timestamp = Timestamp {
+        micros: MIN_TIMESTAMP_MICROS,
+    };
+    /// The latest instant RFC 3339 can write in UTC,
+    /// `9999-12-31T23:59:59.999999Z`.
+    pub const MAX: Timestamp = Timestamp {
+        micros: MAX_TIMESTAMP_MICROS,
+    };
+
     /// The current time.
     pub fn now() -> Self {
         Timestamp::from_micros(Utc::now().timestamp_micros())
@@ -471,7 +482,7 @@ impl Timestamp {
     }
 
     /// Microseconds since the Unix epoch (the database's representation).
-    pub fn as_micros(self) -> i64 {
+    pub const fn as_micros(self) -> i64 {
         self.micros
     }
 

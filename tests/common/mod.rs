@@ -626,6 +626,22 @@ impl Client {
         Client::from_stream(Stream::Tcp(s))
     }
 
+    /// Connects to a Unix socket, or says why not.
+    #[allow(dead_code)]
+    pub fn try_unix(path: &Path) -> io::Result<Client> {
+        Ok(Client::from_stream(Stream::Unix(UnixStream::connect(
+            path,
+        )?)))
+    }
+
+    /// Connects over TCP, or says why not.
+    #[allow(dead_code)]
+    pub fn try_tcp(addr: SocketAddr) -> io::Result<Client> {
+        let s = TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Ok(Client::from_stream(Stream::Tcp(s)))
+    }
+
     fn from_stream(stream: Stream) -> Client {
         stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         Client {
