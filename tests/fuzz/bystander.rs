@@ -108,6 +108,25 @@ fn metadata(rng: &mut Rng, i: u64) -> Option<rmpv::Value> {
 /// How long a bystander keeps trying to connect before it gives up.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(20);
 
+/// Sends `request` on `c` and hands `c` back if it was `Accepted`.
+fn expect_accepted(mut c: Client, request: &Message) -> std::io::Result<Client> {
+    c.send(request)?;
+    match c.try_recv()? {
+        Some(Message {
+            payload:
+                Payload::Acknowledgment {
+                    request_id,
+                    status: AckStatus::Accepted,
+                },
+            ..
+        }) if request_id == request.id => Ok(c),
+        other => Err(std::io::Error::other(format!(
+            "{} answered {other:?}",
+            request.payload.name()
+        ))),
+    }
+}
+
 /// Connects (and authenticates over TCP), then starts `session` if given,
 /// so that every log sent on the connection belongs to it. Refusals under
 /// load are counted and retried; `None` once [`CONNECT_PATIENCE`] has run
@@ -122,27 +141,14 @@ fn connect(
     loop {
         let attempt = match endpoint {
             Endpoint::Unix(path) => Client::try_unix(path),
-            Endpoint::Tcp(addr, token) => Client::try_tcp(*addr).and_then(|mut c| {
+            Endpoint::Tcp(addr, token) => Client::try_tcp(*addr).and_then(|c| {
                 let auth = Message::new(Payload::Authenticate {
                     token: token.clone(),
                 });
-                c.send(&auth)?;
-                match c.try_recv()? {
-                    Some(Message {
-                        payload:
-                            Payload::Acknowledgment {
-                                request_id,
-                                status: AckStatus::Accepted,
-                            },
-                        ..
-                    }) if request_id == auth.id => Ok(c),
-                    other => Err(std::io::Error::other(format!(
-                        "authentication answered {other:?}"
-                    ))),
-                }
+                expect_accepted(c, &auth)
             }),
         };
-        let attempt = attempt.and_then(|mut c| {
+        let attempt = attempt.and_then(|c| {
             let Some(session) = session else {
                 return Ok(c);
             };
@@ -152,20 +158,7 @@ fn connect(
                 agent_type: None,
                 workspace: None,
             });
-            c.send(&start)?;
-            match c.try_recv()? {
-                Some(Message {
-                    payload:
-                        Payload::Acknowledgment {
-                            request_id,
-                            status: AckStatus::Accepted,
-                        },
-                    ..
-                }) if request_id == start.id => Ok(c),
-                other => Err(std::io::Error::other(format!(
-                    "SessionStart answered {other:?}"
-                ))),
-            }
+            expect_accepted(c, &start)
         });
         match attempt {
             Ok(c) => return Some(c),

@@ -7,8 +7,11 @@ use codi_monitor::proto::{
     MonitoredPath, Payload, StoredLog, Timestamp, HEADER_LEN, MAX_FRAME_LEN,
 };
 use rmpv::Value;
+#[path = "../../src/testing/value_nodes.rs"]
+mod value_nodes;
 use std::time::Duration;
 use uuid::Uuid;
+use value_nodes::{count_nodes, node_mut};
 
 /// A small, fast, seedable PRNG (xorshift64*), seeded through splitmix64 so
 /// that nearby seeds give unrelated streams.
@@ -439,38 +442,6 @@ pub fn mutate_bytes(rng: &mut Rng, frame: &mut Vec<u8>) {
         }
         _ => {}
     }
-}
-
-fn count_nodes(v: &Value) -> usize {
-    1 + match v {
-        Value::Array(items) => items.iter().map(count_nodes).sum(),
-        Value::Map(entries) => entries
-            .iter()
-            .map(|(k, v)| count_nodes(k) + count_nodes(v))
-            .sum(),
-        _ => 0,
-    }
-}
-
-/// The node at pre-order index `at` (below the node count).
-fn node_mut(v: &mut Value, at: usize) -> &mut Value {
-    if at == 0 {
-        return v;
-    }
-    let mut at = at - 1;
-    let children: Vec<&mut Value> = match v {
-        Value::Array(items) => items.iter_mut().collect(),
-        Value::Map(entries) => entries.iter_mut().flat_map(|(k, v)| [k, v]).collect(),
-        _ => unreachable!("index below the node count"),
-    };
-    for child in children {
-        let n = count_nodes(child);
-        if at < n {
-            return node_mut(child, at);
-        }
-        at -= n;
-    }
-    unreachable!("index below the node count")
 }
 
 /// Names that mean something in a message: fields, variants, statuses,

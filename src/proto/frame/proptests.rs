@@ -7,6 +7,7 @@
 use super::*;
 use crate::proto::message::*;
 use crate::testing::proptest_config as config;
+use crate::testing::value_nodes::{count_nodes, node_mut};
 use proptest::prelude::*;
 use rmpv::Value;
 use std::time::Duration;
@@ -589,38 +590,6 @@ fn edit() -> impl Strategy<Value = Edit> {
         2 => (any::<usize>(), field_name()).prop_map(|(at, name)| Edit::Rename { at, name }),
         1 => any::<usize>().prop_map(|at| Edit::Positional { at }),
     ]
-}
-
-fn count_nodes(v: &Value) -> usize {
-    1 + match v {
-        Value::Array(items) => items.iter().map(count_nodes).sum(),
-        Value::Map(entries) => entries
-            .iter()
-            .map(|(k, v)| count_nodes(k) + count_nodes(v))
-            .sum(),
-        _ => 0,
-    }
-}
-
-/// The node at pre-order index `at` (which must be below the node count).
-fn node_mut(v: &mut Value, at: usize) -> &mut Value {
-    if at == 0 {
-        return v;
-    }
-    let mut at = at - 1;
-    let children: Vec<&mut Value> = match v {
-        Value::Array(items) => items.iter_mut().collect(),
-        Value::Map(entries) => entries.iter_mut().flat_map(|(k, v)| [k, v]).collect(),
-        _ => unreachable!("index below the node count"),
-    };
-    for child in children {
-        let n = count_nodes(child);
-        if at < n {
-            return node_mut(child, at);
-        }
-        at -= n;
-    }
-    unreachable!("index below the node count")
 }
 
 fn apply_edit(root: &mut Value, e: &Edit) {

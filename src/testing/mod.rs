@@ -18,3 +18,6 @@ pub(crate) fn proptest_config(cases: u32) -> Config {
         ..default
     }
 }
+
+/// Pre-order walks of MessagePack values.
+pub(crate) mod value_nodes;
