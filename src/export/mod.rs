@@ -19,26 +19,35 @@
 //! file that changed within the last second is checked again a second
 //! later. A file is archived again only when its size or
 //! modification time changed since its last archive row.
+//!
+//! The users who ask for watches may be hostile: trees are walked through
+//! directory descriptors, never following a symbolic link ([`walk`],
+//! `scan`), only regular files are ever opened, and a watch archives only
+//! files its owner owns unless that is root or the daemon's user
+//! (`control`).
 
 pub mod archive;
+mod control;
 mod roots;
+mod scan;
+pub mod walk;
 
 use crate::metrics::Metrics;
-use crate::proto::{AckStatus, ErrorCode, Message, MonitoredPath, Payload};
 use crate::reply::{Replies, ReplyTo};
 use crate::store::wal::WalState;
 use crate::store::{schema, StoreError};
 use archive::CopyError;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventMask, Inotify, WatchDescriptor};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use roots::Root;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +55,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+use walk::{Identity, Meta};
 
 const INOTIFY: Token = Token(0);
 const WAKE: Token = Token(1);
@@ -67,6 +77,10 @@ const EVENT_BUFFER: usize = 64 * 1024;
 /// How long the archive's free space and the sessions' workspaces are
 /// trusted before they are read again.
 const REFRESH: Duration = Duration::from_millis(250);
+/// Most files whose last recorded error is remembered (so that a full scan
+/// does not record the same error again); beyond it the memory is cleared
+/// and each such file may get one more row.
+const MAX_REMEMBERED_ERRORS: usize = 100_000;
 
 /// What the archive does with the source file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +104,9 @@ pub struct ExportSettings {
     pub archive_dir: PathBuf,
     /// Copy or move.
     pub mode: ArchiveMode,
+    /// Most inotify watches one watched tree may use; its further
+    /// directories are found by the full scan only.
+    pub max_watches_per_root: usize,
 }
 
 /// A monitoring request from a client.
@@ -199,6 +216,10 @@ pub fn spawn_watcher(
         .map_err(io_err("create archive directory", &settings.archive_dir))?;
     let archive_dir = fs::canonicalize(&settings.archive_dir)
         .map_err(io_err("resolve archive directory", &settings.archive_dir))?;
+    let archive_identity = walk::open_root(&archive_dir)
+        .and_then(|fd| walk::stat_fd(fd.as_fd()))
+        .map(|m| m.identity)
+        .ok();
     let inotify = Inotify::init().map_err(io_err("start inotify for", &archive_dir))?;
     // A writer opening a file while the watcher holds its read lease (see
     // `archive::open_for_writing`) makes the kernel send SIGIO, which would
@@ -222,6 +243,7 @@ pub fn spawn_watcher(
         known: load_known(&conn)?,
         contents: load_contents(&conn)?,
         failed: HashMap::new(),
+        errors: load_errors(&conn)?,
         conn,
         settings: ExportSettings {
             archive_dir,
@@ -232,6 +254,10 @@ pub fn spawn_watcher(
         dirs: HashMap::new(),
         watched: HashMap::new(),
         roots: Vec::new(),
+        daemon_uid: rustix::process::geteuid().as_raw(),
+        archive_identity,
+        dir_cache: Vec::new(),
+        depth_warned: false,
         settling: HashMap::new(),
         closed: VecDeque::new(),
         closed_set: HashSet::new(),
@@ -289,6 +315,34 @@ fn load_known(conn: &Connection) -> Result<HashMap<String, (u64, i64)>, StoreErr
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The last error recorded for each source whose last row is an error
+/// (other than a vanished file): its version and [`archive::error_class`].
+fn load_errors(conn: &Connection) -> Result<HashMap<String, (u64, i64, String)>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT original_path, file_size, source_mtime_ns, error FROM export_archive \
+         WHERE id IN (SELECT max(id) FROM export_archive GROUP BY original_path) \
+         AND error IS NOT NULL",
+    )?;
+    let vanished = CopyError::Vanished.to_string();
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<i64>>(1)?.unwrap_or(-1) as u64,
+            r.get::<_, Option<i64>>(2)?.unwrap_or(-1),
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut errors = HashMap::new();
+    for row in rows {
+        let (path, size, mtime_ns, error) = row?;
+        if error != vanished && errors.len() < MAX_REMEMBERED_ERRORS {
+            let class = archive::error_class(&error).to_owned();
+            errors.insert(path, (size, mtime_ns, class));
+        }
+    }
+    Ok(errors)
+}
+
 /// [`content_key`] of every content in the archive.
 fn load_contents(conn: &Connection) -> Result<HashSet<u64>, StoreError> {
     let mut stmt = conn.prepare(
@@ -314,13 +368,13 @@ fn key(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// What a move must find at the source path before it deletes it: the
-/// same file (device, inode), size and modification time as was copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Copied {
-    identity: (u64, u64),
-    size: u64,
-    mtime_ns: i64,
+/// A watched directory: its path, which directory it was when watched,
+/// and the root its watch counts against.
+#[derive(Debug)]
+struct Watched {
+    path: PathBuf,
+    identity: Identity,
+    root: PathBuf,
 }
 
 /// One archive row waiting for its transaction.
@@ -333,8 +387,9 @@ struct Record {
     content_hash: Option<String>,
     error: Option<String>,
     /// Set when the source must be deleted after the commit (move mode),
-    /// if it is still the file that was copied.
-    remove_source: Option<Copied>,
+    /// if it is still the file that was copied (device, inode, size,
+    /// modification time).
+    remove_source: Option<Meta>,
 }
 
 struct Watcher {
@@ -343,10 +398,18 @@ struct Watcher {
     inotify: Inotify,
     poll: Poll,
     /// Watched directory of each watch descriptor.
-    dirs: HashMap<WatchDescriptor, PathBuf>,
+    dirs: HashMap<WatchDescriptor, Watched>,
     /// Watch descriptor of each watched directory.
     watched: HashMap<PathBuf, WatchDescriptor>,
     roots: Vec<Root>,
+    /// This process's effective uid: like root, it may watch anything.
+    daemon_uid: u32,
+    /// Device and inode of the archive directory, never scanned.
+    archive_identity: Option<Identity>,
+    /// The last few directories opened for files reported in them.
+    dir_cache: Vec<(PathBuf, Arc<OwnedFd>)>,
+    /// A directory too deep to scan was reported in this full scan.
+    depth_warned: bool,
     /// Source path ([`key`]) to (size, mtime) of its last archive row.
     known: HashMap<String, (u64, i64)>,
     /// [`content_key`] of every content archived (or about to be): content
@@ -356,6 +419,10 @@ struct Watcher {
     /// Versions that failed to archive (no space, I/O); tried again at the
     /// next full scan, or when they change.
     failed: HashMap<String, (u64, i64)>,
+    /// Source ([`key`]) to the version and [`archive::error_class`] of its
+    /// last error row: the same error for the same version is recorded
+    /// once, however many scans try again.
+    errors: HashMap<String, (u64, i64, String)>,
     /// Files a scan found still changing, and when to look again.
     settling: HashMap<PathBuf, Instant>,
     /// Files reported closed (or moved in), oldest first, not yet archived.
@@ -427,277 +494,6 @@ impl Watcher {
         }
     }
 
-    // ----- control -----
-
-    fn control(&mut self, job: ControlJob) {
-        let answer = match job.op {
-            ControlOp::Start {
-                path,
-                recursive,
-                patterns,
-                session_id,
-            } => match self.start(&path, recursive, patterns, session_id) {
-                Ok(dir) => {
-                    // Answer once the watch is saved and its root watched;
-                    // the scan of a large tree can take longer than a
-                    // client waits.
-                    let ack = Message::ack(job.request_id, AckStatus::Accepted);
-                    self.replies.send(job.reply, ack);
-                    self.scan_dir(&dir);
-                    return;
-                }
-                Err(reason) => Message::error(ErrorCode::InvalidRequest, reason),
-            },
-            ControlOp::Stop { path } => match self.stop_root(&path) {
-                Ok(()) => Message::ack(job.request_id, AckStatus::Accepted),
-                Err(reason) => Message::error(ErrorCode::InvalidRequest, reason),
-            },
-            ControlOp::List => {
-                let mut paths: Vec<MonitoredPath> = self.roots.iter().map(Root::describe).collect();
-                paths.sort_by(|a, b| a.path.cmp(&b.path));
-                Message::answer(Payload::Monitoring { paths })
-            }
-        };
-        self.replies.send(job.reply, answer);
-    }
-
-    /// Saves and installs a watch; returns its directory, still to scan.
-    fn start(
-        &mut self,
-        given: &str,
-        recursive: bool,
-        patterns: Vec<String>,
-        session_id: Option<String>,
-    ) -> Result<PathBuf, String> {
-        let path = canonical_dir(given)?;
-        if path.starts_with(&self.settings.archive_dir) {
-            return Err(format!(
-                "`{}` is inside the export archive `{}`, which is never watched",
-                path.display(),
-                self.settings.archive_dir.display()
-            ));
-        }
-        let patterns = if patterns.is_empty() {
-            self.settings.default_patterns.clone()
-        } else {
-            patterns
-        };
-        let root = Root::new(path, recursive, patterns, session_id)?;
-        let saved = self.conn.execute(
-            "INSERT INTO monitored_paths (path, recursive, patterns, active, session_id) \
-             VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT(path) DO UPDATE SET \
-             recursive = excluded.recursive, patterns = excluded.patterns, active = 1, \
-             session_id = excluded.session_id",
-            params![
-                root.path_str(),
-                root.recursive,
-                root.patterns_json(),
-                root.session_id
-            ],
-        );
-        if let Err(e) = saved {
-            return Err(format!("cannot save the watch: {e}"));
-        }
-        log::info!(
-            "watching `{}` for exports ({}, patterns {:?})",
-            root.path.display(),
-            if root.recursive {
-                "recursive"
-            } else {
-                "this directory only"
-            },
-            root.patterns
-        );
-        let dir = root.path.clone();
-        self.roots.retain(|r| r.path != dir);
-        self.roots.push(root);
-        self.watch(&dir);
-        Ok(dir)
-    }
-
-    fn stop_root(&mut self, given: &str) -> Result<(), String> {
-        let path = fs::canonicalize(given).unwrap_or_else(|_| PathBuf::from(given));
-        let Some(index) = self.roots.iter().position(|r| r.path == path) else {
-            return Err(format!("`{}` is not watched", path.display()));
-        };
-        if let Err(e) = self.conn.execute(
-            "DELETE FROM monitored_paths WHERE path = ?1",
-            [self.roots[index].path_str()],
-        ) {
-            return Err(format!("cannot remove the watch: {e}"));
-        }
-        let root = self.roots.remove(index);
-        log::info!("stopped watching `{}`", root.path.display());
-        let orphans: Vec<PathBuf> = self
-            .watched
-            .keys()
-            .filter(|d| !self.roots.iter().any(|r| r.covers_dir(d)))
-            .cloned()
-            .collect();
-        for dir in orphans {
-            if let Some(wd) = self.watched.remove(&dir) {
-                self.dirs.remove(&wd);
-                // Fails only if the directory is already gone.
-                let _ = self.inotify.watches().remove(wd);
-            }
-        }
-        self.settling
-            .retain(|p, _| self.roots.iter().any(|r| r.matches(p)));
-        Ok(())
-    }
-
-    fn load_roots(&mut self) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT path, recursive, patterns, session_id FROM monitored_paths ORDER BY path",
-        )?;
-        let rows: Vec<(String, bool, Option<String>, Option<String>)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<Result<_, _>>()?;
-        drop(stmt);
-        for (path, recursive, patterns, session_id) in rows {
-            let patterns: Vec<String> = patterns
-                .and_then(|p| serde_json::from_str(&p).ok())
-                .unwrap_or_else(|| self.settings.default_patterns.clone());
-            match Root::new(PathBuf::from(&path), recursive, patterns, session_id) {
-                Ok(root) => self.roots.push(root),
-                Err(e) => log::error!("ignoring saved watch `{path}`: {e}"),
-            }
-        }
-        if !self.roots.is_empty() {
-            log::info!("restored {} export watch(es)", self.roots.len());
-        }
-        Ok(())
-    }
-
-    // ----- watching and scanning -----
-
-    /// Watches `dir` unless it is already watched; false if it could not be.
-    fn watch(&mut self, dir: &Path) -> bool {
-        if self.watched.contains_key(dir) {
-            return true;
-        }
-        let mask = WatchMask::CLOSE_WRITE
-            | WatchMask::MOVED_TO
-            | WatchMask::CREATE
-            | WatchMask::DELETE_SELF
-            | WatchMask::MOVE_SELF
-            | WatchMask::ONLYDIR
-            | WatchMask::DONT_FOLLOW;
-        match self.inotify.watches().add(dir, mask) {
-            Ok(wd) => {
-                // The same directory under a new name (moved within the
-                // tree) gets the same descriptor: drop the old name.
-                if let Some(old) = self.dirs.insert(wd.clone(), dir.to_owned()) {
-                    if old != dir {
-                        self.watched.remove(&old);
-                    }
-                }
-                self.watched.insert(dir.to_owned(), wd);
-                true
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                Metrics::add(&self.metrics.watch_limit_errors, 1);
-                if !self.limit_warned {
-                    self.limit_warned = true;
-                    log::error!(
-                        "inotify watch limit reached (raise fs.inotify.max_user_watches, now {}): \
-                         `{}` and further directories are covered only by the scan every {:?}",
-                        fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-                            .map(|s| s.trim().to_owned())
-                            .unwrap_or_else(|_| "unknown".into()),
-                        dir.display(),
-                        self.settings.scan_interval
-                    );
-                }
-                false
-            }
-            Err(e) => {
-                log::warn!("cannot watch `{}`: {e}", dir.display());
-                false
-            }
-        }
-    }
-
-    fn full_scan(&mut self) {
-        self.next_scan = Instant::now() + self.settings.scan_interval;
-        self.limit_warned = false;
-        self.failed.clear();
-        Metrics::add(&self.metrics.export_scans, 1);
-        let dirs: Vec<PathBuf> = self.roots.iter().map(|r| r.path.clone()).collect();
-        for dir in dirs {
-            self.scan_dir(&dir);
-        }
-    }
-
-    /// Watches `dir` (and, under a recursive root, every directory below
-    /// it) first, then looks at the files already there.
-    fn scan_dir(&mut self, start: &Path) {
-        let mut stack = vec![start.to_owned()];
-        while let Some(dir) = stack.pop() {
-            if self.stop.load(Ordering::Relaxed) {
-                // Shutting down: the next start scans everything anyway.
-                return;
-            }
-            if dir.starts_with(&self.settings.archive_dir) {
-                continue;
-            }
-            let is_root = self.roots.iter().any(|r| r.path == dir);
-            if is_root {
-                self.mark_root(&dir, dir.is_dir());
-            }
-            self.watch(&dir);
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) => {
-                    if e.kind() != ErrorKind::NotFound {
-                        log::warn!("cannot scan `{}`: {e}", dir.display());
-                    }
-                    continue;
-                }
-            };
-            for entry in entries.flatten() {
-                let Ok(kind) = entry.file_type() else {
-                    continue;
-                };
-                let path = entry.path();
-                if kind.is_dir() {
-                    if self.roots.iter().any(|r| r.covers_dir(&path)) {
-                        stack.push(path);
-                    }
-                } else if kind.is_file() && self.roots.iter().any(|r| r.matches(&path)) {
-                    self.consider(&path, true);
-                }
-            }
-        }
-    }
-
-    /// Records whether a root directory is present, and says so when that
-    /// changes.
-    fn mark_root(&mut self, dir: &Path, present: bool) {
-        let Some(root) = self.roots.iter_mut().find(|r| r.path == dir) else {
-            return;
-        };
-        if root.active == present {
-            return;
-        }
-        root.active = present;
-        if present {
-            log::info!("watched directory `{}` is back; scanning it", dir.display());
-        } else {
-            Metrics::add(&self.metrics.watched_dirs_lost, 1);
-            log::warn!(
-                "watched directory `{}` was deleted or moved away; it is watched again \
-                 when it reappears (checked every {:?})",
-                dir.display(),
-                self.settings.scan_interval
-            );
-        }
-        let _ = self.conn.execute(
-            "UPDATE monitored_paths SET active = ?2 WHERE path = ?1",
-            params![dir.to_string_lossy(), present],
-        );
-    }
-
     fn read_events(&mut self, buffer: &mut [u8]) {
         loop {
             let events = match self.inotify.read_events(buffer) {
@@ -718,7 +514,7 @@ impl Watcher {
                     overflow = true;
                     continue;
                 }
-                let Some(dir) = self.dirs.get(&event.wd).cloned() else {
+                let Some(dir) = self.dirs.get(&event.wd).map(|w| w.path.clone()) else {
                     continue;
                 };
                 if event.mask.contains(EventMask::IGNORED) {
@@ -784,7 +580,7 @@ impl Watcher {
         while let Some(path) = self.closed.pop_front() {
             self.closed_set.remove(&path);
             if self.roots.iter().any(|r| r.matches(&path)) {
-                self.consider(&path, false);
+                self.consider_path(&path, false);
             }
             done += 1;
             if done % self.settings.batch_size.max(1) == 0 {
@@ -807,70 +603,93 @@ impl Watcher {
         }
     }
 
-    /// A watch went away, or its directory was deleted or moved: forget it
-    /// and every watch below it (their paths are stale now), then look at
-    /// the path again if it is still (or again) a watched directory. A
-    /// directory moved within the tree is watched anew under its new name
-    /// through its parent's `IN_MOVED_TO`.
-    fn forget(&mut self, wd: WatchDescriptor, dir: &Path, ignored_only: bool) {
-        if self.dirs.get(&wd).map(PathBuf::as_path) != Some(dir) {
+    // ----- archiving -----
+
+    /// A file inotify reported (or one settling): opened again through
+    /// its directory's descriptor, from its root's, never through `path`.
+    fn consider_path(&mut self, path: &Path, scanned: bool) {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
             return;
-        }
-        if ignored_only {
-            self.dirs.remove(&wd);
-            self.watched.remove(dir);
-        } else {
-            let stale: Vec<PathBuf> = self
-                .watched
-                .keys()
-                .filter(|p| p.starts_with(dir))
-                .cloned()
-                .collect();
-            for path in stale {
-                if let Some(old) = self.watched.remove(&path) {
-                    self.dirs.remove(&old);
-                    // Fails for a watch the kernel already dropped.
-                    let _ = self.inotify.watches().remove(old);
-                }
+        };
+        match self.resolve_dir(parent) {
+            Ok(dir) => self.consider_at(dir.as_fd(), path, name, scanned),
+            Err(e) if e.kind() == ErrorKind::NotFound => self.vanished(path, scanned),
+            Err(e) => {
+                // A link (never followed) or a file where a directory was.
+                self.settling.remove(path);
+                log::debug!(
+                    "not looking at `{}`: its directory cannot be opened ({e})",
+                    path.display()
+                );
             }
-        }
-        let present = dir.is_dir();
-        if self.roots.iter().any(|r| r.path == dir) {
-            self.mark_root(dir, present);
-        }
-        if present && self.roots.iter().any(|r| r.covers_dir(dir)) {
-            // Something else has this name now: look at it.
-            self.scan_dir(dir);
         }
     }
 
-    // ----- archiving -----
+    fn vanished(&mut self, path: &Path, scanned: bool) {
+        self.settling.remove(path);
+        if !scanned {
+            self.record_error(path, 0, 0, &CopyError::Vanished);
+        }
+    }
 
-    /// A matching file: archive it unless this version already is. A file
-    /// found by a scan that changed within [`SETTLE`] waits for its close
-    /// event or a later look.
-    fn consider(&mut self, path: &Path, scanned: bool) {
-        let source = match archive::open_source(path, scanned) {
-            Ok(Some(source)) => source,
-            Ok(None) => return,
-            Err(CopyError::Vanished) => {
-                self.settling.remove(path);
-                if !scanned {
-                    self.record_error(path, 0, 0, &CopyError::Vanished);
-                }
+    /// The matching entry `name` of `dir`, named `path`: archive it unless
+    /// this version already is, or it is not a regular file (then it is
+    /// never opened), or not its watch's owner's. A file found by a scan
+    /// that changed within [`SETTLE`] waits for its close event or a later
+    /// look.
+    fn consider_at(&mut self, dir: BorrowedFd<'_>, path: &Path, name: &OsStr, scanned: bool) {
+        let found = match walk::stat_at(dir, name) {
+            Ok(found) => found,
+            Err(e) if e.kind() == ErrorKind::NotFound => return self.vanished(path, scanned),
+            Err(e) => {
+                log::warn!("cannot inspect export `{}`: {e}", path.display());
                 return;
             }
+        };
+        if !found.is_file() {
+            self.settling.remove(path);
+            return;
+        }
+        let name_key = key(path);
+        let version = (found.size, found.mtime_ns);
+        if self.known.get(&name_key) == Some(&version)
+            || self.failed.get(&name_key) == Some(&version)
+        {
+            self.settling.remove(path);
+            return;
+        }
+        if !self
+            .roots
+            .iter()
+            .any(|r| r.matches(path) && r.trusts(found.uid))
+        {
+            self.settling.remove(path);
+            let watcher = self
+                .roots
+                .iter()
+                .filter(|r| r.matches(path))
+                .max_by_key(|r| r.path.as_os_str().len())
+                .and_then(|r| r.owner_uid);
+            let error = CopyError::Untrusted {
+                owner: found.uid,
+                watcher,
+            };
+            self.record_error(path, version.0, version.1, &error);
+            return;
+        }
+        let source = match archive::open_source(dir, name, &found, scanned) {
+            Ok(Some(source)) => source,
+            // Replaced since it was inspected; its own event brings it.
+            Ok(None) => {
+                self.settling.remove(path);
+                return;
+            }
+            Err(CopyError::Vanished) => return self.vanished(path, scanned),
             Err(e) => {
                 log::warn!("cannot open export `{}`: {e}", path.display());
                 return;
             }
         };
-        let version = (source.size, source.mtime_ns);
-        let name = key(path);
-        if self.known.get(&name) == Some(&version) || self.failed.get(&name) == Some(&version) {
-            self.settling.remove(path);
-            return;
-        }
         let age = source.age();
         if source.being_written == Some(true) {
             // Its close event (the directory is watched) brings it; failing
@@ -905,17 +724,13 @@ impl Watcher {
             .collect();
         for path in due {
             self.settling.remove(&path);
-            self.consider(&path, true);
+            self.consider_path(&path, true);
         }
     }
 
     fn archive(&mut self, source: &Path, opened: archive::Source, movable: bool) {
-        let version = (opened.size, opened.mtime_ns);
-        let copied_file = Copied {
-            identity: opened.identity,
-            size: opened.size,
-            mtime_ns: opened.mtime_ns,
-        };
+        let version = (opened.meta.size, opened.meta.mtime_ns);
+        let copied_file = opened.meta;
         let moving = movable && self.settings.mode == ArchiveMode::Move;
         let session = self.session_for(source);
         let free = self.free_space();
@@ -966,6 +781,7 @@ impl Watcher {
             }
         };
         self.known.insert(key(source), version);
+        self.errors.remove(&key(source));
         self.contents.extend(content_key(&copied.content_hash));
         self.batch.push(Record {
             source: source.to_owned(),
@@ -982,12 +798,34 @@ impl Watcher {
         }
     }
 
+    /// Records that `source` (this version) could not be archived: once
+    /// per version and kind of error (a full scan tries failed versions
+    /// again, and a file that still does not fit or is still not the
+    /// watch owner's is not recorded again). Every vanished file is.
     fn record_error(&mut self, source: &Path, size: u64, mtime_ns: i64, error: &CopyError) {
-        Metrics::add(&self.metrics.export_errors, 1);
-        log::warn!("cannot archive export `{}`: {error}", source.display());
+        let name = key(source);
+        let sentence = error.to_string();
         if *error != CopyError::Vanished {
-            self.failed.insert(key(source), (size, mtime_ns));
+            self.failed.insert(name.clone(), (size, mtime_ns));
+            let class = archive::error_class(&sentence);
+            if self
+                .errors
+                .get(&name)
+                .is_some_and(|(s, m, c)| (*s, *m, c.as_str()) == (size, mtime_ns, class))
+            {
+                log::debug!(
+                    "still cannot archive export `{}`: {sentence}",
+                    source.display()
+                );
+                return;
+            }
+            if self.errors.len() >= MAX_REMEMBERED_ERRORS {
+                self.errors.clear();
+            }
+            self.errors.insert(name, (size, mtime_ns, class.to_owned()));
         }
+        Metrics::add(&self.metrics.export_errors, 1);
+        log::warn!("cannot archive export `{}`: {sentence}", source.display());
         self.batch.push(Record {
             source: source.to_owned(),
             archive_path: String::new(),
@@ -995,7 +833,7 @@ impl Watcher {
             size,
             mtime_ns,
             content_hash: None,
-            error: Some(error.to_string()),
+            error: Some(sentence),
             remove_source: None,
         });
     }
@@ -1115,9 +953,9 @@ impl Watcher {
                 self.wal.note_commit();
                 let archived = self.batch.iter().filter(|r| r.error.is_none()).count();
                 Metrics::add(&self.metrics.exports_archived, archived as u64);
-                for r in self.batch.drain(..) {
+                for r in std::mem::take(&mut self.batch) {
                     if let Some(copied) = r.remove_source {
-                        remove_if_unchanged(&r.source, copied);
+                        self.remove_if_unchanged(&r.source, &copied);
                     }
                 }
             }
@@ -1127,63 +965,32 @@ impl Watcher {
                 Metrics::add(&self.metrics.export_errors, self.batch.len() as u64);
                 for r in self.batch.drain(..) {
                     self.known.remove(&key(&r.source));
+                    self.errors.remove(&key(&r.source));
                 }
             }
         }
     }
-}
 
-/// Move mode: deletes `path` if it is still the file that was copied;
-/// otherwise it changed since, its new version is archived on its own, and
-/// it is kept.
-fn remove_if_unchanged(path: &Path, copied: Copied) {
-    use std::os::unix::fs::MetadataExt;
-    let same = fs::symlink_metadata(path).is_ok_and(|m| {
-        m.is_file()
-            && (m.dev(), m.ino()) == copied.identity
-            && m.len() == copied.size
-            && m.mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(m.mtime_nsec())
-                == copied.mtime_ns
-    });
-    if !same {
-        log::info!(
-            "`{}` changed after it was archived; keeping it (move mode)",
-            path.display()
-        );
-        return;
+    /// Move mode: deletes `path`, through its directory's descriptor, if
+    /// the name still is the file that was copied; otherwise it changed
+    /// since, its new version is archived on its own, and it is kept.
+    fn remove_if_unchanged(&mut self, path: &Path, copied: &Meta) {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return;
+        };
+        let removed = self
+            .resolve_dir(parent)
+            .and_then(|dir| walk::unlink_if_same(dir.as_fd(), name, copied));
+        match removed {
+            Ok(true) => {}
+            Ok(false) => log::info!(
+                "`{}` changed after it was archived; keeping it (move mode)",
+                path.display()
+            ),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => log::warn!("archived `{}` but cannot remove it: {e}", path.display()),
+        }
     }
-    if let Err(e) = fs::remove_file(path) {
-        log::warn!("archived `{}` but cannot remove it: {e}", path.display());
-    }
-}
-
-/// Canonicalises a requested watch path and checks it is a readable
-/// directory, with a sentence for each way it is not.
-fn canonical_dir(given: &str) -> Result<PathBuf, String> {
-    if given.is_empty() {
-        return Err("the path is empty".into());
-    }
-    let path = fs::canonicalize(given).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => format!("`{given}` does not exist"),
-        ErrorKind::PermissionDenied => format!("`{given}` is not accessible to the daemon"),
-        _ => format!("cannot resolve `{given}`: {e}"),
-    })?;
-    let meta = fs::metadata(&path).map_err(|e| format!("cannot inspect `{given}`: {e}"))?;
-    if !meta.is_dir() {
-        return Err(format!("`{}` is not a directory", path.display()));
-    }
-    fs::read_dir(&path).map_err(|e| match e.kind() {
-        ErrorKind::PermissionDenied => format!(
-            "`{}` is not readable by the daemon (uid {})",
-            path.display(),
-            // SAFETY: getuid cannot fail.
-            unsafe { libc::getuid() }
-        ),
-        _ => format!("cannot read `{}`: {e}", path.display()),
-    })?;
-    Ok(path)
 }
 
 #[cfg(test)]
@@ -1196,30 +1003,5 @@ mod tests {
         assert_eq!(content_key(&hash), Some(0x0123_4567_89ab_cdef));
         assert_eq!(content_key("abc"), None);
         assert_eq!(content_key("zzzzzzzzzzzzzzzz"), None);
-    }
-
-    #[test]
-    fn a_move_keeps_a_source_that_changed_after_the_copy() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.md");
-        fs::write(&path, b"v1").unwrap();
-        let copied = |p: &Path| {
-            let s = archive::open_source(p, false).unwrap().unwrap();
-            Copied {
-                identity: s.identity,
-                size: s.size,
-                mtime_ns: s.mtime_ns,
-            }
-        };
-        let v1 = copied(&path);
-        // Replaced by a new file (an editor's save): kept.
-        let staged = dir.path().join("r.md.new");
-        fs::write(&staged, b"v2, longer").unwrap();
-        fs::rename(&staged, &path).unwrap();
-        remove_if_unchanged(&path, v1);
-        assert!(path.exists());
-        // Unchanged since the copy: deleted.
-        remove_if_unchanged(&path, copied(&path));
-        assert!(!path.exists());
     }
 }
