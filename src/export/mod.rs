@@ -197,83 +197,17 @@ pub fn spawn_watcher(
     replies: Replies,
     metrics: Arc<Metrics>,
 ) -> Result<(ControlSender, WatcherHandle), StoreError> {
-    let conn = schema::open_rw(db_path, 8)?;
-    // The merger's checkpointer keeps the main database's WAL in check; a
-    // checkpoint inside this thread's commits would only slow detection.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    let io_err = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| StoreError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&settings.archive_dir)
-        .map_err(io_err("create archive directory", &settings.archive_dir))?;
-    let archive_dir = fs::canonicalize(&settings.archive_dir)
-        .map_err(io_err("resolve archive directory", &settings.archive_dir))?;
-    let archive_identity = walk::open_root(&archive_dir)
-        .and_then(|fd| walk::stat_fd(fd.as_fd()))
-        .map(|m| m.identity)
-        .ok();
-    let inotify = Inotify::init().map_err(io_err("start inotify for", &archive_dir))?;
-    // A writer opening a file while the watcher holds its read lease (see
-    // `archive::open_for_writing`) makes the kernel send SIGIO, which would
-    // otherwise end the process.
-    // SAFETY: installing SIG_IGN has no preconditions.
-    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
-    let poll = Poll::new().map_err(io_err("create a poll for", &archive_dir))?;
-    let (tx, rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
     let stop = Arc::new(AtomicBool::new(false));
-    poll.registry()
-        .register(
-            &mut SourceFd(&inotify.as_raw_fd()),
-            INOTIFY,
-            Interest::READABLE,
-        )
-        .map_err(io_err("register inotify for", &archive_dir))?;
-    let waker = Arc::new(
-        Waker::new(poll.registry(), WAKE).map_err(io_err("create a waker for", &archive_dir))?,
-    );
-    let mut watcher = Watcher {
-        known: load_known(&conn)?,
-        contents: load_contents(&conn)?,
-        failed: HashMap::new(),
-        errors: load_errors(&conn)?,
-        conn,
-        settings: ExportSettings {
-            archive_dir,
-            ..settings
-        },
-        inotify,
-        poll,
-        dirs: HashMap::new(),
-        watched: HashMap::new(),
-        roots: Vec::new(),
-        daemon_uid: rustix::process::geteuid().as_raw(),
-        archive_identity,
-        dir_cache: Vec::new(),
-        depth_warned: false,
-        settling: HashMap::new(),
-        closed: VecDeque::new(),
-        closed_set: HashSet::new(),
-        closed_overflowed: false,
-        batch: Vec::new(),
-        replies,
-        metrics,
-        wal,
-        stop: Arc::clone(&stop),
-        next_scan: Instant::now(),
-        limit_warned: false,
-        made_dirs: HashSet::new(),
-        free: (0, Instant::now() - REFRESH),
-        workspaces: (Vec::new(), Instant::now() - REFRESH),
-    };
-    watcher.load_roots()?;
+    let watcher = Watcher::open(db_path, wal, settings, replies, metrics, Arc::clone(&stop))?;
+    let waker =
+        Arc::new(
+            Waker::new(watcher.poll.registry(), WAKE).map_err(|source| StoreError::Io {
+                action: "create a waker for",
+                path: watcher.settings.archive_dir.clone(),
+                source,
+            })?,
+        );
+    let (tx, rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
     let thread_stop = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("codi-exports".into())
@@ -451,6 +385,91 @@ struct Watcher {
 }
 
 impl Watcher {
+    /// Opens its database connection, the archive directory, inotify and
+    /// the poll, and loads the saved watches; [`spawn_watcher`] runs it.
+    fn open(
+        db_path: &Path,
+        wal: Arc<WalState>,
+        settings: ExportSettings,
+        replies: Replies,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Watcher, StoreError> {
+        let conn = schema::open_rw(db_path, 8)?;
+        // The merger's checkpointer keeps the main database's WAL in check; a
+        // checkpoint inside this thread's commits would only slow detection.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let io_err = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&settings.archive_dir)
+            .map_err(io_err("create archive directory", &settings.archive_dir))?;
+        let archive_dir = fs::canonicalize(&settings.archive_dir)
+            .map_err(io_err("resolve archive directory", &settings.archive_dir))?;
+        let archive_identity = walk::open_root(&archive_dir)
+            .and_then(|fd| walk::stat_fd(fd.as_fd()))
+            .map(|m| m.identity)
+            .ok();
+        let inotify = Inotify::init().map_err(io_err("start inotify for", &archive_dir))?;
+        // A writer opening a file while the watcher holds its read lease (see
+        // `archive::open_for_writing`) makes the kernel send SIGIO, which would
+        // otherwise end the process.
+        // SAFETY: installing SIG_IGN has no preconditions.
+        unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+        let poll = Poll::new().map_err(io_err("create a poll for", &archive_dir))?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&inotify.as_raw_fd()),
+                INOTIFY,
+                Interest::READABLE,
+            )
+            .map_err(io_err("register inotify for", &archive_dir))?;
+        let mut watcher = Watcher {
+            known: load_known(&conn)?,
+            contents: load_contents(&conn)?,
+            failed: HashMap::new(),
+            errors: load_errors(&conn)?,
+            conn,
+            settings: ExportSettings {
+                archive_dir,
+                ..settings
+            },
+            inotify,
+            poll,
+            dirs: HashMap::new(),
+            watched: HashMap::new(),
+            roots: Vec::new(),
+            daemon_uid: rustix::process::geteuid().as_raw(),
+            archive_identity,
+            dir_cache: Vec::new(),
+            depth_warned: false,
+            settling: HashMap::new(),
+            closed: VecDeque::new(),
+            closed_set: HashSet::new(),
+            closed_overflowed: false,
+            batch: Vec::new(),
+            replies,
+            metrics,
+            wal,
+            stop,
+            next_scan: Instant::now(),
+            limit_warned: false,
+            made_dirs: HashSet::new(),
+            free: (0, Instant::now() - REFRESH),
+            workspaces: (Vec::new(), Instant::now() - REFRESH),
+        };
+        watcher.load_roots()?;
+        Ok(watcher)
+    }
+
     fn run(mut self, control: &Receiver<ControlJob>, stop: &AtomicBool) {
         let mut events = Events::with_capacity(8);
         let mut buffer = vec![0u8; EVENT_BUFFER];
