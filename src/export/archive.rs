@@ -42,14 +42,20 @@ impl Source {
     /// future (a skewed clock, `touch -d`) counts as long ago, so that such
     /// a file is not waited on forever.
     pub fn age(&self) -> std::time::Duration {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
-        if self.meta.mtime_ns > now {
-            return std::time::Duration::MAX;
-        }
-        std::time::Duration::from_nanos((now - self.meta.mtime_ns) as u64)
+        age_of(self.meta.mtime_ns)
     }
+}
+
+/// How long ago `mtime_ns` (nanoseconds since the epoch) was; a time in the
+/// future counts as long ago (see [`Source::age`]).
+pub fn age_of(mtime_ns: i64) -> std::time::Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    if mtime_ns > now {
+        return std::time::Duration::MAX;
+    }
+    std::time::Duration::from_nanos((now - mtime_ns) as u64)
 }
 
 /// Opens the entry `name` of `dir` for copying if it still is the regular

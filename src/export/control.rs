@@ -70,7 +70,7 @@ impl Watcher {
 
     /// Saves and installs a watch for `requester`; returns its directory,
     /// still to scan.
-    fn start(
+    pub(super) fn start(
         &mut self,
         given: &str,
         recursive: bool,
@@ -215,6 +215,8 @@ impl Watcher {
         self.dir_cache.clear();
         self.release_watches_of(&root.path);
         self.settling
+            .retain(|p, _| self.roots.iter().any(|r| r.matches(p)));
+        self.kept
             .retain(|p, _| self.roots.iter().any(|r| r.matches(p)));
         Ok(())
     }

@@ -20,6 +20,13 @@
 //! later. A file is archived again only when its size or
 //! modification time changed since its last archive row.
 //!
+//! In move mode a file is deleted once its row is committed, but only when
+//! it is known to be complete: after its close event, or once a scan finds
+//! it unchanged for a minute. A file a scan archived earlier is remembered
+//! as the very file copied (device, inode, size, modification time) and
+//! deleted on its next close event or a later scan, whichever shows it
+//! done first; so is a file whose deletion failed.
+//!
 //! The users who ask for watches may be hostile: trees are walked through
 //! directory descriptors, never following a symbolic link ([`walk`],
 //! `scan`), only regular files are ever opened, and a watch archives only
@@ -320,10 +327,22 @@ struct Record {
     mtime_ns: i64,
     content_hash: Option<String>,
     error: Option<String>,
-    /// Set when the source must be deleted after the commit (move mode),
-    /// if it is still the file that was copied (device, inode, size,
-    /// modification time).
-    remove_source: Option<Meta>,
+    /// What becomes of the source once the row is committed.
+    fate: SourceFate,
+}
+
+/// What becomes of an archived source once its row is committed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SourceFate {
+    /// Kept: copy mode, or an error row.
+    Keep,
+    /// Move mode, the file is complete: deleted if it still is this file
+    /// (device, inode, size, modification time).
+    Remove(Meta),
+    /// Move mode, but a scan found it and it may still be written: kept,
+    /// and remembered as this file until it is known to be done (see
+    /// [`Watcher::move_archived`]).
+    Later(Meta),
 }
 
 struct Watcher {
@@ -359,6 +378,13 @@ struct Watcher {
     errors: HashMap<String, (u64, i64, String)>,
     /// Files a scan found still changing, and when to look again.
     settling: HashMap<PathBuf, Instant>,
+    /// Move mode: archived files not deleted yet (found by a scan while
+    /// they might still have been written, or their deletion failed), as
+    /// the file that was copied; removed from here once deleted or changed.
+    kept: HashMap<PathBuf, Meta>,
+    /// How long a file found by a scan must be unchanged before move mode
+    /// deletes it ([`MOVE_AFTER_IDLE`]; tests shorten it).
+    move_after_idle: Duration,
     /// Files reported closed (or moved in), oldest first, not yet archived.
     closed: VecDeque<PathBuf>,
     /// The same files, so that a file closed twice waits once.
@@ -452,6 +478,8 @@ impl Watcher {
             dir_cache: Vec::new(),
             depth_warned: false,
             settling: HashMap::new(),
+            kept: HashMap::new(),
+            move_after_idle: MOVE_AFTER_IDLE,
             closed: VecDeque::new(),
             closed_set: HashSet::new(),
             closed_overflowed: false,
@@ -646,6 +674,7 @@ impl Watcher {
 
     fn vanished(&mut self, path: &Path, scanned: bool) {
         self.settling.remove(path);
+        self.kept.remove(path);
         if !scanned {
             self.record_error(path, 0, 0, &CopyError::Vanished);
         }
@@ -667,13 +696,19 @@ impl Watcher {
         };
         if !found.is_file() {
             self.settling.remove(path);
+            self.kept.remove(path);
             return;
         }
         let name_key = key(path);
         let version = (found.size, found.mtime_ns);
-        if self.known.get(&name_key) == Some(&version)
-            || self.failed.get(&name_key) == Some(&version)
-        {
+        if self.known.get(&name_key) == Some(&version) {
+            self.settling.remove(path);
+            if self.settings.mode == ArchiveMode::Move {
+                self.move_archived(dir, path, name, &found, !scanned);
+            }
+            return;
+        }
+        if self.failed.get(&name_key) == Some(&version) {
             self.settling.remove(path);
             return;
         }
@@ -728,8 +763,9 @@ impl Watcher {
         self.settling.remove(path);
         // A move deletes the source, so only after its close event or once
         // a scan found it unchanged for long: a writer that paused for a
-        // second would otherwise lose the rest of its file.
-        let movable = !scanned || age >= MOVE_AFTER_IDLE;
+        // second would otherwise lose the rest of its file. One found
+        // sooner is kept until then (`move_archived`).
+        let movable = !scanned || age >= self.move_after_idle;
         self.archive(path, source, movable);
     }
 
@@ -749,8 +785,13 @@ impl Watcher {
 
     fn archive(&mut self, source: &Path, opened: archive::Source, movable: bool) {
         let version = (opened.meta.size, opened.meta.mtime_ns);
-        let copied_file = opened.meta;
-        let moving = movable && self.settings.mode == ArchiveMode::Move;
+        let fate = match (self.settings.mode, movable) {
+            (ArchiveMode::Copy, _) => SourceFate::Keep,
+            (ArchiveMode::Move, true) => SourceFate::Remove(opened.meta),
+            (ArchiveMode::Move, false) => SourceFate::Later(opened.meta),
+        };
+        // The copy must be durable before the source goes, now or later.
+        let may_delete = fate != SourceFate::Keep;
         let session = self.session_for(source);
         let free = self.free_space();
         let copied = match archive::copy_to_temp(opened, &self.settings.archive_dir, free) {
@@ -785,7 +826,7 @@ impl Watcher {
                 );
                 let placed =
                     archive::install(copied.temp, &target, &mut self.made_dirs).and_then(|()| {
-                        if moving {
+                        if may_delete {
                             archive::sync(&target)
                         } else {
                             Ok(())
@@ -801,6 +842,8 @@ impl Watcher {
         };
         self.known.insert(key(source), version);
         self.errors.remove(&key(source));
+        // An older version kept for deletion is not this name's file now.
+        self.kept.remove(source);
         self.contents.extend(content_key(&copied.content_hash));
         self.batch.push(Record {
             source: source.to_owned(),
@@ -810,7 +853,7 @@ impl Watcher {
             mtime_ns: version.1,
             content_hash: Some(copied.content_hash),
             error: None,
-            remove_source: moving.then_some(copied_file),
+            fate,
         });
         if self.batch.len() >= self.settings.batch_size {
             self.flush();
@@ -853,7 +896,7 @@ impl Watcher {
             mtime_ns,
             content_hash: None,
             error: Some(sentence),
-            remove_source: None,
+            fate: SourceFate::Keep,
         });
     }
 
@@ -973,8 +1016,12 @@ impl Watcher {
                 let archived = self.batch.iter().filter(|r| r.error.is_none()).count();
                 Metrics::add(&self.metrics.exports_archived, archived as u64);
                 for r in std::mem::take(&mut self.batch) {
-                    if let Some(copied) = r.remove_source {
-                        self.remove_if_unchanged(&r.source, &copied);
+                    match r.fate {
+                        SourceFate::Keep => {}
+                        SourceFate::Remove(copied) => self.remove_committed(r.source, copied),
+                        SourceFate::Later(copied) => {
+                            self.kept.insert(r.source, copied);
+                        }
                     }
                 }
             }
@@ -990,24 +1037,122 @@ impl Watcher {
         }
     }
 
-    /// Move mode: deletes `path`, through its directory's descriptor, if
-    /// the name still is the file that was copied; otherwise it changed
-    /// since, its new version is archived on its own, and it is kept.
-    fn remove_if_unchanged(&mut self, path: &Path, copied: &Meta) {
+    /// Move mode, after the commit: deletes `path`, through its directory's
+    /// descriptor, if the name still is the file that was copied. If the
+    /// deletion fails it is tried again later (see [`Self::move_archived`]).
+    fn remove_committed(&mut self, path: PathBuf, copied: Meta) {
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
             return;
         };
-        let removed = self
-            .resolve_dir(parent)
-            .and_then(|dir| walk::unlink_if_same(dir.as_fd(), name, copied));
-        match removed {
-            Ok(true) => {}
-            Ok(false) => log::info!(
+        let done = match self.resolve_dir(parent) {
+            Ok(dir) => remove_archived(dir.as_fd(), &path, name, &copied, false),
+            Err(e) if e.kind() == ErrorKind::NotFound => true,
+            Err(e) => {
+                log::warn!(
+                    "archived `{}` but cannot remove it: {e}; trying again later",
+                    path.display()
+                );
+                false
+            }
+        };
+        if !done {
+            self.kept.insert(path, copied);
+        }
+    }
+
+    /// Move mode: `found`, the entry `name` of `dir` (named `path`), is a
+    /// version already archived. If it was kept (a scan found it while it
+    /// might still have been written, or its deletion failed), it is deleted
+    /// now, provided it still is the very file that was copied (device,
+    /// inode, size, modification time), it is done (its close event came,
+    /// `closed`, or it has been unchanged for [`MOVE_AFTER_IDLE`]), it is
+    /// its watch's owner's, and no process has it open for writing. A
+    /// version whose row is not committed yet is deleted after the commit.
+    fn move_archived(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        path: &Path,
+        name: &OsStr,
+        found: &Meta,
+        closed: bool,
+    ) {
+        if !closed && archive::age_of(found.mtime_ns) < self.move_after_idle {
+            return;
+        }
+        let in_batch = self
+            .batch
+            .iter()
+            .rposition(|r| r.source == path && r.error.is_none());
+        let copied = match in_batch {
+            Some(i) => match self.batch[i].fate {
+                SourceFate::Later(copied) => copied,
+                // Deleted after the commit, or kept for good (copy mode).
+                SourceFate::Remove(_) | SourceFate::Keep => return,
+            },
+            None => match self.kept.get(path) {
+                Some(copied) => *copied,
+                None => return,
+            },
+        };
+        if !walk::same_file_version(&copied, found)
+            || !self
+                .roots
+                .iter()
+                .any(|r| r.matches(path) && r.trusts(found.uid))
+        {
+            return;
+        }
+        match walk::open_file_at(dir, name, found) {
+            // Where the kernel cannot tell, the close event or the idle time
+            // has to do.
+            Ok(Some((file, _))) if archive::open_for_writing(&file) != Some(true) => {}
+            // Open for writing again (its close event brings it back),
+            // replaced since, or unreadable: not now.
+            _ => return,
+        }
+        match in_batch {
+            Some(i) => self.batch[i].fate = SourceFate::Remove(copied),
+            None => {
+                if remove_archived(dir, path, name, &copied, true) {
+                    self.kept.remove(path);
+                }
+            }
+        }
+    }
+}
+
+/// Deletes the entry `name` of `dir` (named `path`) if it still is
+/// `copied` ([`walk::unlink_if_same`]). True when done with it: deleted,
+/// gone, or changed since (its new version is archived on its own); false
+/// when the deletion failed and is to be tried again (a `retry` failing
+/// again is not logged as a warning again).
+fn remove_archived(
+    dir: BorrowedFd<'_>,
+    path: &Path,
+    name: &OsStr,
+    copied: &Meta,
+    retry: bool,
+) -> bool {
+    match walk::unlink_if_same(dir, name, copied) {
+        Ok(true) => true,
+        Ok(false) => {
+            log::info!(
                 "`{}` changed after it was archived; keeping it (move mode)",
                 path.display()
-            ),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => log::warn!("archived `{}` but cannot remove it: {e}", path.display()),
+            );
+            true
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => true,
+        Err(e) if retry => {
+            log::debug!("still cannot remove archived `{}`: {e}", path.display());
+            false
+        }
+        Err(e) => {
+            log::warn!(
+                "archived `{}` but cannot remove it: {e}; trying again later",
+                path.display()
+            );
+            false
         }
     }
 }
@@ -1015,6 +1160,151 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{File, OpenOptions};
+
+    /// A watcher in move mode on a fresh database under `base`, not
+    /// running: the test drives its steps.
+    fn move_watcher(base: &Path) -> Watcher {
+        let settings = ExportSettings {
+            default_patterns: vec!["*.md".into()],
+            scan_interval: Duration::from_secs(3600),
+            batch_size: 100,
+            archive_dir: base.join("archive"),
+            mode: ArchiveMode::Move,
+            max_watches_per_root: 1000,
+        };
+        Watcher::open(
+            &base.join("data/codi.db"),
+            Arc::new(WalState::default()),
+            settings,
+            Replies::new(Vec::new()),
+            Arc::new(Metrics::default()),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap()
+    }
+
+    /// What the loop does after a wakeup: reads inotify's events, archives
+    /// the files they report closed, and commits.
+    fn handle_events(w: &mut Watcher) {
+        let mut buffer = vec![0u8; EVENT_BUFFER];
+        w.read_events(&mut buffer);
+        w.archive_closed(&mut buffer);
+        w.flush();
+    }
+
+    fn archived(w: &Watcher, path: &Path) -> i64 {
+        w.conn
+            .query_row(
+                "SELECT count(*) FROM export_archive WHERE original_path = ?1 \
+                 AND error IS NULL",
+                [key(path)],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn move_mode_deletes_a_file_a_scan_archived_before_its_close_event() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(tmp.path()).unwrap();
+        let work = base.join("work");
+        fs::create_dir(&work).unwrap();
+        let mut w = move_watcher(&base);
+        let uid = w.daemon_uid;
+        let dir = w
+            .start(&key(&work), true, Vec::new(), None, Some(uid))
+            .unwrap();
+        w.scan_dir(&dir);
+
+        // Written and closed, and a scan gets to it before the watcher reads
+        // its close event: archived, but kept (a scan cannot tell that the
+        // writer is done) until that close event is read.
+        let first = work.join("first.md");
+        fs::write(&first, b"first").unwrap();
+        w.full_scan();
+        w.flush();
+        assert_eq!(archived(&w, &first), 1);
+        assert!(first.exists(), "a young file a scan found is kept for now");
+        handle_events(&mut w);
+        assert!(!first.exists(), "its close event deletes it");
+
+        // The same, with the close event read before the row is committed.
+        let second = work.join("second.md");
+        fs::write(&second, b"second").unwrap();
+        w.full_scan();
+        handle_events(&mut w);
+        assert_eq!(archived(&w, &second), 1);
+        assert!(!second.exists(), "deleted once its row is committed");
+        assert_eq!(archived(&w, &first), 1, "not archived again");
+    }
+
+    #[test]
+    fn a_kept_file_is_deleted_by_a_later_scan_only_if_idle_unchanged_and_not_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(tmp.path()).unwrap();
+        let work = base.join("work");
+        fs::create_dir(&work).unwrap();
+        // There before the watch, so no close event ever comes for them.
+        let idle = work.join("idle.md");
+        let open = work.join("open.md");
+        let replaced = work.join("replaced.md");
+        let linked = work.join("linked.md");
+        for p in [&idle, &open, &replaced, &linked] {
+            fs::write(p, b"same size").unwrap();
+        }
+        let mut w = move_watcher(&base);
+        let uid = w.daemon_uid;
+        let dir = w
+            .start(&key(&work), true, Vec::new(), None, Some(uid))
+            .unwrap();
+        w.scan_dir(&dir);
+        w.flush();
+        for p in [&idle, &open, &replaced, &linked] {
+            assert_eq!(archived(&w, p), 1, "{}", p.display());
+            assert!(p.exists(), "modified just now: kept for now");
+        }
+        w.full_scan();
+        w.flush();
+        assert!(idle.exists(), "not idle long enough yet");
+
+        // Open for writing again, unchanged; the name given to another file
+        // of the same size and modification time; a symbolic link to the
+        // archived file put in its place.
+        let writer = OpenOptions::new().append(true).open(&open).unwrap();
+        let other = work.join("other");
+        fs::write(&other, b"same size").unwrap();
+        let mtime = fs::metadata(&replaced).unwrap().modified().unwrap();
+        File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        fs::rename(&other, &replaced).unwrap();
+        let outside = base.join("outside.md");
+        fs::rename(&linked, &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, &linked).unwrap();
+        let lease_works = archive::open_for_writing(&File::open(&open).unwrap()).is_some();
+
+        // Time passes: long enough unchanged.
+        w.move_after_idle = Duration::ZERO;
+        w.full_scan();
+        w.flush();
+        assert!(!idle.exists(), "unchanged for long: deleted by the scan");
+        assert!(replaced.exists(), "another inode is never deleted");
+        assert!(
+            outside.exists() && linked.exists(),
+            "a link is never followed"
+        );
+        if lease_works {
+            assert!(open.exists(), "not deleted while open for writing");
+        }
+        drop(writer);
+        handle_events(&mut w);
+        assert!(!open.exists(), "deleted after its writer closed it");
+        assert!(replaced.exists() && outside.exists());
+    }
 
     #[test]
     fn a_content_key_is_the_hash_prefix_and_short_hashes_have_none() {

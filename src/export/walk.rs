@@ -175,15 +175,20 @@ pub fn open_file_at(
     Ok(Some((File::from(fd), meta)))
 }
 
-/// Deletes the entry `name` of `dir` if it still is `expected` (identity,
-/// size and modification time); false (and nothing deleted) if it is not.
-pub fn unlink_if_same(dir: BorrowedFd<'_>, name: &OsStr, expected: &Meta) -> io::Result<bool> {
-    let now = stat_at(dir, name)?;
-    let same = now.is_file()
+/// True if `now` is the regular file `expected` was, unchanged: same
+/// device and inode, size and modification time.
+pub fn same_file_version(expected: &Meta, now: &Meta) -> bool {
+    now.is_file()
         && now.identity == expected.identity
         && now.size == expected.size
-        && now.mtime_ns == expected.mtime_ns;
-    if !same {
+        && now.mtime_ns == expected.mtime_ns
+}
+
+/// Deletes the entry `name` of `dir` if it still is `expected` (see
+/// [`same_file_version`]); false (and nothing deleted) if it is not.
+pub fn unlink_if_same(dir: BorrowedFd<'_>, name: &OsStr, expected: &Meta) -> io::Result<bool> {
+    let now = stat_at(dir, name)?;
+    if !same_file_version(expected, &now) {
         return Ok(false);
     }
     rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
