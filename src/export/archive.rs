@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -87,23 +87,18 @@ pub fn open_source(
     }))
 }
 
-/// Whether any process has `file` open for writing. The kernel grants a
-/// read lease (`F_SETLEASE`, `F_RDLCK`) only when none does; the lease is
-/// dropped at once. `None` when it cannot tell: not our file and no
-/// `CAP_LEASE`, leases disabled, a filesystem without them. A writer that
-/// opens the file in the microseconds the lease is held waits for its
-/// release; the lease-break signal (`SIGIO`) is ignored by the watcher.
+/// Whether any process has `file` open for writing, from whether the kernel
+/// grants a read lease ([`walk::take_read_lease`], dropped at once). `None`
+/// when it cannot tell: not our file and no `CAP_LEASE`, leases disabled, a
+/// filesystem without them.
 pub fn open_for_writing(file: &File) -> Option<bool> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own.
-    if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
-        // SAFETY: as above; releasing cannot fail for a lease we hold.
-        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
-        return Some(false);
-    }
-    match io::Error::last_os_error().raw_os_error() {
-        Some(libc::EAGAIN) => Some(true),
-        _ => None,
+    match walk::take_read_lease(file.as_fd()) {
+        walk::Lease::Held => {
+            walk::release_lease(file.as_fd());
+            Some(false)
+        }
+        walk::Lease::Busy => Some(true),
+        walk::Lease::Unsupported => None,
     }
 }
 

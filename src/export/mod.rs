@@ -62,7 +62,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-use walk::{Identity, Meta};
+use walk::{Identity, Meta, Unlinked};
 
 const INOTIFY: Token = Token(0);
 const WAKE: Token = Token(1);
@@ -1066,8 +1066,9 @@ impl Watcher {
     /// now, provided it still is the very file that was copied (device,
     /// inode, size, modification time), it is done (its close event came,
     /// `closed`, or it has been unchanged for [`MOVE_AFTER_IDLE`]), it is
-    /// its watch's owner's, and no process has it open for writing. A
-    /// version whose row is not committed yet is deleted after the commit.
+    /// its watch's owner's, and no process has it open for writing (see
+    /// [`walk::unlink_if_same`]). A version whose row is not committed yet
+    /// is deleted after the commit.
     fn move_archived(
         &mut self,
         dir: BorrowedFd<'_>,
@@ -1102,14 +1103,7 @@ impl Watcher {
         {
             return;
         }
-        match walk::open_file_at(dir, name, found) {
-            // Where the kernel cannot tell, the close event or the idle time
-            // has to do.
-            Ok(Some((file, _))) if archive::open_for_writing(&file) != Some(true) => {}
-            // Open for writing again (its close event brings it back),
-            // replaced since, or unreadable: not now.
-            _ => return,
-        }
+        // Whether a writer has it open again is checked as it is deleted.
         match in_batch {
             Some(i) => self.batch[i].fate = SourceFate::Remove(copied),
             None => {
@@ -1122,10 +1116,12 @@ impl Watcher {
 }
 
 /// Deletes the entry `name` of `dir` (named `path`) if it still is
-/// `copied` ([`walk::unlink_if_same`]). True when done with it: deleted,
-/// gone, or changed since (its new version is archived on its own); false
-/// when the deletion failed and is to be tried again (a `retry` failing
-/// again is not logged as a warning again).
+/// `copied` and no process has it open for writing
+/// ([`walk::unlink_if_same`]). True when done with it: deleted, gone, or
+/// changed since (its new version is archived on its own); false when it is
+/// to be tried again: still open for writing (its close event brings it
+/// back), or the deletion failed (a `retry` failing again is not logged as
+/// a warning again).
 fn remove_archived(
     dir: BorrowedFd<'_>,
     path: &Path,
@@ -1134,8 +1130,15 @@ fn remove_archived(
     retry: bool,
 ) -> bool {
     match walk::unlink_if_same(dir, name, copied) {
-        Ok(true) => true,
-        Ok(false) => {
+        Ok(Unlinked::Removed) => true,
+        Ok(Unlinked::OpenForWriting) => {
+            log::debug!(
+                "archived `{}` is open for writing; deleting it once it is closed (move mode)",
+                path.display()
+            );
+            false
+        }
+        Ok(Unlinked::Changed) => {
             log::info!(
                 "`{}` changed after it was archived; keeping it (move mode)",
                 path.display()

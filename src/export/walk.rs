@@ -11,7 +11,8 @@
 //! is reached lies inside the tree as it is now. Entries are inspected with
 //! `fstatat(AT_SYMLINK_NOFOLLOW)`, only regular files are ever opened, and
 //! a move deletes with `unlinkat` in the directory the file was found in,
-//! after checking that the name still is the file that was copied.
+//! after checking that the name still is the file that was copied and,
+//! holding a read lease on it, that no process has it open for writing.
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 use std::ffi::OsStr;
@@ -184,15 +185,85 @@ pub fn same_file_version(expected: &Meta, now: &Meta) -> bool {
         && now.mtime_ns == expected.mtime_ns
 }
 
+/// What [`unlink_if_same`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unlinked {
+    /// The file is deleted.
+    Removed,
+    /// The name is another file, or the file changed: nothing deleted.
+    Changed,
+    /// A process has the file open for writing: nothing deleted.
+    OpenForWriting,
+}
+
 /// Deletes the entry `name` of `dir` if it still is `expected` (see
-/// [`same_file_version`]); false (and nothing deleted) if it is not.
-pub fn unlink_if_same(dir: BorrowedFd<'_>, name: &OsStr, expected: &Meta) -> io::Result<bool> {
-    let now = stat_at(dir, name)?;
-    if !same_file_version(expected, &now) {
-        return Ok(false);
+/// [`same_file_version`]) and no process has it open for writing. The check
+/// and the `unlinkat` happen under a read lease where the kernel grants one
+/// (see [`take_read_lease`]): a writer opening the file meanwhile waits for
+/// the lease's release and then finds the name gone, so it never writes
+/// into the deleted file. Where no lease can be had, the name is deleted
+/// without that check.
+pub fn unlink_if_same(dir: BorrowedFd<'_>, name: &OsStr, expected: &Meta) -> io::Result<Unlinked> {
+    let Some((file, opened)) = open_file_at(dir, name, expected)? else {
+        return Ok(Unlinked::Changed);
+    };
+    if !same_file_version(expected, &opened) {
+        return Ok(Unlinked::Changed);
     }
-    rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
-    Ok(true)
+    let lease = take_read_lease(file.as_fd());
+    if lease == Lease::Busy {
+        return Ok(Unlinked::OpenForWriting);
+    }
+    // The name may be another file's by now, or the file written to just
+    // before the lease.
+    let result = match stat_at(dir, name) {
+        Ok(now) if same_file_version(expected, &now) => {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())
+                .map(|()| Unlinked::Removed)
+                .map_err(io::Error::from)
+        }
+        Ok(_) => Ok(Unlinked::Changed),
+        Err(e) => Err(e),
+    };
+    if lease == Lease::Held {
+        release_lease(file.as_fd());
+    }
+    result
+}
+
+/// What [`take_read_lease`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// A read lease is held: nobody had the file open for writing, and a
+    /// process opening it for writing now waits until [`release_lease`].
+    Held,
+    /// Some process has the file open for writing.
+    Busy,
+    /// The kernel cannot tell: not the daemon's file and no `CAP_LEASE`,
+    /// leases disabled, a filesystem without them.
+    Unsupported,
+}
+
+/// Takes a read lease (`F_SETLEASE`, `F_RDLCK`) on `fd`, a file opened
+/// read-only; the kernel grants one only when no process has the file open
+/// for writing. A writer that opens the file while it is held makes the
+/// kernel send `SIGIO`, which the watcher ignores; hold it for microseconds.
+pub fn take_read_lease(fd: BorrowedFd<'_>) -> Lease {
+    // SAFETY: fcntl on a descriptor the caller keeps open.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
+        return Lease::Held;
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Lease::Busy,
+        _ => Lease::Unsupported,
+    }
+}
+
+/// Releases the lease [`take_read_lease`] took (cannot fail for a lease
+/// that is held).
+pub fn release_lease(fd: BorrowedFd<'_>) {
+    // SAFETY: as in `take_read_lease`.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
 }
 
 /// The `/proc` name of an open descriptor: a watch added through it is on
@@ -308,10 +379,30 @@ mod tests {
         // Replaced by another file: kept.
         fs::write(base.join("new"), b"other").unwrap();
         fs::rename(base.join("new"), base.join("a.md")).unwrap();
-        assert!(!unlink_if_same(dir.as_fd(), name, &meta).unwrap());
+        assert_eq!(
+            unlink_if_same(dir.as_fd(), name, &meta).unwrap(),
+            Unlinked::Changed
+        );
         assert!(base.join("a.md").exists());
         let now = stat_at(dir.as_fd(), name).unwrap();
-        assert!(unlink_if_same(dir.as_fd(), name, &now).unwrap());
+        // Open for writing (leases work here): kept.
+        let writer = fs::OpenOptions::new()
+            .append(true)
+            .open(base.join("a.md"))
+            .unwrap();
+        let file = File::open(base.join("a.md")).unwrap();
+        if take_read_lease(file.as_fd()) != Lease::Unsupported {
+            assert_eq!(
+                unlink_if_same(dir.as_fd(), name, &now).unwrap(),
+                Unlinked::OpenForWriting
+            );
+            assert!(base.join("a.md").exists());
+        }
+        drop(writer);
+        assert_eq!(
+            unlink_if_same(dir.as_fd(), name, &now).unwrap(),
+            Unlinked::Removed
+        );
         assert!(!base.join("a.md").exists());
         let mut listing = Listing::new(open_below(dir.as_fd(), Path::new("")).unwrap()).unwrap();
         let mut names = Vec::new();
