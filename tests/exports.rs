@@ -477,7 +477,8 @@ fn move_mode_removes_sources_and_a_deleted_root_is_watched_again() {
     assert_eq!(fs::read(&row.archive).unwrap(), b"moved");
     assert!(
         wait_until(ARCHIVED_WITHIN, || !first.exists()),
-        "move mode deletes the source once recorded"
+        "move mode deletes the source once recorded; log:\n{}",
+        d.stderr()
     );
 
     fs::remove_dir_all(&work).unwrap();
