@@ -132,6 +132,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             batch_size: config.monitor.file_batch_size.max(1),
             archive_dir: archive_dir(db),
             mode: config.monitor.archive_mode,
+            max_watches_per_root: config.monitor.max_watches_per_root,
         },
         replies,
         Arc::clone(&metrics),

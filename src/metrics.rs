@@ -97,6 +97,9 @@ counters! {
     inotify_overflows,
     /// Directories that could not be watched for the inotify watch limit.
     watch_limit_errors,
+    /// Times a watched tree reached `monitor.max_watches_per_root` (once per
+    /// tree until a full scan finds it below the cap).
+    watch_cap_hits,
     /// Watched directories found deleted or moved away.
     watched_dirs_lost,
 }

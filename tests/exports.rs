@@ -477,7 +477,8 @@ fn move_mode_removes_sources_and_a_deleted_root_is_watched_again() {
     assert_eq!(fs::read(&row.archive).unwrap(), b"moved");
     assert!(
         wait_until(ARCHIVED_WITHIN, || !first.exists()),
-        "move mode deletes the source once recorded"
+        "move mode deletes the source once recorded; log:\n{}",
+        d.stderr()
     );
 
     fs::remove_dir_all(&work).unwrap();
@@ -556,4 +557,347 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+// ----- hostile users (issue: a watched directory swapped for a symlink) -----
+
+/// Full scans the daemon has run, from its status answer.
+fn scans(c: &mut Client) -> u64 {
+    let Payload::Status { components, .. } = c.call(Payload::GetStatus).payload else {
+        panic!("expected Status");
+    };
+    let exports = components
+        .iter()
+        .find(|s| s.name == "exports")
+        .expect("an exports component");
+    exports
+        .message
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" scans"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no scan count in {:?}", exports.message))
+}
+
+/// Waits until the daemon has run `n` more full scans.
+fn wait_scans(d: &Daemon, c: &mut Client, n: u64) {
+    let before = scans(c);
+    assert!(
+        wait_until(ARCHIVED_WITHIN, || scans(c) >= before + n),
+        "fewer than {n} full scans; log:\n{}",
+        d.stderr()
+    );
+}
+
+/// A daemon with a one-second full scan and `extra` more `[monitor]` keys.
+fn scanning_daemon(extra: &str) -> Daemon {
+    let sandbox = Sandbox::new();
+    sandbox.write_config(&format!("[monitor]\nscan_interval = \"1s\"\n{extra}"));
+    Daemon::start(sandbox, Opts::default().with_config())
+}
+
+/// Writes `content` to `path` with a modification time an hour ago (old
+/// enough for move mode to delete a file a scan finds).
+fn write_old(path: &Path, content: &[u8]) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, content).unwrap();
+    let f = fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+}
+
+/// A subdirectory of a watched tree atomically exchanged for a symbolic
+/// link to a directory outside it (the kernel reports the directory moved
+/// away and the link moved in), a watched root renamed away and replaced by
+/// such a link, and a new watch whose tree already holds one: the daemon
+/// must archive (or, in move mode, delete) nothing outside its trees.
+fn symlink_swaps_never_leave_the_tree(mode: &str) {
+    let d = scanning_daemon(&format!("archive_mode = \"{mode}\"\n"));
+    let mut c = d.unix();
+    let outside = workdir(&d, "outside");
+    let secrets = [
+        (outside.join("secret.md"), &b"outside the watch"[..]),
+        (outside.join("deeper/more.md"), b"deeper outside"),
+    ];
+    for (path, content) in &secrets {
+        write_old(path, content);
+    }
+    let work = workdir(&d, "work");
+    let sub = work.join("sub");
+    let inside = sub.join("inside.md");
+    write_old(&inside, b"inside");
+    let root2 = workdir(&d, "root2");
+    let root3 = workdir(&d, "root3");
+    std::os::unix::fs::symlink(&outside, root3.join("linked")).unwrap();
+    watch(&mut c, &work, &["*.md"]);
+    watch(&mut c, &root2, &["*.md"]);
+    wait_rows(&d, &inside, 1);
+
+    // The watched subdirectory `sub` becomes a link to `outside`.
+    let staging = workdir(&d, "staging");
+    let link = staging.join("link");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    if let Err(e) = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &sub,
+        rustix::fs::CWD,
+        &link,
+        rustix::fs::RenameFlags::EXCHANGE,
+    ) {
+        panic!("RENAME_EXCHANGE is needed for this test: {e}");
+    }
+    assert!(fs::symlink_metadata(&sub).unwrap().file_type().is_symlink());
+    // The watched root `root2` becomes a link to `outside`.
+    fs::rename(&root2, d.sandbox.path().join("root2.old")).unwrap();
+    std::os::unix::fs::symlink(&outside, &root2).unwrap();
+    // A new watch of a tree holding a link.
+    watch(&mut c, &root3, &["*.md"]);
+
+    let canary = work.join("canary.md");
+    fs::write(&canary, b"still watching").unwrap();
+    wait_rows(&d, &canary, 1);
+    wait_scans(&d, &mut c, 2);
+    thread::sleep(QUIET);
+    for (path, content) in &secrets {
+        assert_eq!(
+            fs::read(path).unwrap_or_default(),
+            *content,
+            "{} must be intact",
+            path.display()
+        );
+    }
+    let leaked: Vec<Archived> = rows(&d.db())
+        .into_iter()
+        .filter(|r| r.original.ends_with("secret.md") || r.original.ends_with("more.md"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "files outside the watch were archived: {leaked:#?}\nlog:\n{}",
+        d.stderr()
+    );
+    let root2_state = list(&mut c)
+        .into_iter()
+        .find(|p| p.path == root2.display().to_string())
+        .expect("root2 still listed");
+    assert!(!root2_state.active, "a root that is a link now is missing");
+    assert!(
+        d.stderr().contains("symbolic link"),
+        "the log says why: {}",
+        d.stderr()
+    );
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_is_never_followed_in_copy_mode() {
+    symlink_swaps_never_leave_the_tree("copy");
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_is_never_followed_in_move_mode() {
+    symlink_swaps_never_leave_the_tree("move");
+}
+
+#[test]
+fn fifos_and_symlinks_matching_the_patterns_are_never_opened() {
+    let d = Daemon::start_default();
+    let mut c = d.unix();
+    let work = workdir(&d, "work");
+    let staging = workdir(&d, "staging");
+    let target = staging.join("target.md");
+    fs::write(&target, b"reached through a link").unwrap();
+    let fifo = staging.join("pipe.md");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        0,
+    )
+    .unwrap();
+    let link = staging.join("link.md");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    // Whoever opens the FIFO or the link's target shows up here.
+    let mut opens = inotify::Inotify::init().unwrap();
+    opens
+        .watches()
+        .add(&fifo, inotify::WatchMask::OPEN)
+        .unwrap();
+    opens
+        .watches()
+        .add(&target, inotify::WatchMask::OPEN)
+        .unwrap();
+    // A FIFO and a link already there when the watch starts (the start
+    // scan sees them) ...
+    let early_fifo = work.join("early.md");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &early_fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        0,
+    )
+    .unwrap();
+    watch(&mut c, &work, &["*.md"]);
+    // ... and moved in afterwards (inotify reports them as moved in).
+    fs::rename(&fifo, work.join("pipe.md")).unwrap();
+    fs::rename(&link, work.join("link.md")).unwrap();
+    let canary = work.join("canary.md");
+    fs::write(&canary, b"after the fifo").unwrap();
+    wait_rows(&d, &canary, 1);
+    c.ping();
+    let mut buffer = [0u8; 4096];
+    let seen: Vec<String> = match opens.read_events(&mut buffer) {
+        Ok(events) => events.map(|e| format!("{:?}", e.mask)).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Vec::new(),
+        Err(e) => panic!("reading inotify events: {e}"),
+    };
+    assert!(
+        seen.is_empty(),
+        "the daemon opened the FIFO or followed the link: {seen:?}"
+    );
+    let all = rows(&d.db());
+    assert_eq!(all.len(), 1, "only the canary: {all:#?}");
+}
+
+#[test]
+fn the_watch_cap_warns_once_and_the_scan_finds_what_is_not_watched() {
+    let d = scanning_daemon("max_watches_per_root = 3\n");
+    let mut c = d.unix();
+    let work = workdir(&d, "work");
+    let leaves: Vec<PathBuf> = (0..5).map(|i| work.join(format!("d{i}/x/y"))).collect();
+    for leaf in &leaves {
+        fs::create_dir_all(leaf).unwrap();
+    }
+    watch(&mut c, &work, &["*.md"]);
+    let files: Vec<PathBuf> = leaves.iter().map(|l| l.join("late.md")).collect();
+    for (i, f) in files.iter().enumerate() {
+        fs::write(f, format!("file {i}")).unwrap();
+    }
+    for f in &files {
+        wait_rows(&d, f, 1);
+    }
+    wait_scans(&d, &mut c, 3);
+    let warnings: Vec<String> = d
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("max_watches_per_root"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning for the tree, not one per directory or scan: {warnings:#?}\nlog:\n{}",
+        d.stderr()
+    );
+    assert!(list(&mut c)[0].watch_cap_reached, "ListMonitoring says so");
+    assert_eq!(rows(&d.db()).len(), files.len(), "each file once");
+}
+
+#[test]
+fn repeated_full_scans_record_an_error_once() {
+    let d = scanning_daemon("");
+    let mut c = d.unix();
+    let work = workdir(&d, "work");
+    // Sparse, so it costs no space: larger than the archive's free space.
+    let free = rustix::fs::statvfs(d.sandbox.db().parent().unwrap()).unwrap();
+    let huge = work.join("huge.md");
+    let f = fs::File::create(&huge).unwrap();
+    f.set_len(free.f_bavail * free.f_frsize + (1 << 30))
+        .unwrap();
+    drop(f);
+    watch(&mut c, &work, &["*.md"]);
+    wait_rows(&d, &huge, 1);
+    wait_scans(&d, &mut c, 3);
+    let errors = wait_rows(&d, &huge, 1);
+    assert_eq!(
+        errors.len(),
+        1,
+        "one error row for one version, not one per scan: {errors:#?}"
+    );
+    let error = errors[0].error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("bytes needed plus the 16 MiB the archive keeps free"),
+        "{error}"
+    );
+}
+
+/// The uid the ownership test acts as.
+const NOBODY: u32 = 65534;
+
+#[test]
+fn users_watch_only_their_own_directories_and_files() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: needs root to act as uid {NOBODY}");
+        return;
+    }
+    let d = Daemon::start_default();
+    let mut c = d.unix();
+    // Let uid 65534 reach the socket.
+    for dir in [d.sandbox.path(), d.socket().parent().unwrap()] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(d.socket(), fs::Permissions::from_mode(0o666)).unwrap();
+    let chown = |p: &Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = d.sandbox.codi2();
+        std::os::unix::process::CommandExt::uid(&mut cmd, NOBODY);
+        std::os::unix::process::CommandExt::gid(&mut cmd, NOBODY);
+        cmd.arg("--socket").arg(d.socket()).args(args);
+        cmd.current_dir("/");
+        let out = run(cmd);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let theirs = workdir(&d, "root-owned");
+    fs::write(theirs.join("secret.md"), b"root's").unwrap();
+    let (ok, err) = as_nobody(&["watch", "add", &theirs.display().to_string()]);
+    assert!(!ok, "uid {NOBODY} may not watch a root-owned directory");
+    assert!(err.contains("Unauthorized"), "{err}");
+    assert!(err.contains("not by uid 65534"), "{err}");
+    assert!(list(&mut c).is_empty());
+
+    let mine = workdir(&d, "mine");
+    chown(&mine);
+    let own = mine.join("own.md");
+    fs::write(&own, b"nobody's export").unwrap();
+    chown(&own);
+    let foreign = mine.join("foreign.md");
+    fs::write(&foreign, b"root's file in nobody's directory").unwrap();
+    let (ok, err) = as_nobody(&["watch", "add", &mine.display().to_string()]);
+    assert!(ok, "{err}");
+    let archived = wait_rows(&d, &own, 1);
+    assert_eq!(archived[0].error, None);
+    let refused = wait_rows(&d, &foreign, 1);
+    assert!(
+        refused.iter().all(|r| r.error.is_some()),
+        "another user's file is not archived: {refused:#?}"
+    );
+    assert!(
+        refused[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("owned by uid 0, not by uid 65534"),
+        "{refused:#?}"
+    );
+
+    // Root's watch cannot be stopped by uid 65534; its own can.
+    watch(&mut c, &theirs, &["*.md"]);
+    let (ok, err) = as_nobody(&["watch", "remove", &theirs.display().to_string()]);
+    assert!(!ok && err.contains("Unauthorized"), "{err}");
+    assert_eq!(list(&mut c).len(), 2);
+    let (ok, err) = as_nobody(&["watch", "remove", &mine.display().to_string()]);
+    assert!(ok, "{err}");
+    assert_eq!(list(&mut c).len(), 1);
+    thread::sleep(QUIET);
+    assert_eq!(
+        rows(&d.db())
+            .iter()
+            .filter(|r| r.original == foreign.display().to_string())
+            .count(),
+        1,
+        "the refusal is recorded once"
+    );
 }

@@ -11,7 +11,7 @@ use crate::args::FilesArgs;
 use crate::procstat;
 use crate::report::{fmt_count, fmt_rate, Percentiles};
 use codi_monitor::client::conn::{Connection, Endpoint};
-use codi_monitor::export::archive;
+use codi_monitor::export::{archive, walk};
 use codi_monitor::fsperm::TrustedUsers;
 use codi_monitor::proto::{AckStatus, Message, Payload, Timestamp};
 use codi_monitor::store::schema;
@@ -20,6 +20,7 @@ use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -247,9 +248,23 @@ fn ceiling(tree: &Path, a: &FilesArgs, total: u64) -> Result<f64, String> {
         let date = (2026, 1, 1);
         let free = archive::free_bytes(&archive_dir).map_err(|e| e.to_string())?;
         let mut copied = 0;
+        // The directory last opened, as the watcher keeps it for a burst.
+        let mut dir: Option<(PathBuf, OwnedFd)> = None;
         for path in rx {
             let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-            let source = archive::open_source(&path, false)
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err(fail(&"not a file path"));
+            };
+            if dir.as_ref().map(|(p, _)| p.as_path()) != Some(parent) {
+                let fd = walk::open_root(parent).map_err(|e| fail(&e))?;
+                dir = Some((parent.to_owned(), fd));
+            }
+            let fd = dir
+                .as_ref()
+                .map(|(_, fd)| fd.as_fd())
+                .expect("opened above");
+            let found = walk::stat_at(fd, name).map_err(|e| fail(&e))?;
+            let source = archive::open_source(fd, name, &found, false)
                 .map_err(|e| fail(&e))?
                 .ok_or_else(|| fail(&"not a regular file"))?;
             let copy = archive::copy_to_temp(source, &archive_dir, free).map_err(|e| fail(&e))?;

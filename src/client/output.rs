@@ -162,6 +162,9 @@ pub fn watch_line(p: &MonitoredPath) -> String {
     if !p.active {
         line.push_str("  (missing: watched again when it reappears)");
     }
+    if p.watch_cap_reached {
+        line.push_str("  (watch cap reached: deeper directories found by the periodic scan)");
+    }
     line
 }
 
@@ -282,6 +285,7 @@ mod tests {
             patterns: vec!["*.md".into(), "\n*".into()],
             session_id: Some("s\u{202e}".into()),
             active: false,
+            watch_cap_reached: false,
         };
         assert_eq!(
             watch_line(&w),

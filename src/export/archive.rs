@@ -3,17 +3,21 @@
 //! filesystem lacks it), then linked or renamed into place, so there is
 //! never a partial archive file; mode 0600, laid out by date and session.
 
+use super::walk::{self, Meta};
+use rustix::fs::AtFlags;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Free space kept in the archive's filesystem beyond the file itself.
-const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
+/// Free space the archive leaves in its filesystem beyond the file
+/// itself (the database and its WAL live there too); named in the
+/// [`CopyError::NoSpace`] sentence.
+pub const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
 /// Read and write unit while copying.
 const COPY_CHUNK: usize = 64 * 1024;
 /// Longest source file name kept in an archive file name, in bytes.
@@ -25,13 +29,9 @@ pub const NO_SESSION: &str = "no-session";
 #[derive(Debug)]
 pub struct Source {
     file: File,
-    /// Size in bytes.
-    pub size: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i64,
-    /// Device and inode: which file this was, checked before a move deletes
-    /// the path.
-    pub identity: (u64, u64),
+    /// What it was when opened: identity (checked again before a move
+    /// deletes it), owner, size, modification time.
+    pub meta: Meta,
     /// Whether another process has it open for writing; `None` when not
     /// asked or the kernel would not say (see [`open_for_writing`]).
     pub being_written: Option<bool>,
@@ -42,37 +42,40 @@ impl Source {
     /// future (a skewed clock, `touch -d`) counts as long ago, so that such
     /// a file is not waited on forever.
     pub fn age(&self) -> std::time::Duration {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
-        if self.mtime_ns > now {
-            return std::time::Duration::MAX;
-        }
-        std::time::Duration::from_nanos((now - self.mtime_ns) as u64)
+        age_of(self.meta.mtime_ns)
     }
 }
 
-/// Opens `path` for copying without following a symlink and without
-/// blocking on a FIFO. `Ok(None)` if it is not a regular file. With
-/// `check_writers`, also asks whether it is still open for writing (for
-/// files a scan found; a close event already says the writer is done).
-pub fn open_source(path: &Path, check_writers: bool) -> Result<Option<Source>, CopyError> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => f,
+/// How long ago `mtime_ns` (nanoseconds since the epoch) was; a time in the
+/// future counts as long ago (see [`Source::age`]).
+pub fn age_of(mtime_ns: i64) -> std::time::Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    if mtime_ns > now {
+        return std::time::Duration::MAX;
+    }
+    std::time::Duration::from_nanos((now - mtime_ns) as u64)
+}
+
+/// Opens the entry `name` of `dir` for copying if it still is the regular
+/// file `found` (what `fstatat` said of it): no symbolic link followed, no
+/// FIFO or device ever opened (see [`walk::open_file_at`]). `Ok(None)` if
+/// it is something else now. With `check_writers`, also asks whether it is
+/// still open for writing (for files a scan found; a close event already
+/// says the writer is done).
+pub fn open_source(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    found: &Meta,
+    check_writers: bool,
+) -> Result<Option<Source>, CopyError> {
+    let (file, meta) = match walk::open_file_at(dir, name, found) {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return Ok(None),
         Err(e) if e.kind() == ErrorKind::NotFound => return Err(CopyError::Vanished),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
         Err(e) => return Err(CopyError::Io(format!("cannot open: {e}"))),
     };
-    let meta = file
-        .metadata()
-        .map_err(|e| CopyError::Io(format!("cannot inspect: {e}")))?;
-    if !meta.is_file() {
-        return Ok(None);
-    }
     Ok(Some(Source {
         being_written: if check_writers {
             open_for_writing(&file)
@@ -80,32 +83,22 @@ pub fn open_source(path: &Path, check_writers: bool) -> Result<Option<Source>, C
             None
         },
         file,
-        identity: (meta.dev(), meta.ino()),
-        size: meta.len(),
-        mtime_ns: meta
-            .mtime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.mtime_nsec()),
+        meta,
     }))
 }
 
-/// Whether any process has `file` open for writing. The kernel grants a
-/// read lease (`F_SETLEASE`, `F_RDLCK`) only when none does; the lease is
-/// dropped at once. `None` when it cannot tell: not our file and no
-/// `CAP_LEASE`, leases disabled, a filesystem without them. A writer that
-/// opens the file in the microseconds the lease is held waits for its
-/// release; the lease-break signal (`SIGIO`) is ignored by the watcher.
+/// Whether any process has `file` open for writing, from whether the kernel
+/// grants a read lease ([`walk::take_read_lease`], dropped at once). `None`
+/// when it cannot tell: not our file and no `CAP_LEASE`, leases disabled, a
+/// filesystem without them.
 pub fn open_for_writing(file: &File) -> Option<bool> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own.
-    if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
-        // SAFETY: as above; releasing cannot fail for a lease we hold.
-        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
-        return Some(false);
-    }
-    match io::Error::last_os_error().raw_os_error() {
-        Some(libc::EAGAIN) => Some(true),
-        _ => None,
+    match walk::take_read_lease(file.as_fd()) {
+        walk::Lease::Held => {
+            walk::release_lease(file.as_fd());
+            Some(false)
+        }
+        walk::Lease::Busy => Some(true),
+        walk::Lease::Unsupported => None,
     }
 }
 
@@ -149,25 +142,82 @@ pub struct Copied {
 pub enum CopyError {
     /// The file was gone (or replaced by a non-file) before it was copied.
     Vanished,
-    /// The archive's filesystem has not enough free space for it.
+    /// The archive's filesystem has not enough free space for it plus
+    /// [`FREE_SPACE_MARGIN`].
     NoSpace {
         /// The file's size.
         needed: u64,
-        /// Bytes free for this user.
-        free: u64,
+        /// Bytes free for this user; `None` when the filesystem itself
+        /// refused the copy (`ENOSPC`, `EDQUOT`).
+        free: Option<u64>,
+        /// The archive directory.
+        archive: PathBuf,
+    },
+    /// The file is not owned by the user who asked for the watch, so it is
+    /// not theirs to export.
+    Untrusted {
+        /// The file's owner.
+        owner: u32,
+        /// The watch's owner (`None` for a watch saved before owners were
+        /// recorded, whose directory could not be inspected yet).
+        watcher: Option<u32>,
     },
     /// Any other failure, as a sentence.
     Io(String),
+}
+
+/// How every [`CopyError::NoSpace`] sentence starts; with it
+/// [`error_class`] tells two such errors apart from their free-space
+/// figures.
+const NO_SPACE: &str = "not enough free space in the archive";
+
+/// The part of a recorded error sentence that says what went wrong, without
+/// the figures that change from one attempt to the next (the free space): a
+/// file version that fails again for the same reason is not recorded again.
+pub fn error_class(sentence: &str) -> &str {
+    if sentence.starts_with(NO_SPACE) {
+        NO_SPACE
+    } else {
+        sentence
+    }
 }
 
 impl std::fmt::Display for CopyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CopyError::Vanished => f.write_str("the file vanished before it was copied"),
-            CopyError::NoSpace { needed, free } => write!(
+            CopyError::NoSpace {
+                needed,
+                free: Some(free),
+                archive,
+            } => write!(
                 f,
-                "not enough free space in the archive: {needed} bytes needed, {free} free"
+                "{NO_SPACE}: {needed} bytes needed plus the {} MiB the archive keeps free; \
+                 {free} free on {}",
+                FREE_SPACE_MARGIN >> 20,
+                archive.display()
             ),
+            CopyError::NoSpace {
+                needed,
+                free: None,
+                archive,
+            } => write!(
+                f,
+                "{NO_SPACE}: the filesystem of {} is full or over quota ({needed} bytes to copy)",
+                archive.display()
+            ),
+            CopyError::Untrusted { owner, watcher } => match watcher {
+                Some(w) => write!(
+                    f,
+                    "not archived: the file is owned by uid {owner}, not by uid {w} who asked \
+                     for the watch"
+                ),
+                None => write!(
+                    f,
+                    "not archived: the file is owned by uid {owner} and the watch's owner is \
+                     not known yet"
+                ),
+            },
             CopyError::Io(e) => f.write_str(e),
         }
     }
@@ -209,18 +259,25 @@ fn create_temp(archive_dir: &Path) -> io::Result<(File, Temp)> {
 /// on the way, if it fits in `free` bytes (see [`free_bytes`]). Nothing is
 /// left behind on failure.
 pub fn copy_to_temp(source: Source, archive_dir: &Path, free: u64) -> Result<Copied, CopyError> {
-    let Source { file, size, .. } = source;
+    let Source { file, meta, .. } = source;
+    let size = meta.size;
     // A file that grows while it is copied is copied as it was when opened;
     // its next close event brings the rest.
     let mut file = file.take(size);
+    let full = || CopyError::NoSpace {
+        needed: size,
+        free: None,
+        archive: archive_dir.to_owned(),
+    };
     if size.saturating_add(FREE_SPACE_MARGIN) > free {
-        return Err(CopyError::NoSpace { needed: size, free });
+        return Err(CopyError::NoSpace {
+            needed: size,
+            free: Some(free),
+            archive: archive_dir.to_owned(),
+        });
     }
     let (mut output, temp) = create_temp(archive_dir).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => CopyError::NoSpace {
-            needed: size,
-            free: 0,
-        },
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => full(),
         _ => CopyError::Io(format!("cannot create the archive copy: {e}")),
     })?;
     let result = (|| {
@@ -249,10 +306,7 @@ pub fn copy_to_temp(source: Source, archive_dir: &Path, free: u64) -> Result<Cop
         Err(e) => {
             temp.discard();
             Err(match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => CopyError::NoSpace {
-                    needed: size,
-                    free: 0,
-                },
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => full(),
                 _ => CopyError::Io(format!("cannot copy: {e}")),
             })
         }
@@ -366,25 +420,14 @@ pub fn sync(target: &Path) -> io::Result<()> {
 /// Gives an `O_TMPFILE` file the name `target` (`linkat` through
 /// `/proc/self/fd`, which needs no privilege).
 fn link_unnamed(file: &File, target: &Path) -> io::Result<()> {
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
-    let to = std::ffi::CString::new(target.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
-    // SAFETY: two valid C strings; linkat does not keep them.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        walk::proc_path(file.as_fd()),
+        rustix::fs::CWD,
+        target,
+        AtFlags::SYMLINK_FOLLOW,
+    )?;
+    Ok(())
 }
 
 fn is_plain_name(s: &str) -> bool {
@@ -402,23 +445,29 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Bytes available to this user in the filesystem holding `dir`.
 pub fn free_bytes(dir: &Path) -> io::Result<u64> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a properly sized out-parameter.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(clippy::useless_conversion)] // the field types differ by platform
-    let (avail, unit) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
-    Ok(avail.saturating_mul(unit))
+    let stat = rustix::fs::statvfs(dir)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::OwnedFd;
     use std::os::unix::fs::PermissionsExt;
+
+    /// Opens `path` as the watcher does: its directory's descriptor, then
+    /// the entry.
+    fn open(path: &Path, check_writers: bool) -> Result<Option<Source>, CopyError> {
+        let dir: OwnedFd = walk::open_root(&fs::canonicalize(path.parent().unwrap()).unwrap())
+            .expect("open the directory");
+        let name = path.file_name().unwrap();
+        let found = match walk::stat_at(dir.as_fd(), name) {
+            Ok(found) => found,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(CopyError::Vanished),
+            Err(e) => panic!("{e}"),
+        };
+        open_source(dir.as_fd(), name, &found, check_writers)
+    }
 
     #[test]
     fn copies_hashes_and_installs_privately() {
@@ -427,8 +476,8 @@ mod tests {
         fs::create_dir(&archive).unwrap();
         let source = dir.path().join("report.md");
         fs::write(&source, b"hello").unwrap();
-        let opened = open_source(&source, true).unwrap().unwrap();
-        assert_eq!(opened.size, 5);
+        let opened = open(&source, true).unwrap().unwrap();
+        assert_eq!(opened.meta.size, 5);
         let copied = copy_to_temp(opened, &archive, u64::MAX).unwrap();
         assert_eq!(
             copied.content_hash,
@@ -460,12 +509,8 @@ mod tests {
             .collect();
         assert_eq!(names, ["2026"], "no temporary file left behind");
         // The same content again: the existing copy is kept.
-        let again = copy_to_temp(
-            open_source(&source, true).unwrap().unwrap(),
-            &archive,
-            u64::MAX,
-        )
-        .unwrap();
+        let again =
+            copy_to_temp(open(&source, true).unwrap().unwrap(), &archive, u64::MAX).unwrap();
         install(again.temp, &target, &mut HashSet::new()).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"hello");
         let odd = archive_path(&archive, (2026, 1, 2), Some("../x"), &hash, &source);
@@ -479,12 +524,11 @@ mod tests {
     #[test]
     fn a_vanished_file_is_an_error_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
-        let err = open_source(&dir.path().join("gone.md"), true).unwrap_err();
+        let err = open(&dir.path().join("gone.md"), true).unwrap_err();
         assert_eq!(err, CopyError::Vanished);
         let big = dir.path().join("big.md");
         fs::write(&big, vec![0u8; 1000]).unwrap();
-        let err =
-            copy_to_temp(open_source(&big, true).unwrap().unwrap(), dir.path(), 500).unwrap_err();
+        let err = copy_to_temp(open(&big, true).unwrap().unwrap(), dir.path(), 500).unwrap_err();
         assert!(
             matches!(err, CopyError::NoSpace { needed: 1000, .. }),
             "{err}"
@@ -497,25 +541,55 @@ mod tests {
         );
         std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link.md")).unwrap();
         assert!(
-            open_source(&dir.path().join("link.md"), true)
-                .unwrap()
-                .is_none(),
+            open(&dir.path().join("link.md"), true).unwrap().is_none(),
             "not followed"
         );
+        fs::create_dir(dir.path().join("sub.md")).unwrap();
         assert!(
-            open_source(dir.path(), true).unwrap().is_none(),
+            open(&dir.path().join("sub.md"), true).unwrap().is_none(),
             "not a file"
         );
-        let open = dir.path().join("open.md");
-        let writer = File::create(&open).unwrap();
-        let source = open_source(&open, true).unwrap().unwrap();
+        let open_file = dir.path().join("open.md");
+        let writer = File::create(&open_file).unwrap();
+        let source = open(&open_file, true).unwrap().unwrap();
         if let Some(busy) = source.being_written {
             assert!(busy, "a file open for writing is seen as such");
             drop(writer);
             assert_eq!(
-                open_source(&open, true).unwrap().unwrap().being_written,
+                open(&open_file, true).unwrap().unwrap().being_written,
                 Some(false)
             );
         }
+    }
+
+    #[test]
+    fn the_no_space_sentence_names_the_reserve_and_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.md");
+        fs::write(&big, vec![0u8; 1_048_576]).unwrap();
+        let err =
+            copy_to_temp(open(&big, false).unwrap().unwrap(), dir.path(), 5_240_832).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "not enough free space in the archive: 1048576 bytes needed plus the 16 MiB \
+                 the archive keeps free; 5240832 free on {}",
+                dir.path().display()
+            )
+        );
+        // The same failure with other free-space figures is the same error.
+        let again = CopyError::NoSpace {
+            needed: 1_048_576,
+            free: Some(1),
+            archive: dir.path().to_owned(),
+        };
+        assert_eq!(
+            error_class(&err.to_string()),
+            error_class(&again.to_string())
+        );
+        assert_ne!(
+            error_class("cannot copy: EIO"),
+            error_class(&err.to_string())
+        );
     }
 }

@@ -19,26 +19,42 @@
 //! file that changed within the last second is checked again a second
 //! later. A file is archived again only when its size or
 //! modification time changed since its last archive row.
+//!
+//! In move mode a file is deleted once its row is committed, but only when
+//! it is known to be complete: after its close event, or once a scan finds
+//! it unchanged for a minute. A file a scan archived earlier is remembered
+//! as the very file copied (device, inode, size, modification time) and
+//! deleted on its next close event or a later scan, whichever shows it
+//! done first; so is a file whose deletion failed.
+//!
+//! The users who ask for watches may be hostile: trees are walked through
+//! directory descriptors, never following a symbolic link ([`walk`],
+//! `scan`), only regular files are ever opened, and a watch archives only
+//! files its owner owns unless that is root or the daemon's user
+//! (`control`).
 
 pub mod archive;
+mod control;
 mod roots;
+mod scan;
+pub mod walk;
 
 use crate::metrics::Metrics;
-use crate::proto::{AckStatus, ErrorCode, Message, MonitoredPath, Payload};
 use crate::reply::{Replies, ReplyTo};
 use crate::store::wal::WalState;
 use crate::store::{schema, StoreError};
 use archive::CopyError;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventMask, Inotify, WatchDescriptor};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use roots::Root;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +62,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+use walk::{Identity, Meta, Unlinked};
 
 const INOTIFY: Token = Token(0);
 const WAKE: Token = Token(1);
@@ -67,6 +84,10 @@ const EVENT_BUFFER: usize = 64 * 1024;
 /// How long the archive's free space and the sessions' workspaces are
 /// trusted before they are read again.
 const REFRESH: Duration = Duration::from_millis(250);
+/// Most files whose last recorded error is remembered (so that a full scan
+/// does not record the same error again); beyond it the memory is cleared
+/// and each such file may get one more row.
+const MAX_REMEMBERED_ERRORS: usize = 100_000;
 
 /// What the archive does with the source file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +111,9 @@ pub struct ExportSettings {
     pub archive_dir: PathBuf,
     /// Copy or move.
     pub mode: ArchiveMode,
+    /// Most inotify watches one watched tree may use; its further
+    /// directories are found by the full scan only.
+    pub max_watches_per_root: usize,
 }
 
 /// A monitoring request from a client.
@@ -180,74 +204,17 @@ pub fn spawn_watcher(
     replies: Replies,
     metrics: Arc<Metrics>,
 ) -> Result<(ControlSender, WatcherHandle), StoreError> {
-    let conn = schema::open_rw(db_path, 8)?;
-    // The merger's checkpointer keeps the main database's WAL in check; a
-    // checkpoint inside this thread's commits would only slow detection.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    let io_err = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| StoreError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&settings.archive_dir)
-        .map_err(io_err("create archive directory", &settings.archive_dir))?;
-    let archive_dir = fs::canonicalize(&settings.archive_dir)
-        .map_err(io_err("resolve archive directory", &settings.archive_dir))?;
-    let inotify = Inotify::init().map_err(io_err("start inotify for", &archive_dir))?;
-    // A writer opening a file while the watcher holds its read lease (see
-    // `archive::open_for_writing`) makes the kernel send SIGIO, which would
-    // otherwise end the process.
-    // SAFETY: installing SIG_IGN has no preconditions.
-    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
-    let poll = Poll::new().map_err(io_err("create a poll for", &archive_dir))?;
-    let (tx, rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
     let stop = Arc::new(AtomicBool::new(false));
-    poll.registry()
-        .register(
-            &mut SourceFd(&inotify.as_raw_fd()),
-            INOTIFY,
-            Interest::READABLE,
-        )
-        .map_err(io_err("register inotify for", &archive_dir))?;
-    let waker = Arc::new(
-        Waker::new(poll.registry(), WAKE).map_err(io_err("create a waker for", &archive_dir))?,
-    );
-    let mut watcher = Watcher {
-        known: load_known(&conn)?,
-        contents: load_contents(&conn)?,
-        failed: HashMap::new(),
-        conn,
-        settings: ExportSettings {
-            archive_dir,
-            ..settings
-        },
-        inotify,
-        poll,
-        dirs: HashMap::new(),
-        watched: HashMap::new(),
-        roots: Vec::new(),
-        settling: HashMap::new(),
-        closed: VecDeque::new(),
-        closed_set: HashSet::new(),
-        closed_overflowed: false,
-        batch: Vec::new(),
-        replies,
-        metrics,
-        wal,
-        stop: Arc::clone(&stop),
-        next_scan: Instant::now(),
-        limit_warned: false,
-        made_dirs: HashSet::new(),
-        free: (0, Instant::now() - REFRESH),
-        workspaces: (Vec::new(), Instant::now() - REFRESH),
-    };
-    watcher.load_roots()?;
+    let watcher = Watcher::open(db_path, wal, settings, replies, metrics, Arc::clone(&stop))?;
+    let waker =
+        Arc::new(
+            Waker::new(watcher.poll.registry(), WAKE).map_err(|source| StoreError::Io {
+                action: "create a waker for",
+                path: watcher.settings.archive_dir.clone(),
+                source,
+            })?,
+        );
+    let (tx, rx) = crossbeam_channel::bounded(CONTROL_QUEUE);
     let thread_stop = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
         .name("codi-exports".into())
@@ -289,6 +256,34 @@ fn load_known(conn: &Connection) -> Result<HashMap<String, (u64, i64)>, StoreErr
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The last error recorded for each source whose last row is an error
+/// (other than a vanished file): its version and [`archive::error_class`].
+fn load_errors(conn: &Connection) -> Result<HashMap<String, (u64, i64, String)>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT original_path, file_size, source_mtime_ns, error FROM export_archive \
+         WHERE id IN (SELECT max(id) FROM export_archive GROUP BY original_path) \
+         AND error IS NOT NULL",
+    )?;
+    let vanished = CopyError::Vanished.to_string();
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<i64>>(1)?.unwrap_or(-1) as u64,
+            r.get::<_, Option<i64>>(2)?.unwrap_or(-1),
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut errors = HashMap::new();
+    for row in rows {
+        let (path, size, mtime_ns, error) = row?;
+        if error != vanished && errors.len() < MAX_REMEMBERED_ERRORS {
+            let class = archive::error_class(&error).to_owned();
+            errors.insert(path, (size, mtime_ns, class));
+        }
+    }
+    Ok(errors)
+}
+
 /// [`content_key`] of every content in the archive.
 fn load_contents(conn: &Connection) -> Result<HashSet<u64>, StoreError> {
     let mut stmt = conn.prepare(
@@ -314,13 +309,13 @@ fn key(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// What a move must find at the source path before it deletes it: the
-/// same file (device, inode), size and modification time as was copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Copied {
-    identity: (u64, u64),
-    size: u64,
-    mtime_ns: i64,
+/// A watched directory: its path, which directory it was when watched,
+/// and the root its watch counts against.
+#[derive(Debug)]
+struct Watched {
+    path: PathBuf,
+    identity: Identity,
+    root: PathBuf,
 }
 
 /// One archive row waiting for its transaction.
@@ -332,9 +327,22 @@ struct Record {
     mtime_ns: i64,
     content_hash: Option<String>,
     error: Option<String>,
-    /// Set when the source must be deleted after the commit (move mode),
-    /// if it is still the file that was copied.
-    remove_source: Option<Copied>,
+    /// What becomes of the source once the row is committed.
+    fate: SourceFate,
+}
+
+/// What becomes of an archived source once its row is committed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SourceFate {
+    /// Kept: copy mode, or an error row.
+    Keep,
+    /// Move mode, the file is complete: deleted if it still is this file
+    /// (device, inode, size, modification time).
+    Remove(Meta),
+    /// Move mode, but a scan found it and it may still be written: kept,
+    /// and remembered as this file until it is known to be done (see
+    /// [`Watcher::move_archived`]).
+    Later(Meta),
 }
 
 struct Watcher {
@@ -343,10 +351,18 @@ struct Watcher {
     inotify: Inotify,
     poll: Poll,
     /// Watched directory of each watch descriptor.
-    dirs: HashMap<WatchDescriptor, PathBuf>,
+    dirs: HashMap<WatchDescriptor, Watched>,
     /// Watch descriptor of each watched directory.
     watched: HashMap<PathBuf, WatchDescriptor>,
     roots: Vec<Root>,
+    /// This process's effective uid: like root, it may watch anything.
+    daemon_uid: u32,
+    /// Device and inode of the archive directory, never scanned.
+    archive_identity: Option<Identity>,
+    /// The last few directories opened for files reported in them.
+    dir_cache: Vec<(PathBuf, Arc<OwnedFd>)>,
+    /// A directory too deep to scan was reported in this full scan.
+    depth_warned: bool,
     /// Source path ([`key`]) to (size, mtime) of its last archive row.
     known: HashMap<String, (u64, i64)>,
     /// [`content_key`] of every content archived (or about to be): content
@@ -356,8 +372,19 @@ struct Watcher {
     /// Versions that failed to archive (no space, I/O); tried again at the
     /// next full scan, or when they change.
     failed: HashMap<String, (u64, i64)>,
+    /// Source ([`key`]) to the version and [`archive::error_class`] of its
+    /// last error row: the same error for the same version is recorded
+    /// once, however many scans try again.
+    errors: HashMap<String, (u64, i64, String)>,
     /// Files a scan found still changing, and when to look again.
     settling: HashMap<PathBuf, Instant>,
+    /// Move mode: archived files not deleted yet (found by a scan while
+    /// they might still have been written, or their deletion failed), as
+    /// the file that was copied; removed from here once deleted or changed.
+    kept: HashMap<PathBuf, Meta>,
+    /// How long a file found by a scan must be unchanged before move mode
+    /// deletes it ([`MOVE_AFTER_IDLE`]; tests shorten it).
+    move_after_idle: Duration,
     /// Files reported closed (or moved in), oldest first, not yet archived.
     closed: VecDeque<PathBuf>,
     /// The same files, so that a file closed twice waits once.
@@ -384,6 +411,93 @@ struct Watcher {
 }
 
 impl Watcher {
+    /// Opens its database connection, the archive directory, inotify and
+    /// the poll, and loads the saved watches; [`spawn_watcher`] runs it.
+    fn open(
+        db_path: &Path,
+        wal: Arc<WalState>,
+        settings: ExportSettings,
+        replies: Replies,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Watcher, StoreError> {
+        let conn = schema::open_rw(db_path, 8)?;
+        // The merger's checkpointer keeps the main database's WAL in check; a
+        // checkpoint inside this thread's commits would only slow detection.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let io_err = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&settings.archive_dir)
+            .map_err(io_err("create archive directory", &settings.archive_dir))?;
+        let archive_dir = fs::canonicalize(&settings.archive_dir)
+            .map_err(io_err("resolve archive directory", &settings.archive_dir))?;
+        let archive_identity = walk::open_root(&archive_dir)
+            .and_then(|fd| walk::stat_fd(fd.as_fd()))
+            .map(|m| m.identity)
+            .ok();
+        let inotify = Inotify::init().map_err(io_err("start inotify for", &archive_dir))?;
+        // A writer opening a file while the watcher holds its read lease (see
+        // `archive::open_for_writing`) makes the kernel send SIGIO, which would
+        // otherwise end the process.
+        // SAFETY: installing SIG_IGN has no preconditions.
+        unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+        let poll = Poll::new().map_err(io_err("create a poll for", &archive_dir))?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&inotify.as_raw_fd()),
+                INOTIFY,
+                Interest::READABLE,
+            )
+            .map_err(io_err("register inotify for", &archive_dir))?;
+        let mut watcher = Watcher {
+            known: load_known(&conn)?,
+            contents: load_contents(&conn)?,
+            failed: HashMap::new(),
+            errors: load_errors(&conn)?,
+            conn,
+            settings: ExportSettings {
+                archive_dir,
+                ..settings
+            },
+            inotify,
+            poll,
+            dirs: HashMap::new(),
+            watched: HashMap::new(),
+            roots: Vec::new(),
+            daemon_uid: rustix::process::geteuid().as_raw(),
+            archive_identity,
+            dir_cache: Vec::new(),
+            depth_warned: false,
+            settling: HashMap::new(),
+            kept: HashMap::new(),
+            move_after_idle: MOVE_AFTER_IDLE,
+            closed: VecDeque::new(),
+            closed_set: HashSet::new(),
+            closed_overflowed: false,
+            batch: Vec::new(),
+            replies,
+            metrics,
+            wal,
+            stop,
+            next_scan: Instant::now(),
+            limit_warned: false,
+            made_dirs: HashSet::new(),
+            free: (0, Instant::now() - REFRESH),
+            workspaces: (Vec::new(), Instant::now() - REFRESH),
+        };
+        watcher.load_roots()?;
+        Ok(watcher)
+    }
+
     fn run(mut self, control: &Receiver<ControlJob>, stop: &AtomicBool) {
         let mut events = Events::with_capacity(8);
         let mut buffer = vec![0u8; EVENT_BUFFER];
@@ -427,277 +541,6 @@ impl Watcher {
         }
     }
 
-    // ----- control -----
-
-    fn control(&mut self, job: ControlJob) {
-        let answer = match job.op {
-            ControlOp::Start {
-                path,
-                recursive,
-                patterns,
-                session_id,
-            } => match self.start(&path, recursive, patterns, session_id) {
-                Ok(dir) => {
-                    // Answer once the watch is saved and its root watched;
-                    // the scan of a large tree can take longer than a
-                    // client waits.
-                    let ack = Message::ack(job.request_id, AckStatus::Accepted);
-                    self.replies.send(job.reply, ack);
-                    self.scan_dir(&dir);
-                    return;
-                }
-                Err(reason) => Message::error(ErrorCode::InvalidRequest, reason),
-            },
-            ControlOp::Stop { path } => match self.stop_root(&path) {
-                Ok(()) => Message::ack(job.request_id, AckStatus::Accepted),
-                Err(reason) => Message::error(ErrorCode::InvalidRequest, reason),
-            },
-            ControlOp::List => {
-                let mut paths: Vec<MonitoredPath> = self.roots.iter().map(Root::describe).collect();
-                paths.sort_by(|a, b| a.path.cmp(&b.path));
-                Message::answer(Payload::Monitoring { paths })
-            }
-        };
-        self.replies.send(job.reply, answer);
-    }
-
-    /// Saves and installs a watch; returns its directory, still to scan.
-    fn start(
-        &mut self,
-        given: &str,
-        recursive: bool,
-        patterns: Vec<String>,
-        session_id: Option<String>,
-    ) -> Result<PathBuf, String> {
-        let path = canonical_dir(given)?;
-        if path.starts_with(&self.settings.archive_dir) {
-            return Err(format!(
-                "`{}` is inside the export archive `{}`, which is never watched",
-                path.display(),
-                self.settings.archive_dir.display()
-            ));
-        }
-        let patterns = if patterns.is_empty() {
-            self.settings.default_patterns.clone()
-        } else {
-            patterns
-        };
-        let root = Root::new(path, recursive, patterns, session_id)?;
-        let saved = self.conn.execute(
-            "INSERT INTO monitored_paths (path, recursive, patterns, active, session_id) \
-             VALUES (?1, ?2, ?3, 1, ?4) ON CONFLICT(path) DO UPDATE SET \
-             recursive = excluded.recursive, patterns = excluded.patterns, active = 1, \
-             session_id = excluded.session_id",
-            params![
-                root.path_str(),
-                root.recursive,
-                root.patterns_json(),
-                root.session_id
-            ],
-        );
-        if let Err(e) = saved {
-            return Err(format!("cannot save the watch: {e}"));
-        }
-        log::info!(
-            "watching `{}` for exports ({}, patterns {:?})",
-            root.path.display(),
-            if root.recursive {
-                "recursive"
-            } else {
-                "this directory only"
-            },
-            root.patterns
-        );
-        let dir = root.path.clone();
-        self.roots.retain(|r| r.path != dir);
-        self.roots.push(root);
-        self.watch(&dir);
-        Ok(dir)
-    }
-
-    fn stop_root(&mut self, given: &str) -> Result<(), String> {
-        let path = fs::canonicalize(given).unwrap_or_else(|_| PathBuf::from(given));
-        let Some(index) = self.roots.iter().position(|r| r.path == path) else {
-            return Err(format!("`{}` is not watched", path.display()));
-        };
-        if let Err(e) = self.conn.execute(
-            "DELETE FROM monitored_paths WHERE path = ?1",
-            [self.roots[index].path_str()],
-        ) {
-            return Err(format!("cannot remove the watch: {e}"));
-        }
-        let root = self.roots.remove(index);
-        log::info!("stopped watching `{}`", root.path.display());
-        let orphans: Vec<PathBuf> = self
-            .watched
-            .keys()
-            .filter(|d| !self.roots.iter().any(|r| r.covers_dir(d)))
-            .cloned()
-            .collect();
-        for dir in orphans {
-            if let Some(wd) = self.watched.remove(&dir) {
-                self.dirs.remove(&wd);
-                // Fails only if the directory is already gone.
-                let _ = self.inotify.watches().remove(wd);
-            }
-        }
-        self.settling
-            .retain(|p, _| self.roots.iter().any(|r| r.matches(p)));
-        Ok(())
-    }
-
-    fn load_roots(&mut self) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT path, recursive, patterns, session_id FROM monitored_paths ORDER BY path",
-        )?;
-        let rows: Vec<(String, bool, Option<String>, Option<String>)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<Result<_, _>>()?;
-        drop(stmt);
-        for (path, recursive, patterns, session_id) in rows {
-            let patterns: Vec<String> = patterns
-                .and_then(|p| serde_json::from_str(&p).ok())
-                .unwrap_or_else(|| self.settings.default_patterns.clone());
-            match Root::new(PathBuf::from(&path), recursive, patterns, session_id) {
-                Ok(root) => self.roots.push(root),
-                Err(e) => log::error!("ignoring saved watch `{path}`: {e}"),
-            }
-        }
-        if !self.roots.is_empty() {
-            log::info!("restored {} export watch(es)", self.roots.len());
-        }
-        Ok(())
-    }
-
-    // ----- watching and scanning -----
-
-    /// Watches `dir` unless it is already watched; false if it could not be.
-    fn watch(&mut self, dir: &Path) -> bool {
-        if self.watched.contains_key(dir) {
-            return true;
-        }
-        let mask = WatchMask::CLOSE_WRITE
-            | WatchMask::MOVED_TO
-            | WatchMask::CREATE
-            | WatchMask::DELETE_SELF
-            | WatchMask::MOVE_SELF
-            | WatchMask::ONLYDIR
-            | WatchMask::DONT_FOLLOW;
-        match self.inotify.watches().add(dir, mask) {
-            Ok(wd) => {
-                // The same directory under a new name (moved within the
-                // tree) gets the same descriptor: drop the old name.
-                if let Some(old) = self.dirs.insert(wd.clone(), dir.to_owned()) {
-                    if old != dir {
-                        self.watched.remove(&old);
-                    }
-                }
-                self.watched.insert(dir.to_owned(), wd);
-                true
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                Metrics::add(&self.metrics.watch_limit_errors, 1);
-                if !self.limit_warned {
-                    self.limit_warned = true;
-                    log::error!(
-                        "inotify watch limit reached (raise fs.inotify.max_user_watches, now {}): \
-                         `{}` and further directories are covered only by the scan every {:?}",
-                        fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-                            .map(|s| s.trim().to_owned())
-                            .unwrap_or_else(|_| "unknown".into()),
-                        dir.display(),
-                        self.settings.scan_interval
-                    );
-                }
-                false
-            }
-            Err(e) => {
-                log::warn!("cannot watch `{}`: {e}", dir.display());
-                false
-            }
-        }
-    }
-
-    fn full_scan(&mut self) {
-        self.next_scan = Instant::now() + self.settings.scan_interval;
-        self.limit_warned = false;
-        self.failed.clear();
-        Metrics::add(&self.metrics.export_scans, 1);
-        let dirs: Vec<PathBuf> = self.roots.iter().map(|r| r.path.clone()).collect();
-        for dir in dirs {
-            self.scan_dir(&dir);
-        }
-    }
-
-    /// Watches `dir` (and, under a recursive root, every directory below
-    /// it) first, then looks at the files already there.
-    fn scan_dir(&mut self, start: &Path) {
-        let mut stack = vec![start.to_owned()];
-        while let Some(dir) = stack.pop() {
-            if self.stop.load(Ordering::Relaxed) {
-                // Shutting down: the next start scans everything anyway.
-                return;
-            }
-            if dir.starts_with(&self.settings.archive_dir) {
-                continue;
-            }
-            let is_root = self.roots.iter().any(|r| r.path == dir);
-            if is_root {
-                self.mark_root(&dir, dir.is_dir());
-            }
-            self.watch(&dir);
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) => {
-                    if e.kind() != ErrorKind::NotFound {
-                        log::warn!("cannot scan `{}`: {e}", dir.display());
-                    }
-                    continue;
-                }
-            };
-            for entry in entries.flatten() {
-                let Ok(kind) = entry.file_type() else {
-                    continue;
-                };
-                let path = entry.path();
-                if kind.is_dir() {
-                    if self.roots.iter().any(|r| r.covers_dir(&path)) {
-                        stack.push(path);
-                    }
-                } else if kind.is_file() && self.roots.iter().any(|r| r.matches(&path)) {
-                    self.consider(&path, true);
-                }
-            }
-        }
-    }
-
-    /// Records whether a root directory is present, and says so when that
-    /// changes.
-    fn mark_root(&mut self, dir: &Path, present: bool) {
-        let Some(root) = self.roots.iter_mut().find(|r| r.path == dir) else {
-            return;
-        };
-        if root.active == present {
-            return;
-        }
-        root.active = present;
-        if present {
-            log::info!("watched directory `{}` is back; scanning it", dir.display());
-        } else {
-            Metrics::add(&self.metrics.watched_dirs_lost, 1);
-            log::warn!(
-                "watched directory `{}` was deleted or moved away; it is watched again \
-                 when it reappears (checked every {:?})",
-                dir.display(),
-                self.settings.scan_interval
-            );
-        }
-        let _ = self.conn.execute(
-            "UPDATE monitored_paths SET active = ?2 WHERE path = ?1",
-            params![dir.to_string_lossy(), present],
-        );
-    }
-
     fn read_events(&mut self, buffer: &mut [u8]) {
         loop {
             let events = match self.inotify.read_events(buffer) {
@@ -718,7 +561,7 @@ impl Watcher {
                     overflow = true;
                     continue;
                 }
-                let Some(dir) = self.dirs.get(&event.wd).cloned() else {
+                let Some(dir) = self.dirs.get(&event.wd).map(|w| w.path.clone()) else {
                     continue;
                 };
                 if event.mask.contains(EventMask::IGNORED) {
@@ -784,7 +627,7 @@ impl Watcher {
         while let Some(path) = self.closed.pop_front() {
             self.closed_set.remove(&path);
             if self.roots.iter().any(|r| r.matches(&path)) {
-                self.consider(&path, false);
+                self.consider_path(&path, false);
             }
             done += 1;
             if done % self.settings.batch_size.max(1) == 0 {
@@ -807,70 +650,100 @@ impl Watcher {
         }
     }
 
-    /// A watch went away, or its directory was deleted or moved: forget it
-    /// and every watch below it (their paths are stale now), then look at
-    /// the path again if it is still (or again) a watched directory. A
-    /// directory moved within the tree is watched anew under its new name
-    /// through its parent's `IN_MOVED_TO`.
-    fn forget(&mut self, wd: WatchDescriptor, dir: &Path, ignored_only: bool) {
-        if self.dirs.get(&wd).map(PathBuf::as_path) != Some(dir) {
+    // ----- archiving -----
+
+    /// A file inotify reported (or one settling): opened again through
+    /// its directory's descriptor, from its root's, never through `path`.
+    fn consider_path(&mut self, path: &Path, scanned: bool) {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
             return;
-        }
-        if ignored_only {
-            self.dirs.remove(&wd);
-            self.watched.remove(dir);
-        } else {
-            let stale: Vec<PathBuf> = self
-                .watched
-                .keys()
-                .filter(|p| p.starts_with(dir))
-                .cloned()
-                .collect();
-            for path in stale {
-                if let Some(old) = self.watched.remove(&path) {
-                    self.dirs.remove(&old);
-                    // Fails for a watch the kernel already dropped.
-                    let _ = self.inotify.watches().remove(old);
-                }
+        };
+        match self.resolve_dir(parent) {
+            Ok(dir) => self.consider_at(dir.as_fd(), path, name, scanned),
+            Err(e) if e.kind() == ErrorKind::NotFound => self.vanished(path, scanned),
+            Err(e) => {
+                // A link (never followed) or a file where a directory was.
+                self.settling.remove(path);
+                log::debug!(
+                    "not looking at `{}`: its directory cannot be opened ({e})",
+                    path.display()
+                );
             }
-        }
-        let present = dir.is_dir();
-        if self.roots.iter().any(|r| r.path == dir) {
-            self.mark_root(dir, present);
-        }
-        if present && self.roots.iter().any(|r| r.covers_dir(dir)) {
-            // Something else has this name now: look at it.
-            self.scan_dir(dir);
         }
     }
 
-    // ----- archiving -----
+    fn vanished(&mut self, path: &Path, scanned: bool) {
+        self.settling.remove(path);
+        self.kept.remove(path);
+        if !scanned {
+            self.record_error(path, 0, 0, &CopyError::Vanished);
+        }
+    }
 
-    /// A matching file: archive it unless this version already is. A file
-    /// found by a scan that changed within [`SETTLE`] waits for its close
-    /// event or a later look.
-    fn consider(&mut self, path: &Path, scanned: bool) {
-        let source = match archive::open_source(path, scanned) {
-            Ok(Some(source)) => source,
-            Ok(None) => return,
-            Err(CopyError::Vanished) => {
-                self.settling.remove(path);
-                if !scanned {
-                    self.record_error(path, 0, 0, &CopyError::Vanished);
-                }
+    /// The matching entry `name` of `dir`, named `path`: archive it unless
+    /// this version already is, or it is not a regular file (then it is
+    /// never opened), or not its watch's owner's. A file found by a scan
+    /// that changed within [`SETTLE`] waits for its close event or a later
+    /// look.
+    fn consider_at(&mut self, dir: BorrowedFd<'_>, path: &Path, name: &OsStr, scanned: bool) {
+        let found = match walk::stat_at(dir, name) {
+            Ok(found) => found,
+            Err(e) if e.kind() == ErrorKind::NotFound => return self.vanished(path, scanned),
+            Err(e) => {
+                log::warn!("cannot inspect export `{}`: {e}", path.display());
                 return;
             }
+        };
+        if !found.is_file() {
+            self.settling.remove(path);
+            self.kept.remove(path);
+            return;
+        }
+        let name_key = key(path);
+        let version = (found.size, found.mtime_ns);
+        if self.known.get(&name_key) == Some(&version) {
+            self.settling.remove(path);
+            if self.settings.mode == ArchiveMode::Move {
+                self.move_archived(dir, path, name, &found, !scanned);
+            }
+            return;
+        }
+        if self.failed.get(&name_key) == Some(&version) {
+            self.settling.remove(path);
+            return;
+        }
+        if !self
+            .roots
+            .iter()
+            .any(|r| r.matches(path) && r.trusts(found.uid))
+        {
+            self.settling.remove(path);
+            let watcher = self
+                .roots
+                .iter()
+                .filter(|r| r.matches(path))
+                .max_by_key(|r| r.path.as_os_str().len())
+                .and_then(|r| r.owner_uid);
+            let error = CopyError::Untrusted {
+                owner: found.uid,
+                watcher,
+            };
+            self.record_error(path, version.0, version.1, &error);
+            return;
+        }
+        let source = match archive::open_source(dir, name, &found, scanned) {
+            Ok(Some(source)) => source,
+            // Replaced since it was inspected; its own event brings it.
+            Ok(None) => {
+                self.settling.remove(path);
+                return;
+            }
+            Err(CopyError::Vanished) => return self.vanished(path, scanned),
             Err(e) => {
                 log::warn!("cannot open export `{}`: {e}", path.display());
                 return;
             }
         };
-        let version = (source.size, source.mtime_ns);
-        let name = key(path);
-        if self.known.get(&name) == Some(&version) || self.failed.get(&name) == Some(&version) {
-            self.settling.remove(path);
-            return;
-        }
         let age = source.age();
         if source.being_written == Some(true) {
             // Its close event (the directory is watched) brings it; failing
@@ -890,8 +763,9 @@ impl Watcher {
         self.settling.remove(path);
         // A move deletes the source, so only after its close event or once
         // a scan found it unchanged for long: a writer that paused for a
-        // second would otherwise lose the rest of its file.
-        let movable = !scanned || age >= MOVE_AFTER_IDLE;
+        // second would otherwise lose the rest of its file. One found
+        // sooner is kept until then (`move_archived`).
+        let movable = !scanned || age >= self.move_after_idle;
         self.archive(path, source, movable);
     }
 
@@ -905,18 +779,19 @@ impl Watcher {
             .collect();
         for path in due {
             self.settling.remove(&path);
-            self.consider(&path, true);
+            self.consider_path(&path, true);
         }
     }
 
     fn archive(&mut self, source: &Path, opened: archive::Source, movable: bool) {
-        let version = (opened.size, opened.mtime_ns);
-        let copied_file = Copied {
-            identity: opened.identity,
-            size: opened.size,
-            mtime_ns: opened.mtime_ns,
+        let version = (opened.meta.size, opened.meta.mtime_ns);
+        let fate = match (self.settings.mode, movable) {
+            (ArchiveMode::Copy, _) => SourceFate::Keep,
+            (ArchiveMode::Move, true) => SourceFate::Remove(opened.meta),
+            (ArchiveMode::Move, false) => SourceFate::Later(opened.meta),
         };
-        let moving = movable && self.settings.mode == ArchiveMode::Move;
+        // The copy must be durable before the source goes, now or later.
+        let may_delete = fate != SourceFate::Keep;
         let session = self.session_for(source);
         let free = self.free_space();
         let copied = match archive::copy_to_temp(opened, &self.settings.archive_dir, free) {
@@ -951,7 +826,7 @@ impl Watcher {
                 );
                 let placed =
                     archive::install(copied.temp, &target, &mut self.made_dirs).and_then(|()| {
-                        if moving {
+                        if may_delete {
                             archive::sync(&target)
                         } else {
                             Ok(())
@@ -966,6 +841,9 @@ impl Watcher {
             }
         };
         self.known.insert(key(source), version);
+        self.errors.remove(&key(source));
+        // An older version kept for deletion is not this name's file now.
+        self.kept.remove(source);
         self.contents.extend(content_key(&copied.content_hash));
         self.batch.push(Record {
             source: source.to_owned(),
@@ -975,19 +853,41 @@ impl Watcher {
             mtime_ns: version.1,
             content_hash: Some(copied.content_hash),
             error: None,
-            remove_source: moving.then_some(copied_file),
+            fate,
         });
         if self.batch.len() >= self.settings.batch_size {
             self.flush();
         }
     }
 
+    /// Records that `source` (this version) could not be archived: once
+    /// per version and kind of error (a full scan tries failed versions
+    /// again, and a file that still does not fit or is still not the
+    /// watch owner's is not recorded again). Every vanished file is.
     fn record_error(&mut self, source: &Path, size: u64, mtime_ns: i64, error: &CopyError) {
-        Metrics::add(&self.metrics.export_errors, 1);
-        log::warn!("cannot archive export `{}`: {error}", source.display());
+        let name = key(source);
+        let sentence = error.to_string();
         if *error != CopyError::Vanished {
-            self.failed.insert(key(source), (size, mtime_ns));
+            self.failed.insert(name.clone(), (size, mtime_ns));
+            let class = archive::error_class(&sentence);
+            if self
+                .errors
+                .get(&name)
+                .is_some_and(|(s, m, c)| (*s, *m, c.as_str()) == (size, mtime_ns, class))
+            {
+                log::debug!(
+                    "still cannot archive export `{}`: {sentence}",
+                    source.display()
+                );
+                return;
+            }
+            if self.errors.len() >= MAX_REMEMBERED_ERRORS {
+                self.errors.clear();
+            }
+            self.errors.insert(name, (size, mtime_ns, class.to_owned()));
         }
+        Metrics::add(&self.metrics.export_errors, 1);
+        log::warn!("cannot archive export `{}`: {sentence}", source.display());
         self.batch.push(Record {
             source: source.to_owned(),
             archive_path: String::new(),
@@ -995,8 +895,8 @@ impl Watcher {
             size,
             mtime_ns,
             content_hash: None,
-            error: Some(error.to_string()),
-            remove_source: None,
+            error: Some(sentence),
+            fate: SourceFate::Keep,
         });
     }
 
@@ -1115,9 +1015,13 @@ impl Watcher {
                 self.wal.note_commit();
                 let archived = self.batch.iter().filter(|r| r.error.is_none()).count();
                 Metrics::add(&self.metrics.exports_archived, archived as u64);
-                for r in self.batch.drain(..) {
-                    if let Some(copied) = r.remove_source {
-                        remove_if_unchanged(&r.source, copied);
+                for r in std::mem::take(&mut self.batch) {
+                    match r.fate {
+                        SourceFate::Keep => {}
+                        SourceFate::Remove(copied) => self.remove_committed(r.source, copied),
+                        SourceFate::Later(copied) => {
+                            self.kept.insert(r.source, copied);
+                        }
                     }
                 }
             }
@@ -1127,68 +1031,283 @@ impl Watcher {
                 Metrics::add(&self.metrics.export_errors, self.batch.len() as u64);
                 for r in self.batch.drain(..) {
                     self.known.remove(&key(&r.source));
+                    self.errors.remove(&key(&r.source));
+                }
+            }
+        }
+    }
+
+    /// Move mode, after the commit: deletes `path`, through its directory's
+    /// descriptor, if the name still is the file that was copied. If the
+    /// deletion fails it is tried again later (see [`Self::move_archived`]).
+    fn remove_committed(&mut self, path: PathBuf, copied: Meta) {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return;
+        };
+        let done = match self.resolve_dir(parent) {
+            Ok(dir) => remove_archived(dir.as_fd(), &path, name, &copied, false),
+            Err(e) if e.kind() == ErrorKind::NotFound => true,
+            Err(e) => {
+                log::warn!(
+                    "archived `{}` but cannot remove it: {e}; trying again later",
+                    path.display()
+                );
+                false
+            }
+        };
+        if !done {
+            self.kept.insert(path, copied);
+        }
+    }
+
+    /// Move mode: `found`, the entry `name` of `dir` (named `path`), is a
+    /// version already archived. If it was kept (a scan found it while it
+    /// might still have been written, or its deletion failed), it is deleted
+    /// now, provided it still is the very file that was copied (device,
+    /// inode, size, modification time), it is done (its close event came,
+    /// `closed`, or it has been unchanged for [`MOVE_AFTER_IDLE`]), it is
+    /// its watch's owner's, and no process has it open for writing (see
+    /// [`walk::unlink_if_same`]). A version whose row is not committed yet
+    /// is deleted after the commit.
+    fn move_archived(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        path: &Path,
+        name: &OsStr,
+        found: &Meta,
+        closed: bool,
+    ) {
+        if !closed && archive::age_of(found.mtime_ns) < self.move_after_idle {
+            return;
+        }
+        let in_batch = self
+            .batch
+            .iter()
+            .rposition(|r| r.source == path && r.error.is_none());
+        let copied = match in_batch {
+            Some(i) => match self.batch[i].fate {
+                SourceFate::Later(copied) => copied,
+                // Deleted after the commit, or kept for good (copy mode).
+                SourceFate::Remove(_) | SourceFate::Keep => return,
+            },
+            None => match self.kept.get(path) {
+                Some(copied) => *copied,
+                None => return,
+            },
+        };
+        if !walk::same_file_version(&copied, found)
+            || !self
+                .roots
+                .iter()
+                .any(|r| r.matches(path) && r.trusts(found.uid))
+        {
+            return;
+        }
+        // Whether a writer has it open again is checked as it is deleted.
+        match in_batch {
+            Some(i) => self.batch[i].fate = SourceFate::Remove(copied),
+            None => {
+                if remove_archived(dir, path, name, &copied, true) {
+                    self.kept.remove(path);
                 }
             }
         }
     }
 }
 
-/// Move mode: deletes `path` if it is still the file that was copied;
-/// otherwise it changed since, its new version is archived on its own, and
-/// it is kept.
-fn remove_if_unchanged(path: &Path, copied: Copied) {
-    use std::os::unix::fs::MetadataExt;
-    let same = fs::symlink_metadata(path).is_ok_and(|m| {
-        m.is_file()
-            && (m.dev(), m.ino()) == copied.identity
-            && m.len() == copied.size
-            && m.mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(m.mtime_nsec())
-                == copied.mtime_ns
-    });
-    if !same {
-        log::info!(
-            "`{}` changed after it was archived; keeping it (move mode)",
-            path.display()
-        );
-        return;
+/// Deletes the entry `name` of `dir` (named `path`) if it still is
+/// `copied` and no process has it open for writing
+/// ([`walk::unlink_if_same`]). True when done with it: deleted, gone, or
+/// changed since (its new version is archived on its own); false when it is
+/// to be tried again: still open for writing (its close event brings it
+/// back), or the deletion failed (a `retry` failing again is not logged as
+/// a warning again).
+fn remove_archived(
+    dir: BorrowedFd<'_>,
+    path: &Path,
+    name: &OsStr,
+    copied: &Meta,
+    retry: bool,
+) -> bool {
+    match walk::unlink_if_same(dir, name, copied) {
+        Ok(Unlinked::Removed) => true,
+        Ok(Unlinked::OpenForWriting) => {
+            log::debug!(
+                "archived `{}` is open for writing; deleting it once it is closed (move mode)",
+                path.display()
+            );
+            false
+        }
+        Ok(Unlinked::Changed) => {
+            log::info!(
+                "`{}` changed after it was archived; keeping it (move mode)",
+                path.display()
+            );
+            true
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => true,
+        Err(e) if retry => {
+            log::debug!("still cannot remove archived `{}`: {e}", path.display());
+            false
+        }
+        Err(e) => {
+            log::warn!(
+                "archived `{}` but cannot remove it: {e}; trying again later",
+                path.display()
+            );
+            false
+        }
     }
-    if let Err(e) = fs::remove_file(path) {
-        log::warn!("archived `{}` but cannot remove it: {e}", path.display());
-    }
-}
-
-/// Canonicalises a requested watch path and checks it is a readable
-/// directory, with a sentence for each way it is not.
-fn canonical_dir(given: &str) -> Result<PathBuf, String> {
-    if given.is_empty() {
-        return Err("the path is empty".into());
-    }
-    let path = fs::canonicalize(given).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => format!("`{given}` does not exist"),
-        ErrorKind::PermissionDenied => format!("`{given}` is not accessible to the daemon"),
-        _ => format!("cannot resolve `{given}`: {e}"),
-    })?;
-    let meta = fs::metadata(&path).map_err(|e| format!("cannot inspect `{given}`: {e}"))?;
-    if !meta.is_dir() {
-        return Err(format!("`{}` is not a directory", path.display()));
-    }
-    fs::read_dir(&path).map_err(|e| match e.kind() {
-        ErrorKind::PermissionDenied => format!(
-            "`{}` is not readable by the daemon (uid {})",
-            path.display(),
-            // SAFETY: getuid cannot fail.
-            unsafe { libc::getuid() }
-        ),
-        _ => format!("cannot read `{}`: {e}", path.display()),
-    })?;
-    Ok(path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::{File, OpenOptions};
+
+    /// A watcher in move mode on a fresh database under `base`, not
+    /// running: the test drives its steps.
+    fn move_watcher(base: &Path) -> Watcher {
+        let settings = ExportSettings {
+            default_patterns: vec!["*.md".into()],
+            scan_interval: Duration::from_secs(3600),
+            batch_size: 100,
+            archive_dir: base.join("archive"),
+            mode: ArchiveMode::Move,
+            max_watches_per_root: 1000,
+        };
+        Watcher::open(
+            &base.join("data/codi.db"),
+            Arc::new(WalState::default()),
+            settings,
+            Replies::new(Vec::new()),
+            Arc::new(Metrics::default()),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap()
+    }
+
+    /// What the loop does after a wakeup: reads inotify's events, archives
+    /// the files they report closed, and commits.
+    fn handle_events(w: &mut Watcher) {
+        let mut buffer = vec![0u8; EVENT_BUFFER];
+        w.read_events(&mut buffer);
+        w.archive_closed(&mut buffer);
+        w.flush();
+    }
+
+    fn archived(w: &Watcher, path: &Path) -> i64 {
+        w.conn
+            .query_row(
+                "SELECT count(*) FROM export_archive WHERE original_path = ?1 \
+                 AND error IS NULL",
+                [key(path)],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn move_mode_deletes_a_file_a_scan_archived_before_its_close_event() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(tmp.path()).unwrap();
+        let work = base.join("work");
+        fs::create_dir(&work).unwrap();
+        let mut w = move_watcher(&base);
+        let uid = w.daemon_uid;
+        let dir = w
+            .start(&key(&work), true, Vec::new(), None, Some(uid))
+            .unwrap();
+        w.scan_dir(&dir);
+
+        // Written and closed, and a scan gets to it before the watcher reads
+        // its close event: archived, but kept (a scan cannot tell that the
+        // writer is done) until that close event is read.
+        let first = work.join("first.md");
+        fs::write(&first, b"first").unwrap();
+        w.full_scan();
+        w.flush();
+        assert_eq!(archived(&w, &first), 1);
+        assert!(first.exists(), "a young file a scan found is kept for now");
+        handle_events(&mut w);
+        assert!(!first.exists(), "its close event deletes it");
+
+        // The same, with the close event read before the row is committed.
+        let second = work.join("second.md");
+        fs::write(&second, b"second").unwrap();
+        w.full_scan();
+        handle_events(&mut w);
+        assert_eq!(archived(&w, &second), 1);
+        assert!(!second.exists(), "deleted once its row is committed");
+        assert_eq!(archived(&w, &first), 1, "not archived again");
+    }
+
+    #[test]
+    fn a_kept_file_is_deleted_by_a_later_scan_only_if_idle_unchanged_and_not_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(tmp.path()).unwrap();
+        let work = base.join("work");
+        fs::create_dir(&work).unwrap();
+        // There before the watch, so no close event ever comes for them.
+        let idle = work.join("idle.md");
+        let open = work.join("open.md");
+        let replaced = work.join("replaced.md");
+        let linked = work.join("linked.md");
+        for p in [&idle, &open, &replaced, &linked] {
+            fs::write(p, b"same size").unwrap();
+        }
+        let mut w = move_watcher(&base);
+        let uid = w.daemon_uid;
+        let dir = w
+            .start(&key(&work), true, Vec::new(), None, Some(uid))
+            .unwrap();
+        w.scan_dir(&dir);
+        w.flush();
+        for p in [&idle, &open, &replaced, &linked] {
+            assert_eq!(archived(&w, p), 1, "{}", p.display());
+            assert!(p.exists(), "modified just now: kept for now");
+        }
+        w.full_scan();
+        w.flush();
+        assert!(idle.exists(), "not idle long enough yet");
+
+        // Open for writing again, unchanged; the name given to another file
+        // of the same size and modification time; a symbolic link to the
+        // archived file put in its place.
+        let writer = OpenOptions::new().append(true).open(&open).unwrap();
+        let other = work.join("other");
+        fs::write(&other, b"same size").unwrap();
+        let mtime = fs::metadata(&replaced).unwrap().modified().unwrap();
+        File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        fs::rename(&other, &replaced).unwrap();
+        let outside = base.join("outside.md");
+        fs::rename(&linked, &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, &linked).unwrap();
+        let lease_works = archive::open_for_writing(&File::open(&open).unwrap()).is_some();
+
+        // Time passes: long enough unchanged.
+        w.move_after_idle = Duration::ZERO;
+        w.full_scan();
+        w.flush();
+        assert!(!idle.exists(), "unchanged for long: deleted by the scan");
+        assert!(replaced.exists(), "another inode is never deleted");
+        assert!(
+            outside.exists() && linked.exists(),
+            "a link is never followed"
+        );
+        if lease_works {
+            assert!(open.exists(), "not deleted while open for writing");
+        }
+        drop(writer);
+        handle_events(&mut w);
+        assert!(!open.exists(), "deleted after its writer closed it");
+        assert!(replaced.exists() && outside.exists());
+    }
 
     #[test]
     fn a_content_key_is_the_hash_prefix_and_short_hashes_have_none() {
@@ -1196,30 +1315,5 @@ mod tests {
         assert_eq!(content_key(&hash), Some(0x0123_4567_89ab_cdef));
         assert_eq!(content_key("abc"), None);
         assert_eq!(content_key("zzzzzzzzzzzzzzzz"), None);
-    }
-
-    #[test]
-    fn a_move_keeps_a_source_that_changed_after_the_copy() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.md");
-        fs::write(&path, b"v1").unwrap();
-        let copied = |p: &Path| {
-            let s = archive::open_source(p, false).unwrap().unwrap();
-            Copied {
-                identity: s.identity,
-                size: s.size,
-                mtime_ns: s.mtime_ns,
-            }
-        };
-        let v1 = copied(&path);
-        // Replaced by a new file (an editor's save): kept.
-        let staged = dir.path().join("r.md.new");
-        fs::write(&staged, b"v2, longer").unwrap();
-        fs::rename(&staged, &path).unwrap();
-        remove_if_unchanged(&path, v1);
-        assert!(path.exists());
-        // Unchanged since the copy: deleted.
-        remove_if_unchanged(&path, copied(&path));
-        assert!(!path.exists());
     }
 }

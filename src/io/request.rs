@@ -573,13 +573,15 @@ impl Services {
                 .into(),
                 message: format!(
                     "{} archived, {} with content already archived, {} errors, {} scans, \
-                     {} queue overflows, {} watch-limit errors, {} watched directories lost",
+                     {} queue overflows, {} watch-limit errors, {} watch-cap hits, \
+                     {} watched directories lost",
                     get(&m.exports_archived),
                     get(&m.exports_deduplicated),
                     get(&m.export_errors),
                     get(&m.export_scans),
                     get(&m.inotify_overflows),
                     get(&m.watch_limit_errors),
+                    get(&m.watch_cap_hits),
                     get(&m.watched_dirs_lost)
                 ),
             },

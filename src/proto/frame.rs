@@ -194,6 +194,7 @@ mod tests {
                     patterns: vec!["*.md".into()],
                     session_id: None,
                     active: true,
+                    watch_cap_reached: false,
                 }],
             },
             Payload::StopMonitoring {

@@ -175,6 +175,16 @@ pub struct MonitoredPath {
     /// False while the directory is missing (it is watched again once it
     /// is back).
     pub active: bool,
+    /// Extension, sent only when true: the tree has more directories than
+    /// the daemon's `monitor.max_watches_per_root`; those beyond it are
+    /// found by the periodic scan only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub watch_cap_reached: bool,
+}
+
+/// For `skip_serializing_if`: a flag sent only when set.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Payload {

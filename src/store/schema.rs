@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The schema version of the ingest file.
 pub const INGEST_VERSION: i64 = 2;
@@ -30,7 +30,7 @@ pub const INGEST_VERSION: i64 = 2;
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
 const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2];
@@ -122,6 +122,15 @@ ALTER TABLE export_archive ADD COLUMN archived_at_us INTEGER;
 ALTER TABLE export_archive ADD COLUMN error TEXT;
 CREATE INDEX idx_export_archive_hash ON export_archive(content_hash);
 CREATE INDEX idx_export_archive_source ON export_archive(original_path);
+";
+
+/// Version 3 to 4: who asked for each watch (`SO_PEERCRED` uid). Only
+/// files that user owns are archived (any file for root or the daemon's own
+/// user), and only that user, root or the daemon's user may change or stop
+/// the watch. A watch saved before has none; the watcher adopts its
+/// directory's owner.
+const V4: &str = "
+ALTER TABLE monitored_paths ADD COLUMN owner_uid INTEGER;
 ";
 
 /// The ingest file: `logs`' columns with only the unique uuid index (which

@@ -10,7 +10,7 @@ use codi_monitor::proto::{
     decode_message, encode_message, frame_body_len, AckStatus, ErrorCode, LogFields, LogLevel,
     Message, Payload, Timestamp, HEADER_LEN,
 };
-use codi_monitor::store::{ingest, schema};
+use codi_monitor::store::{ingest, schema, StoreError};
 use rusqlite::{Connection, OptionalExtension, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -891,7 +891,19 @@ impl Db {
     /// Opens an existing database and its ingest file read-only (never
     /// creates one), as the daemon's readers do.
     pub fn open(path: &Path) -> Db {
-        let conn = schema::open_ro(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let conn = match schema::open_ro(path) {
+            Ok(conn) => conn,
+            // An older daemon under test (`$CODI_TEST_DAEMON`, a build from
+            // before a fix) keeps an older schema: read its tables as they
+            // are, without the `all_logs` view.
+            Err(StoreError::SchemaMismatch { found, .. })
+                if found < schema::SCHEMA_VERSION
+                    && std::env::var_os("CODI_TEST_DAEMON").is_some() =>
+            {
+                open_older(path)
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        };
         Db { conn }
     }
 
@@ -1013,6 +1025,24 @@ impl Db {
 pub fn copy_as_after_power_cut(db: &Path, to: &Path) -> PathBuf {
     power_cut::copy_cut(&[db, &schema::ingest_path(db)], to);
     to.join(db.file_name().unwrap())
+}
+
+/// A database (and its ingest file) an older daemon wrote, read-only.
+fn open_older(path: &Path) -> Connection {
+    use rusqlite::OpenFlags;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    conn.busy_timeout(schema::BUSY_TIMEOUT).unwrap();
+    let ingest = schema::ingest_path(path);
+    conn.execute(
+        "ATTACH DATABASE ?1 AS ingest",
+        [format!("file:{}?mode=ro", ingest.display())],
+    )
+    .unwrap_or_else(|e| panic!("attach {}: {e}", ingest.display()));
+    conn
 }
 
 /// Runs a command with stdin and returns its output (hang-protected by

@@ -331,6 +331,7 @@ pub fn request(rng: &mut Rng, transport: Transport, token: &str) -> Message {
                 patterns: Vec::new(),
                 session_id: None,
                 active: false,
+                watch_cap_reached: rng.one_in(2),
             }],
         },
         _ => Payload::Ping,

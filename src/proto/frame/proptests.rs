@@ -234,15 +234,26 @@ fn payload() -> impl Strategy<Value = Payload> {
         )
             .prop_map(|(components, uptime)| Payload::Status { components, uptime }),
         prop::collection::vec(
-            (text(), any::<bool>(), names(), opt_text(), any::<bool>()).prop_map(
-                |(path, recursive, patterns, session_id, active)| MonitoredPath {
-                    path,
-                    recursive,
-                    patterns,
-                    session_id,
-                    active,
-                }
-            ),
+            (
+                text(),
+                any::<bool>(),
+                names(),
+                opt_text(),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(
+                    |(path, recursive, patterns, session_id, active, watch_cap_reached)| {
+                        MonitoredPath {
+                            path,
+                            recursive,
+                            patterns,
+                            session_id,
+                            active,
+                            watch_cap_reached,
+                        }
+                    }
+                ),
             0..3
         )
         .prop_map(|paths| Payload::Monitoring { paths }),
