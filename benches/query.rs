@@ -84,7 +84,7 @@ fn ensure_db(path: &Path, rows: u64) {
             let mut stmt = tx
                 .prepare(
                     "INSERT INTO logs (uuid, timestamp, level, component, session_id, \
-                     message, metadata, created_at, id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     message, metadata, uid, created_at, id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .unwrap();
             let end = (i + BUILD_TXN_ROWS).min(rows);

@@ -284,6 +284,12 @@ pub struct RawMonitor {
     /// trusts besides root and itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_user: Option<String>,
+    /// Users (names or uids) whose queries see every user's logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_all_users: Option<Vec<String>>,
+    /// Groups (names or gids) whose members' queries see every user's logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_all_groups: Option<Vec<String>>,
     /// Most inotify watches one watched tree may use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_watches_per_root: Option<usize>,
@@ -409,6 +415,11 @@ pub struct MonitorConfig {
     pub write_timeout: Duration,
     /// The user (name or uid) the system daemon runs as, if configured.
     pub service_user: Option<String>,
+    /// Users whose queries see every user's logs (besides root and the
+    /// daemon's own and service user).
+    pub query_all_users: Vec<String>,
+    /// Groups whose members' queries see every user's logs.
+    pub query_all_groups: Vec<String>,
     /// Most inotify watches one watched tree may use.
     pub max_watches_per_root: usize,
 }
@@ -440,6 +451,8 @@ impl fmt::Debug for MonitorConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("service_user", &self.service_user)
+            .field("query_all_users", &self.query_all_users)
+            .field("query_all_groups", &self.query_all_groups)
             .field("max_watches_per_root", &self.max_watches_per_root)
             .finish()
     }
@@ -581,6 +594,8 @@ impl Config {
                 idle_timeout: Some(format_duration(self.monitor.idle_timeout)),
                 write_timeout: Some(format_duration(self.monitor.write_timeout)),
                 service_user: self.monitor.service_user.clone(),
+                query_all_users: Some(self.monitor.query_all_users.clone()),
+                query_all_groups: Some(self.monitor.query_all_groups.clone()),
                 max_watches_per_root: Some(self.monitor.max_watches_per_root),
             }),
             server_hub: Some(RawServerHub {
@@ -694,6 +709,18 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 
 fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.is_empty())
+}
+
+/// A list of user or group names: none empty, at most 1,000.
+fn names(key: &str, list: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let list = list.unwrap_or_default();
+    if list.iter().any(String::is_empty) {
+        return invalid(format!("{key} contains an empty name"));
+    }
+    if list.len() > 1000 {
+        return invalid(format!("{key} lists {} names, at most 1000", list.len()));
+    }
+    Ok(list)
 }
 
 fn parse_level(key: &str, text: &str) -> Result<LevelFilter, ConfigError> {
@@ -1131,6 +1158,8 @@ fn resolve(
             SECOND..=DAY,
         )?,
         service_user: non_empty(m.service_user),
+        query_all_users: names("monitor.query_all_users", m.query_all_users)?,
+        query_all_groups: names("monitor.query_all_groups", m.query_all_groups)?,
         max_watches_per_root: in_range(
             "monitor.max_watches_per_root",
             m.max_watches_per_root,

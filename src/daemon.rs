@@ -6,6 +6,7 @@
 //! of the writer's queue, so the writer drains, commits and checkpoints; only
 //! then does the process exit.
 
+use crate::access::Access;
 use crate::budget::InflightBudget;
 use crate::config::{Config, Overrides};
 use crate::export::{spawn_watcher, ExportSettings};
@@ -49,6 +50,9 @@ pub enum DaemonError {
     /// Threads, polls or signal handlers could not be created.
     #[error("{0}: {1}")]
     Os(&'static str, io::Error),
+    /// A user or group the configuration names does not exist.
+    #[error("{0}")]
+    Access(String),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; `overrides` are re-applied when
@@ -59,6 +63,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     // First of all, so a second daemon on this database touches nothing
     // (not even a socket) before it is refused.
     let _db_lock = DatabaseLock::acquire(&config.storage.sqlite_path)?;
+    let access = resolve_access(&config).map_err(DaemonError::Access)?;
     let max_connections = fit_to_descriptor_limit(
         config.monitor.max_connections,
         config.monitor.workers,
@@ -148,6 +153,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     };
 
     let live = Arc::new(LiveSettings::default());
+    *live.access.write() = access;
     apply_live(&live, &config);
     let services = Arc::new(Services {
         writer: writer_tx,
@@ -332,6 +338,14 @@ fn ready_line(
     line
 }
 
+fn resolve_access(config: &Config) -> Result<Access, String> {
+    Access::resolve(
+        &config.monitor.query_all_users,
+        &config.monitor.query_all_groups,
+        config.monitor.service_user.as_deref(),
+    )
+}
+
 fn apply_live(live: &LiveSettings, config: &Config) {
     *live.token.write() = config.monitor.token.clone();
     live.rate_limit
@@ -351,6 +365,10 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) {
             return;
         }
     };
+    match resolve_access(&new) {
+        Ok(access) => *live.access.write() = access,
+        Err(e) => log::error!("keeping who may query all logs as it was: {e}"),
+    }
     apply_live(live, &new);
     macro_rules! changed_keys {
         ($($section:ident . $field:ident),* $(,)?) => {

@@ -99,26 +99,29 @@ pub fn lookup_user(user: &str) -> Option<u32> {
         return user.parse().ok();
     }
     let name = CString::new(user).ok()?;
+    // SAFETY: every pointer is valid for the call (see `query_user_db`).
+    let (pwd, _buf) = query_user_db(|pwd, buf, result| unsafe {
+        libc::getpwnam_r(name.as_ptr(), pwd, buf.as_mut_ptr(), buf.len(), result)
+    })?;
+    Some(pwd.pw_uid)
+}
+
+/// Runs a reentrant `getpw*_r` call, growing its buffer on `ERANGE`; the
+/// entry found and the buffer its strings point into.
+fn query_user_db(
+    mut call: impl FnMut(&mut libc::passwd, &mut [libc::c_char], &mut *mut libc::passwd) -> libc::c_int,
+) -> Option<(libc::passwd, Vec<libc::c_char>)> {
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     loop {
         // SAFETY: passwd is plain old data; zeroed is a valid value.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call and buf outlives it.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
+        let rc = call(&mut pwd, &mut buf, &mut result);
         if rc == libc::ERANGE && buf.len() < 1 << 20 {
             buf.resize(buf.len() * 4, 0);
             continue;
         }
-        return (rc == 0 && !result.is_null()).then_some(pwd.pw_uid);
+        return (rc == 0 && !result.is_null()).then_some((pwd, buf));
     }
 }
 
@@ -191,6 +194,64 @@ pub enum SocketPathError {
 
 /// Symbolic links followed at most, as Linux's own limit.
 const MAX_SYMLINKS: usize = 40;
+
+/// The gid of group `group` (a name or a gid) and the names of its listed
+/// members, if the group database knows it.
+pub fn lookup_group_members(group: &str) -> Option<(u32, Vec<String>)> {
+    let by_gid = group.parse::<u32>().ok();
+    let name = CString::new(group).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    loop {
+        // SAFETY: group is plain old data; zeroed is a valid value.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call and buf outlives it.
+        let rc = unsafe {
+            match by_gid {
+                Some(gid) => {
+                    libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result)
+                }
+                None => libc::getgrnam_r(
+                    name.as_ptr(),
+                    &mut grp,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut result,
+                ),
+            }
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() {
+            return None;
+        }
+        let mut members = Vec::new();
+        let mut at = grp.gr_mem;
+        // SAFETY: gr_mem is a NULL-terminated array of NUL-terminated
+        // strings in buf, valid while buf lives.
+        unsafe {
+            while !at.is_null() && !(*at).is_null() {
+                members.push(std::ffi::CStr::from_ptr(*at).to_string_lossy().into_owned());
+                at = at.add(1);
+            }
+        }
+        return Some((grp.gr_gid, members));
+    }
+}
+
+/// The name of the user with `uid`, if the user database knows it.
+pub fn user_name(uid: u32) -> Option<String> {
+    // SAFETY: every pointer is valid for the call (see `query_user_db`).
+    let (pwd, _buf) = query_user_db(|pwd, buf, result| unsafe {
+        libc::getpwuid_r(uid, pwd, buf.as_mut_ptr(), buf.len(), result)
+    })?;
+    // SAFETY: on success pw_name points at a NUL-terminated string in the
+    // buffer, which `_buf` keeps alive.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}
 
 /// Checks the way to a daemon's Unix socket before connecting to it, and
 /// returns the socket's real path (every symbolic link resolved) to connect
@@ -512,6 +573,11 @@ mod tests {
         assert_eq!(lookup_user("4242"), Some(4242));
         assert_eq!(lookup_user("no-such-user-codi"), None);
         assert_eq!(lookup_user(""), None);
+        assert_eq!(user_name(0).as_deref(), Some("root"));
+        assert_eq!(user_name(4_000_000_000), None);
+        assert_eq!(lookup_group_members("root").map(|(gid, _)| gid), Some(0));
+        assert_eq!(lookup_group_members("0").map(|(gid, _)| gid), Some(0));
+        assert_eq!(lookup_group_members("no-such-group-codi"), None);
         assert!(TrustedUsers::current(Some(7)).contains(7));
         assert!(TrustedUsers::current(None).contains(0));
         assert!(!TrustedUsers {

@@ -537,6 +537,8 @@ mod requests {
                     until: ts(11),
                     contains: Some("msg".into()),
                     after_id: None,
+                    // Written over the Unix socket by this (root) process.
+                    uid: Some(0),
                 },
                 2,
             ),

@@ -248,6 +248,7 @@ impl RowGen {
             session_id,
             message,
             metadata_json,
+            uid: None,
         }
     }
 }

@@ -148,7 +148,7 @@ pub fn run(
                     .map(|i| {
                         let row = inserted as usize + i;
                         fields.session_id = Some(session_ids[row % session_ids.len()].clone());
-                        LogRow::from_fields(Uuid::now_v7(), now, fields.clone(), None)
+                        LogRow::from_fields(Uuid::now_v7(), now, fields.clone(), None, Some(0))
                             .expect("metadata-free rows always convert")
                     })
                     .collect(),

@@ -29,6 +29,7 @@ use codi_monitor::proto::{
 };
 use codi_monitor::store::query::MAX_QUERY_LIMIT;
 use codi_monitor::text::escape_controls;
+use std::collections::HashMap;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -153,6 +154,10 @@ struct LogsCmd {
     /// only this session
     #[argh(option)]
     session: Option<String>,
+    /// only logs written by USER (a name or a uid); without the right to
+    /// see other users' logs, only your own are shown whatever you ask
+    #[argh(option)]
+    user: Option<String>,
     /// only logs at or after T (RFC 3339, or a duration like 10m meaning ago)
     #[argh(option)]
     since: Option<String>,
@@ -588,6 +593,13 @@ fn logs(cmd: LogsCmd, opts: ClientOptions) -> Result<(), Exit> {
         until: time(&cmd.until)?,
         contains: cmd.contains.map(undash),
         after_id: None,
+        uid: cmd
+            .user
+            .as_deref()
+            .map(|u| {
+                fsperm::lookup_user(u).ok_or_else(|| Exit::usage(format!("no such user: {u}")))
+            })
+            .transpose()?,
     };
     let stdout = io::stdout();
     let tty = stdout.is_terminal();
@@ -595,6 +607,7 @@ fn logs(cmd: LogsCmd, opts: ClientOptions) -> Result<(), Exit> {
         out: io::BufWriter::new(stdout.lock()),
         json: cmd.json,
         colour: tty && paths::process_env("NO_COLOR").is_none(),
+        names: HashMap::new(),
     };
     let mut client = Client::connect(opts)?;
     // With --follow and --limit 0, one row tells where "now" is.
@@ -668,6 +681,8 @@ struct Printer<W: Write> {
     out: W,
     json: bool,
     colour: bool,
+    /// User names already looked up, by uid.
+    names: HashMap<u32, Option<String>>,
 }
 
 impl<W: Write> Printer<W> {
@@ -680,7 +695,14 @@ impl<W: Write> Printer<W> {
             let line = if self.json {
                 output::json_row(e)
             } else {
-                output::table_row(e, self.colour)
+                let names = &mut self.names;
+                let user = output::user_cell(e.uid, |uid| {
+                    names
+                        .entry(uid)
+                        .or_insert_with(|| fsperm::user_name(uid))
+                        .clone()
+                });
+                output::table_row(e, &user, self.colour)
             };
             self.line(&line)?;
         }

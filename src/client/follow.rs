@@ -69,6 +69,7 @@ mod tests {
             session_id: None,
             message: "m".into(),
             metadata: None,
+            uid: None,
         }
     }
 

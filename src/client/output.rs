@@ -19,13 +19,24 @@ use std::time::Duration;
 const COMPONENT_WIDTH: usize = 12;
 /// Width of the session column.
 const SESSION_WIDTH: usize = 12;
+/// Width of the user column.
+const USER_WIDTH: usize = 8;
 
 /// The header of the table, aligned with [`table_row`].
 pub fn table_header() -> String {
     format!(
-        "{:<24}  {:<5}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  MESSAGE",
-        "TIME", "LEVEL", "COMPONENT", "SESSION"
+        "{:<24}  {:<5}  {:<USER_WIDTH$}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  MESSAGE",
+        "TIME", "LEVEL", "USER", "COMPONENT", "SESSION"
     )
+}
+
+/// How the user column shows `uid`: the name `name_of` finds, else the
+/// number; `-` for a log written over TCP (no uid).
+pub fn user_cell(uid: Option<u32>, name_of: impl FnOnce(u32) -> Option<String>) -> String {
+    match uid {
+        None => "-".into(),
+        Some(uid) => name_of(uid).unwrap_or_else(|| uid.to_string()),
+    }
 }
 
 /// A timestamp as `2026-11-26T22:34:56.123Z` (UTC, milliseconds).
@@ -58,8 +69,8 @@ pub fn metadata_json(value: &rmpv::Value) -> String {
 /// One row: time, level, component, session, message and metadata, each
 /// on this one line whatever it contains (controls are shown escaped, see
 /// [`escape_controls`]); the level is coloured with ANSI escapes when
-/// `colour_on`.
-pub fn table_row(log: &StoredLog, colour_on: bool) -> String {
+/// `colour_on`; `user` is the writer as [`user_cell`] shows it.
+pub fn table_row(log: &StoredLog, user: &str, colour_on: bool) -> String {
     let level = format!("{:<5}", log.level.as_str().to_ascii_uppercase());
     let level = if colour_on {
         format!("{}{level}\x1b[0m", colour(log.level))
@@ -67,8 +78,9 @@ pub fn table_row(log: &StoredLog, colour_on: bool) -> String {
         level
     };
     let mut row = format!(
-        "{:<24}  {level}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  {}",
+        "{:<24}  {level}  {:<USER_WIDTH$}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  {}",
         short_time(log.timestamp),
+        escape_controls(user),
         escape_controls(&log.component),
         escape_controls(log.session_id.as_deref().unwrap_or("-")),
         escape_controls(&log.message),
@@ -95,6 +107,7 @@ pub fn json_row(log: &StoredLog) -> String {
         "session_id": log.session_id,
         "message": log.message,
         "metadata": meta,
+        "uid": log.uid,
     })
     .to_string();
     json_escape_unsafe(&row).into_owned()
@@ -183,29 +196,38 @@ mod tests {
             session_id: None,
             message: "disk low".into(),
             metadata,
+            uid: None,
         }
     }
 
     #[test]
     fn rows_are_aligned_under_the_header() {
         let meta = rmpv::Value::Map(vec![("free".into(), rmpv::Value::from(3))]);
-        let row = table_row(&stored(Some(meta)), false);
+        let row = table_row(&stored(Some(meta)), "alice", false);
         assert_eq!(
             row,
-            "2026-11-26T22:34:56.123Z  WARN   build         -             disk low  {\"free\":3}"
+            "2026-11-26T22:34:56.123Z  WARN   alice     build         -             disk low  {\"free\":3}"
         );
         let header = table_header();
         assert_eq!(header.find("LEVEL"), row.find("WARN"));
+        assert_eq!(header.find("USER"), row.find("alice"));
         assert_eq!(header.find("MESSAGE"), row.find("disk low"));
         assert_eq!(
-            table_row(&stored(None), false),
-            "2026-11-26T22:34:56.123Z  WARN   build         -             disk low"
+            table_row(&stored(None), "-", false),
+            "2026-11-26T22:34:56.123Z  WARN   -         build         -             disk low"
         );
     }
 
     #[test]
+    fn the_user_column_shows_a_name_else_the_uid() {
+        assert_eq!(user_cell(None, |_| panic!("no lookup")), "-");
+        assert_eq!(user_cell(Some(1000), |_| None), "1000");
+        assert_eq!(user_cell(Some(0), |uid| Some(format!("u{uid}"))), "u0");
+    }
+
+    #[test]
     fn colour_wraps_only_the_level() {
-        let row = table_row(&stored(None), true);
+        let row = table_row(&stored(None), "-", true);
         assert!(row.contains("\x1b[33mWARN \x1b[0m"), "{row:?}");
         assert_eq!(row.matches('\x1b').count(), 2);
     }
@@ -224,7 +246,7 @@ mod tests {
         let row = json_row(&stored(Some(rmpv::Value::Binary(vec![0, 7, 255]))));
         let v: serde_json::Value = serde_json::from_str(&row).unwrap();
         assert_eq!(v["metadata"], serde_json::json!({"$bin": "AAf/"}));
-        let row = table_row(&stored(Some(rmpv::Value::Ext(2, vec![1]))), false);
+        let row = table_row(&stored(Some(rmpv::Value::Ext(2, vec![1]))), "-", false);
         assert!(row.ends_with(r#"{"$ext":2,"data":"AQ=="}"#), "{row}");
     }
 
@@ -239,7 +261,7 @@ mod tests {
         log.component = "c\rX".into();
         log.session_id = Some("s\x07".into());
         for colour_on in [false, true] {
-            let row = table_row(&log, colour_on);
+            let row = table_row(&log, "u\x1b[2J", colour_on);
             assert_eq!(row.lines().count(), 1, "{row:?}");
             assert!(!row.contains('\r'), "{row:?}");
             // Only the level's own colour codes are raw escapes.

@@ -95,7 +95,10 @@ fn rows(
     let rows: Result<Vec<LogRow>, String> = entries
         .iter()
         .enumerate()
-        .map(|(i, f)| LogRow::from_fields(entry_id(i), timestamp, f.clone(), None))
+        .map(|(i, f)| {
+            let uid = Some(rustix::process::getuid().as_raw());
+            LogRow::from_fields(entry_id(i), timestamp, f.clone(), None, uid)
+        })
         .collect();
     match rows {
         Ok(rows) => Plan::Write(WriteOp::Logs(rows)),
@@ -121,10 +124,13 @@ fn plan(request: &Message) -> Plan {
             agent_type: agent_type.clone(),
             workspace: workspace.clone(),
             started_at_us: ts.as_micros(),
+            uid: Some(rustix::process::getuid().as_raw()),
+            restricted_to: None,
         }),
         Payload::SessionEnd { session_id } => Plan::Write(WriteOp::SessionEnd {
             session_id: session_id.clone(),
             ended_at_us: ts.as_micros(),
+            restricted_to: None,
         }),
         Payload::QueryLogs { filter, limit } => Plan::Query {
             filter: filter.clone(),
@@ -176,7 +182,8 @@ mod tests {
             plan(&msg),
             Plan::Write(WriteOp::SessionEnd {
                 session_id: "s".into(),
-                ended_at_us: msg.timestamp.as_micros()
+                ended_at_us: msg.timestamp.as_micros(),
+                restricted_to: None,
             })
         );
     }

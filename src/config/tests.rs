@@ -883,6 +883,8 @@ mod properties {
                 ("reserved_unix_connections", Kind::Number),
                 ("idle_timeout", Kind::Duration),
                 ("service_user", Kind::Str),
+                ("query_all_users", Kind::Array),
+                ("query_all_groups", Kind::Array),
                 ("max_watches_per_root", Kind::Number),
             ],
         ),

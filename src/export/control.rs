@@ -59,8 +59,13 @@ impl Watcher {
                 Ok(()) => Message::ack(job.request_id, AckStatus::Accepted),
                 Err((code, reason)) => Message::error(code, reason),
             },
-            ControlOp::List => {
-                let mut paths: Vec<MonitoredPath> = self.roots.iter().map(Root::describe).collect();
+            ControlOp::List { only_owner } => {
+                let mut paths: Vec<MonitoredPath> = self
+                    .roots
+                    .iter()
+                    .filter(|root| only_owner.is_none() || root.owner_uid == only_owner)
+                    .map(Root::describe)
+                    .collect();
                 paths.sort_by(|a, b| a.path.cmp(&b.path));
                 Message::answer(Payload::Monitoring { paths })
             }

@@ -136,7 +136,10 @@ pub enum ControlOp {
         path: String,
     },
     /// `ListMonitoring`.
-    List,
+    List {
+        /// Set for a requester who may see only its own watches: its uid.
+        only_owner: Option<u32>,
+    },
 }
 
 /// A monitoring request on its way to the watcher.

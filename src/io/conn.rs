@@ -4,6 +4,7 @@
 use super::answers::{AnswerQueue, AnswerRooms};
 use super::buffer::ReadBuffer;
 use super::listener::Stream;
+use crate::access::PeerCred;
 use crate::proto::{encode_message, ErrorCode, Message};
 use crate::reply::Answer;
 use std::io::{self, Write};
@@ -129,9 +130,9 @@ pub struct Connection {
     pub queries_in_flight: usize,
     /// The connection is on its loop's run list.
     pub scheduled: bool,
-    /// The uid of the process at the other end of a Unix socket
+    /// The credentials of the process at the other end of a Unix socket
     /// (`SO_PEERCRED`); `None` over TCP.
-    pub peer_uid: Option<u32>,
+    pub peer: Option<PeerCred>,
     /// The address of a TCP peer.
     pub peer_ip: Option<std::net::IpAddr>,
     /// When the connection was accepted (the `Authenticate` deadline
@@ -177,7 +178,7 @@ impl Connection {
             gone: false,
             queries_in_flight: 0,
             scheduled: false,
-            peer_uid: None,
+            peer: None,
             peer_ip: None,
             accepted_at: Instant::now(),
             last_frame_at: Instant::now(),
@@ -185,6 +186,21 @@ impl Connection {
             output_waiting_since: None,
             skip_linger: false,
         }
+    }
+
+    /// Who is at the other end, for the daemon's log: `uid 1000, pid 42`
+    /// over Unix, the address over TCP.
+    pub fn describe_peer(&self) -> String {
+        match (self.peer, self.peer_ip) {
+            (Some(p), _) => format!("uid {}, pid {}", p.uid, p.pid),
+            (None, Some(ip)) => format!("TCP {ip}"),
+            (None, None) => "unknown peer".into(),
+        }
+    }
+
+    /// The Unix peer's uid (`None` over TCP).
+    pub fn peer_uid(&self) -> Option<u32> {
+        self.peer.map(|p| p.uid)
     }
 
     /// True when the connection owes nothing: no answer pending, nothing

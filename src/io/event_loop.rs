@@ -311,10 +311,10 @@ impl EventLoop {
         }
         self.next_serial += 1;
         let serial = self.next_serial;
-        let peer_uid = stream.peer_uid();
+        let peer = stream.peer_cred();
         let peer_ip = stream.peer_ip();
         let conn = entry.insert(Connection::new(serial, stream, needs_auth, burst));
-        conn.peer_uid = peer_uid;
+        conn.peer = peer;
         conn.peer_ip = peer_ip;
         schedule(&mut self.run_list, conn, key);
         if needs_auth {
@@ -363,7 +363,7 @@ impl EventLoop {
                 .output_waiting_since
                 .is_some_and(|since| now.saturating_duration_since(since) >= limits.write_timeout)
             {
-                stalled.push((key, conn.pending_output()));
+                stalled.push((key, conn.pending_output(), conn.describe_peer()));
                 continue;
             }
             let expired = match conn.state {
@@ -402,10 +402,10 @@ impl EventLoop {
                 schedule(&mut self.run_list, conn, key);
             }
         }
-        for (key, unsent) in stalled {
+        for (key, unsent, peer) in stalled {
             Metrics::add(&self.services.metrics.write_timeouts, 1);
             log::warn!(
-                "closing a connection that left {unsent} bytes of answers unread for {}",
+                "closing a connection ({peer}) that left {unsent} bytes of answers unread for {}",
                 humantime::format_duration(limits.write_timeout)
             );
             self.close(key);

@@ -6,9 +6,9 @@
 //! lock file so that a second daemon refuses to start instead of stealing a
 //! live socket. A stale socket file (nobody answers) is replaced.
 
-use crate::fsperm::{check_private_dir, check_socket_path, TrustedUsers, Untrusted};
+use crate::access::PeerCred;
+use crate::fsperm::{self, check_private_dir, check_socket_path, TrustedUsers, Untrusted};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -179,24 +179,9 @@ fn prepare_socket_dir(dir: &Path, gid: Option<libc::gid_t>) -> Result<(), Listen
 }
 
 fn lookup_group(name: &str) -> Result<libc::gid_t, ListenError> {
-    let c_name = CString::new(name).map_err(|_| ListenError::UnknownGroup(name.to_owned()))?;
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: all pointers are valid for the call; buf outlives it.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c_name.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return Err(ListenError::UnknownGroup(name.to_owned()));
-    }
-    Ok(grp.gr_gid)
+    fsperm::lookup_group_members(name)
+        .map(|(gid, _)| gid)
+        .ok_or_else(|| ListenError::UnknownGroup(name.to_owned()))
 }
 
 fn chown_group(path: &Path, gid: libc::gid_t) -> Result<(), ListenError> {
@@ -239,13 +224,18 @@ impl Stream {
         }
     }
 
-    /// The uid of the peer process of a Unix stream, from `SO_PEERCRED`
-    /// (taken by the kernel at `connect`, so it cannot be forged).
-    pub fn peer_uid(&self) -> Option<u32> {
+    /// The uid, gid and pid of the peer process of a Unix stream, from
+    /// `SO_PEERCRED` (taken by the kernel at `connect`, so it cannot be
+    /// forged); `None` over TCP.
+    pub fn peer_cred(&self) -> Option<PeerCred> {
         match self {
             Stream::Unix(s) => rustix::net::sockopt::socket_peercred(s)
                 .ok()
-                .map(|c| c.uid.as_raw()),
+                .map(|c| PeerCred {
+                    uid: c.uid.as_raw(),
+                    gid: c.gid.as_raw(),
+                    pid: c.pid.as_raw_nonzero().get(),
+                }),
             Stream::Tcp(_) => None,
         }
     }

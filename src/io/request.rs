@@ -5,6 +5,7 @@
 
 use super::answers::QUERY_ANSWER_ROOM;
 use super::conn::{ConnState, Connection};
+use crate::access::{Access, Scope};
 use crate::budget::InflightBudget;
 use crate::export::{ControlJob, ControlOp, ControlSender};
 use crate::io::listener::Stream;
@@ -33,6 +34,8 @@ pub struct LiveSettings {
     pub rate_limit: AtomicU32,
     /// Bucket size of the rate limit.
     pub rate_burst: AtomicU32,
+    /// Who may see whose logs.
+    pub access: RwLock<Access>,
 }
 
 impl LiveSettings {
@@ -184,7 +187,13 @@ impl Services {
                 if let Some(reason) = too_far_ahead(msg.timestamp) {
                     return self.reject(conn, id, reason, 1);
                 }
-                let row = LogRow::from_fields(id, msg.timestamp, fields, conn.session.as_deref());
+                let row = LogRow::from_fields(
+                    id,
+                    msg.timestamp,
+                    fields,
+                    conn.session.as_deref(),
+                    conn.peer_uid(),
+                );
                 match row {
                     Ok(row) => self.write(conn, origin, id, WriteOp::Logs(vec![row]), frame_len, 1),
                     Err(reason) => self.reject(conn, id, reason, 1),
@@ -198,7 +207,13 @@ impl Services {
                 if let Some(reason) = too_far_ahead(msg.timestamp) {
                     return self.reject(conn, id, reason, count);
                 }
-                match batch_rows(id, msg.timestamp, entries, conn.session.as_deref()) {
+                match batch_rows(
+                    id,
+                    msg.timestamp,
+                    entries,
+                    conn.session.as_deref(),
+                    conn.peer_uid(),
+                ) {
                     Ok(rows) => self.write(conn, origin, id, WriteOp::Logs(rows), frame_len, count),
                     Err(reason) => self.reject(conn, id, reason, count),
                 }
@@ -224,6 +239,8 @@ impl Services {
                     agent_type,
                     workspace,
                     started_at_us: msg.timestamp.as_micros(),
+                    uid: conn.peer_uid(),
+                    restricted_to: self.restricted_to(conn),
                 };
                 self.write(conn, origin, id, op, frame_len, 1)
             }
@@ -237,10 +254,28 @@ impl Services {
                 let op = WriteOp::SessionEnd {
                     session_id,
                     ended_at_us: msg.timestamp.as_micros(),
+                    restricted_to: self.restricted_to(conn),
                 };
                 self.write(conn, origin, id, op, frame_len, 1)
             }
-            Payload::QueryLogs { filter, limit } => {
+            Payload::QueryLogs { mut filter, limit } => {
+                if let Scope::Own(uid) = self.scope(conn) {
+                    match filter.uid {
+                        Some(asked) if asked != uid => {
+                            return self.answer(
+                                conn,
+                                Message::error(
+                                    ErrorCode::Unauthorized,
+                                    format!(
+                                        "uid {uid} may see only its own logs, not uid {asked}'s \
+                                 (monitor.query_all_users and query_all_groups grant more)"
+                                    ),
+                                ),
+                            );
+                        }
+                        _ => filter.uid = Some(uid),
+                    }
+                }
                 // Room for the answer first: answers that clients do not
                 // read must not add up without bound (`io::answers`).
                 let Some(room) = self
@@ -302,7 +337,10 @@ impl Services {
             Payload::StopMonitoring { path } => {
                 self.control(conn, origin, id, ControlOp::Stop { path })
             }
-            Payload::ListMonitoring => self.control(conn, origin, id, ControlOp::List),
+            Payload::ListMonitoring => {
+                let only_owner = self.restricted_to(conn);
+                self.control(conn, origin, id, ControlOp::List { only_owner })
+            }
             other => {
                 let name = other.name();
                 self.answer(
@@ -313,6 +351,19 @@ impl Services {
                     ),
                 )
             }
+        }
+    }
+
+    /// Whose logs and watches `conn` may see.
+    fn scope(&self, conn: &Connection) -> Scope {
+        self.live.access.read().scope(conn.peer)
+    }
+
+    /// The uid `conn` is held to when it may touch only its own sessions.
+    fn restricted_to(&self, conn: &Connection) -> Option<u32> {
+        match self.scope(conn) {
+            Scope::All => None,
+            Scope::Own(uid) => Some(uid),
         }
     }
 
@@ -349,7 +400,7 @@ impl Services {
             reply: self.reply_to(conn, origin, false),
             request_id,
             op,
-            requester_uid: conn.peer_uid,
+            requester_uid: conn.peer_uid(),
         };
         match exports.try_send(job) {
             Ok(()) => {
@@ -622,12 +673,13 @@ fn batch_rows(
     timestamp: Timestamp,
     entries: Vec<LogFields>,
     session: Option<&str>,
+    uid: Option<u32>,
 ) -> Result<Vec<LogRow>, String> {
     entries
         .into_iter()
         .enumerate()
         .map(|(i, fields)| {
-            LogRow::from_fields(batch_entry_id(batch_id, i), timestamp, fields, session)
+            LogRow::from_fields(batch_entry_id(batch_id, i), timestamp, fields, session, uid)
                 .map_err(|reason| format!("entry {i}: {reason}; nothing in the batch was stored"))
         })
         .collect()

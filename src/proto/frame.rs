@@ -248,6 +248,7 @@ mod tests {
                     session_id: None,
                     message: "m".into(),
                     metadata: None,
+                    uid: None,
                 }],
                 total_count: 1,
             },
@@ -551,6 +552,7 @@ mod tests {
             session_id: (id % 2 == 0).then(|| "s".into()),
             message: message.into(),
             metadata: Some(rmpv::Value::Binary(vec![id as u8; 3])),
+            uid: None,
         };
         let id = Uuid::now_v7();
         let timestamp = Timestamp::from_micros(1_700_000_000_123_456);

@@ -265,6 +265,10 @@ pub struct LogFilter {
     /// answer then holds the *oldest* `limit` such rows (see PROTOCOL.md).
     #[serde(default)]
     pub after_id: Option<i64>,
+    /// Extension: only logs written by this uid. A client that may not see
+    /// other users' logs gets only its own whatever it asks (PROTOCOL.md).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// A stored log as `QueryLogs` returns it.
@@ -287,6 +291,10 @@ pub struct StoredLog {
     pub message: String,
     /// The metadata as stored (JSON-shaped), or nil.
     pub metadata: Option<rmpv::Value>,
+    /// Extension: the uid of the Unix client (or standalone `codi2`) that
+    /// wrote it; nil over TCP and for logs stored before it was recorded.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// One component's health in a `Status` answer.

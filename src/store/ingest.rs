@@ -87,21 +87,21 @@ const NOTE_MERGED_FLOOR: &str = "UPDATE main.ingest_meta SET merged_floor = max(
 
 /// Inserts a row unless its uuid is in `logs`.
 const INSERT: &str = "INSERT INTO main.ingest_logs \
-    (uuid, timestamp, level, component, session_id, message, metadata, created_at, id) \
-    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 \
+    (uuid, timestamp, level, component, session_id, message, metadata, uid, created_at, id) \
+    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 \
     WHERE NOT EXISTS (SELECT 1 FROM store.logs WHERE uuid = ?1)";
 
 /// Inserts a row: for a uuid known to be above every uuid in `logs`.
 const INSERT_NEWER: &str = "INSERT INTO main.ingest_logs \
-    (uuid, timestamp, level, component, session_id, message, metadata, created_at, id) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+    (uuid, timestamp, level, component, session_id, message, metadata, uid, created_at, id) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
 /// Inserts a row into `logs` (the main database, `main` on the direct
 /// writer's connection) unless its uuid is there. A clash of ids is an
 /// error, never skipped: that row would be lost.
 const INSERT_INDEXED: &str = "INSERT INTO main.logs \
-    (uuid, timestamp, level, component, session_id, message, metadata, created_at, id) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT(uuid) DO NOTHING";
+    (uuid, timestamp, level, component, session_id, message, metadata, uid, created_at, id) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(uuid) DO NOTHING";
 
 /// Deletes at most `?2` of the oldest rows with ids up to `?1`.
 const DELETE_MERGED: &str = "DELETE FROM main.ingest_logs WHERE id IN \
@@ -113,8 +113,8 @@ const CHUNK_END: &str = "SELECT max(id) FROM \
 
 /// Copies one chunk into `logs`, in id order.
 const MERGE: &str = "INSERT OR IGNORE INTO main.logs \
-    (id, uuid, timestamp, level, component, session_id, message, metadata, created_at) \
-    SELECT id, uuid, timestamp, level, component, session_id, message, metadata, created_at \
+    (id, uuid, timestamp, level, component, session_id, message, metadata, uid, created_at) \
+    SELECT id, uuid, timestamp, level, component, session_id, message, metadata, uid, created_at \
     FROM ingest.ingest_logs WHERE id > ?1 AND id <= ?2 ORDER BY id";
 
 /// Hands out row ids inside one ingest transaction.
@@ -433,6 +433,7 @@ mod tests {
             session_id: Some(session.into()),
             message: "m".into(),
             metadata_json: None,
+            uid: None,
         }
     }
 

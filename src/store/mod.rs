@@ -156,6 +156,9 @@ pub struct LogRow {
     pub message: String,
     /// Metadata as JSON text, if any.
     pub metadata_json: Option<String>,
+    /// Who wrote it: the Unix client's uid (`SO_PEERCRED`), or a
+    /// standalone writer's own; `None` over TCP.
+    pub uid: Option<u32>,
 }
 
 impl LogRow {
@@ -175,8 +178,8 @@ impl LogRow {
 
     /// The row's values in the column order every log insert uses (`uuid`,
     /// `timestamp`, `level`, `component`, `session_id`, `message`,
-    /// `metadata`, `created_at`), `created_at_us` last.
-    pub fn values<'a>(&'a self, created_at_us: &'a i64) -> [&'a dyn ToSql; 8] {
+    /// `metadata`, `uid`, `created_at`), `created_at_us` last.
+    pub fn values<'a>(&'a self, created_at_us: &'a i64) -> [&'a dyn ToSql; 9] {
         [
             self.uuid.as_bytes(),
             &self.timestamp_us,
@@ -185,12 +188,13 @@ impl LogRow {
             &self.session_id,
             &self.message,
             &self.metadata_json,
+            &self.uid,
             created_at_us,
         ]
     }
 
     /// Builds the row for one `LogEntry` (or one `LogBatch` entry) carried
-    /// by the message `uuid` stamped `timestamp`.
+    /// by the message `uuid` stamped `timestamp`, written by `uid`.
     ///
     /// Nil or absent metadata is stored as NULL; otherwise it is converted
     /// to JSON. The log's own `session_id` wins over the connection's.
@@ -205,6 +209,7 @@ impl LogRow {
         timestamp: Timestamp,
         fields: LogFields,
         connection_session: Option<&str>,
+        uid: Option<u32>,
     ) -> Result<LogRow, String> {
         let session_id = fields
             .session_id
@@ -221,6 +226,7 @@ impl LogRow {
             session_id,
             message: fields.message,
             metadata_json: None,
+            uid,
         };
         let without_metadata = row.stored_len();
         let too_large = |metadata: &str| {
@@ -293,6 +299,11 @@ pub enum WriteOp {
         workspace: Option<String>,
         /// Start time, microseconds since the epoch.
         started_at_us: i64,
+        /// Who starts it (the Unix client's uid; `None` over TCP).
+        uid: Option<u32>,
+        /// Set when the starter may not take over a session id another
+        /// uid started: its own uid.
+        restricted_to: Option<u32>,
     },
     /// Record a session's end.
     SessionEnd {
@@ -300,6 +311,9 @@ pub enum WriteOp {
         session_id: String,
         /// End time, microseconds since the epoch.
         ended_at_us: i64,
+        /// Set when the caller may end only sessions its own uid started
+        /// (or that have no uid): that uid.
+        restricted_to: Option<u32>,
     },
 }
 
@@ -377,7 +391,7 @@ mod tests {
     fn row_from_fields() {
         let id = Uuid::now_v7();
         let ts = Timestamp::from_micros(77);
-        let row = LogRow::from_fields(id, ts, fields(None, None), Some("conn")).unwrap();
+        let row = LogRow::from_fields(id, ts, fields(None, None), Some("conn"), None).unwrap();
         assert_eq!(
             row,
             LogRow {
@@ -388,24 +402,25 @@ mod tests {
                 session_id: Some("conn".into()),
                 message: "m".into(),
                 metadata_json: None,
+                uid: None,
             }
         );
         let own = fields(Some(rmpv::Value::Nil), Some("own"));
-        let row = LogRow::from_fields(id, ts, own.clone(), Some("conn")).unwrap();
+        let row = LogRow::from_fields(id, ts, own.clone(), Some("conn"), None).unwrap();
         assert_eq!(row.session_id.as_deref(), Some("own"));
         assert_eq!(row.metadata_json, None, "nil metadata is NULL");
-        let row = LogRow::from_fields(id, ts, fields(None, None), None).unwrap();
+        let row = LogRow::from_fields(id, ts, fields(None, None), None, None).unwrap();
         assert_eq!(row.session_id, None);
 
         let meta = rmpv::Value::Map(vec![("k".into(), rmpv::Value::Binary(vec![1, 2]))]);
-        let row = LogRow::from_fields(id, ts, fields(Some(meta), None), None).unwrap();
+        let row = LogRow::from_fields(id, ts, fields(Some(meta), None), None, None).unwrap();
         assert_eq!(
             row.metadata_json.as_deref(),
             Some(r#"{"k":{"$bin":"AQI="}}"#)
         );
 
         let deep = (0..100).fold(rmpv::Value::Nil, |v, _| rmpv::Value::Array(vec![v]));
-        let err = LogRow::from_fields(id, ts, fields(Some(deep), None), None).unwrap_err();
+        let err = LogRow::from_fields(id, ts, fields(Some(deep), None), None, None).unwrap_err();
         assert!(err.contains("nested"), "{err}");
     }
 
@@ -413,7 +428,7 @@ mod tests {
     fn names_and_stored_size_are_bounded() {
         let id = Uuid::now_v7();
         let ts = Timestamp::from_micros(1);
-        let build = |f: LogFields| LogRow::from_fields(id, ts, f, None);
+        let build = |f: LogFields| LogRow::from_fields(id, ts, f, None, None);
         let mut f = fields(None, None);
         f.component = "c".repeat(MAX_NAME_LEN);
         assert!(build(f.clone()).is_ok(), "exactly the limit is fine");
@@ -427,7 +442,7 @@ mod tests {
         assert!(err.contains("session_id is 300 bytes"), "{err}");
         // The connection's session counts too (it is stored with the row).
         let long = "s".repeat(MAX_NAME_LEN + 1);
-        assert!(LogRow::from_fields(id, ts, fields(None, None), Some(&long)).is_err());
+        assert!(LogRow::from_fields(id, ts, fields(None, None), Some(&long), None).is_err());
 
         // A row of exactly MAX_ROW_BYTES is stored, one byte more is not.
         let exact = |extra: usize| {

@@ -261,6 +261,7 @@ fn rows(fresh: usize, resend: Option<Uuid>) -> (Vec<LogRow>, Vec<Uuid>) {
             session_id: Some("s".into()),
             message: "m".into(),
             metadata_json: None,
+            uid: None,
         })
         .collect();
     (rows, uuids)

@@ -29,16 +29,21 @@ pub enum OpOutcome {
 }
 
 const INSERT_LOG: &str = "INSERT OR IGNORE INTO logs \
-    (uuid, timestamp, level, component, session_id, message, metadata, created_at) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+    (uuid, timestamp, level, component, session_id, message, metadata, uid, created_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
 const INSERT_SESSION: &str = "INSERT INTO sessions \
-    (id, identity, agent_type, started_at, workspace) VALUES (?1, ?2, ?3, ?4, ?5) \
+    (id, identity, agent_type, started_at, workspace, uid) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
     ON CONFLICT(id) DO NOTHING";
 
-const END_SESSION: &str = "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL";
+/// Ends session `?1` at `?2` unless it has ended, or `?3` (a uid that may
+/// end only its own sessions) is set and another uid started it.
+const END_SESSION: &str = "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL \
+    AND (?3 IS NULL OR uid IS NULL OR uid = ?3)";
 
-const SESSION_EXISTS: &str = "SELECT 1 FROM sessions WHERE id = ?1";
+/// The uid that started session `?1` (a row, NULL uid included, if the
+/// session is known).
+const SESSION_OWNER: &str = "SELECT uid FROM sessions WHERE id = ?1";
 
 /// Applies `op` inside `tx` (which the caller commits); `now_us` is the
 /// daemon's clock, stored as each log's `created_at`.
@@ -71,6 +76,8 @@ pub fn apply_all<'a>(
                 agent_type,
                 workspace,
                 started_at_us,
+                uid,
+                restricted_to,
             } => start_session(
                 tx,
                 session_id,
@@ -78,11 +85,14 @@ pub fn apply_all<'a>(
                 agent_type.as_deref(),
                 workspace.as_deref(),
                 *started_at_us,
+                *uid,
+                *restricted_to,
             )?,
             WriteOp::SessionEnd {
                 session_id,
                 ended_at_us,
-            } => end_session(tx, session_id, *ended_at_us)?,
+                restricted_to,
+            } => end_session(tx, session_id, *ended_at_us, *restricted_to)?,
         });
     }
     Ok(())
@@ -103,6 +113,7 @@ fn insert_logs(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_session(
     tx: &Transaction,
     session_id: &str,
@@ -110,14 +121,22 @@ fn start_session(
     agent_type: Option<&str>,
     workspace: Option<&str>,
     started_at_us: i64,
+    uid: Option<u32>,
+    restricted_to: Option<u32>,
 ) -> Result<OpOutcome, rusqlite::Error> {
-    tx.prepare_cached(INSERT_SESSION)?.execute(params![
+    let added = tx.prepare_cached(INSERT_SESSION)?.execute(params![
         session_id,
         identity,
         agent_type,
         started_at_us,
         workspace,
+        uid,
     ])?;
+    if added == 0 {
+        if let Some(refusal) = owned_by_another(tx, session_id, restricted_to)? {
+            return Ok(refusal);
+        }
+    }
     Ok(OpOutcome::Done)
 }
 
@@ -125,23 +144,47 @@ fn end_session(
     tx: &Transaction,
     session_id: &str,
     ended_at_us: i64,
+    restricted_to: Option<u32>,
 ) -> Result<OpOutcome, rusqlite::Error> {
-    let changed = tx
-        .prepare_cached(END_SESSION)?
-        .execute(params![session_id, ended_at_us])?;
+    let changed =
+        tx.prepare_cached(END_SESSION)?
+            .execute(params![session_id, ended_at_us, restricted_to])?;
     if changed > 0 {
         return Ok(OpOutcome::Done);
     }
     let known = tx
-        .prepare_cached(SESSION_EXISTS)?
+        .prepare_cached(SESSION_OWNER)?
         .query_row([session_id], |_| Ok(()))
         .optional()?
         .is_some();
-    Ok(if known {
-        OpOutcome::Done
-    } else {
-        OpOutcome::Rejected(format!("unknown session `{session_id}`"))
-    })
+    if !known {
+        return Ok(OpOutcome::Rejected(format!(
+            "unknown session `{session_id}`"
+        )));
+    }
+    Ok(owned_by_another(tx, session_id, restricted_to)?.unwrap_or(OpOutcome::Done))
+}
+
+/// The refusal for `restricted_to` touching `session_id`, a session that
+/// another uid started; `None` when it may.
+fn owned_by_another(
+    tx: &Transaction,
+    session_id: &str,
+    restricted_to: Option<u32>,
+) -> Result<Option<OpOutcome>, rusqlite::Error> {
+    let Some(caller) = restricted_to else {
+        return Ok(None);
+    };
+    let owner: Option<u32> = tx
+        .prepare_cached(SESSION_OWNER)?
+        .query_row([session_id], |r| r.get(0))
+        .optional()?
+        .flatten();
+    Ok(owner.filter(|&o| o != caller).map(|_| {
+        OpOutcome::Rejected(format!(
+            "session `{session_id}` was started by another user"
+        ))
+    }))
 }
 
 #[cfg(test)]
@@ -167,6 +210,7 @@ mod tests {
             session_id: Some("s".into()),
             message: message.into(),
             metadata_json: Some(r#"{"k":1}"#.into()),
+            uid: None,
         }
     }
 
@@ -225,6 +269,8 @@ mod tests {
             agent_type: Some("claude".into()),
             workspace: Some("/w".into()),
             started_at_us: 10,
+            uid: None,
+            restricted_to: None,
         };
         assert_eq!(run(&mut conn, &start("me")), OpOutcome::Done);
         assert_eq!(run(&mut conn, &start("other")), OpOutcome::Done);
@@ -238,6 +284,7 @@ mod tests {
         let end = |at| WriteOp::SessionEnd {
             session_id: "s1".into(),
             ended_at_us: at,
+            restricted_to: None,
         };
         assert_eq!(run(&mut conn, &end(20)), OpOutcome::Done);
         assert_eq!(run(&mut conn, &end(30)), OpOutcome::Done);
@@ -253,6 +300,7 @@ mod tests {
         let op = WriteOp::SessionEnd {
             session_id: "ghost".into(),
             ended_at_us: 1,
+            restricted_to: None,
         };
         assert_eq!(
             run(&mut conn, &op),

@@ -67,7 +67,7 @@ fn fetch_sql(table: &str) -> String {
          CASE WHEN {len} > ?2 THEN substr(component, 1, ?3) ELSE component END, \
          CASE WHEN {len} > ?2 THEN substr(session_id, 1, ?3) ELSE session_id END, \
          CASE WHEN {len} > ?2 THEN substr(message, 1, ?4) ELSE message END, \
-         CASE WHEN {len} > ?2 THEN NULL ELSE metadata END \
+         CASE WHEN {len} > ?2 THEN NULL ELSE metadata END, uid \
          FROM {table} WHERE id = ?1"
     )
 }
@@ -378,6 +378,12 @@ fn where_clause(filter: &LogFilter) -> (String, Vec<SqlValue>) {
             &mut std::iter::once(SqlValue::Text(session.clone())),
         );
     }
+    if let Some(uid) = filter.uid {
+        add(
+            "uid = ?",
+            &mut std::iter::once(SqlValue::Integer(i64::from(uid))),
+        );
+    }
     if let Some(since) = filter.since {
         add(
             "timestamp >= ?",
@@ -437,6 +443,7 @@ fn fetched(r: &Row) -> rusqlite::Result<Fetched> {
             session_id,
             message,
             metadata: json.map(metadata::from_json),
+            uid: r.get(9)?,
         },
         stored,
         loaded,
@@ -470,6 +477,7 @@ mod tests {
                 session_id: session.map(str::to_owned),
                 message: (*message).into(),
                 metadata_json: Some(format!(r#"{{"ts":{ts}}}"#)),
+                uid: None,
             })
             .collect();
         let tx = conn.transaction().unwrap();
@@ -509,6 +517,7 @@ mod tests {
             session_id: None,
             message: format!("at {ts}"),
             metadata_json: None,
+            uid: None,
         };
         // Ids 1-3 in `logs`, 4-7 still in the ingest file; timestamps
         // interleave across the two, and two ingest rows tie.
@@ -722,6 +731,7 @@ mod tests {
             session_id: Some("s".into()),
             message,
             metadata_json,
+            uid: None,
         }
     }
 

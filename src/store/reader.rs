@@ -165,6 +165,7 @@ mod tests {
                 session_id: None,
                 message: format!("m{i}"),
                 metadata_json: None,
+                uid: None,
             })
             .collect();
         store.apply(&WriteOp::Logs(rows)).unwrap();

@@ -21,19 +21,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The schema version of the ingest file.
-pub const INGEST_VERSION: i64 = 2;
+pub const INGEST_VERSION: i64 = 3;
 
 /// How long a connection waits for a lock held by another connection.
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
-const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2];
+const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2, INGEST_V3];
 
 /// The columns of a log row, one text for `logs` and `ingest_logs` so that
 /// the two tables cannot drift apart (the `all_logs` view unions them
@@ -133,6 +133,16 @@ const V4: &str = "
 ALTER TABLE monitored_paths ADD COLUMN owner_uid INTEGER;
 ";
 
+/// Version 4 to 5: who wrote each log and started each session: the
+/// Unix client's `SO_PEERCRED` uid, or the writing process's own uid for a
+/// standalone `codi2`; NULL over TCP and for rows stored before. The
+/// ingest file gains the same column ([`INGEST_V3`]), last in both tables,
+/// so that `all_logs` still unions them column by column.
+const V5: &str = "
+ALTER TABLE logs ADD COLUMN uid INTEGER;
+ALTER TABLE sessions ADD COLUMN uid INTEGER;
+";
+
 /// The ingest file: `logs`' columns with only the unique uuid index (which
 /// [`INGEST_V2`] drops), so that a commit dirties a handful of pages however
 /// many sessions it spans.
@@ -152,6 +162,9 @@ CREATE TABLE ingest_meta (
   merged_floor INTEGER NOT NULL
 );
 INSERT INTO ingest_meta (id, merged_floor) VALUES (1, 0);";
+
+/// The writer's uid on ingest rows, as [`V5`] adds it to `logs`.
+const INGEST_V3: &str = "ALTER TABLE ingest_logs ADD COLUMN uid INTEGER;";
 
 /// The ingest file that belongs to the database at `db_path`: the same
 /// name with `-ingest` appended (like SQLite's own `-wal`).

@@ -100,6 +100,7 @@ mod tests {
                     Timestamp::from_micros(i as i64),
                     fields.clone(),
                     Some("s"),
+                    None,
                 )
                 .unwrap()
             })
@@ -128,7 +129,8 @@ mod tests {
             first
                 .apply(&WriteOp::SessionEnd {
                     session_id: "s".into(),
-                    ended_at_us: 1
+                    ended_at_us: 1,
+                    restricted_to: None,
                 })
                 .unwrap(),
             OpOutcome::Rejected("unknown session `s`".into())

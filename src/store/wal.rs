@@ -429,6 +429,7 @@ mod tests {
                     session_id: Some(format!("s{}", i % 50)),
                     message: "m".repeat(200),
                     metadata_json: None,
+                    uid: None,
                 })
                 .collect(),
         );

@@ -879,6 +879,7 @@ mod tests {
                     session_id: None,
                     message: "m".into(),
                     metadata_json: None,
+                    uid: None,
                 })
                 .collect(),
         )
@@ -895,6 +896,7 @@ mod tests {
                 session_id: session.map(str::to_owned),
                 message: "m".repeat(len),
                 metadata_json: None,
+                uid: None,
             })
             .collect()
     }
@@ -988,6 +990,7 @@ mod tests {
             WriteOp::SessionEnd {
                 session_id: "nope".into(),
                 ended_at_us: 1,
+                restricted_to: None,
             },
             WriteOp::SessionStart {
                 session_id: "s".into(),
@@ -995,6 +998,8 @@ mod tests {
                 agent_type: None,
                 workspace: None,
                 started_at_us: 1,
+                uid: None,
+                restricted_to: None,
             },
         ];
         for (seq, op) in ops.into_iter().enumerate() {
@@ -1226,6 +1231,8 @@ mod tests {
                 agent_type: None,
                 workspace: None,
                 started_at_us: 1,
+                uid: None,
+                restricted_to: None,
             },
             logs(&[Uuid::now_v7(), Uuid::now_v7()]),
         ];
@@ -1306,6 +1313,7 @@ mod tests {
             WriteOp::SessionEnd {
                 session_id: "s".into(),
                 ended_at_us: 1,
+                restricted_to: None,
             },
             logs(&[Uuid::from_u128(2), Uuid::from_u128(1)]),
         ];

@@ -226,6 +226,9 @@ fn log_filter(rng: &mut Rng) -> LogFilter {
         after_id: rng
             .one_in(4)
             .then(|| *rng.pick(&[0, 1, -1, i64::MAX, i64::MIN, 1000])),
+        uid: rng
+            .one_in(8)
+            .then(|| *rng.pick(&[0, 1000, 65534, u32::MAX])),
     }
 }
 
@@ -307,6 +310,7 @@ pub fn request(rng: &mut Rng, transport: Transport, token: &str) -> Message {
                     session_id: opt_text(rng, 10),
                     message: text(rng, 10),
                     metadata: None,
+                    uid: rng.one_in(2).then(|| rng.next_u64() as u32),
                 })
                 .collect(),
             total_count: rng.next_u64(),

@@ -109,9 +109,10 @@ fn log_filter() -> impl Strategy<Value = LogFilter> {
         prop::option::of(timestamp()),
         opt_text(),
         prop::option::of(any::<i64>()),
+        prop::option::of(any::<u32>()),
     )
         .prop_map(
-            |(min_level, component, session_id, since, until, contains, after_id)| LogFilter {
+            |(min_level, component, session_id, since, until, contains, after_id, uid)| LogFilter {
                 min_level,
                 component,
                 session_id,
@@ -119,6 +120,7 @@ fn log_filter() -> impl Strategy<Value = LogFilter> {
                 until,
                 contains,
                 after_id,
+                uid,
             },
         )
 }
@@ -133,17 +135,21 @@ fn stored_log() -> impl Strategy<Value = StoredLog> {
         opt_text(),
         text(),
         metadata(),
+        prop::option::of(any::<u32>()),
     )
         .prop_map(
-            |(id, uuid, timestamp, level, component, session_id, message, metadata)| StoredLog {
-                id,
-                uuid,
-                timestamp,
-                level,
-                component,
-                session_id,
-                message,
-                metadata,
+            |(id, uuid, timestamp, level, component, session_id, message, metadata, uid)| {
+                StoredLog {
+                    id,
+                    uuid,
+                    timestamp,
+                    level,
+                    component,
+                    session_id,
+                    message,
+                    metadata,
+                    uid,
+                }
             },
         )
 }

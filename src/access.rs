@@ -1,0 +1,117 @@
+//! Who may see whose logs. Every Unix client is known by its `SO_PEERCRED`
+//! credentials; a client sees only the logs and watches its own uid wrote
+//! unless it is root, the daemon's own user, or listed in
+//! `monitor.query_all_users` / `monitor.query_all_groups`. TCP clients
+//! hold the shared token, the operator's secret, and see everything.
+
+use crate::fsperm;
+use std::collections::HashSet;
+
+/// The credentials of the process at the other end of a Unix socket, read
+/// once when the connection is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Its effective uid.
+    pub uid: u32,
+    /// Its effective (primary) gid.
+    pub gid: u32,
+    /// Its process id (for the daemon's log; pids are reused).
+    pub pid: i32,
+}
+
+/// Whose logs one client may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everyone's (and logs written over TCP, which have no uid).
+    All,
+    /// Only those written by this uid.
+    Own(u32),
+}
+
+/// The resolved `monitor.query_all_users` and `monitor.query_all_groups`,
+/// plus the users who always see everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Uids that see everyone's logs: root, the daemon's user, the service
+    /// user, the listed users and the members of the listed groups.
+    all_uids: HashSet<u32>,
+    /// Gids whose primary members see everyone's logs.
+    all_gids: HashSet<u32>,
+}
+
+impl Access {
+    /// Resolves the configured names (or numeric ids) against the user and
+    /// group databases, now: a later change of group membership takes hold
+    /// at the next start or SIGHUP. An unknown name is an error.
+    pub fn resolve(
+        users: &[String],
+        groups: &[String],
+        service_user: Option<&str>,
+    ) -> Result<Access, String> {
+        let mut all_uids: HashSet<u32> = [0, rustix::process::geteuid().as_raw()].into();
+        if let Some(uid) = service_user.and_then(fsperm::lookup_user) {
+            all_uids.insert(uid);
+        }
+        for user in users {
+            let uid = fsperm::lookup_user(user)
+                .ok_or_else(|| format!("monitor.query_all_users: no such user `{user}`"))?;
+            all_uids.insert(uid);
+        }
+        let mut all_gids = HashSet::new();
+        for group in groups {
+            let (gid, members) = fsperm::lookup_group_members(group)
+                .ok_or_else(|| format!("monitor.query_all_groups: no such group `{group}`"))?;
+            all_gids.insert(gid);
+            all_uids.extend(members.iter().filter_map(|m| fsperm::lookup_user(m)));
+        }
+        Ok(Access { all_uids, all_gids })
+    }
+
+    /// What a client may see: everything over TCP (`None`), else by its
+    /// credentials.
+    pub fn scope(&self, peer: Option<PeerCred>) -> Scope {
+        match peer {
+            None => Scope::All,
+            Some(p) if self.all_uids.contains(&p.uid) || self.all_gids.contains(&p.gid) => {
+                Scope::All
+            }
+            Some(p) => Scope::Own(p.uid),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(uid: u32, gid: u32) -> Option<PeerCred> {
+        Some(PeerCred { uid, gid, pid: 1 })
+    }
+
+    #[test]
+    fn root_tcp_and_listed_users_see_all_and_others_only_their_own() {
+        let access = Access::resolve(&["4321".into()], &[], None).unwrap();
+        assert_eq!(access.scope(None), Scope::All);
+        assert_eq!(access.scope(peer(0, 0)), Scope::All);
+        assert_eq!(access.scope(peer(4321, 4321)), Scope::All);
+        assert_eq!(access.scope(peer(1234, 1234)), Scope::Own(1234));
+        let own = rustix::process::geteuid().as_raw();
+        assert_eq!(access.scope(peer(own, 77)), Scope::All);
+    }
+
+    #[test]
+    fn a_listed_group_counts_for_its_members_and_its_primary_users() {
+        // `root` is a group on every Linux system, with gid 0.
+        let access = Access::resolve(&[], &["root".into()], None).unwrap();
+        assert_eq!(access.scope(peer(5555, 0)), Scope::All);
+        assert_eq!(access.scope(peer(5555, 5555)), Scope::Own(5555));
+    }
+
+    #[test]
+    fn unknown_names_are_errors_that_name_the_key() {
+        let err = Access::resolve(&["no-such-user-x".into()], &[], None).unwrap_err();
+        assert!(err.contains("monitor.query_all_users"), "{err}");
+        let err = Access::resolve(&[], &["no-such-group-x".into()], None).unwrap_err();
+        assert!(err.contains("monitor.query_all_groups"), "{err}");
+    }
+}

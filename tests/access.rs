@@ -1,0 +1,212 @@
+//! Who is who: every Unix client's uid is recorded with its logs and
+//! sessions, and a client sees only its own logs and watches unless it is
+//! root, the daemon's user or listed in `monitor.query_all_users` /
+//! `query_all_groups`. The clients here are real `codi2` processes running
+//! as other uids, in the socket's group.
+
+#[allow(dead_code)]
+mod common;
+
+use codi_monitor::proto::{LogFilter, LogLevel, Payload};
+use common::*;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::Arc;
+
+/// The group the socket is given to; every test user has it as its
+/// primary group (Debian's `nogroup`).
+const GROUP_ID: u32 = 65534;
+/// Ordinary users, with no entry in the user database.
+const ALICE: u32 = 40001;
+const BOB: u32 = 40002;
+/// A user listed in `monitor.query_all_users`.
+const AUDITOR: u32 = 40003;
+
+struct Host {
+    sandbox: Arc<Sandbox>,
+    daemon: Daemon,
+}
+
+impl Host {
+    fn start() -> Host {
+        let sandbox = Sandbox::new();
+        // Others must reach the socket directory inside the sandbox.
+        fs::set_permissions(sandbox.path(), fs::Permissions::from_mode(0o711)).unwrap();
+        sandbox.write_config(&format!(
+            "[monitor]\nsocket_group = \"{GROUP_ID}\"\nquery_all_users = [\"{AUDITOR}\"]\n"
+        ));
+        let daemon = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+        Host { sandbox, daemon }
+    }
+
+    /// `codi2 ARGS` run as `uid` (group [`GROUP_ID`]), with a home of its own.
+    fn codi2_as(&self, uid: u32, args: &[&str]) -> Output {
+        let home: PathBuf = self.sandbox.path().join(format!("home-{uid}"));
+        fs::create_dir_all(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(uid), Some(GROUP_ID)).unwrap();
+        let mut cmd = self.sandbox.codi2();
+        cmd.env("HOME", &home)
+            .env("XDG_RUNTIME_DIR", home.join("run"))
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_DATA_HOME", home.join("data"))
+            .current_dir(&home)
+            .arg("--socket")
+            .arg(self.daemon.socket())
+            .args(args)
+            .uid(uid)
+            .gid(GROUP_ID);
+        run(cmd)
+    }
+
+    fn logs_as(&self, uid: u32, extra: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["logs", "--json", "--limit", "100"];
+        args.extend_from_slice(extra);
+        let out = self.codi2_as(uid, &args);
+        assert!(out.status.success(), "{}", show(&out));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn messages(rows: &[serde_json::Value]) -> Vec<(String, Option<u64>)> {
+    let mut seen: Vec<(String, Option<u64>)> = rows
+        .iter()
+        .map(|r| (r["message"].as_str().unwrap().to_owned(), r["uid"].as_u64()))
+        .collect();
+    seen.sort();
+    seen
+}
+
+#[test]
+fn each_log_carries_its_writers_uid_and_users_see_only_their_own() {
+    let host = Host::start();
+    for (uid, text) in [(ALICE, "from alice"), (BOB, "from bob")] {
+        let out = host.codi2_as(uid, &["log", text]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    host.daemon
+        .unix()
+        .expect_accepted(&log(LogLevel::Info, "root", "from root"));
+
+    let own = |uid: u32, text: &str| vec![(text.to_owned(), Some(u64::from(uid)))];
+    assert_eq!(
+        messages(&host.logs_as(ALICE, &[])),
+        own(ALICE, "from alice")
+    );
+    assert_eq!(messages(&host.logs_as(BOB, &[])), own(BOB, "from bob"));
+    // Asking for another user's logs is refused, not answered with one's own.
+    let out = host.codi2_as(BOB, &["logs", "--user", &ALICE.to_string()]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only its own logs"), "{}", show(&out));
+
+    let everyone = vec![
+        ("from alice".to_owned(), Some(u64::from(ALICE))),
+        ("from bob".to_owned(), Some(u64::from(BOB))),
+        ("from root".to_owned(), Some(0)),
+    ];
+    assert_eq!(messages(&host.logs_as(AUDITOR, &[])), everyone);
+    assert_eq!(
+        messages(&host.logs_as(AUDITOR, &["--user", &BOB.to_string()])),
+        own(BOB, "from bob")
+    );
+    // Root over the protocol: every log, each with its uid.
+    let answer = host.daemon.unix().call(Payload::QueryLogs {
+        filter: LogFilter::default(),
+        limit: 10,
+    });
+    let Payload::LogResults { entries, .. } = &answer.payload else {
+        panic!("{answer:?}")
+    };
+    let mut uids: Vec<Option<u32>> = entries.iter().map(|e| e.uid).collect();
+    uids.sort();
+    assert_eq!(uids, [Some(0), Some(ALICE), Some(BOB)]);
+    // The table shows who wrote each row (a uid without a name as its number).
+    let out = host.codi2_as(AUDITOR, &["logs"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(" root ") && l.contains("from root")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&ALICE.to_string()) && l.contains("from alice")),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_user_cannot_end_or_take_over_another_users_session() {
+    let host = Host::start();
+    let out = host.codi2_as(ALICE, &["session", "start", "alice-s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    for args in [
+        &["session", "end", "alice-s"][..],
+        &["session", "start", "alice-s"][..],
+    ] {
+        let out = host.codi2_as(BOB, args);
+        assert!(!out.status.success(), "bob {args:?}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("started by another user"),
+            "{}",
+            show(&out)
+        );
+    }
+    let session = host.sandbox.open_db().session("alice-s").unwrap();
+    assert_eq!(session.ended_at, None, "bob could not end it");
+    let uid: Option<u32> = host
+        .sandbox
+        .open_db()
+        .snapshot()
+        .query_row("SELECT uid FROM sessions WHERE id = 'alice-s'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(uid, Some(ALICE));
+    let out = host.codi2_as(ALICE, &["session", "end", "alice-s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(host
+        .sandbox
+        .open_db()
+        .session("alice-s")
+        .unwrap()
+        .ended_at
+        .is_some());
+}
+
+#[test]
+fn users_list_only_their_own_watches() {
+    let host = Host::start();
+    let dir = host.sandbox.path().join("alice-work");
+    fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(ALICE), Some(GROUP_ID)).unwrap();
+    let dir = dir.display().to_string();
+    let out = host.codi2_as(ALICE, &["watch", "add", &dir]);
+    assert!(out.status.success(), "{}", show(&out));
+    let listed = |uid: u32| {
+        let out = host.codi2_as(uid, &["watch", "list"]);
+        assert!(out.status.success(), "{}", show(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(listed(ALICE).contains(&dir), "{}", listed(ALICE));
+    assert!(!listed(BOB).contains(&dir), "{}", listed(BOB));
+    assert!(listed(AUDITOR).contains(&dir), "{}", listed(AUDITOR));
+}
