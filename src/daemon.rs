@@ -14,6 +14,7 @@ use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
 use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
 use crate::io::request::{AuthGuard, LiveSettings, Services};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::reply::{self, Replies};
 use crate::store::lock::DatabaseLock;
 use crate::store::reader::spawn_readers;
@@ -56,6 +57,9 @@ pub enum DaemonError {
 pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::default());
+    // Before any component registers its heartbeat (see `notify`).
+    let notifier = Notifier::from_env();
+    notifier.arm(&metrics.heartbeats);
     // First of all, so a second daemon on this database touches nothing
     // (not even a socket) before it is refused.
     let _db_lock = DatabaseLock::acquire(&config.storage.sqlite_path)?;
@@ -148,6 +152,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
 
     let live = Arc::new(LiveSettings::default());
     apply_live(&live, &config);
+    let supervised = Arc::clone(&metrics);
     let services = Arc::new(Services {
         writer: writer_tx,
         readers: reader_tx,
@@ -225,11 +230,18 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             .spawn(move || {
                 for signal in signals.forever() {
                     if signal == SIGHUP {
-                        reload(&config, &overrides, &live);
+                        notifier.reloading();
+                        let outcome = if reload(&config, &overrides, &live) {
+                            "configuration reloaded"
+                        } else {
+                            "reload refused, running configuration kept (see the log)"
+                        };
+                        notifier.ready(&format!("ready: {outcome}"));
                     } else if shutdown.swap(true, Ordering::AcqRel) {
                         log::warn!("second stop signal: exiting without waiting for the drain");
                         std::process::exit(1);
                     } else {
+                        notifier.stopping();
                         log::info!("stop signal received: draining connections");
                         for waker in &wakers {
                             let _ = waker.wake();
@@ -245,11 +257,24 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let _ = writeln!(stdout, "{ready_line}");
     let _ = stdout.flush();
     drop(stdout);
+    // Listeners bound, database open and migrated, every loop running.
+    notifier.ready(&ready_line.replacen("READY", "ready:", 1));
+    // Serving already: without the thread the daemon runs on unwatched
+    // (and a systemd watchdog, missing its pings, restarts it).
+    let supervisor = notifier
+        .supervise(supervised, Arc::clone(&shutdown))
+        .unwrap_or_else(|e| {
+            log::error!("cannot spawn the systemd notification thread: {e}");
+            None
+        });
 
     for handle in loops {
         if handle.join().is_err() {
             log::error!("an event loop panicked");
         }
+    }
+    if let Some(supervisor) = supervisor {
+        supervisor.stop();
     }
     if let Some(exports) = exports {
         exports.stop();
@@ -341,13 +366,13 @@ fn apply_live(live: &LiveSettings, config: &Config) {
 }
 
 /// Re-reads the configuration; applies what can change live and names what
-/// needs a restart.
-fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) {
+/// needs a restart. False if the new configuration was refused.
+fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool {
     let new = match Config::load(overrides) {
         Ok(new) => new,
         Err(e) => {
             log::error!("reload refused, keeping the running configuration: {e}");
-            return;
+            return false;
         }
     };
     apply_live(live, &new);
@@ -392,4 +417,5 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) {
             restart_needed.join(", ")
         );
     }
+    true
 }
