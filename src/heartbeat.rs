@@ -168,7 +168,8 @@ impl Pulse {
         self.working_at(Instant::now());
     }
 
-    fn beat_at(&self, now: Instant) {
+    /// Progress at `now`, for a caller that has just read the clock.
+    pub fn beat_at(&self, now: Instant) {
         self.state
             .progress_us
             .store(self.micros(now), Ordering::Release);

@@ -210,8 +210,11 @@ fn ready_comes_only_once_the_database_is_open_then_reload_and_stop_are_announced
         "{status}"
     );
     let mut d = starting.join().expect("the daemon started");
+    // Started just after READY=1.
     assert!(
-        thread_names(d.pid()).iter().any(|n| n == "codi-notify"),
+        wait_until(ARRIVES_WITHIN, || thread_names(d.pid())
+            .iter()
+            .any(|n| n == "codi-notify")),
         "the notification thread runs: {:?}",
         thread_names(d.pid())
     );
@@ -286,15 +289,20 @@ fn without_notify_socket_nothing_is_started_even_with_watchdog_usec() {
     let sandbox = Sandbox::new();
     let opts = Opts::default().env("WATCHDOG_USEC", &WATCHDOG.as_micros().to_string());
     let d = Daemon::start(sandbox, opts);
-    let names = thread_names(d.pid());
-    assert!(
-        names.iter().any(|n| n.starts_with("codi-loop")),
-        "{names:?}"
-    );
-    assert!(!names.iter().any(|n| n == "codi-notify"), "{names:?}");
     let (status, message) = watchdog_status(&d);
     assert_eq!(status, "healthy");
     assert!(message.starts_with("off"), "{message}");
+    // Each thread names itself once it runs: wait for the loops, which
+    // start before the notification thread would.
+    let mut names = Vec::new();
+    assert!(
+        wait_until(ARRIVES_WITHIN, || {
+            names = thread_names(d.pid());
+            names.iter().any(|n| n == "codi-signals")
+        }),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n == "codi-notify"), "{names:?}");
 }
 
 /// Starts a daemon whose stderr is a file, with `$JOURNAL_STREAM` set to

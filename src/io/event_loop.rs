@@ -196,9 +196,7 @@ impl EventLoop {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
-            let polled = self.poll.poll(&mut events, timeout);
-            self.pulse.beat();
-            if let Err(e) = polled {
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("loop {}: poll failed: {e}", self.id);
                 }
@@ -228,6 +226,7 @@ impl EventLoop {
             self.take_new_connections();
             self.take_completions();
             let now = Instant::now();
+            self.pulse.beat_at(now);
             let retry_due = self.accept_retry_at.is_some_and(|at| at <= now);
             if !self.shutdown.load(Ordering::Acquire) && (accept_ready || retry_due) {
                 self.accept();
