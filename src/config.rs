@@ -314,11 +314,28 @@ pub struct RawServerHub {
 }
 
 impl RawConfig {
-    /// Parses TOML text; `origin` names it in errors.
+    /// Parses TOML text; `origin` names it in errors. The error gives the
+    /// line, column and key but never the line's value: a token typed into
+    /// the file by mistake (`token = "..."`) must not reach the log.
     pub fn parse(text: &str, origin: &str) -> Result<RawConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        toml::from_str(text).map_err(|e| {
+            let before = e.span().and_then(|span| text.get(..span.start));
+            let at = before.map_or(String::new(), |before| {
+                let line = before.matches('\n').count() + 1;
+                let start = before.rfind('\n').map_or(0, |i| i + 1);
+                let column = before[start..].chars().count() + 1;
+                let whole = text[start..].lines().next().unwrap_or("").trim();
+                let shown = match whole.split_once('=') {
+                    Some((key, _)) => format!(" (`{} = ...`)", key.trim()),
+                    None if whole.starts_with('[') => format!(" (`{whole}`)"),
+                    None => String::new(),
+                };
+                format!("line {line}, column {column}{shown}: ")
+            });
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("{at}{}", e.message().trim_end()),
+            }
         })
     }
 }

@@ -15,6 +15,7 @@ use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
 use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
 use crate::io::request::{AuthGuard, LiveSettings, Services};
 use crate::metrics::Metrics;
+use crate::notify::Notifier;
 use crate::reply::{self, Replies};
 use crate::store::lock::DatabaseLock;
 use crate::store::reader::spawn_readers;
@@ -60,6 +61,9 @@ pub enum DaemonError {
 pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::default());
+    // Before any component registers its heartbeat (see `notify`).
+    let notifier = Notifier::from_env();
+    notifier.arm(&metrics.heartbeats);
     // First of all, so a second daemon on this database touches nothing
     // (not even a socket) before it is refused.
     let _db_lock = DatabaseLock::acquire(&config.storage.sqlite_path)?;
@@ -155,6 +159,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let live = Arc::new(LiveSettings::default());
     *live.access.write() = access;
     apply_live(&live, &config);
+    let supervised = Arc::clone(&metrics);
     let services = Arc::new(Services {
         writer: writer_tx,
         readers: reader_tx,
@@ -232,11 +237,18 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             .spawn(move || {
                 for signal in signals.forever() {
                     if signal == SIGHUP {
-                        reload(&config, &overrides, &live);
+                        notifier.reloading();
+                        let outcome = if reload(&config, &overrides, &live) {
+                            "configuration reloaded"
+                        } else {
+                            "reload refused, running configuration kept (see the log)"
+                        };
+                        notifier.ready(&format!("ready: {outcome}"));
                     } else if shutdown.swap(true, Ordering::AcqRel) {
                         log::warn!("second stop signal: exiting without waiting for the drain");
                         std::process::exit(1);
                     } else {
+                        notifier.stopping();
                         log::info!("stop signal received: draining connections");
                         for waker in &wakers {
                             let _ = waker.wake();
@@ -252,11 +264,24 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let _ = writeln!(stdout, "{ready_line}");
     let _ = stdout.flush();
     drop(stdout);
+    // Listeners bound, database open and migrated, every loop running.
+    notifier.ready(&ready_line.replacen("READY", "ready:", 1));
+    // Serving already: without the thread the daemon runs on unwatched
+    // (and a systemd watchdog, missing its pings, restarts it).
+    let supervisor = notifier
+        .supervise(supervised, Arc::clone(&shutdown))
+        .unwrap_or_else(|e| {
+            log::error!("cannot spawn the systemd notification thread: {e}");
+            None
+        });
 
     for handle in loops {
         if handle.join().is_err() {
             log::error!("an event loop panicked");
         }
+    }
+    if let Some(supervisor) = supervisor {
+        supervisor.stop();
     }
     if let Some(exports) = exports {
         exports.stop();
@@ -356,13 +381,13 @@ fn apply_live(live: &LiveSettings, config: &Config) {
 }
 
 /// Re-reads the configuration; applies what can change live and names what
-/// needs a restart.
-fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) {
+/// needs a restart. False if the new configuration was refused.
+fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool {
     let new = match Config::load(overrides) {
         Ok(new) => new,
         Err(e) => {
             log::error!("reload refused, keeping the running configuration: {e}");
-            return;
+            return false;
         }
     };
     match resolve_access(&new) {
@@ -411,4 +436,5 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) {
             restart_needed.join(", ")
         );
     }
+    true
 }

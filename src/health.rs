@@ -55,6 +55,15 @@ impl Health {
     pub fn get(&self, component: &str) -> Option<Degraded> {
         self.degraded.lock().get(component).cloned()
     }
+
+    /// Every degraded component and why, by name.
+    pub fn degraded(&self) -> Vec<(&'static str, Degraded)> {
+        self.degraded
+            .lock()
+            .iter()
+            .map(|(name, d)| (*name, d.clone()))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -69,6 +78,9 @@ mod tests {
         h.fail("writer", "disk still full");
         let d = h.get("writer").unwrap();
         assert_eq!((d.reason.as_str(), d.failures), ("disk still full", 2));
+        h.fail("merger", "locked");
+        let names: Vec<&str> = h.degraded().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["merger", "writer"]);
         assert!(h.recover("writer"));
         assert_eq!(h.get("writer"), None);
         assert!(!h.recover("writer"));

@@ -1,6 +1,6 @@
 //! Counters every part of the daemon bumps and the status answer (and later
 //! the HTTP metrics endpoint) reads. Plain relaxed atomics, plus the
-//! (rarely touched) health table.
+//! (rarely touched) health table and the components' heartbeats.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,6 +13,9 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: AtomicU64,)*
             /// Degraded components and why (cleared on recovery).
             pub health: crate::health::Health,
+            /// Whether the event loops and the writer make progress (for
+            /// the systemd watchdog).
+            pub heartbeats: crate::heartbeat::Heartbeats,
         }
 
         impl Metrics {
@@ -102,6 +105,10 @@ counters! {
     watch_cap_hits,
     /// Watched directories found deleted or moved away.
     watched_dirs_lost,
+    /// `WATCHDOG=1` pings sent to systemd.
+    watchdog_pings,
+    /// Pings withheld because a component was stuck.
+    watchdog_withheld,
 }
 
 impl Metrics {

@@ -117,7 +117,7 @@ fn main() -> ExitCode {
     let config = match Config::load(&overrides) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("codi-monitor: invalid configuration: {e}");
+            logger::fatal(&format!("invalid configuration: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -129,7 +129,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
-            eprintln!("codi-monitor: {e}");
+            logger::fatal(&e.to_string());
             ExitCode::from(1)
         }
     }

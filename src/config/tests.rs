@@ -193,6 +193,31 @@ fn unknown_keys_and_wrong_types_are_errors() {
 }
 
 #[test]
+fn a_parse_error_names_the_line_and_key_but_never_quotes_the_value() {
+    let o = Overrides::default();
+    let env = Env::new(&[]);
+    let secret = "s3cret-token-0123456789";
+    let e = err(&format!("[monitor]\ntoken = \"{secret}\"\n"), &o, &env);
+    assert!(
+        e.contains("line 2, column 1 (`token = ...`)") && e.contains("unknown field `token`"),
+        "{e}"
+    );
+    let e = err(&format!("[monitor]\ntoken_file = \"{secret}\n"), &o, &env);
+    assert!(
+        e.contains("line 2") && e.contains("`token_file = ...`"),
+        "{e}"
+    );
+    for text in [
+        format!("[monitor]\ntoken = \"{secret}\"\n"),
+        format!("[monitor]\ntoken_file = \"{secret}\n"),
+        format!("[monitor]\nrate_limit = [\n  \"{secret}\",\n]\n"),
+    ] {
+        let e = err(&text, &o, &env);
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+}
+
+#[test]
 fn bad_durations_and_levels_name_their_key() {
     let o = Overrides::default();
     let env = Env::new(&[]);

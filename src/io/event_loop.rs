@@ -12,6 +12,7 @@ use super::conn::{ConnState, Connection, Pause};
 use super::listener::{Stream, Transport, UnixEndpoint};
 use super::request::{Handled, Origin, Services};
 use crate::budget::InflightBudget;
+use crate::heartbeat::Pulse;
 use crate::metrics::Metrics;
 use crate::proto::{
     decode_message, encode_message, frame_body_len, ErrorCode, FrameError, Message, HEADER_LEN,
@@ -133,6 +134,10 @@ pub struct EventLoop {
     /// key); entries that authenticated or closed are pruned lazily.
     awaiting_auth: VecDeque<(u64, usize)>,
     next_sweep: Instant,
+    /// Beats each time the loop comes round (for the systemd watchdog).
+    pulse: Pulse,
+    /// The longest a poll may sleep while the watchdog watches.
+    tick: Option<Duration>,
 }
 
 impl EventLoop {
@@ -157,7 +162,6 @@ impl EventLoop {
             completions,
             incoming,
             acceptor,
-            services,
             limits,
             shutdown,
             run_list: Vec::new(),
@@ -167,6 +171,12 @@ impl EventLoop {
             accept_retry_at: None,
             awaiting_auth: VecDeque::new(),
             next_sweep: Instant::now() + SWEEP_INTERVAL,
+            pulse: services
+                .metrics
+                .heartbeats
+                .register(format!("event loop {id}"), "has not come round"),
+            tick: services.metrics.heartbeats.tick(),
+            services,
         };
         if let Some(acc) = this.acceptor.as_mut() {
             let registry = this.poll.registry();
@@ -216,6 +226,7 @@ impl EventLoop {
             self.take_new_connections();
             self.take_completions();
             let now = Instant::now();
+            self.pulse.beat_at(now);
             let retry_due = self.accept_retry_at.is_some_and(|at| at <= now);
             if !self.shutdown.load(Ordering::Acquire) && (accept_ready || retry_due) {
                 self.accept();
@@ -259,6 +270,9 @@ impl EventLoop {
         }
         let mut timeout: Option<Duration> = None;
         let mut tighten = |d: Duration| timeout = Some(timeout.map_or(d, |t| t.min(d)));
+        if let Some(tick) = self.tick {
+            tighten(tick);
+        }
         if !self.paused_global.is_empty() {
             tighten(GLOBAL_RETRY);
         }

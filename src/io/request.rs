@@ -636,6 +636,18 @@ impl Services {
                     get(&m.watched_dirs_lost)
                 ),
             },
+            component(
+                "watchdog",
+                match m.heartbeats.limit() {
+                    None => "off: systemd asked for no watchdog pings (WatchdogSec)".into(),
+                    Some(limit) => format!(
+                        "{} pings sent to systemd, {} withheld; every event loop and the writer must show progress within {}",
+                        get(&m.watchdog_pings),
+                        get(&m.watchdog_withheld),
+                        humantime::format_duration(limit)
+                    ),
+                },
+            ),
         ];
         Message::answer(Payload::Status {
             components,

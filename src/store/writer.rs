@@ -14,6 +14,7 @@ use super::ops::OpOutcome;
 use super::wal::{self, Checkpointer, DurableMark, WalPolicy, WalState, WalTrimmer};
 use super::{schema, LogRow, StoreError, WriteJob, WriteOp};
 use crate::budget::InflightBudget;
+use crate::heartbeat::Pulse;
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, Message, Timestamp};
 use crate::reply::{Completion, Replies};
@@ -143,7 +144,11 @@ pub fn spawn_writer(
         Arc::clone(&state),
         Acker::new(replies.clone(), Arc::clone(&metrics), Arc::clone(&budget)),
     )?;
+    let pulse = metrics
+        .heartbeats
+        .register("writer", "has had work without finishing a transaction");
     let writer = Writer {
+        pulse,
         merger: Some(merger),
         checkpointer: Some(checkpointer),
         trimmer,
@@ -231,6 +236,25 @@ pub(super) struct BatchStats {
     pub(super) commit_errors: u64,
     /// The last error, when a transaction failed.
     pub(super) failure: Option<String>,
+    /// Nothing committed because another connection held a lock past the
+    /// busy timeout: time spent waiting, not progress.
+    pub(super) blocked: bool,
+}
+
+impl BatchStats {
+    /// Whether the call got anywhere: a transaction committed, or failed
+    /// for a reason of its own (a full disk, a bad row) rather than by
+    /// waiting for someone else's lock.
+    pub(super) fn progressed(&self) -> bool {
+        self.commits > 0 || !self.blocked
+    }
+}
+
+/// True when `e` means the transaction waited out another connection's
+/// lock.
+fn waited_for_lock(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(e.sqlite_error_code(), Some(DatabaseBusy | DatabaseLocked))
 }
 
 /// True when `e` is about the database as a whole (full disk, I/O error,
@@ -287,6 +311,7 @@ pub(super) fn write_batch<'a, B: TxBody>(
                 commits: 1,
                 commit_errors: 0,
                 failure: None,
+                blocked: false,
             }
         }
         Err(e) if fails_every_job(&e) => {
@@ -299,6 +324,7 @@ pub(super) fn write_batch<'a, B: TxBody>(
                 commits: 0,
                 commit_errors: 1,
                 failure: Some(e.to_string()),
+                blocked: waited_for_lock(&e),
             }
         }
         Err(e) => {
@@ -308,6 +334,7 @@ pub(super) fn write_batch<'a, B: TxBody>(
                 commits: 0,
                 commit_errors: 1,
                 failure: None,
+                blocked: false,
             };
             for op in ops {
                 let result = write_one(conn, op, now_us, body);
@@ -317,6 +344,7 @@ pub(super) fn write_batch<'a, B: TxBody>(
                         stats.commit_errors += 1;
                         log::error!("write failed: {e}");
                         stats.failure = Some(e.to_string());
+                        stats.blocked = waited_for_lock(e);
                     }
                 }
                 out.push(result);
@@ -371,8 +399,13 @@ impl Acker {
     }
 
     /// Writes the queued jobs through `body` ([`write_batch`]), then answers
-    /// each and frees its budget.
-    pub(super) fn commit_and_answer<B: TxBody>(&mut self, conn: &mut Connection, body: &mut B) {
+    /// each and frees its budget; returns whether that was progress
+    /// ([`BatchStats::progressed`]).
+    pub(super) fn commit_and_answer<B: TxBody>(
+        &mut self,
+        conn: &mut Connection,
+        body: &mut B,
+    ) -> bool {
         let now_us = Timestamp::now().as_micros();
         let stats = write_batch(
             conn,
@@ -394,6 +427,7 @@ impl Acker {
             None => {}
         }
         self.answer();
+        stats.progressed()
     }
 
     /// Answers each queued job with its outcome (in order), counts them and
@@ -635,6 +669,8 @@ fn prefers_indexed(jobs: &[WriteJob]) -> bool {
 }
 
 struct Writer {
+    /// Beats when a transaction ends; idle while nothing is queued.
+    pulse: Pulse,
     conn: Connection,
     /// A read-write connection to the main database, for batches that go
     /// straight into `logs`; it waits at most [`INDEXED_LOCK_WAIT`] for
@@ -661,7 +697,12 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, jobs: Receiver<WriteJob>) {
-        while let Ok(first) = jobs.recv() {
+        loop {
+            if jobs.is_empty() {
+                self.pulse.idle();
+            }
+            let Ok(first) = jobs.recv() else { break };
+            self.pulse.working();
             let mut rows = first.op.row_count();
             self.take(first);
             while rows < self.batch_max_rows {
@@ -682,7 +723,9 @@ impl Writer {
             self.wait_for_merger();
             // Delete merged rows a little faster than they arrive.
             self.body.delete_at_most(2 * rows + 1024);
-            self.acker.commit_and_answer(&mut self.conn, &mut self.body);
+            if self.acker.commit_and_answer(&mut self.conn, &mut self.body) {
+                self.pulse.beat();
+            }
             if self.trimmer.after_commit(&self.conn).is_some() {
                 Metrics::add(&self.metrics().checkpoints, 1);
             }
@@ -749,6 +792,7 @@ impl Writer {
                 return false;
             }
         };
+        self.pulse.beat();
         let metrics = &self.acker.metrics;
         Metrics::add(&metrics.commits, 1);
         Metrics::add(&metrics.indexed_commits, 1);
@@ -810,6 +854,8 @@ impl Writer {
             let now = self.body.state.merged_through();
             if now > through {
                 (through, progress_at) = (now, Instant::now());
+                // Waiting for a merger that moves is progress too.
+                self.pulse.beat();
             } else if progress_at.elapsed() >= MERGER_STALL {
                 log::error!(
                     "the merger has moved no logs for {MERGER_STALL:?}; \
@@ -1300,6 +1346,30 @@ mod tests {
                 other => panic!("expected a rejection, got {other:?}"),
             }
         }
+        // Failing on its own (here: read-only) is no reason to restart
+        // the daemon: the watchdog sees progress.
+        assert!(!stats.blocked && stats.progressed());
+    }
+
+    #[test]
+    fn a_batch_that_waits_out_another_connections_lock_is_no_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let mut conn = schema::open_rw(&path, 4).unwrap();
+        conn.busy_timeout(Duration::from_millis(50)).unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let ops = [logs(&[Uuid::from_u128(1)])];
+        let mut out = Vec::new();
+        let stats = write_batch(&mut conn, ops.iter(), 7, &mut DirectBody, &mut out);
+        assert_eq!((stats.commits, stats.blocked), (0, true), "{stats:?}");
+        assert!(!stats.progressed());
+
+        other.execute_batch("ROLLBACK").unwrap();
+        let mut out = Vec::new();
+        let stats = write_batch(&mut conn, ops.iter(), 7, &mut DirectBody, &mut out);
+        assert_eq!((stats.commits, stats.blocked), (1, false), "{stats:?}");
+        assert!(stats.progressed());
     }
 
     #[test]
@@ -1347,6 +1417,7 @@ mod tests {
                 commits: 1,
                 commit_errors: 0,
                 failure: None,
+                blocked: false,
             }
         );
         assert_eq!(

@@ -71,6 +71,12 @@ const ISOLATED_ENV: &[&str] = &[
     "CODI_SESSION",
     "CODI_SOCKET",
     "CODI_MONITOR_SOCKET",
+    // Set when the tests themselves run under systemd: a test daemon must
+    // neither notify the real service manager nor log in journal style.
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
 ];
 
 /// Polls `cond` until it holds or `deadline` passes; true if it held.
@@ -129,6 +135,12 @@ impl Sandbox {
     /// The sandbox's root.
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A fresh path for the next daemon's stderr.
+    pub fn next_stderr(&self) -> PathBuf {
+        let n = self.spawned.fetch_add(1, Ordering::Relaxed);
+        self.path().join(format!("daemon-{n}.stderr"))
     }
 
     /// The default socket path, `<tmp>/run/m.sock`.
@@ -391,10 +403,24 @@ impl Daemon {
 
     /// Runs `cmd` (from [`Opts::command`], perhaps adjusted) and waits for
     /// its READY line; TCP clients authenticate with `token`.
-    pub fn spawn_command(sandbox: Arc<Sandbox>, mut cmd: Command, token: Option<String>) -> Daemon {
-        let n = sandbox.spawned.fetch_add(1, Ordering::Relaxed);
-        let stderr_path = sandbox.path().join(format!("daemon-{n}.stderr"));
-        let stderr = File::create(&stderr_path).expect("create stderr file");
+    pub fn spawn_command(sandbox: Arc<Sandbox>, cmd: Command, token: Option<String>) -> Daemon {
+        let stderr_path = sandbox.next_stderr();
+        File::create(&stderr_path).expect("create stderr file");
+        Daemon::spawn_logging_to(sandbox, cmd, token, stderr_path)
+    }
+
+    /// [`spawn_command`](Self::spawn_command) with stderr appended to the
+    /// existing file `stderr_path` (so a test may know its inode first).
+    pub fn spawn_logging_to(
+        sandbox: Arc<Sandbox>,
+        mut cmd: Command,
+        token: Option<String>,
+        stderr_path: PathBuf,
+    ) -> Daemon {
+        let stderr = fs::OpenOptions::new()
+            .append(true)
+            .open(&stderr_path)
+            .expect("open stderr file");
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
