@@ -7,6 +7,7 @@
 //! `Waker`. Queries run on a separate pool of read-only connections.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod budget;
 pub mod client;
 pub mod config;

@@ -415,6 +415,7 @@ impl Watcher {
             if Instant::now() >= self.next_scan {
                 self.full_scan();
             }
+            self.publish_state();
         }
         self.flush();
     }
@@ -567,6 +568,35 @@ impl Watcher {
             log::info!("restored {} export watch(es)", self.roots.len());
         }
         Ok(())
+    }
+
+    /// Publishes the watch gauges, and whether watching falls short: the
+    /// inotify watch limit reached since the last full scan, or watched
+    /// directories missing.
+    fn publish_state(&self) {
+        let m = &*self.metrics;
+        let missing = self.roots.iter().filter(|r| !r.active).count();
+        Metrics::set(&m.watched_roots, self.roots.len() as u64);
+        Metrics::set(&m.watched_roots_missing, missing as u64);
+        Metrics::set(&m.inotify_watches, self.watched.len() as u64);
+        let condition = if self.limit_warned {
+            Some(format!(
+                "the inotify watch limit was reached (fs.inotify.max_user_watches): some \
+                 directories are covered only by the scan every {}",
+                humantime::format_duration(self.settings.scan_interval)
+            ))
+        } else if missing > 0 {
+            Some(format!(
+                "{missing} of {} watched directories are missing (deleted or moved away)",
+                self.roots.len()
+            ))
+        } else {
+            None
+        };
+        m.health.set(
+            "exports/watches",
+            condition.map(|reason| (crate::health::Severity::Degraded, reason)),
+        );
     }
 
     // ----- watching and scanning -----
@@ -984,6 +1014,12 @@ impl Watcher {
 
     fn record_error(&mut self, source: &Path, size: u64, mtime_ns: i64, error: &CopyError) {
         Metrics::add(&self.metrics.export_errors, 1);
+        if *error != CopyError::Vanished {
+            self.metrics.health.fail(
+                "exports/archive",
+                format!("exports cannot be archived: {error}"),
+            );
+        }
         log::warn!("cannot archive export `{}`: {error}", source.display());
         if *error != CopyError::Vanished {
             self.failed.insert(key(source), (size, mtime_ns));
@@ -1115,6 +1151,9 @@ impl Watcher {
                 self.wal.note_commit();
                 let archived = self.batch.iter().filter(|r| r.error.is_none()).count();
                 Metrics::add(&self.metrics.exports_archived, archived as u64);
+                if archived > 0 {
+                    self.metrics.health.recover("exports/archive");
+                }
                 for r in self.batch.drain(..) {
                     if let Some(copied) = r.remove_source {
                         remove_if_unchanged(&r.source, copied);
@@ -1124,6 +1163,10 @@ impl Watcher {
             Err(e) => {
                 // Forget these versions so that the next scan tries again.
                 log::error!("cannot record {} archived export(s): {e}", self.batch.len());
+                self.metrics.health.fail(
+                    "exports/archive",
+                    format!("archived exports cannot be recorded: {e}"),
+                );
                 Metrics::add(&self.metrics.export_errors, self.batch.len() as u64);
                 for r in self.batch.drain(..) {
                     self.known.remove(&key(&r.source));
