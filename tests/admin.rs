@@ -4,6 +4,8 @@
 //! `GetStatus` and `codi2 status` do, turns 503 when unhealthy, and
 //! hostile HTTP clients get bounded answers while logs keep flowing.
 
+// Only part of the shared harness is used here.
+#[allow(dead_code)]
 mod common;
 
 use codi_monitor::proto::{LogLevel, Message, Payload, Timestamp};
@@ -288,7 +290,7 @@ fn a_failing_writer_degrades_then_fails_the_health_and_recovers() {
 fn a_nearly_full_disk_degrades_storage() {
     let sandbox = Sandbox::new();
     let vfs = rustix::fs::statvfs(sandbox.path()).unwrap();
-    let free_mb = vfs.f_bavail * vfs.f_frsize >> 20;
+    let free_mb = (vfs.f_bavail * vfs.f_frsize) >> 20;
     // More free space wanted than there is (with room for what the test
     // itself writes meanwhile).
     sandbox.write_config(&format!(
