@@ -453,8 +453,10 @@ fn hostile_http_clients_get_bounded_answers_while_logs_flow() {
 fn a_taken_port_leaves_the_daemon_running_with_the_endpoint_degraded() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let mut opts = Opts::default();
-    opts.admin = Some(addr.clone());
+    let opts = Opts {
+        admin: Some(addr.clone()),
+        ..Opts::default()
+    };
     let d = Daemon::start(Sandbox::new(), opts);
     assert_eq!(d.ready.admin, None, "READY names no endpoint");
     let mut c = d.unix();
@@ -473,8 +475,10 @@ fn a_taken_port_leaves_the_daemon_running_with_the_endpoint_degraded() {
 
 #[test]
 fn the_endpoint_can_be_turned_off() {
-    let mut opts = Opts::default();
-    opts.admin = Some(String::new());
+    let opts = Opts {
+        admin: Some(String::new()),
+        ..Opts::default()
+    };
     let d = Daemon::start(Sandbox::new(), opts);
     assert_eq!(d.ready.admin, None);
     let (ok, json) = codi2_status_json(&d);
