@@ -91,9 +91,21 @@ pub fn measure(db: &Path) -> io::Result<StorageSample> {
     })
 }
 
-/// Whether the database's filesystem is full or nearly full.
-pub fn disk_condition(free: u64, size: u64, s: &HealthSettings) -> Option<(Severity, String)> {
+/// Whether the database's filesystem is full or nearly full. While it is
+/// (`troubled`), it must have 1/16 more free than the thresholds before it
+/// counts as fine again, so that free space hovering at a threshold does
+/// not flap the health (and the log) every second.
+pub fn disk_condition(
+    free: u64,
+    size: u64,
+    s: &HealthSettings,
+    troubled: bool,
+) -> Option<(Severity, String)> {
     let percent = u128::from(free) * 100 / u128::from(size.max(1));
+    let margin = |n: u128| if troubled { n + n / 16 } else { n };
+    let below_bytes = u128::from(free) < margin(u128::from(s.disk_min_free_bytes));
+    let below_percent =
+        u128::from(free) * 100 < margin(u128::from(size) * u128::from(s.disk_min_free_percent));
     if free < DISK_FULL_BYTES {
         Some((
             Severity::Failed,
@@ -103,7 +115,7 @@ pub fn disk_condition(free: u64, size: u64, s: &HealthSettings) -> Option<(Sever
                 bytes(size)
             ),
         ))
-    } else if free < s.disk_min_free_bytes || percent < u128::from(s.disk_min_free_percent) {
+    } else if below_bytes || below_percent {
         Some((
             Severity::Degraded,
             format!(
@@ -235,9 +247,10 @@ impl Looks {
         match measure(&src.db) {
             Ok(sample) => {
                 self.measure_failed = false;
+                let troubled = h.get("storage/disk").is_some();
                 h.set(
                     "storage/disk",
-                    disk_condition(sample.free, sample.size, &src.settings),
+                    disk_condition(sample.free, sample.size, &src.settings, troubled),
                 );
                 *src.storage.lock() = Some(sample);
             }
@@ -290,19 +303,36 @@ mod tests {
     fn disk_thresholds() {
         let s = settings();
         let gib = 1u64 << 30;
-        assert_eq!(disk_condition(50 * gib, 100 * gib, &s), None);
-        let (level, reason) = disk_condition(4 * gib, 100 * gib, &s).unwrap();
+        assert_eq!(disk_condition(50 * gib, 100 * gib, &s, false), None);
+        let (level, reason) = disk_condition(4 * gib, 100 * gib, &s, false).unwrap();
         assert_eq!(level, Severity::Degraded, "4% free is below 5%");
         assert!(
             reason.contains("nearly full: 4.0 GiB free of 100.0 GiB (4%"),
             "{reason}"
         );
-        let (level, _) = disk_condition(200 << 20, 1 << 30, &s).unwrap();
+        let (level, _) = disk_condition(200 << 20, 1 << 30, &s, false).unwrap();
         assert_eq!(level, Severity::Degraded, "200 MiB is below 256 MiB");
-        let (level, reason) = disk_condition(1 << 20, 100 * gib, &s).unwrap();
+        let (level, reason) = disk_condition(1 << 20, 100 * gib, &s, false).unwrap();
         assert_eq!(level, Severity::Failed);
         assert!(reason.contains("is full"), "{reason}");
-        assert_eq!(disk_condition(1 << 20, 0, &s).unwrap().0, Severity::Failed);
+        assert_eq!(
+            disk_condition(1 << 20, 0, &s, false).unwrap().0,
+            Severity::Failed
+        );
+    }
+
+    #[test]
+    fn a_nearly_full_disk_clears_only_with_a_margin() {
+        let s = settings();
+        let gib = 1u64 << 30;
+        // 5.2 % free: fine before, still nearly full once it was.
+        let free = 52 * gib / 10;
+        assert_eq!(disk_condition(free, 100 * gib, &s, false), None);
+        assert!(disk_condition(free, 100 * gib, &s, true).is_some());
+        assert_eq!(disk_condition(6 * gib, 100 * gib, &s, true), None);
+        // 260 MiB on a small disk: the same for the byte threshold.
+        assert_eq!(disk_condition(260 << 20, 4 * gib, &s, false), None);
+        assert!(disk_condition(260 << 20, 4 * gib, &s, true).is_some());
     }
 
     #[test]
