@@ -487,3 +487,33 @@ fn the_endpoint_can_be_turned_off() {
     let message = json["components"]["admin"]["message"].as_str().unwrap();
     assert!(message.starts_with("off"), "{message}");
 }
+
+#[test]
+fn clients_refused_at_the_connection_limit_degrade_ipc() {
+    let sandbox = Sandbox::new();
+    sandbox.write_config("[monitor]\nmax_connections = 1\n");
+    let d = Daemon::start(
+        Arc::clone(&sandbox),
+        Opts::default().tcp(None).token(None).with_config(),
+    );
+    let mut first = d.unix();
+    first.ping();
+    let mut second = d.unix();
+    assert_error(&second.recv(), codi_monitor::proto::ErrorCode::Unavailable);
+    let ipc = |d: &Daemon| health(d).1["components"]["ipc"].clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || ipc(&d)["status"] == "degraded"),
+        "ipc never degraded: {}",
+        ipc(&d)
+    );
+    let reason = ipc(&d)["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.starts_with("1 connections refused at the connection limit (1)"),
+        "{reason}"
+    );
+    assert_eq!(
+        series(&scrape(&d), "codi_errors_total{code=\"Unavailable\"}"),
+        1.0
+    );
+    first.ping();
+}
