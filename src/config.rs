@@ -96,6 +96,16 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_WATCHES_PER_ROOT: usize = 10_000;
 /// Shortest token the daemon accepts, in bytes: a short token is guessed.
 pub const MIN_TOKEN_LEN: usize = 16;
+/// `admin.enabled` when unset: the metrics and health endpoint is on.
+pub const DEFAULT_ADMIN_ENABLED: bool = true;
+/// `admin.listen` when unset (the seed's TCP port plus one, on loopback).
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9848);
+/// `health.disk_min_free_mb` when unset.
+pub const DEFAULT_DISK_MIN_FREE_MB: u64 = 256;
+/// `health.disk_min_free_percent` when unset.
+pub const DEFAULT_DISK_MIN_FREE_PERCENT: u32 = 5;
+/// `health.failing_for` when unset.
+pub const DEFAULT_FAILING_FOR: Duration = Duration::from_secs(30);
 
 /// Environment variable naming the config file.
 pub const ENV_CONFIG: &str = "CODI_CONFIG";
@@ -153,6 +163,9 @@ pub struct Overrides {
     pub log_level: Option<String>,
     /// `--token-file PATH`.
     pub token_file: Option<PathBuf>,
+    /// `--admin ADDR`: the admin endpoint at ADDR (port 0 allowed; an
+    /// empty value turns it off).
+    pub admin: Option<String>,
 }
 
 /// The config file as written: every key optional, unknown keys refused.
@@ -171,6 +184,12 @@ pub struct RawConfig {
     /// `[server_hub]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_hub: Option<RawServerHub>,
+    /// `[admin]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<RawAdmin>,
+    /// `[health]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<RawHealth>,
 }
 
 /// `[general]` as written.
@@ -313,6 +332,36 @@ pub struct RawServerHub {
     pub sync_interval: Option<String>,
 }
 
+/// `[admin]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Serve `/metrics` and `/health`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// `"IP:PORT"` of the HTTP listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Listen beyond loopback (no authentication; firewall it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_remote: Option<bool>,
+}
+
+/// `[health]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// Nearly full below this many free MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_min_free_mb: Option<u64>,
+    /// Nearly full below this percentage free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_min_free_percent: Option<u32>,
+    /// Humantime duration of failing writes before the daemon is unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_for: Option<String>,
+}
+
 impl RawConfig {
     /// Parses TOML text; `origin` names it in errors. The error gives the
     /// line, column and key but never the line's value: a token typed into
@@ -351,6 +400,10 @@ pub struct Config {
     pub monitor: MonitorConfig,
     /// `[server_hub]`.
     pub server_hub: ServerHubConfig,
+    /// `[admin]`.
+    pub admin: AdminConfig,
+    /// `[health]`.
+    pub health: HealthConfig,
     /// The file loaded, if any.
     pub source: Option<PathBuf>,
     /// What the daemon says at start about this configuration: keys that
@@ -488,6 +541,35 @@ pub struct ServerHubConfig {
     pub sync_interval: Duration,
 }
 
+/// The metrics and health endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// Whether it runs.
+    pub enabled: bool,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Listening beyond loopback was asked for explicitly.
+    pub allow_remote: bool,
+}
+
+impl AdminConfig {
+    /// The address to listen on, if the endpoint is on.
+    pub fn listen_on(&self) -> Option<SocketAddr> {
+        self.enabled.then_some(self.listen)
+    }
+}
+
+/// Thresholds of the health evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// The database's filesystem is nearly full below this many free MiB.
+    pub disk_min_free_mb: u64,
+    /// ... or below this percentage of its size.
+    pub disk_min_free_percent: u32,
+    /// Every write failing this long makes the daemon unhealthy.
+    pub failing_for: Duration,
+}
+
 /// Who the configuration is for: the daemon checks everything, `codi2` only
 /// what it needs to find the daemon and the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -620,6 +702,16 @@ impl Config {
                 url: self.server_hub.url.clone(),
                 batch_size: Some(self.server_hub.batch_size),
                 sync_interval: Some(format_duration(self.server_hub.sync_interval)),
+            }),
+            admin: Some(RawAdmin {
+                enabled: Some(self.admin.enabled),
+                listen: Some(self.admin.listen.to_string()),
+                allow_remote: Some(self.admin.allow_remote),
+            }),
+            health: Some(RawHealth {
+                disk_min_free_mb: Some(self.health.disk_min_free_mb),
+                disk_min_free_percent: Some(self.health.disk_min_free_percent),
+                failing_for: Some(format_duration(self.health.failing_for)),
             }),
         };
         let source = match &self.source {
@@ -934,6 +1026,28 @@ fn resolve(
     let s = raw.storage.unwrap_or_default();
     let m = raw.monitor.unwrap_or_default();
     let h = raw.server_hub.unwrap_or_default();
+    let admin = resolve_admin(&raw.admin.unwrap_or_default(), o, host)?;
+    let hc = raw.health.unwrap_or_default();
+    let health = HealthConfig {
+        disk_min_free_mb: in_range(
+            "health.disk_min_free_mb",
+            hc.disk_min_free_mb,
+            DEFAULT_DISK_MIN_FREE_MB,
+            0..=1 << 30,
+        )?,
+        disk_min_free_percent: in_range(
+            "health.disk_min_free_percent",
+            hc.disk_min_free_percent,
+            DEFAULT_DISK_MIN_FREE_PERCENT,
+            0..=50,
+        )?,
+        failing_for: duration(
+            "health.failing_for",
+            hc.failing_for.as_ref(),
+            DEFAULT_FAILING_FOR,
+            SECOND..=DAY,
+        )?,
+    };
 
     let log_level = match (&o.log_level, &g.log_level) {
         (Some(l), _) => parse_level("--log-level", l)?,
@@ -1223,13 +1337,69 @@ fn resolve(
         warnings.push("[server_hub] is set but hub sync is not yet built: it has no effect".into());
     }
 
+    if let (Some(addr), Purpose::Daemon) = (admin.listen_on(), host.purpose) {
+        if !addr.ip().is_loopback() {
+            warnings.push(format!(
+                "admin.listen {addr} is beyond loopback (admin.allow_remote): /metrics and /health answer anyone who reaches it, without authentication"
+            ));
+        }
+    }
+
     Ok(Config {
         general,
         storage,
         monitor,
         server_hub,
+        admin,
+        health,
         source,
         warnings,
+    })
+}
+
+/// `[admin]` and `--admin`: on or off, where, and whether beyond loopback
+/// is allowed (only with `admin.allow_remote`).
+fn resolve_admin(a: &RawAdmin, o: &Overrides, host: &Host) -> Result<AdminConfig, ConfigError> {
+    let allow_remote = a.allow_remote.unwrap_or(false);
+    let mut enabled = a.enabled.unwrap_or(DEFAULT_ADMIN_ENABLED);
+    let (mut listen, mut origin) = match a.listen.as_deref() {
+        None => (DEFAULT_ADMIN_LISTEN, "admin.listen".to_owned()),
+        Some(text) => match text.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => {
+                return invalid(format!(
+                    "admin.listen {text} has port 0, which scrapers cannot find; use --admin for an ephemeral port"
+                ))
+            }
+            Ok(addr) => (addr, format!("admin.listen {addr}")),
+            Err(_) => {
+                return invalid(format!(
+                    "admin.listen `{text}` is not an address like \"127.0.0.1:9848\""
+                ))
+            }
+        },
+    };
+    if let Some(flag) = &o.admin {
+        if flag.is_empty() {
+            enabled = false;
+        } else {
+            listen = flag.parse::<SocketAddr>().or_else(|_| {
+                invalid(format!(
+                    "--admin `{flag}` is not an address like \"127.0.0.1:9848\""
+                ))
+            })?;
+            enabled = true;
+            origin = format!("--admin {listen}");
+        }
+    }
+    if enabled && host.purpose == Purpose::Daemon && !listen.ip().is_loopback() && !allow_remote {
+        return invalid(format!(
+            "{origin} is beyond loopback: the admin endpoint has no authentication (set admin.allow_remote = true to accept that, and firewall the port)"
+        ));
+    }
+    Ok(AdminConfig {
+        enabled,
+        listen,
+        allow_remote,
     })
 }
 

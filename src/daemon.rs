@@ -7,9 +7,13 @@
 //! then does the process exit.
 
 use crate::access::Access;
+use crate::admin::{self, AdminHandle};
 use crate::budget::InflightBudget;
 use crate::config::{Config, Overrides};
 use crate::export::{spawn_watcher, ExportSettings};
+use crate::health::report::{HealthSettings, Sources};
+use crate::health::watchdog::spawn_watchdog;
+use crate::health::Severity;
 use crate::io::answers::answer_pool_bytes;
 use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
 use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
@@ -118,6 +122,25 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         batch_max_rows: config.storage.batch_max_rows,
         ..WriterSettings::default()
     };
+    let answer_pool = Arc::new(InflightBudget::new(answer_pool_bytes(
+        config.storage.inflight_bytes,
+    )));
+    let health = Arc::new(Sources {
+        metrics: Arc::clone(&metrics),
+        budget: Arc::clone(&budget),
+        answer_pool: Arc::clone(&answer_pool),
+        started,
+        settings: HealthSettings {
+            disk_min_free_bytes: config.health.disk_min_free_mb.saturating_mul(1 << 20),
+            disk_min_free_percent: config.health.disk_min_free_percent,
+            failing_for: config.health.failing_for,
+            queue_capacity: writer_settings.queue_capacity,
+            max_connections,
+        },
+        db: db.clone(),
+        storage: Mutex::new(None),
+        admin: Mutex::new("off (admin.enabled = false)".into()),
+    });
     let (writer_tx, writer) = spawn_writer(
         db,
         &writer_settings,
@@ -152,6 +175,10 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         Ok((tx, handle)) => (Some(tx), Some(handle)),
         Err(e) => {
             log::error!("export detection is off: {e}");
+            metrics.health.set(
+                "exports/off",
+                Some((Severity::Degraded, format!("export detection is off: {e}"))),
+            );
             (None, None)
         }
     };
@@ -167,12 +194,10 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         budget,
         receive,
         auth_guard: Mutex::new(AuthGuard::default()),
-        answer_pool: Arc::new(InflightBudget::new(answer_pool_bytes(
-            config.storage.inflight_bytes,
-        ))),
-        metrics,
+        answer_pool,
+        metrics: Arc::clone(&metrics),
         live: Arc::clone(&live),
-        started,
+        health: Arc::clone(&health),
         default_workspace: config
             .general
             .workspace
@@ -198,7 +223,10 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     // handled rather than fatal.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| DaemonError::Os("cannot install signal handlers", e))?;
-    let ready_line = ready_line(unix.as_ref(), tcp_addr, &config);
+    let watchdog = spawn_watchdog(Arc::clone(&health))
+        .map_err(|e| DaemonError::Os("cannot spawn the health watchdog", e))?;
+    let (admin, admin_addr) = start_admin(&config, &health);
+    let ready_line = ready_line(unix.as_ref(), tcp_addr, admin_addr, &config);
     let mut acceptor = Some(Acceptor::new(unix, tcp, peers));
     let mut loops: Vec<JoinHandle<()>> = Vec::with_capacity(workers);
     for (id, ((poll, completions), incoming)) in polls
@@ -288,6 +316,10 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     }
     writer.join();
     readers.join();
+    if let Some(admin) = admin {
+        admin.stop();
+    }
+    watchdog.stop();
     signal_handle.close();
     let _ = signal_thread.join();
     log::info!("stopped after {:.1?}", started.elapsed());
@@ -347,9 +379,43 @@ pub fn archive_dir(db: &std::path::Path) -> std::path::PathBuf {
         .join("archive")
 }
 
+/// Binds and starts the admin endpoint if it is on. A port that cannot be
+/// bound (a second daemon on the host, say) leaves the daemon running
+/// without it, with the `admin` component degraded and saying why:
+/// metrics are not worth refusing logs for.
+fn start_admin(
+    config: &Config,
+    health: &Arc<Sources>,
+) -> (Option<AdminHandle>, Option<std::net::SocketAddr>) {
+    let Some(addr) = config.admin.listen_on() else {
+        return (None, None);
+    };
+    let started = admin::bind(addr).and_then(|listener| {
+        let bound = listener.local_addr()?;
+        Ok((admin::spawn(listener, Arc::clone(health))?, bound))
+    });
+    match started {
+        Ok((handle, bound)) => {
+            *health.admin.lock() = format!("serving /metrics and /health on http://{bound}");
+            (Some(handle), Some(bound))
+        }
+        Err(e) => {
+            let reason = format!("the admin endpoint is off: cannot listen on {addr}: {e}");
+            log::error!("{reason}");
+            *health.admin.lock() = format!("not listening (admin.listen {addr})");
+            health
+                .metrics
+                .health
+                .set("admin/listen", Some((Severity::Degraded, reason)));
+            (None, None)
+        }
+    }
+}
+
 fn ready_line(
     unix: Option<&UnixEndpoint>,
     tcp: Option<std::net::SocketAddr>,
+    admin: Option<std::net::SocketAddr>,
     config: &Config,
 ) -> String {
     let mut line = String::from("READY");
@@ -358,6 +424,9 @@ fn ready_line(
     }
     if let Some(addr) = tcp {
         line.push_str(&format!(" tcp={addr}"));
+    }
+    if let Some(addr) = admin {
+        line.push_str(&format!(" admin={addr}"));
     }
     line.push_str(&format!(" db={}", config.storage.sqlite_path.display()));
     line
@@ -415,6 +484,12 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool 
         storage.cache_size_mb,
         storage.batch_max_rows,
         storage.inflight_bytes,
+        admin.enabled,
+        admin.listen,
+        admin.allow_remote,
+        health.disk_min_free_mb,
+        health.disk_min_free_percent,
+        health.failing_for,
     ]
     .into_iter()
     .filter_map(|(changed, key)| changed.then_some(key))

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod access;
+pub mod admin;
 pub mod budget;
 pub mod client;
 pub mod config;

@@ -1,14 +1,20 @@
-//! Counters every part of the daemon bumps and the status answer (and later
-//! the HTTP metrics endpoint) reads. Plain relaxed atomics, plus the
-//! (rarely touched) health table and the components' heartbeats.
+//! Counters every part of the daemon bumps and the status answer and the
+//! HTTP metrics endpoint read. Plain relaxed atomics, lock-free histograms
+//! ([`histogram`]), plus the (rarely touched) health table and the
+//! components' heartbeats.
 
+pub mod histogram;
+
+use crate::proto::ErrorCode;
+use histogram::{Histogram, Sharded, BATCH_BOUNDS, COMMIT_BOUNDS, IPC_BOUNDS};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// The daemon's counters and gauges, and which components are
         /// degraded now.
-        #[derive(Debug, Default)]
+        #[derive(Debug)]
         pub struct Metrics {
             $($(#[$doc])* pub $name: AtomicU64,)*
             /// Degraded components and why (cleared on recovery).
@@ -16,6 +22,31 @@ macro_rules! counters {
             /// Whether the event loops and the writer make progress (for
             /// the systemd watchdog).
             pub heartbeats: crate::heartbeat::Heartbeats,
+            /// From a request's frame decoded to its answer handed to the
+            /// socket, one shard per event loop (nanoseconds).
+            pub ipc_duration: Sharded,
+            /// One log batch's commit, acknowledgments included
+            /// (nanoseconds).
+            pub commit_duration: Histogram,
+            /// Log rows per committed batch.
+            pub batch_rows: Histogram,
+            /// `Error` answers sent, by code ([`ERROR_CODES`] order, then
+            /// codes this version does not name).
+            pub errors_sent: [AtomicU64; ERROR_CODES.len() + 1],
+        }
+
+        impl Default for Metrics {
+            fn default() -> Self {
+                Metrics {
+                    $($name: AtomicU64::new(0),)*
+                    health: crate::health::Health::default(),
+                    heartbeats: crate::heartbeat::Heartbeats::default(),
+                    ipc_duration: Sharded::new(IPC_BOUNDS),
+                    commit_duration: Histogram::new(COMMIT_BOUNDS),
+                    batch_rows: Histogram::new(BATCH_BOUNDS),
+                    errors_sent: std::array::from_fn(|_| AtomicU64::new(0)),
+                }
+            }
         }
 
         impl Metrics {
@@ -44,8 +75,12 @@ counters! {
     logs_stored,
     /// Log rows skipped because their id was already stored.
     logs_duplicate,
-    /// Log entries rejected (nothing stored).
-    logs_rejected,
+    /// Log entries rejected before they reached the writer: invalid
+    /// fields, a timestamp from the future (nothing stored).
+    logs_rejected_invalid,
+    /// Log entries the writer rejected: storage errors, storage not keeping
+    /// up (nothing stored).
+    logs_rejected_storage,
     /// Write transactions committed (ingest, straight into the indexed
     /// table, and session changes).
     commits,
@@ -109,7 +144,36 @@ counters! {
     watchdog_pings,
     /// Pings withheld because a component was stuck.
     watchdog_withheld,
+    /// Gauge: write jobs still queued when the writer last took a batch.
+    writer_queue_depth,
+    /// Gauge: watched directory trees (roots).
+    watched_roots,
+    /// Gauge: watched roots that are missing (deleted or moved away).
+    watched_roots_missing,
+    /// Gauge: inotify watches held.
+    inotify_watches,
+    /// HTTP requests the admin endpoint answered with 200 or 503.
+    admin_requests,
+    /// HTTP requests the admin endpoint refused as malformed, oversized,
+    /// of another method or for an unknown path.
+    admin_bad_requests,
+    /// HTTP connections closed unanswered: over the connection cap, or no
+    /// complete request within the read deadline.
+    admin_dropped,
 }
+
+/// Error codes counted apart in [`Metrics::errors_sent`].
+pub const ERROR_CODES: [ErrorCode; 9] = [
+    ErrorCode::FrameTooLarge,
+    ErrorCode::InvalidFrame,
+    ErrorCode::InvalidMessage,
+    ErrorCode::Unauthorized,
+    ErrorCode::RateLimited,
+    ErrorCode::Unavailable,
+    ErrorCode::Unsupported,
+    ErrorCode::InvalidRequest,
+    ErrorCode::Internal,
+];
 
 impl Metrics {
     /// Adds `n` to a counter.
@@ -120,5 +184,59 @@ impl Metrics {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Sets a gauge.
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
+    }
+
+    /// Counts one `Error` answer sent with `code`.
+    pub fn error_sent(&self, code: &ErrorCode) {
+        let index = ERROR_CODES
+            .iter()
+            .position(|c| c == code)
+            .unwrap_or(ERROR_CODES.len());
+        Metrics::add(&self.errors_sent[index], 1);
+    }
+
+    /// `Error` answers sent, by code name (`Other` for codes this version
+    /// does not name).
+    pub fn errors_by_code(&self) -> Vec<(&'static str, u64)> {
+        let names = ERROR_CODES.iter().map(ErrorCode::static_name);
+        names
+            .chain(std::iter::once("Other"))
+            .zip(&self.errors_sent)
+            .map(|(name, n)| (name, Metrics::get(n)))
+            .collect()
+    }
+
+    /// Log entries rejected in all.
+    pub fn logs_rejected(&self) -> u64 {
+        Metrics::get(&self.logs_rejected_invalid) + Metrics::get(&self.logs_rejected_storage)
+    }
+
+    /// Records one committed log batch: how long it took and its rows.
+    pub fn record_commit(&self, took: Duration, rows: usize) {
+        self.commit_duration.record_duration(took);
+        self.batch_rows.record(rows as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_counted_by_code() {
+        let m = Metrics::default();
+        m.error_sent(&ErrorCode::InvalidMessage);
+        m.error_sent(&ErrorCode::InvalidMessage);
+        m.error_sent(&ErrorCode::Other("Teapot".into()));
+        let by_code = m.errors_by_code();
+        assert_eq!(by_code.len(), ERROR_CODES.len() + 1);
+        assert!(by_code.contains(&("InvalidMessage", 2)));
+        assert!(by_code.contains(&("Other", 1)));
+        assert!(by_code.contains(&("Internal", 0)));
     }
 }

@@ -649,6 +649,7 @@ mod requests {
             Payload::Status {
                 components: Vec::new(),
                 uptime: Duration::from_secs(1),
+                version: None,
             },
         ];
         for payload in answers {

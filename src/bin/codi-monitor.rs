@@ -32,6 +32,9 @@ struct Args {
     /// log level: error, warn, info, debug or trace
     #[argh(option)]
     log_level: Option<String>,
+    /// admin endpoint address for /metrics and /health, e.g. 127.0.0.1:9848 (port 0 picks one; "" turns it off)
+    #[argh(option)]
+    admin: Option<String>,
     /// file holding the TCP token (or set $CODI_MONITOR_TOKEN); never pass a secret as an argument
     #[argh(option)]
     token_file: Option<PathBuf>,
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         workers: args.workers,
         log_level: args.log_level,
         token_file: args.token_file,
+        admin: args.admin,
     };
     if let Some(Command::Config(ConfigCommand {
         action: ConfigAction::Check(check),

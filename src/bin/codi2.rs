@@ -24,6 +24,7 @@ use codi_monitor::client::{Client, ClientError, ClientOptions, RetryPolicy};
 use codi_monitor::config::paths;
 use codi_monitor::config::{Config, Overrides};
 use codi_monitor::fsperm::{self, TrustedUsers};
+use codi_monitor::health::report::Report;
 use codi_monitor::proto::{
     AckStatus, LogFields, LogFilter, LogLevel, Message, Payload, StoredLog, Timestamp,
 };
@@ -179,9 +180,13 @@ struct LogsCmd {
 }
 
 #[derive(FromArgs)]
-/// Show the daemon's components and uptime.
+/// Show the daemon's health: overall state, version, uptime and each component.
 #[argh(subcommand, name = "status")]
-struct StatusCmd {}
+struct StatusCmd {
+    /// print the health as JSON, the same document as the daemon's GET /health
+    #[argh(switch)]
+    json: bool,
+}
 
 #[derive(FromArgs)]
 /// Watch directories for export files (needs the daemon).
@@ -418,7 +423,7 @@ fn run(cli: Cli) -> Result<(), Exit> {
         Command::Log(cmd) => log(cmd, opts),
         Command::Session(cmd) => session(cmd, opts),
         Command::Logs(cmd) => logs(cmd, opts),
-        Command::Status(_) => status(opts),
+        Command::Status(cmd) => status(cmd, opts),
         Command::Ping(cmd) => ping(cmd, opts),
         Command::Watch(cmd) => watch(cmd, opts),
     }
@@ -714,17 +719,22 @@ impl<W: Write> Printer<W> {
     }
 }
 
-fn status(opts: ClientOptions) -> Result<(), Exit> {
+fn status(cmd: StatusCmd, opts: ClientOptions) -> Result<(), Exit> {
     let mut client = Client::connect(opts)?;
     let answer = client.request(Message::new(Payload::GetStatus))?;
     match answer.payload {
-        Payload::Status { components, uptime } => {
+        status @ Payload::Status { .. } => {
+            let report = Report::from_payload(status).expect("a Status payload");
             let mut out = io::stdout().lock();
+            if cmd.json {
+                writeln!(out, "{}", report.to_json_line()).map_err(stdout_error)?;
+                return Ok(());
+            }
             if let Some(e) = client.endpoint() {
                 let at = e.to_string();
                 writeln!(out, "daemon at {}", escape_controls(&at)).map_err(stdout_error)?;
             }
-            for line in output::status_lines(&components, uptime) {
+            for line in output::status_lines(&report) {
                 writeln!(out, "{line}").map_err(stdout_error)?;
             }
             Ok(())

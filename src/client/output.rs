@@ -9,7 +9,8 @@
 //! terminal acts on (DEL, C1 controls, bidirectional overrides) are written
 //! as `\uXXXX` escapes, which decode to the same string.
 
-use crate::proto::{ComponentStatus, LogLevel, MonitoredPath, StoredLog, Timestamp};
+use crate::health::report::Report;
+use crate::proto::{LogLevel, MonitoredPath, StoredLog, Timestamp};
 use crate::store::metadata;
 use crate::text::{escape_controls, json_escape_unsafe};
 use chrono::{DateTime, Utc};
@@ -125,9 +126,11 @@ pub fn round_trip(d: Duration) -> String {
     }
 }
 
-/// The `Status` answer as lines: uptime, then one line per component.
-pub fn status_lines(components: &[ComponentStatus], uptime: Duration) -> Vec<String> {
-    let shown: Vec<_> = components
+/// The daemon's health as lines: the overall state with the version and
+/// uptime, then one line per component.
+pub fn status_lines(report: &Report) -> Vec<String> {
+    let shown: Vec<_> = report
+        .components
         .iter()
         .map(|c| {
             (
@@ -142,9 +145,14 @@ pub fn status_lines(components: &[ComponentStatus], uptime: Duration) -> Vec<Str
         .map(|(name, ..)| name.chars().count())
         .max()
         .unwrap_or(0);
+    let version = match &report.version {
+        Some(v) => format!("codi-monitor {}, ", escape_controls(v)),
+        None => String::new(),
+    };
     let mut lines = vec![format!(
-        "uptime {}",
-        humantime::format_duration(Duration::from_secs(uptime.as_secs()))
+        "status {} ({version}up {})",
+        report.status(),
+        humantime::format_duration(Duration::from_secs(report.uptime.as_secs()))
     )];
     lines.extend(
         shown
@@ -184,6 +192,7 @@ pub fn watch_line(p: &MonitoredPath) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::ComponentStatus;
     use uuid::Uuid;
 
     fn stored(metadata: Option<rmpv::Value>) -> StoredLog {
@@ -294,12 +303,19 @@ mod tests {
 
     #[test]
     fn status_and_watch_lines_escape_what_the_daemon_sent() {
-        let c = vec![ComponentStatus {
-            name: "ipc\n".into(),
-            status: "ok\x1b]0;pwned\x07".into(),
-            message: "a\nb".into(),
-        }];
-        let lines = status_lines(&c, Duration::ZERO);
+        let report = Report {
+            version: Some("9\x1b[2J".into()),
+            uptime: Duration::ZERO,
+            components: vec![ComponentStatus {
+                name: "ipc\n".into(),
+                status: "ok\x1b]0;pwned\x07".into(),
+                message: "a\nb".into(),
+                reason: None,
+                since: None,
+            }],
+        };
+        let lines = status_lines(&report);
+        assert_eq!(lines[0], "status degraded (codi-monitor 9\\x1b[2J, up 0s)");
         assert_eq!(lines[1], "ipc\\n  ok\\x1b]0;pwned\\x07  a\\nb");
         let w = MonitoredPath {
             path: "/w/\x1b[2J".into(),
@@ -323,23 +339,32 @@ mod tests {
     }
 
     #[test]
-    fn status_lists_uptime_then_components() {
-        let c = vec![
+    fn status_lists_the_state_then_components() {
+        let components = vec![
             ComponentStatus {
                 name: "ipc".into(),
                 status: "healthy".into(),
                 message: "3 connections".into(),
+                reason: None,
+                since: None,
             },
             ComponentStatus {
                 name: "writer".into(),
                 status: "degraded".into(),
                 message: "queue full".into(),
+                reason: Some("queue full".into()),
+                since: None,
             },
         ];
+        let report = Report {
+            version: None,
+            uptime: Duration::from_millis(3_723_500),
+            components,
+        };
         assert_eq!(
-            status_lines(&c, Duration::from_millis(3_723_500)),
+            status_lines(&report),
             [
-                "uptime 1h 2m 3s",
+                "status degraded (up 1h 2m 3s)",
                 "ipc     healthy   3 connections",
                 "writer  degraded  queue full"
             ]

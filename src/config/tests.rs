@@ -615,6 +615,92 @@ fn to_toml_round_trips_and_redacts() {
 }
 
 #[test]
+fn the_admin_endpoint_is_on_at_loopback_by_default() {
+    let c = plain("");
+    assert_eq!(c.admin.listen_on(), Some(DEFAULT_ADMIN_LISTEN));
+    assert!(!c.admin.allow_remote);
+    assert_eq!(c.health.disk_min_free_mb, DEFAULT_DISK_MIN_FREE_MB);
+    assert_eq!(
+        c.health.disk_min_free_percent,
+        DEFAULT_DISK_MIN_FREE_PERCENT
+    );
+    assert_eq!(c.health.failing_for, DEFAULT_FAILING_FOR);
+    let c = plain("[admin]\nenabled = false\n");
+    assert_eq!(c.admin.listen_on(), None);
+    let c = plain("[admin]\nlisten = \"[::1]:9100\"\n[health]\nfailing_for = \"2m\"\n");
+    assert_eq!(c.admin.listen_on(), tcp("[::1]:9100"));
+    assert_eq!(c.health.failing_for, Duration::from_secs(120));
+}
+
+#[test]
+fn the_admin_endpoint_goes_beyond_loopback_only_when_asked() {
+    let env = Env::new(&[]);
+    let o = Overrides::default();
+    let e = err("[admin]\nlisten = \"0.0.0.0:9848\"\n", &o, &env);
+    assert!(
+        e.contains("admin.listen 0.0.0.0:9848 is beyond loopback") && e.contains("allow_remote"),
+        "{e}"
+    );
+    let c = plain("[admin]\nlisten = \"0.0.0.0:9848\"\nallow_remote = true\n");
+    assert_eq!(c.admin.listen_on(), tcp("0.0.0.0:9848"));
+    assert!(c
+        .warnings
+        .iter()
+        .any(|w| w.contains("without authentication")));
+    // Off, the address does not matter.
+    plain("[admin]\nenabled = false\nlisten = \"0.0.0.0:9848\"\n");
+    // codi2 never listens.
+    let c = resolve_as(
+        "[admin]\nlisten = \"0.0.0.0:1\"\n",
+        &o,
+        &env,
+        Purpose::Client,
+    )
+    .unwrap();
+    assert!(c.warnings.is_empty());
+    let flag = Overrides {
+        admin: Some("10.0.0.1:9848".into()),
+        ..Overrides::default()
+    };
+    assert!(err("", &flag, &env).starts_with("--admin 10.0.0.1:9848 is beyond loopback"));
+}
+
+#[test]
+fn the_admin_flag_picks_a_port_or_turns_it_off() {
+    let env = Env::new(&[]);
+    let ephemeral = Overrides {
+        admin: Some("127.0.0.1:0".into()),
+        ..Overrides::default()
+    };
+    let c = daemon("[admin]\nenabled = false\n", &ephemeral, &env).unwrap();
+    assert_eq!(c.admin.listen_on(), tcp("127.0.0.1:0"));
+    let off = Overrides {
+        admin: Some(String::new()),
+        ..Overrides::default()
+    };
+    assert_eq!(daemon("", &off, &env).unwrap().admin.listen_on(), None);
+    let bad = Overrides {
+        admin: Some("nine".into()),
+        ..Overrides::default()
+    };
+    assert!(err("", &bad, &env).starts_with("--admin `nine` is not an address"));
+    for (text, want) in [
+        ("[admin]\nlisten = \"127.0.0.1:0\"\n", "has port 0"),
+        ("[admin]\nlisten = \"localhost\"\n", "is not an address"),
+        (
+            "[health]\ndisk_min_free_percent = 51\n",
+            "must be at most 50",
+        ),
+        ("[health]\nfailing_for = \"0s\"\n", "longer than zero"),
+        ("[health]\nfailing_for = \"2d\"\n", "between 1s and 1day"),
+        ("[admin]\nport = 1\n", "unknown field"),
+    ] {
+        let e = err(text, &Overrides::default(), &env);
+        assert!(e.contains(want), "{text}: {e}");
+    }
+}
+
+#[test]
 fn packaged_example_parses() {
     let text = include_str!("../../packaging/monitor.toml");
     let c = daemon(text, &Overrides::default(), &Env::new(&[])).unwrap();
@@ -922,7 +1008,42 @@ mod properties {
                 ("sync_interval", Kind::Duration),
             ],
         ),
+        (
+            "admin",
+            &[
+                ("enabled", Kind::Bool),
+                ("listen", Kind::Str),
+                ("allow_remote", Kind::Bool),
+            ],
+        ),
+        (
+            "health",
+            &[
+                ("disk_min_free_mb", Kind::Number),
+                ("disk_min_free_percent", Kind::Number),
+                ("failing_for", Kind::Duration),
+            ],
+        ),
     ];
+
+    #[test]
+    fn every_key_is_documented() {
+        let doc = include_str!("../../docs/CONFIG.md");
+        for (section, keys) in KEYS {
+            let heading = format!("### `[{section}]`");
+            let start = doc
+                .find(&heading)
+                .unwrap_or_else(|| panic!("docs/CONFIG.md has no {heading}"));
+            let body = &doc[start + heading.len()..];
+            let table = &body[..body.find("\n### ").unwrap_or(body.len())];
+            for (key, _) in keys.iter() {
+                assert!(
+                    table.contains(&format!("| `{key}` |")),
+                    "{section}.{key} is not in the table under {heading}"
+                );
+            }
+        }
+    }
 
     fn value_of(kind: Kind) -> BoxedStrategy<String> {
         match kind {
@@ -1119,6 +1240,10 @@ mod properties {
             "url" => one_of(&["http://hub", "https://hub:8443/sync", ""]),
             "batch_size" => int(1, 1_000_000),
             "sync_interval" => prop_oneof![secs(1, 86_400), one_of(&["100ms", "1s 1ns"])].boxed(),
+            "listen" => one_of(&["127.0.0.1:9848", "[::1]:1", "0.0.0.0:9848", "127.0.0.1:0"]),
+            "disk_min_free_mb" => int(0, 1 << 30),
+            "disk_min_free_percent" => int(0, 50),
+            "failing_for" => secs(1, 86_400),
             _ => value_of(kind),
         };
         prop_oneof![19 => good, 1 => value_for(kind)].boxed()

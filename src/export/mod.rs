@@ -532,6 +532,7 @@ impl Watcher {
             if Instant::now() >= self.next_scan {
                 self.full_scan();
             }
+            self.publish_state();
         }
         self.flush();
     }
@@ -542,6 +543,35 @@ impl Watcher {
             Some(t) if t < self.next_scan => t,
             _ => self.next_scan,
         }
+    }
+
+    /// Publishes the watch gauges, and whether watching falls short: the
+    /// inotify watch limit reached since the last full scan, or watched
+    /// directories missing.
+    fn publish_state(&self) {
+        let m = &*self.metrics;
+        let missing = self.roots.iter().filter(|r| !r.active).count();
+        Metrics::set(&m.watched_roots, self.roots.len() as u64);
+        Metrics::set(&m.watched_roots_missing, missing as u64);
+        Metrics::set(&m.inotify_watches, self.watched.len() as u64);
+        let condition = if self.limit_warned {
+            Some(format!(
+                "the inotify watch limit was reached (fs.inotify.max_user_watches): some \
+                 directories are covered only by the scan every {}",
+                humantime::format_duration(self.settings.scan_interval)
+            ))
+        } else if missing > 0 {
+            Some(format!(
+                "{missing} of {} watched directories are missing (deleted or moved away)",
+                self.roots.len()
+            ))
+        } else {
+            None
+        };
+        m.health.set(
+            "exports/watches",
+            condition.map(|reason| (crate::health::Severity::Degraded, reason)),
+        );
     }
 
     fn read_events(&mut self, buffer: &mut [u8]) {
@@ -871,6 +901,12 @@ impl Watcher {
         let name = key(source);
         let sentence = error.to_string();
         if *error != CopyError::Vanished {
+            self.metrics.health.fail(
+                "exports/archive",
+                format!("exports cannot be archived: {error}"),
+            );
+        }
+        if *error != CopyError::Vanished {
             self.failed.insert(name.clone(), (size, mtime_ns));
             let class = archive::error_class(&sentence);
             if self
@@ -1018,6 +1054,9 @@ impl Watcher {
                 self.wal.note_commit();
                 let archived = self.batch.iter().filter(|r| r.error.is_none()).count();
                 Metrics::add(&self.metrics.exports_archived, archived as u64);
+                if archived > 0 {
+                    self.metrics.health.recover("exports/archive");
+                }
                 for r in std::mem::take(&mut self.batch) {
                     match r.fate {
                         SourceFate::Keep => {}
@@ -1031,6 +1070,10 @@ impl Watcher {
             Err(e) => {
                 // Forget these versions so that the next scan tries again.
                 log::error!("cannot record {} archived export(s): {e}", self.batch.len());
+                self.metrics.health.fail(
+                    "exports/archive",
+                    format!("archived exports cannot be recorded: {e}"),
+                );
                 Metrics::add(&self.metrics.export_errors, self.batch.len() as u64);
                 for r in self.batch.drain(..) {
                     self.known.remove(&key(&r.source));

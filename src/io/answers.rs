@@ -17,6 +17,7 @@ use crate::budget::{Holder, Reservation};
 use crate::proto::{Message, HEADER_LEN, MAX_FRAME_LEN};
 use crate::reply::Answer;
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// What one `QueryLogs` takes from the answer pool until its answer is
 /// built: one whole frame.
@@ -38,18 +39,28 @@ pub fn answer_pool_bytes(inflight_bytes: usize) -> usize {
     inflight_bytes.max(MIN_POOL_ANSWERS * QUERY_ANSWER_ROOM)
 }
 
-/// The answers a connection still owes, oldest first.
+/// The answers a connection still owes, oldest first, each with the time
+/// its request arrived (for the request-to-answer histogram).
 #[derive(Debug, Default)]
 pub struct AnswerQueue {
     /// Sequence number of the front slot.
     base: u64,
-    slots: VecDeque<Option<Answer>>,
+    slots: VecDeque<(Option<Answer>, Option<Instant>)>,
+    /// When the request being handled arrived; `None` between requests,
+    /// so that answers nobody asked for (a timeout's `Error`) go untimed.
+    arrived: Option<Instant>,
 }
 
 impl AnswerQueue {
+    /// The request whose answers are reserved or pushed next arrived at
+    /// `at` (`None`: what follows answers no request).
+    pub fn arriving(&mut self, at: Option<Instant>) {
+        self.arrived = at;
+    }
+
     /// Reserves the next slot and returns its sequence number.
     pub fn reserve(&mut self) -> u64 {
-        self.slots.push_back(None);
+        self.slots.push_back((None, self.arrived));
         self.base + self.slots.len() as u64 - 1
     }
 
@@ -60,7 +71,7 @@ impl AnswerQueue {
 
     /// Reserves a slot that is answered at once.
     pub fn push_ready(&mut self, answer: Message) {
-        self.slots.push_back(Some(answer.into()));
+        self.slots.push_back((Some(answer.into()), self.arrived));
     }
 
     /// Fills slot `seq`; false when no such slot is open (a stale answer,
@@ -71,7 +82,7 @@ impl AnswerQueue {
             return false;
         };
         match self.slots.get_mut(index as usize) {
-            Some(slot @ None) => {
+            Some((slot @ None, _)) => {
                 *slot = Some(answer);
                 true
             }
@@ -79,12 +90,14 @@ impl AnswerQueue {
         }
     }
 
-    /// Takes the next answer if it is ready, keeping request order.
-    pub fn pop_ready(&mut self) -> Option<Answer> {
+    /// Takes the next answer if it is ready, keeping request order, with
+    /// the time its request arrived (if it answers one).
+    pub fn pop_ready(&mut self) -> Option<(Answer, Option<Instant>)> {
         match self.slots.front() {
-            Some(Some(_)) => {
+            Some((Some(_), _)) => {
                 self.base += 1;
-                self.slots.pop_front().flatten()
+                let (answer, arrived) = self.slots.pop_front()?;
+                Some((answer?, arrived))
             }
             _ => None,
         }
@@ -92,7 +105,7 @@ impl AnswerQueue {
 
     /// True when the oldest owed answer is ready to go.
     pub fn front_ready(&self) -> bool {
-        matches!(self.slots.front(), Some(Some(_)))
+        matches!(self.slots.front(), Some((Some(_), _)))
     }
 
     /// Answers still owed (ready or not).
@@ -181,6 +194,21 @@ mod tests {
         assert!(q.pop_ready().is_some());
         assert!(q.pop_ready().is_some());
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn answers_carry_their_request_s_arrival() {
+        let mut q = AnswerQueue::default();
+        let t = Instant::now();
+        q.arriving(Some(t));
+        let a = q.reserve();
+        q.push_ready(msg());
+        q.arriving(None);
+        q.push_ready(msg());
+        assert!(q.fill(a, msg()));
+        assert_eq!(q.pop_ready().unwrap().1, Some(t));
+        assert_eq!(q.pop_ready().unwrap().1, Some(t));
+        assert_eq!(q.pop_ready().unwrap().1, None, "answers no request");
     }
 
     #[test]

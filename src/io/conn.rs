@@ -5,7 +5,8 @@ use super::answers::{AnswerQueue, AnswerRooms};
 use super::buffer::ReadBuffer;
 use super::listener::Stream;
 use crate::access::PeerCred;
-use crate::proto::{encode_message, ErrorCode, Message};
+use crate::metrics::Metrics;
+use crate::proto::{encode_message, ErrorCode, Message, Payload};
 use crate::reply::Answer;
 use std::io::{self, Write};
 use std::time::Instant;
@@ -215,12 +216,24 @@ impl Connection {
     }
 
     /// Moves ready answers (in order) into the output buffer, up to the
-    /// high-water mark.
-    pub fn encode_ready_answers(&mut self) {
+    /// high-water mark, recording into `metrics` (shard `loop_id`) how long
+    /// each request waited for its answer and which errors were sent.
+    pub fn encode_ready_answers(&mut self, metrics: &Metrics, loop_id: usize) {
+        // One clock read for every answer encoded in this call.
+        let mut now = None;
         while self.pending_output() < WRITE_HIGH_WATER {
-            let answer = match self.answers.pop_ready() {
-                Some(Answer::Message(answer)) => answer,
-                Some(Answer::Frame { bytes, room }) => {
+            let Some((answer, arrived)) = self.answers.pop_ready() else {
+                break;
+            };
+            if let Some(at) = arrived {
+                let now = *now.get_or_insert_with(Instant::now);
+                metrics
+                    .ipc_duration
+                    .record_duration(loop_id, now.saturating_duration_since(at));
+            }
+            let answer = match answer {
+                Answer::Message(answer) => answer,
+                Answer::Frame { bytes, room } => {
                     // Already encoded (a reader's answer): its room is
                     // released once the socket has taken it.
                     if self.output.is_empty() {
@@ -233,11 +246,14 @@ impl Connection {
                     }
                     continue;
                 }
-                None => break,
             };
+            if let Payload::Error { code, .. } = &answer.payload {
+                metrics.error_sent(code);
+            }
             if let Err(e) = encode_message(&answer, &mut self.output) {
                 log::error!("cannot encode a {} answer: {e}", answer.payload.name());
                 let fallback = Message::error(ErrorCode::Internal, "answer could not be encoded");
+                metrics.error_sent(&ErrorCode::Internal);
                 // A short error always encodes.
                 let _ = encode_message(&fallback, &mut self.output);
             }
@@ -272,9 +288,10 @@ impl Connection {
 
     /// Encodes and writes ready answers until the socket is full or no
     /// answer at the front is ready. `Err` means the connection is broken.
-    pub fn pump_output(&mut self) -> io::Result<()> {
+    /// `metrics` and `loop_id` as for [`Connection::encode_ready_answers`].
+    pub fn pump_output(&mut self, metrics: &Metrics, loop_id: usize) -> io::Result<()> {
         loop {
-            self.encode_ready_answers();
+            self.encode_ready_answers(metrics, loop_id);
             self.flush()?;
             if self.pending_output() > 0 || !self.answers.front_ready() {
                 return Ok(());

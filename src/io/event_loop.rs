@@ -491,6 +491,7 @@ impl EventLoop {
                             Metrics::add(&metrics.connections_refused, 1);
                             refuse(
                                 &mut stream,
+                                &metrics,
                                 "the daemon is out of file descriptors (raise LimitNOFILE or lower max_connections); retry later",
                             );
                         }
@@ -522,7 +523,7 @@ impl EventLoop {
                 } else {
                     format!("connection limit of {limit} reached; retry later")
                 };
-                refuse(&mut stream, &reason);
+                refuse(&mut stream, &metrics, &reason);
                 continue;
             }
             Metrics::add(&metrics.connections_accepted, 1);
@@ -592,7 +593,7 @@ impl EventLoop {
             }
             return;
         }
-        if conn.pump_output().is_err() {
+        if conn.pump_output(&self.services.metrics, self.id).is_err() {
             self.close(key);
             return;
         }
@@ -621,7 +622,7 @@ impl EventLoop {
         if (conn.peer_closed || draining) && conn.pause == Pause::None {
             conn.state = ConnState::Closing;
         }
-        if conn.pump_output().is_err() {
+        if conn.pump_output(&self.services.metrics, self.id).is_err() {
             self.close(key);
             return;
         }
@@ -791,6 +792,7 @@ fn read_once(
 /// Queues one last `Error` (after every answer owed) and stops reading:
 /// the connection closes once it is written.
 fn close_with(conn: &mut Connection, code: ErrorCode, reason: String) {
+    conn.answers.arriving(None);
     conn.answers.push_ready(Message::error(code, reason));
     conn.state = ConnState::Closing;
     let all = conn.input.len();
@@ -819,6 +821,7 @@ fn process_frames(services: &Services, conn: &mut Connection, origin: Origin, li
                     FrameError::Empty => ErrorCode::InvalidFrame,
                     FrameError::TooLarge(_) => ErrorCode::FrameTooLarge,
                 };
+                conn.answers.arriving(None);
                 conn.answers.push_ready(Message::error(code, e.to_string()));
                 conn.state = ConnState::Closing;
                 let all = conn.input.len();
@@ -843,6 +846,7 @@ fn process_frames(services: &Services, conn: &mut Connection, origin: Origin, li
         }
         let now = Instant::now();
         conn.last_frame_at = now;
+        conn.answers.arriving(Some(now));
         let message = decode_message(&conn.input.data()[HEADER_LEN..frame_len]);
         let msg = match message {
             Ok(msg) => msg,
@@ -876,9 +880,10 @@ fn process_frames(services: &Services, conn: &mut Connection, origin: Origin, li
 }
 
 /// Tells a client turned away at accept why.
-fn refuse(stream: &mut Stream, reason: &str) {
+fn refuse(stream: &mut Stream, metrics: &Metrics, reason: &str) {
     let mut frame = Vec::new();
     let msg = Message::error(ErrorCode::Unavailable, reason);
+    metrics.error_sent(&ErrorCode::Unavailable);
     if encode_message(&msg, &mut frame).is_ok() {
         let _ = stream.write(&frame);
     }

@@ -8,11 +8,11 @@ use super::conn::{ConnState, Connection};
 use crate::access::{Access, Scope};
 use crate::budget::InflightBudget;
 use crate::export::{ControlJob, ControlOp, ControlSender};
+use crate::health;
 use crate::io::listener::Stream;
 use crate::metrics::Metrics;
 use crate::proto::{
-    AckStatus, ComponentStatus, ErrorCode, LogFields, Message, Payload, Timestamp,
-    MAX_FUTURE_SKEW_MICROS,
+    AckStatus, ErrorCode, LogFields, Message, Payload, Timestamp, MAX_FUTURE_SKEW_MICROS,
 };
 use crate::reply::ReplyTo;
 use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp, MAX_NAME_LEN};
@@ -141,8 +141,8 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Reloadable settings.
     pub live: Arc<LiveSettings>,
-    /// When the daemon started.
-    pub started: Instant,
+    /// What the health evaluation reads.
+    pub health: Arc<health::report::Sources>,
     /// `general.workspace`: the workspace of a session that names none.
     pub default_workspace: Option<String>,
 }
@@ -434,7 +434,7 @@ impl Services {
     }
 
     fn reject(&self, conn: &mut Connection, id: Uuid, reason: String, entries: u32) -> Handled {
-        Metrics::add(&self.metrics.logs_rejected, u64::from(entries));
+        Metrics::add(&self.metrics.logs_rejected_invalid, u64::from(entries));
         conn.answers
             .push_ready(Message::ack(id, AckStatus::Rejected(reason)));
         Handled::Done(entries.max(1))
@@ -544,115 +544,10 @@ impl Services {
         }
     }
 
-    /// The `Status` answer, built from the counters.
+    /// The `Status` answer: the daemon's health, evaluated as `/health`
+    /// evaluates it.
     pub fn status(&self) -> Message {
-        let m = &self.metrics;
-        let get = Metrics::get;
-        let commit_errors = get(&m.commit_errors);
-        // Degraded while the component's last operation failed, saying why;
-        // healthy again after its next success. The counters follow.
-        let component = |name: &'static str, counters: String| match m.health.get(name) {
-            Some(d) => ComponentStatus {
-                name: name.into(),
-                status: "degraded".into(),
-                message: format!(
-                    "{} (since {}, {} failures); {counters}",
-                    d.reason, d.since, d.failures
-                ),
-            },
-            None => ComponentStatus {
-                name: name.into(),
-                status: "healthy".into(),
-                message: counters,
-            },
-        };
-        let components = vec![
-            ComponentStatus {
-                name: "ipc".into(),
-                status: "healthy".into(),
-                message: format!(
-                    "{} connections open, {} accepted, {} frames received, {} invalid",
-                    get(&m.connections_open),
-                    get(&m.connections_accepted),
-                    get(&m.frames_received),
-                    get(&m.frames_invalid)
-                ),
-            },
-            component(
-                "writer",
-                format!(
-                    "{} logs stored, {} duplicates, {} rejected, {} commits, {} commit errors, {} of {} bytes in flight",
-                    get(&m.logs_stored),
-                    get(&m.logs_duplicate),
-                    get(&m.logs_rejected),
-                    get(&m.commits),
-                    commit_errors,
-                    self.budget.used(),
-                    self.budget.limit()
-                ),
-            ),
-            ComponentStatus {
-                name: "readers".into(),
-                status: "healthy".into(),
-                message: format!(
-                    "{} queries answered, {} refused for a full answer pool, \
-                     {} of {} answer bytes held, {} rows cut to fit",
-                    get(&m.queries),
-                    get(&m.queries_refused),
-                    self.answer_pool.used(),
-                    self.answer_pool.limit(),
-                    get(&m.rows_cut)
-                ),
-            },
-            component(
-                "merger",
-                format!(
-                    "{} logs moved into the indexed table in {} merges; \
-                     {} batches written straight into it",
-                    get(&m.logs_merged),
-                    get(&m.merges),
-                    get(&m.indexed_commits)
-                ),
-            ),
-            ComponentStatus {
-                name: "exports".into(),
-                status: if get(&m.export_errors) + get(&m.watch_limit_errors) == 0 {
-                    "healthy"
-                } else {
-                    "degraded"
-                }
-                .into(),
-                message: format!(
-                    "{} archived, {} with content already archived, {} errors, {} scans, \
-                     {} queue overflows, {} watch-limit errors, {} watch-cap hits, \
-                     {} watched directories lost",
-                    get(&m.exports_archived),
-                    get(&m.exports_deduplicated),
-                    get(&m.export_errors),
-                    get(&m.export_scans),
-                    get(&m.inotify_overflows),
-                    get(&m.watch_limit_errors),
-                    get(&m.watch_cap_hits),
-                    get(&m.watched_dirs_lost)
-                ),
-            },
-            component(
-                "watchdog",
-                match m.heartbeats.limit() {
-                    None => "off: systemd asked for no watchdog pings (WatchdogSec)".into(),
-                    Some(limit) => format!(
-                        "{} pings sent to systemd, {} withheld; every event loop and the writer must show progress within {}",
-                        get(&m.watchdog_pings),
-                        get(&m.watchdog_withheld),
-                        humantime::format_duration(limit)
-                    ),
-                },
-            ),
-        ];
-        Message::answer(Payload::Status {
-            components,
-            uptime: self.started.elapsed(),
-        })
+        Message::answer(health::report::evaluate(&self.health).into_payload())
     }
 }
 

@@ -258,12 +258,24 @@ mod tests {
                 details: Some(rmpv::Value::from("d")),
             },
             Payload::Status {
-                components: vec![ComponentStatus {
-                    name: "writer".into(),
-                    status: "healthy".into(),
-                    message: "ok".into(),
-                }],
+                components: vec![
+                    ComponentStatus {
+                        name: "writer".into(),
+                        status: "healthy".into(),
+                        message: "ok".into(),
+                        reason: None,
+                        since: None,
+                    },
+                    ComponentStatus {
+                        name: "storage".into(),
+                        status: "degraded".into(),
+                        message: "nearly full; 1 GiB free".into(),
+                        reason: Some("nearly full".into()),
+                        since: Some(Timestamp::from_micros(1_700_000_000_000_000)),
+                    },
+                ],
                 uptime: std::time::Duration::from_millis(1500),
+                version: Some("0.1.0".into()),
             },
         ]
     }

@@ -153,6 +153,9 @@ pub enum Payload {
         components: Vec<ComponentStatus>,
         /// Time since the daemon started.
         uptime: Duration,
+        /// Extension: the daemon's version (absent from older daemons).
+        #[serde(default)]
+        version: Option<String>,
     },
     /// Extension: answer to `ListMonitoring`.
     Monitoring {
@@ -306,6 +309,12 @@ pub struct ComponentStatus {
     pub status: String,
     /// A readable summary with the component's key figures.
     pub message: String,
+    /// Extension: why the component is not healthy (nil when it is).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Extension: since when it is not healthy (nil when it is).
+    #[serde(default)]
+    pub since: Option<Timestamp>,
 }
 
 /// Severity of a log, least to most severe.
@@ -419,6 +428,22 @@ impl ErrorCode {
             ErrorCode::InvalidRequest => "InvalidRequest",
             ErrorCode::Internal => "Internal",
             ErrorCode::Other(s) => s,
+        }
+    }
+
+    /// The wire name of a code this version names; `"Other"` for the rest.
+    pub fn static_name(&self) -> &'static str {
+        match self {
+            ErrorCode::Other(_) => "Other",
+            ErrorCode::FrameTooLarge => "FrameTooLarge",
+            ErrorCode::InvalidFrame => "InvalidFrame",
+            ErrorCode::InvalidMessage => "InvalidMessage",
+            ErrorCode::Unauthorized => "Unauthorized",
+            ErrorCode::RateLimited => "RateLimited",
+            ErrorCode::Unavailable => "Unavailable",
+            ErrorCode::Unsupported => "Unsupported",
+            ErrorCode::InvalidRequest => "InvalidRequest",
+            ErrorCode::Internal => "Internal",
         }
     }
 

@@ -4,7 +4,7 @@
 use super::query::select;
 use super::{schema, QueryJob, StoreError};
 use crate::metrics::Metrics;
-use crate::proto::{encode_message, ErrorCode, LogFilter, Message};
+use crate::proto::{encode_message, ErrorCode, LogFilter, Message, Payload};
 use crate::reply::{Answer, Replies};
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::Connection;
@@ -121,6 +121,9 @@ fn answer(conn: &Connection, filter: &LogFilter, limit: u64, metrics: &Metrics) 
             Message::error(ErrorCode::Internal, format!("query failed: {e}"))
         }
     };
+    if let Payload::Error { code, .. } = &error.payload {
+        metrics.error_sent(code);
+    }
     let mut frame = Vec::new();
     // A short error always encodes.
     let _ = encode_message(&error, &mut frame);

@@ -448,11 +448,11 @@ impl Acker {
                 }
                 Ok(OpOutcome::Done) => AckStatus::Accepted,
                 Ok(OpOutcome::Rejected(reason)) => {
-                    Metrics::add(&m.logs_rejected, job.op.row_count() as u64);
+                    Metrics::add(&m.logs_rejected_storage, job.op.row_count() as u64);
                     AckStatus::Rejected(reason)
                 }
                 Err(e) => {
-                    Metrics::add(&m.logs_rejected, job.op.row_count() as u64);
+                    Metrics::add(&m.logs_rejected_storage, job.op.row_count() as u64);
                     AckStatus::Rejected(format!("storage error: {e}"))
                 }
             };
@@ -714,18 +714,23 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            Metrics::set(&self.metrics().writer_queue_depth, jobs.len() as u64);
             if self.acker.jobs.is_empty() {
                 continue;
             }
+            let started = Instant::now();
             if self.commit_indexed() {
+                self.metrics().record_commit(started.elapsed(), rows);
                 continue;
             }
             self.wait_for_merger();
             // Delete merged rows a little faster than they arrive.
             self.body.delete_at_most(2 * rows + 1024);
+            let started = Instant::now();
             if self.acker.commit_and_answer(&mut self.conn, &mut self.body) {
                 self.pulse.beat();
             }
+            self.metrics().record_commit(started.elapsed(), rows);
             if self.trimmer.after_commit(&self.conn).is_some() {
                 Metrics::add(&self.metrics().checkpoints, 1);
             }

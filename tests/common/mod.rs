@@ -203,6 +203,9 @@ pub struct Opts {
     /// Token given through `$CODI_MONITOR_TOKEN` (before `env`, which may
     /// override it); `None` gives none.
     pub token: Option<String>,
+    /// `--admin` value (default `127.0.0.1:0`, so that parallel daemons
+    /// never fight over the default port); `None` passes no flag.
+    pub admin: Option<String>,
 }
 
 impl Default for Opts {
@@ -216,6 +219,7 @@ impl Default for Opts {
             args: Vec::new(),
             env: Vec::new(),
             token: Some(TEST_TOKEN.into()),
+            admin: Some("127.0.0.1:0".into()),
         }
     }
 }
@@ -286,6 +290,9 @@ impl Opts {
             cmd.arg("--tcp").arg(tcp);
         }
         cmd.arg("--workers").arg(self.workers.to_string());
+        if let Some(admin) = &self.admin {
+            cmd.arg("--admin").arg(admin);
+        }
         if self.config {
             cmd.arg("--config").arg(sandbox.config());
         }
@@ -350,6 +357,8 @@ pub struct Ready {
     pub tcp: Option<SocketAddr>,
     /// `db=` path.
     pub db: PathBuf,
+    /// `admin=` address.
+    pub admin: Option<SocketAddr>,
 }
 
 fn parse_ready(line: &str) -> Ready {
@@ -358,6 +367,7 @@ fn parse_ready(line: &str) -> Ready {
     let mut unix = None;
     let mut tcp = None;
     let mut db = None;
+    let mut admin = None;
     for field in fields {
         let (key, value) = field
             .split_once('=')
@@ -366,6 +376,7 @@ fn parse_ready(line: &str) -> Ready {
             "unix" => unix = Some(PathBuf::from(value)),
             "tcp" => tcp = Some(value.parse().expect("tcp= is a socket address")),
             "db" => db = Some(PathBuf::from(value)),
+            "admin" => admin = Some(value.parse().expect("admin= is a socket address")),
             other => panic!("unknown READY field `{other}` in {line}"),
         }
     }
@@ -373,6 +384,7 @@ fn parse_ready(line: &str) -> Ready {
         unix,
         tcp,
         db: db.unwrap_or_else(|| panic!("READY line without db=: {line}")),
+        admin,
     }
 }
 
@@ -497,6 +509,22 @@ impl Daemon {
     /// The TCP address from READY.
     pub fn tcp_addr(&self) -> SocketAddr {
         self.ready.tcp.expect("TCP listener is on")
+    }
+
+    /// The admin endpoint's address from READY.
+    #[allow(dead_code)]
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.ready.admin.expect("the admin endpoint is on")
+    }
+
+    /// `GET path` from the admin endpoint.
+    #[allow(dead_code)]
+    pub fn http_get(&self, path: &str) -> HttpResponse {
+        http_request(
+            self.admin_addr(),
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// The database path from READY.
@@ -629,6 +657,66 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// An HTTP response from the admin endpoint.
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Headers, names lower-cased.
+    pub headers: HashMap<String, String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The body as text.
+    #[allow(dead_code)]
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).expect("a UTF-8 body")
+    }
+}
+
+/// Sends `request` (raw bytes) to `addr`, reads the answer to the end of
+/// the stream and parses its head with `httparse`.
+#[allow(dead_code)]
+pub fn http_request(addr: SocketAddr, request: &[u8]) -> io::Result<HttpResponse> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
+    s.write_all(request)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_http_response(&raw)
+}
+
+/// Parses a complete HTTP response.
+#[allow(dead_code)]
+pub fn parse_http_response(raw: &[u8]) -> io::Result<HttpResponse> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(bad(format!("incomplete response: {raw:?}"))),
+        Err(e) => return Err(bad(format!("bad response ({e}): {raw:?}"))),
+    };
+    let headers: HashMap<String, String> = resp
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    Ok(HttpResponse {
+        status: resp.code.unwrap_or(0),
+        headers,
+        body: raw[head_len..].to_vec(),
+    })
 }
 
 /// A blocking protocol client with hang-protected reads.

@@ -48,7 +48,9 @@ class Daemon:
             env[var] = str(workdir / "home")
         (workdir / "home").mkdir(mode=0o700, exist_ok=True)
         argv = [str(daemon_binary()), "--socket", self.socket_path,
-                "--tcp", "127.0.0.1:0", "--db", self.db_path, "--workers", "2"]
+                "--tcp", "127.0.0.1:0", "--db", self.db_path, "--workers", "2",
+                # An ephemeral admin port: parallel daemons never share 9848.
+                "--admin", "127.0.0.1:0"]
         if token is not None:
             env["CODI_MONITOR_TOKEN"] = token
         else:
@@ -98,7 +100,7 @@ class Daemon:
         words = line.decode().split()
         assert words[0] == "READY", line
         fields = dict(word.split("=", 1) for word in words[1:])
-        assert set(fields) == {"unix", "tcp", "db"}, line
+        assert set(fields) == {"unix", "tcp", "admin", "db"}, line
         return fields
 
     def connect(self, transport: str) -> Conn:

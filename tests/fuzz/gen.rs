@@ -325,8 +325,11 @@ pub fn request(rng: &mut Rng, transport: Transport, token: &str) -> Message {
                 name: text(rng, 10),
                 status: text(rng, 10),
                 message: text(rng, 10),
+                reason: rng.one_in(2).then(|| text(rng, 10)),
+                since: None,
             }],
             uptime: Duration::new(rng.next_u64(), rng.below(1_000_000_000) as u32),
+            version: rng.one_in(2).then(|| text(rng, 5)),
         },
         37 => Payload::Monitoring {
             paths: vec![MonitoredPath {

@@ -229,16 +229,32 @@ fn payload() -> impl Strategy<Value = Payload> {
         }),
         (
             prop::collection::vec(
-                (text(), text(), text()).prop_map(|(name, status, message)| ComponentStatus {
-                    name,
-                    status,
-                    message
-                }),
+                (
+                    text(),
+                    text(),
+                    text(),
+                    opt_text(),
+                    prop::option::of(timestamp())
+                )
+                    .prop_map(|(name, status, message, reason, since)| {
+                        ComponentStatus {
+                            name,
+                            status,
+                            message,
+                            reason,
+                            since,
+                        }
+                    }),
                 0..4
             ),
-            duration()
+            duration(),
+            opt_text()
         )
-            .prop_map(|(components, uptime)| Payload::Status { components, uptime }),
+            .prop_map(|(components, uptime, version)| Payload::Status {
+                components,
+                uptime,
+                version
+            }),
         prop::collection::vec(
             (
                 text(),
