@@ -418,16 +418,8 @@ impl ErrorCode {
     /// The wire name.
     pub fn as_str(&self) -> &str {
         match self {
-            ErrorCode::FrameTooLarge => "FrameTooLarge",
-            ErrorCode::InvalidFrame => "InvalidFrame",
-            ErrorCode::InvalidMessage => "InvalidMessage",
-            ErrorCode::Unauthorized => "Unauthorized",
-            ErrorCode::RateLimited => "RateLimited",
-            ErrorCode::Unavailable => "Unavailable",
-            ErrorCode::Unsupported => "Unsupported",
-            ErrorCode::InvalidRequest => "InvalidRequest",
-            ErrorCode::Internal => "Internal",
             ErrorCode::Other(s) => s,
+            named => named.static_name(),
         }
     }
 
