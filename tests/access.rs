@@ -7,7 +7,7 @@
 #[allow(dead_code)]
 mod common;
 
-use codi_monitor::proto::{LogFilter, LogLevel, Payload};
+use codi_monitor::proto::{LogFilter, LogLevel, Message, Payload};
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -209,4 +209,40 @@ fn users_list_only_their_own_watches() {
     assert!(listed(ALICE).contains(&dir), "{}", listed(ALICE));
     assert!(!listed(BOB).contains(&dir), "{}", listed(BOB));
     assert!(listed(AUDITOR).contains(&dir), "{}", listed(AUDITOR));
+}
+
+#[test]
+fn a_user_cannot_end_or_take_over_a_session_that_no_uid_started() {
+    let host = Host::start();
+    // Over TCP (the operator's token), a session has no uid.
+    host.daemon.tcp().expect_accepted(&Message::new(Payload::SessionStart {
+        session_id: "tcp-s".into(),
+        identity: "hub".into(),
+        agent_type: None,
+        workspace: None,
+    }));
+    for args in [
+        &["session", "end", "tcp-s"][..],
+        &["session", "start", "tcp-s"][..],
+    ] {
+        let out = host.codi2_as(BOB, args);
+        assert!(!out.status.success(), "bob {args:?}: {}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("started by another user"),
+            "{}",
+            show(&out)
+        );
+    }
+    let session = host.sandbox.open_db().session("tcp-s").unwrap();
+    assert_eq!(session.ended_at, None, "bob could not end it");
+    // Those who may see everyone's logs still may.
+    let out = host.codi2_as(AUDITOR, &["session", "end", "tcp-s"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(host
+        .sandbox
+        .open_db()
+        .session("tcp-s")
+        .unwrap()
+        .ended_at
+        .is_some());
 }

@@ -37,9 +37,11 @@ const INSERT_SESSION: &str = "INSERT INTO sessions \
     ON CONFLICT(id) DO NOTHING";
 
 /// Ends session `?1` at `?2` unless it has ended, or `?3` (a uid that may
-/// end only its own sessions) is set and another uid started it.
+/// end only its own sessions) is set and that uid did not start it (a
+/// session with no uid, started over TCP or before uids were stored, is
+/// nobody's own).
 const END_SESSION: &str = "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL \
-    AND (?3 IS NULL OR uid IS NULL OR uid = ?3)";
+    AND (?3 IS NULL OR uid = ?3)";
 
 /// The uid that started session `?1` (a row, NULL uid included, if the
 /// session is known).
@@ -165,8 +167,8 @@ fn end_session(
     Ok(owned_by_another(tx, session_id, restricted_to)?.unwrap_or(OpOutcome::Done))
 }
 
-/// The refusal for `restricted_to` touching `session_id`, a session that
-/// another uid started; `None` when it may.
+/// The refusal for `restricted_to` touching `session_id`, a known session
+/// that another uid, or no uid, started; `None` when it may.
 fn owned_by_another(
     tx: &Transaction,
     session_id: &str,
@@ -175,12 +177,11 @@ fn owned_by_another(
     let Some(caller) = restricted_to else {
         return Ok(None);
     };
-    let owner: Option<u32> = tx
+    let owner: Option<Option<u32>> = tx
         .prepare_cached(SESSION_OWNER)?
         .query_row([session_id], |r| r.get(0))
-        .optional()?
-        .flatten();
-    Ok(owner.filter(|&o| o != caller).map(|_| {
+        .optional()?;
+    Ok(owner.filter(|&o| o != Some(caller)).map(|_| {
         OpOutcome::Rejected(format!(
             "session `{session_id}` was started by another user"
         ))
