@@ -215,12 +215,14 @@ fn users_list_only_their_own_watches() {
 fn a_user_cannot_end_or_take_over_a_session_that_no_uid_started() {
     let host = Host::start();
     // Over TCP (the operator's token), a session has no uid.
-    host.daemon.tcp().expect_accepted(&Message::new(Payload::SessionStart {
-        session_id: "tcp-s".into(),
-        identity: "hub".into(),
-        agent_type: None,
-        workspace: None,
-    }));
+    host.daemon
+        .tcp()
+        .expect_accepted(&Message::new(Payload::SessionStart {
+            session_id: "tcp-s".into(),
+            identity: "hub".into(),
+            agent_type: None,
+            workspace: None,
+        }));
     for args in [
         &["session", "end", "tcp-s"][..],
         &["session", "start", "tcp-s"][..],
@@ -245,4 +247,29 @@ fn a_user_cannot_end_or_take_over_a_session_that_no_uid_started() {
         .unwrap()
         .ended_at
         .is_some());
+}
+
+#[test]
+fn stopping_another_users_watch_looks_like_stopping_no_watch() {
+    let host = Host::start();
+    let mut dirs = Vec::new();
+    for name in ["alice-watched", "alice-unwatched"] {
+        let dir = host.sandbox.path().join(name);
+        fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(ALICE), Some(GROUP_ID)).unwrap();
+        dirs.push(dir.display().to_string());
+    }
+    let out = host.codi2_as(ALICE, &["watch", "add", &dirs[0]]);
+    assert!(out.status.success(), "{}", show(&out));
+    let refusal = |dir: &str| {
+        let out = host.codi2_as(BOB, &["watch", "remove", dir]);
+        assert!(!out.status.success(), "{}", show(&out));
+        String::from_utf8_lossy(&out.stderr).replace(dir, "DIR")
+    };
+    let watched = refusal(&dirs[0]);
+    assert!(!watched.contains(&ALICE.to_string()), "{watched}");
+    assert_eq!(watched, refusal(&dirs[1]), "bob cannot tell the two apart");
+    // The watch is still there, and its owner still may stop it.
+    let out = host.codi2_as(ALICE, &["watch", "remove", &dirs[0]]);
+    assert!(out.status.success(), "{}", show(&out));
 }

@@ -55,10 +55,12 @@ impl Watcher {
                 }
                 Err((code, reason)) => Message::error(code, reason),
             },
-            ControlOp::Stop { path } => match self.stop_root(&path, requester) {
-                Ok(()) => Message::ack(job.request_id, AckStatus::Accepted),
-                Err((code, reason)) => Message::error(code, reason),
-            },
+            ControlOp::Stop { path, only_owner } => {
+                match self.stop_root(&path, requester, only_owner) {
+                    Ok(()) => Message::ack(job.request_id, AckStatus::Accepted),
+                    Err((code, reason)) => Message::error(code, reason),
+                }
+            }
             ControlOp::List { only_owner } => {
                 let mut paths: Vec<MonitoredPath> = self
                     .roots
@@ -191,12 +193,24 @@ impl Watcher {
         Ok(dir)
     }
 
-    fn stop_root(&mut self, given: &str, requester: Option<u32>) -> Result<(), Refusal> {
+    /// Stops the watch of `given` for `requester`; `only_owner` as in
+    /// [`ControlOp::Stop`].
+    fn stop_root(
+        &mut self,
+        given: &str,
+        requester: Option<u32>,
+        only_owner: Option<u32>,
+    ) -> Result<(), Refusal> {
         let uid = requester.ok_or_else(anonymous)?;
         let path = fs::canonicalize(given).unwrap_or_else(|_| PathBuf::from(given));
+        let not_watched = || invalid(format!("`{}` is not watched", path.display()));
         let Some(index) = self.roots.iter().position(|r| r.path == path) else {
-            return Err(invalid(format!("`{}` is not watched", path.display())));
+            return Err(not_watched());
         };
+        if only_owner.is_some() && self.roots[index].owner_uid != only_owner {
+            // Neither its owner nor its existence is this user's to learn.
+            return Err(not_watched());
+        }
         let root = &self.roots[index];
         if !root.may_be_changed_by(uid, self.daemon_uid) {
             return Err((

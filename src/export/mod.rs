@@ -134,6 +134,9 @@ pub enum ControlOp {
     Stop {
         /// The directory, as the client gave it.
         path: String,
+        /// Set for a requester who may see only its own watches: its uid.
+        /// Another user's watch is then answered as if it did not exist.
+        only_owner: Option<u32>,
     },
     /// `ListMonitoring`.
     List {

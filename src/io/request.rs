@@ -335,7 +335,8 @@ impl Services {
                 self.control(conn, origin, id, op)
             }
             Payload::StopMonitoring { path } => {
-                self.control(conn, origin, id, ControlOp::Stop { path })
+                let only_owner = self.restricted_to(conn);
+                self.control(conn, origin, id, ControlOp::Stop { path, only_owner })
             }
             Payload::ListMonitoring => {
                 let only_owner = self.restricted_to(conn);
