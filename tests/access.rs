@@ -273,3 +273,90 @@ fn stopping_another_users_watch_looks_like_stopping_no_watch() {
     let out = host.codi2_as(ALICE, &["watch", "remove", &dirs[0]]);
     assert!(out.status.success(), "{}", show(&out));
 }
+
+/// The session the export at `path` was archived under, once it is.
+fn archived_session(host: &Host, path: &std::path::Path) -> Option<String> {
+    let name = path.display().to_string();
+    let mut found = None;
+    let archived = wait_until(std::time::Duration::from_secs(20), || {
+        found = host
+            .sandbox
+            .open_db()
+            .snapshot()
+            .query_row(
+                "SELECT session_id FROM export_archive WHERE original_path = ?1 \
+                 AND error IS NULL",
+                [&name],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .ok();
+        found.is_some()
+    });
+    assert!(archived, "{name} not archived:\n{}", host.daemon.stderr());
+    found.unwrap()
+}
+
+/// Puts `bytes` at `path` as a file `uid` owns, in one rename.
+fn place_file_of(uid: u32, path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("part");
+    fs::write(&tmp, bytes).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(uid), Some(GROUP_ID)).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_user_cannot_claim_another_users_exports_for_a_session() {
+    let host = Host::start();
+    let own_dir = |uid: u32, path: PathBuf| {
+        fs::create_dir_all(&path).unwrap();
+        std::os::unix::fs::chown(&path, Some(uid), Some(GROUP_ID)).unwrap();
+        path
+    };
+    let alice_work = own_dir(ALICE, host.sandbox.path().join("alice-work"));
+    let alice_sub = own_dir(ALICE, alice_work.join("sub"));
+    let bob_work = own_dir(BOB, host.sandbox.path().join("bob-work"));
+    let ok = |out: Output| assert!(out.status.success(), "{}", show(&out));
+    let text = |p: &PathBuf| p.display().to_string();
+    ok(host.codi2_as(
+        ALICE,
+        &[
+            "session",
+            "start",
+            "alice-s",
+            "--workspace",
+            &text(&alice_work),
+        ],
+    ));
+    ok(host.codi2_as(ALICE, &["watch", "add", &text(&alice_work)]));
+    // Bob's session claims a deeper workspace inside Alice's, started later.
+    ok(host.codi2_as(
+        BOB,
+        &[
+            "session",
+            "start",
+            "bob-s",
+            "--workspace",
+            &text(&alice_sub),
+        ],
+    ));
+    // Bob's own watch names Alice's session.
+    ok(host.codi2_as(
+        BOB,
+        &["watch", "add", &text(&bob_work), "--session", "alice-s"],
+    ));
+
+    let alices = alice_sub.join("report.md");
+    place_file_of(ALICE, &alices, b"alice's export");
+    assert_eq!(
+        archived_session(&host, &alices).as_deref(),
+        Some("alice-s"),
+        "bob's workspace does not take alice's exports"
+    );
+    let bobs = bob_work.join("notes.md");
+    place_file_of(BOB, &bobs, b"bob's export");
+    assert_eq!(
+        archived_session(&host, &bobs),
+        None,
+        "bob's exports are not put in alice's session"
+    );
+}
