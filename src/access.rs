@@ -48,23 +48,45 @@ impl Access {
         groups: &[String],
         service_user: Option<&str>,
     ) -> Result<Access, String> {
+        let (access, unknown) = Access::resolve_known(users, groups, service_user);
+        match unknown.into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(access),
+        }
+    }
+
+    /// As [`Access::resolve`], but leaves out the names it cannot resolve
+    /// and returns one error for each: a reload must not keep the previous
+    /// lists (and users the new ones removed) in force for a typo.
+    pub fn resolve_known(
+        users: &[String],
+        groups: &[String],
+        service_user: Option<&str>,
+    ) -> (Access, Vec<String>) {
+        let mut unknown = Vec::new();
         let mut all_uids: HashSet<u32> = [0, rustix::process::geteuid().as_raw()].into();
         if let Some(uid) = service_user.and_then(fsperm::lookup_user) {
             all_uids.insert(uid);
         }
         for user in users {
-            let uid = fsperm::lookup_user(user)
-                .ok_or_else(|| format!("monitor.query_all_users: no such user `{user}`"))?;
-            all_uids.insert(uid);
+            match fsperm::lookup_user(user) {
+                Some(uid) => {
+                    all_uids.insert(uid);
+                }
+                None => unknown.push(format!("monitor.query_all_users: no such user `{user}`")),
+            }
         }
         let mut all_gids = HashSet::new();
         for group in groups {
-            let (gid, members) = fsperm::lookup_group_members(group)
-                .ok_or_else(|| format!("monitor.query_all_groups: no such group `{group}`"))?;
-            all_gids.insert(gid);
-            all_uids.extend(members.iter().filter_map(|m| fsperm::lookup_user(m)));
+            match fsperm::lookup_group_members(group) {
+                Some((gid, members)) => {
+                    all_gids.insert(gid);
+                    all_uids.extend(members.iter().filter_map(|m| fsperm::lookup_user(m)));
+                }
+                None => unknown.push(format!("monitor.query_all_groups: no such group `{group}`")),
+            }
         }
-        Ok(Access { all_uids, all_gids })
+        (Access { all_uids, all_gids }, unknown)
     }
 
     /// What a client may see: everything over TCP (`None`), else by its
@@ -113,5 +135,11 @@ mod tests {
         assert!(err.contains("monitor.query_all_users"), "{err}");
         let err = Access::resolve(&[], &["no-such-group-x".into()], None).unwrap_err();
         assert!(err.contains("monitor.query_all_groups"), "{err}");
+        // Known names still count when others are unknown.
+        let (access, unknown) =
+            Access::resolve_known(&["4321".into(), "no-such-user-x".into()], &[], None);
+        assert_eq!(unknown.len(), 1, "{unknown:?}");
+        assert_eq!(access.scope(peer(4321, 1)), Scope::All);
+        assert_eq!(access.scope(peer(1234, 1)), Scope::Own(1234));
     }
 }

@@ -360,3 +360,39 @@ fn a_user_cannot_claim_another_users_exports_for_a_session() {
         "bob's exports are not put in alice's session"
     );
 }
+
+#[test]
+fn a_reload_that_names_an_unknown_user_still_revokes_the_others() {
+    let host = Host::start();
+    let out = host.codi2_as(BOB, &["log", "from bob"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(
+        host.logs_as(AUDITOR, &[]).len(),
+        1,
+        "the auditor sees bob's"
+    );
+    // The operator removes the auditor and, in the same edit, names a user
+    // that does not exist (yet).
+    host.sandbox.write_config(&format!(
+        "[monitor]\nsocket_group = \"{GROUP_ID}\"\nquery_all_users = [\"no-such-user-codi\"]\n"
+    ));
+    let before = host.daemon.stderr().len();
+    host.daemon.signal(libc::SIGHUP);
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || host.daemon.stderr()
+            [before..]
+            .contains("configuration reloaded")),
+        "{}",
+        host.daemon.stderr()
+    );
+    let lines = host.daemon.stderr()[before..].to_owned();
+    assert!(
+        lines.contains("no-such-user-codi"),
+        "the error names it: {lines}"
+    );
+    assert_eq!(
+        messages(&host.logs_as(AUDITOR, &[])),
+        [],
+        "the removed auditor sees only their own"
+    );
+}
