@@ -32,13 +32,18 @@ struct Host {
 
 impl Host {
     fn start() -> Host {
+        Host::start_with("", Opts::default())
+    }
+
+    /// A daemon with `extra` lines in its `[monitor]` section.
+    fn start_with(extra: &str, opts: Opts) -> Host {
         let sandbox = Sandbox::new();
         // Others must reach the socket directory inside the sandbox.
         fs::set_permissions(sandbox.path(), fs::Permissions::from_mode(0o711)).unwrap();
         sandbox.write_config(&format!(
-            "[monitor]\nsocket_group = \"{GROUP_ID}\"\nquery_all_users = [\"{AUDITOR}\"]\n"
+            "[monitor]\nsocket_group = \"{GROUP_ID}\"\nquery_all_users = [\"{AUDITOR}\"]\n{extra}"
         ));
-        let daemon = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+        let daemon = Daemon::start(Arc::clone(&sandbox), opts.with_config());
         Host { sandbox, daemon }
     }
 
@@ -394,5 +399,67 @@ fn a_reload_that_names_an_unknown_user_still_revokes_the_others() {
         messages(&host.logs_as(AUDITOR, &[])),
         [],
         "the removed auditor sees only their own"
+    );
+}
+
+#[test]
+fn a_tcp_client_without_a_token_sees_and_ends_nothing_of_the_unix_users() {
+    let host = Host::start_with(
+        "allow_unauthenticated_tcp = true\n",
+        Opts::default().token(None),
+    );
+    let ok = |out: Output| assert!(out.status.success(), "{}", show(&out));
+    ok(host.codi2_as(ALICE, &["session", "start", "alice-s"]));
+    ok(host.codi2_as(ALICE, &["log", "-s", "alice-s", "from alice"]));
+    let dir = host.sandbox.path().join("alice-work");
+    fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(ALICE), Some(GROUP_ID)).unwrap();
+    ok(host.codi2_as(ALICE, &["watch", "add", &dir.display().to_string()]));
+
+    // Any local user can be this client: it has no token to show.
+    let mut tcp = host.daemon.tcp_raw();
+    tcp.expect_accepted(&log(LogLevel::Info, "tcp", "from tcp"));
+    let query = |tcp: &mut Client, filter: LogFilter| {
+        let answer = tcp.call(Payload::QueryLogs { filter, limit: 10 });
+        let Payload::LogResults {
+            entries,
+            total_count,
+        } = answer.payload
+        else {
+            panic!("{answer:?}")
+        };
+        let seen: Vec<String> = entries.into_iter().map(|e| e.message).collect();
+        (seen, total_count)
+    };
+    assert_eq!(
+        query(&mut tcp, LogFilter::default()),
+        (vec!["from tcp".to_owned()], 1),
+        "only what clients without a uid wrote"
+    );
+    let alices = LogFilter {
+        uid: Some(ALICE),
+        ..LogFilter::default()
+    };
+    let answer = tcp.call(Payload::QueryLogs {
+        filter: alices,
+        limit: 10,
+    });
+    assert_error(&answer, codi_monitor::proto::ErrorCode::Unauthorized);
+    let answer = tcp.call(Payload::ListMonitoring);
+    let Payload::Monitoring { paths } = &answer.payload else {
+        panic!("{answer:?}")
+    };
+    assert!(paths.is_empty(), "{paths:?}");
+    let end = Message::new(Payload::SessionEnd {
+        session_id: "alice-s".into(),
+    });
+    let answer = tcp.request(&end);
+    assert!(
+        assert_rejected(&answer, end.id).contains("started by another user"),
+        "{answer:?}"
+    );
+    assert_eq!(
+        host.sandbox.open_db().session("alice-s").unwrap().ended_at,
+        None
     );
 }
