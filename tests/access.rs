@@ -463,3 +463,33 @@ fn a_tcp_client_without_a_token_sees_and_ends_nothing_of_the_unix_users() {
         None
     );
 }
+
+#[test]
+fn watch_refusals_tell_nothing_of_paths_the_asker_cannot_reach() {
+    let host = Host::start();
+    // Alice's private tree: only she (and the daemon, as root) can look in.
+    let private = host.sandbox.path().join("alice-private");
+    fs::create_dir_all(private.join("project")).unwrap();
+    fs::write(private.join("plan.md"), b"alice's plan").unwrap();
+    std::os::unix::fs::symlink(private.join("project"), private.join("link")).unwrap();
+    for p in ["", "project", "plan.md"] {
+        std::os::unix::fs::chown(private.join(p), Some(ALICE), Some(GROUP_ID)).unwrap();
+    }
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    let refusal = |args: &[&str], path: &PathBuf| {
+        let path = path.display().to_string();
+        let mut args = args.to_vec();
+        args.push(&path);
+        let out = host.codi2_as(BOB, &args);
+        assert!(!out.status.success(), "{}", show(&out));
+        String::from_utf8_lossy(&out.stderr).replace(&path, "PATH")
+    };
+    for args in [&["watch", "add"][..], &["watch", "remove"][..]] {
+        let missing = refusal(args, &private.join("no-such"));
+        for name in ["project", "plan.md", "link"] {
+            let answer = refusal(args, &private.join(name));
+            assert_eq!(answer, missing, "{args:?} {name}: bob learns nothing");
+        }
+        assert!(!missing.contains(&ALICE.to_string()), "{missing}");
+    }
+}

@@ -855,7 +855,7 @@ fn users_watch_only_their_own_directories_and_files() {
     let (ok, err) = as_nobody(&["watch", "add", &theirs.display().to_string()]);
     assert!(!ok, "uid {NOBODY} may not watch a root-owned directory");
     assert!(err.contains("Unauthorized"), "{err}");
-    assert!(err.contains("not by uid 65534"), "{err}");
+    assert!(err.contains("not a directory owned by uid 65534"), "{err}");
     assert!(list(&mut c).is_empty());
 
     let mine = workdir(&d, "mine");
