@@ -493,3 +493,55 @@ fn watch_refusals_tell_nothing_of_paths_the_asker_cannot_reach() {
         assert!(!missing.contains(&ALICE.to_string()), "{missing}");
     }
 }
+
+#[test]
+fn the_status_does_not_tell_a_user_that_another_already_exported_the_same_content() {
+    // No periodic scan during the test: its counter would move on its own.
+    let host = Host::start_with("scan_interval = \"1d\"\n", Opts::default());
+    let own_dir = |uid: u32, name: &str| {
+        let path = host.sandbox.path().join(name);
+        fs::create_dir(&path).unwrap();
+        std::os::unix::fs::chown(&path, Some(uid), Some(GROUP_ID)).unwrap();
+        path
+    };
+    let ok = |out: Output| assert!(out.status.success(), "{}", show(&out));
+    let alice_work = own_dir(ALICE, "alice-work");
+    let bob_work = own_dir(BOB, "bob-work");
+    ok(host.codi2_as(ALICE, &["watch", "add", &alice_work.display().to_string()]));
+    ok(host.codi2_as(BOB, &["watch", "add", &bob_work.display().to_string()]));
+    let secret = alice_work.join("verdict.md");
+    place_file_of(ALICE, &secret, b"the merger is approved");
+    archived_session(&host, &secret);
+
+    // What bob can see of the exports, less the count of files archived
+    // (which his own guesses move).
+    let seen_by_bob = || {
+        let out = host.codi2_as(BOB, &["status"]);
+        assert!(out.status.success(), "{}", show(&out));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("exports"))
+            .unwrap_or_else(|| panic!("{text}"))
+            .to_owned();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mut masked = Vec::new();
+        for (i, word) in words.iter().enumerate() {
+            let counted = words.get(i + 1).is_some_and(|w| w.starts_with("archived"));
+            masked.push(if counted { "#" } else { word });
+        }
+        masked.join(" ")
+    };
+    let wrong = bob_work.join("guess-1.md");
+    place_file_of(BOB, &wrong, b"the merger is rejected");
+    archived_session(&host, &wrong);
+    let after_wrong = seen_by_bob();
+    let right = bob_work.join("guess-2.md");
+    place_file_of(BOB, &right, b"the merger is approved");
+    archived_session(&host, &right);
+    assert_eq!(
+        seen_by_bob(),
+        after_wrong,
+        "a right guess looks like a wrong one"
+    );
+}

@@ -185,7 +185,10 @@ impl Services {
         match msg.payload {
             Payload::Ping => self.answer(conn, Message::ack(id, AckStatus::Accepted)),
             Payload::Authenticate { .. } => self.authenticate(conn, msg),
-            Payload::GetStatus => self.answer(conn, self.status()),
+            Payload::GetStatus => {
+                let status = self.status(self.scope(conn));
+                self.answer(conn, status)
+            }
             Payload::LogEntry(fields) => {
                 if let Some(reason) = too_far_ahead(msg.timestamp) {
                     return self.reject(conn, id, reason, 1);
@@ -574,8 +577,9 @@ impl Services {
         }
     }
 
-    /// The `Status` answer, built from the counters.
-    pub fn status(&self) -> Message {
+    /// The `Status` answer, built from the counters, for a client who may
+    /// see `scope`'s logs.
+    pub fn status(&self, scope: Scope) -> Message {
         let m = &self.metrics;
         let get = Metrics::get;
         let commit_errors = get(&m.commit_errors);
@@ -653,11 +657,20 @@ impl Services {
                 }
                 .into(),
                 message: format!(
-                    "{} archived, {} with content already archived, {} errors, {} scans, \
+                    "{} archived, {}{} errors, {} scans, \
                      {} queue overflows, {} watch-limit errors, {} watch-cap hits, \
                      {} watched directories lost",
                     get(&m.exports_archived),
-                    get(&m.exports_deduplicated),
+                    // Whose content matched is not for everyone: a user who
+                    // exports a guess would learn that someone else exported
+                    // exactly that.
+                    match scope {
+                        Scope::All => format!(
+                            "{} with content already archived, ",
+                            get(&m.exports_deduplicated)
+                        ),
+                        Scope::Own(_) | Scope::Anonymous => String::new(),
+                    },
                     get(&m.export_errors),
                     get(&m.export_scans),
                     get(&m.inotify_overflows),
