@@ -2,7 +2,10 @@
 //! credentials; a client sees only the logs and watches its own uid wrote
 //! unless it is root, the daemon's own user, or listed in
 //! `monitor.query_all_users` / `monitor.query_all_groups`. TCP clients
-//! hold the shared token, the operator's secret, and see everything.
+//! that showed the shared token, the operator's secret, see everything; a
+//! client nobody can tell apart from any local user (TCP without a token,
+//! under `monitor.allow_unauthenticated_tcp`) sees only what such clients
+//! wrote.
 
 use crate::fsperm;
 use std::collections::HashSet;
@@ -26,6 +29,9 @@ pub enum Scope {
     All,
     /// Only those written by this uid.
     Own(u32),
+    /// Only those with no uid (written over TCP): a client that showed no
+    /// token and has no credentials, who may be any local user.
+    Anonymous,
 }
 
 /// The resolved `monitor.query_all_users` and `monitor.query_all_groups`,
@@ -48,30 +54,54 @@ impl Access {
         groups: &[String],
         service_user: Option<&str>,
     ) -> Result<Access, String> {
+        let (access, unknown) = Access::resolve_known(users, groups, service_user);
+        match unknown.into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(access),
+        }
+    }
+
+    /// As [`Access::resolve`], but leaves out the names it cannot resolve
+    /// and returns one error for each: a reload must not keep the previous
+    /// lists (and users the new ones removed) in force for a typo.
+    pub fn resolve_known(
+        users: &[String],
+        groups: &[String],
+        service_user: Option<&str>,
+    ) -> (Access, Vec<String>) {
+        let mut unknown = Vec::new();
         let mut all_uids: HashSet<u32> = [0, rustix::process::geteuid().as_raw()].into();
         if let Some(uid) = service_user.and_then(fsperm::lookup_user) {
             all_uids.insert(uid);
         }
         for user in users {
-            let uid = fsperm::lookup_user(user)
-                .ok_or_else(|| format!("monitor.query_all_users: no such user `{user}`"))?;
-            all_uids.insert(uid);
+            match fsperm::lookup_user(user) {
+                Some(uid) => {
+                    all_uids.insert(uid);
+                }
+                None => unknown.push(format!("monitor.query_all_users: no such user `{user}`")),
+            }
         }
         let mut all_gids = HashSet::new();
         for group in groups {
-            let (gid, members) = fsperm::lookup_group_members(group)
-                .ok_or_else(|| format!("monitor.query_all_groups: no such group `{group}`"))?;
-            all_gids.insert(gid);
-            all_uids.extend(members.iter().filter_map(|m| fsperm::lookup_user(m)));
+            match fsperm::lookup_group_members(group) {
+                Some((gid, members)) => {
+                    all_gids.insert(gid);
+                    all_uids.extend(members.iter().filter_map(|m| fsperm::lookup_user(m)));
+                }
+                None => unknown.push(format!("monitor.query_all_groups: no such group `{group}`")),
+            }
         }
-        Ok(Access { all_uids, all_gids })
+        (Access { all_uids, all_gids }, unknown)
     }
 
-    /// What a client may see: everything over TCP (`None`), else by its
-    /// credentials.
-    pub fn scope(&self, peer: Option<PeerCred>) -> Scope {
+    /// What a client may see: by its credentials when it has them (a Unix
+    /// client), else everything if it showed the token (`holds_token`), else
+    /// only what other such clients wrote.
+    pub fn scope(&self, peer: Option<PeerCred>, holds_token: bool) -> Scope {
         match peer {
-            None => Scope::All,
+            None if holds_token => Scope::All,
+            None => Scope::Anonymous,
             Some(p) if self.all_uids.contains(&p.uid) || self.all_gids.contains(&p.gid) => {
                 Scope::All
             }
@@ -91,20 +121,22 @@ mod tests {
     #[test]
     fn root_tcp_and_listed_users_see_all_and_others_only_their_own() {
         let access = Access::resolve(&["4321".into()], &[], None).unwrap();
-        assert_eq!(access.scope(None), Scope::All);
-        assert_eq!(access.scope(peer(0, 0)), Scope::All);
-        assert_eq!(access.scope(peer(4321, 4321)), Scope::All);
-        assert_eq!(access.scope(peer(1234, 1234)), Scope::Own(1234));
+        assert_eq!(access.scope(None, true), Scope::All);
+        assert_eq!(access.scope(None, false), Scope::Anonymous);
+        assert_eq!(access.scope(peer(0, 0), false), Scope::All);
+        assert_eq!(access.scope(peer(4321, 4321), false), Scope::All);
+        assert_eq!(access.scope(peer(1234, 1234), false), Scope::Own(1234));
+        assert_eq!(access.scope(peer(1234, 1234), true), Scope::Own(1234));
         let own = rustix::process::geteuid().as_raw();
-        assert_eq!(access.scope(peer(own, 77)), Scope::All);
+        assert_eq!(access.scope(peer(own, 77), false), Scope::All);
     }
 
     #[test]
     fn a_listed_group_counts_for_its_members_and_its_primary_users() {
         // `root` is a group on every Linux system, with gid 0.
         let access = Access::resolve(&[], &["root".into()], None).unwrap();
-        assert_eq!(access.scope(peer(5555, 0)), Scope::All);
-        assert_eq!(access.scope(peer(5555, 5555)), Scope::Own(5555));
+        assert_eq!(access.scope(peer(5555, 0), false), Scope::All);
+        assert_eq!(access.scope(peer(5555, 5555), false), Scope::Own(5555));
     }
 
     #[test]
@@ -113,5 +145,11 @@ mod tests {
         assert!(err.contains("monitor.query_all_users"), "{err}");
         let err = Access::resolve(&[], &["no-such-group-x".into()], None).unwrap_err();
         assert!(err.contains("monitor.query_all_groups"), "{err}");
+        // Known names still count when others are unknown.
+        let (access, unknown) =
+            Access::resolve_known(&["4321".into(), "no-such-user-x".into()], &[], None);
+        assert_eq!(unknown.len(), 1, "{unknown:?}");
+        assert_eq!(access.scope(peer(4321, 1), false), Scope::All);
+        assert_eq!(access.scope(peer(1234, 1), false), Scope::Own(1234));
     }
 }

@@ -1178,7 +1178,7 @@ fn resolve(
                     ));
                 }
                 None => warnings.push(format!(
-                    "{} listens without a token (monitor.allow_unauthenticated_tcp): every local user may read and write every log",
+                    "{} listens without a token (monitor.allow_unauthenticated_tcp): every local user may write logs over TCP and read those sent over TCP",
                     c.origin
                 )),
                 Some(t) if t.len() < MIN_TOKEN_LEN => {

@@ -459,10 +459,17 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool 
             return false;
         }
     };
-    match resolve_access(&new) {
-        Ok(access) => *live.access.write() = access,
-        Err(e) => log::error!("keeping who may query all logs as it was: {e}"),
+    // Names that do not resolve are left out, never the whole new list: the
+    // previous one may hold users this reload removes.
+    let (access, unknown) = Access::resolve_known(
+        &new.monitor.query_all_users,
+        &new.monitor.query_all_groups,
+        new.monitor.service_user.as_deref(),
+    );
+    for e in unknown {
+        log::error!("{e}; left out of who may query all logs until the next reload");
     }
+    *live.access.write() = access;
     apply_live(live, &new);
     macro_rules! changed_keys {
         ($($section:ident . $field:ident),* $(,)?) => {

@@ -55,10 +55,12 @@ impl Watcher {
                 }
                 Err((code, reason)) => Message::error(code, reason),
             },
-            ControlOp::Stop { path } => match self.stop_root(&path, requester) {
-                Ok(()) => Message::ack(job.request_id, AckStatus::Accepted),
-                Err((code, reason)) => Message::error(code, reason),
-            },
+            ControlOp::Stop { path, only_owner } => {
+                match self.stop_root(&path, requester, only_owner) {
+                    Ok(()) => Message::ack(job.request_id, AckStatus::Accepted),
+                    Err((code, reason)) => Message::error(code, reason),
+                }
+            }
             ControlOp::List { only_owner } => {
                 let mut paths: Vec<MonitoredPath> = self
                     .roots
@@ -84,7 +86,20 @@ impl Watcher {
         requester: Option<u32>,
     ) -> Result<PathBuf, Refusal> {
         let uid = requester.ok_or_else(anonymous)?;
-        let (path, checked) = canonical_dir(given).map_err(invalid)?;
+        let daemon_uid = self.daemon_uid;
+        let privileged = is_privileged(uid, daemon_uid);
+        // The daemon looks with its own rights: until the directory is known
+        // to be the asker's, an unprivileged asker learns nothing of the
+        // path (whether it exists, what it is, whose, where a link leads).
+        let not_theirs = || not_yours(given, uid, daemon_uid);
+        let (path, checked, owner) = match canonical_dir(given) {
+            Ok(found) => found,
+            Err(_) if !privileged => return Err(not_theirs()),
+            Err(reason) => return Err(invalid(reason)),
+        };
+        if !privileged && owner != uid {
+            return Err(not_theirs());
+        }
         if path.starts_with(&self.settings.archive_dir) {
             return Err(invalid(format!(
                 "`{}` is inside the export archive `{}`, which is never watched",
@@ -104,17 +119,9 @@ impl Watcher {
                 path.display()
             )));
         }
-        if !is_privileged(uid, self.daemon_uid) && meta.uid != uid {
-            return Err((
-                ErrorCode::Unauthorized,
-                format!(
-                    "`{}` is owned by uid {}, not by uid {uid} who asks: only root or the \
-                     daemon's own user (uid {}) may watch a directory they do not own",
-                    path.display(),
-                    meta.uid,
-                    self.daemon_uid
-                ),
-            ));
+        if !privileged && meta.uid != uid {
+            // Given away since it was looked up.
+            return Err(not_theirs());
         }
         if let Some(existing) = self.roots.iter().find(|r| r.path == path) {
             if !existing.may_be_changed_by(uid, self.daemon_uid) {
@@ -191,20 +198,37 @@ impl Watcher {
         Ok(dir)
     }
 
-    fn stop_root(&mut self, given: &str, requester: Option<u32>) -> Result<(), Refusal> {
+    /// Stops the watch of `given` for `requester`; `only_owner` as in
+    /// [`ControlOp::Stop`].
+    fn stop_root(
+        &mut self,
+        given: &str,
+        requester: Option<u32>,
+        only_owner: Option<u32>,
+    ) -> Result<(), Refusal> {
         let uid = requester.ok_or_else(anonymous)?;
         let path = fs::canonicalize(given).unwrap_or_else(|_| PathBuf::from(given));
-        let Some(index) = self.roots.iter().position(|r| r.path == path) else {
-            return Err(invalid(format!("`{}` is not watched", path.display())));
+        // Where a link leads is shown only to those who may look anywhere.
+        let shown = if is_privileged(uid, self.daemon_uid) {
+            path.display().to_string()
+        } else {
+            given.to_owned()
         };
+        let not_watched = || invalid(format!("`{shown}` is not watched"));
+        let Some(index) = self.roots.iter().position(|r| r.path == path) else {
+            return Err(not_watched());
+        };
+        if only_owner.is_some() && self.roots[index].owner_uid != only_owner {
+            // Neither its owner nor its existence is this user's to learn.
+            return Err(not_watched());
+        }
         let root = &self.roots[index];
         if !root.may_be_changed_by(uid, self.daemon_uid) {
             return Err((
                 ErrorCode::Unauthorized,
                 format!(
-                    "`{}` is watched for {}; only that user, root or the daemon's user may \
-                     stop that watch",
-                    path.display(),
+                    "`{shown}` is watched for {}; only that user, root or the daemon's user \
+                     may stop that watch",
                     owner_text(root.owner_uid)
                 ),
             ));
@@ -281,6 +305,19 @@ impl Watcher {
     }
 }
 
+/// The one refusal an unprivileged `uid` gets for any path `given` that is
+/// not a directory it owns, whatever the path really is.
+fn not_yours(given: &str, uid: u32, daemon_uid: u32) -> Refusal {
+    (
+        ErrorCode::Unauthorized,
+        format!(
+            "`{given}` is not a directory owned by uid {uid} (who asks) within reach of the \
+             daemon (uid {daemon_uid}): only root or the daemon's own user may watch, or \
+             learn anything of, a path that is not theirs"
+        ),
+    )
+}
+
 fn owner_text(owner: Option<u32>) -> String {
     match owner {
         Some(uid) => format!("uid {uid}"),
@@ -308,8 +345,9 @@ fn open_error(path: &Path, e: &io::Error) -> String {
 }
 
 /// Canonicalises a requested watch path and checks it is a directory, with
-/// a sentence for each way it is not; returns it with its identity.
-fn canonical_dir(given: &str) -> Result<(PathBuf, Identity), String> {
+/// a sentence for each way it is not; returns it with its identity and
+/// owner.
+fn canonical_dir(given: &str) -> Result<(PathBuf, Identity, u32), String> {
     if given.is_empty() {
         return Err("the path is empty".into());
     }
@@ -322,5 +360,5 @@ fn canonical_dir(given: &str) -> Result<(PathBuf, Identity), String> {
     if !meta.is_dir() {
         return Err(format!("`{}` is not a directory", path.display()));
     }
-    Ok((path, (meta.dev(), meta.ino())))
+    Ok((path, (meta.dev(), meta.ino()), meta.uid()))
 }

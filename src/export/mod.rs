@@ -98,6 +98,27 @@ pub enum ArchiveMode {
     Move,
 }
 
+/// An active session's workspace, as the watcher attributes exports.
+#[derive(Debug, Clone)]
+struct Workspace {
+    /// The directory, without a trailing `/`.
+    dir: String,
+    /// The session.
+    session_id: String,
+    /// The uid that started it; `None` over TCP or before uids were stored.
+    uid: Option<u32>,
+}
+
+/// True if a session `session_uid` started may have a file `owner` owns
+/// counted as its export: its own, or root's, the daemon's or one with no
+/// uid (the operator's, over TCP).
+fn may_claim(session_uid: Option<u32>, owner: u32, daemon_uid: u32) -> bool {
+    match session_uid {
+        None => true,
+        Some(uid) => uid == owner || roots::is_privileged(uid, daemon_uid),
+    }
+}
+
 /// How the watcher works.
 #[derive(Debug, Clone)]
 pub struct ExportSettings {
@@ -134,6 +155,9 @@ pub enum ControlOp {
     Stop {
         /// The directory, as the client gave it.
         path: String,
+        /// Set for a requester who may see only its own watches: its uid.
+        /// Another user's watch is then answered as if it did not exist.
+        only_owner: Option<u32>,
     },
     /// `ListMonitoring`.
     List {
@@ -409,8 +433,8 @@ struct Watcher {
     /// and when they were read.
     free: (u64, Instant),
     /// Active sessions with a workspace: (workspace without a trailing `/`,
-    /// id), deepest first, and when they were read.
-    workspaces: (Vec<(String, String)>, Instant),
+    /// id, the uid that started it), deepest first, and when they were read.
+    workspaces: (Vec<Workspace>, Instant),
 }
 
 impl Watcher {
@@ -825,7 +849,7 @@ impl Watcher {
         };
         // The copy must be durable before the source goes, now or later.
         let may_delete = fate != SourceFate::Keep;
-        let session = self.session_for(source);
+        let session = self.session_for(source, opened.meta.uid);
         let free = self.free_space();
         let copied = match archive::copy_to_temp(opened, &self.settings.archive_dir, free) {
             Ok(c) => {
@@ -979,9 +1003,10 @@ impl Watcher {
 
     /// The watch's session; else the active session whose workspace holds
     /// `source` (the deepest workspace, then the latest start); else none.
-    /// Workspaces are compared as the sessions gave them, so `codi2`
-    /// sends absolute ones.
-    fn session_for(&mut self, source: &Path) -> Option<String> {
+    /// Either only if it may claim a file `owner` owns ([`may_claim`]):
+    /// no user's session takes another user's exports. Workspaces are
+    /// compared as the sessions gave them, so `codi2` sends absolute ones.
+    fn session_for(&mut self, source: &Path, owner: u32) -> Option<String> {
         if let Some(s) = self
             .roots
             .iter()
@@ -989,7 +1014,17 @@ impl Watcher {
             .max_by_key(|r| r.path.as_os_str().len())
             .and_then(|r| r.session_id.clone())
         {
-            return Some(s);
+            let started_by = self
+                .conn
+                .prepare_cached("SELECT uid FROM sessions WHERE id = ?1")
+                .and_then(|mut stmt| stmt.query_row([&s], |r| r.get(0)).optional());
+            match started_by {
+                // Not started yet: the watch's owner named it first.
+                Ok(None) => return Some(s),
+                Ok(Some(uid)) if may_claim(uid, owner, self.daemon_uid) => return Some(s),
+                Ok(Some(_)) => {}
+                Err(e) => log::warn!("cannot look up session `{s}`: {e}"),
+            }
         }
         if self.workspaces.1.elapsed() >= REFRESH {
             match self.load_workspaces() {
@@ -998,24 +1033,32 @@ impl Watcher {
             }
         }
         let source = source.to_string_lossy();
+        let daemon_uid = self.daemon_uid;
         self.workspaces
             .0
             .iter()
-            .find(|(workspace, _)| {
-                source
-                    .strip_prefix(workspace.as_str())
-                    .is_some_and(|rest| rest.starts_with('/'))
+            .find(|w| {
+                may_claim(w.uid, owner, daemon_uid)
+                    && source
+                        .strip_prefix(w.dir.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
             })
-            .map(|(_, id)| id.clone())
+            .map(|w| w.session_id.clone())
     }
 
-    fn load_workspaces(&self) -> rusqlite::Result<Vec<(String, String)>> {
+    fn load_workspaces(&self) -> rusqlite::Result<Vec<Workspace>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT rtrim(workspace, '/'), id FROM sessions \
+            "SELECT rtrim(workspace, '/'), id, uid FROM sessions \
              WHERE ended_at IS NULL AND workspace IS NOT NULL AND workspace <> '/' \
              AND workspace <> '' ORDER BY length(rtrim(workspace, '/')) DESC, started_at DESC",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Workspace {
+                dir: r.get(0)?,
+                session_id: r.get(1)?,
+                uid: r.get(2)?,
+            })
+        })?;
         rows.collect()
     }
 

@@ -229,8 +229,17 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// The daemon's health now.
+/// The daemon's health now, as the operator sees it (`/health`, root's
+/// `GetStatus`).
 pub fn evaluate(src: &Sources) -> Report {
+    evaluate_for(src, true)
+}
+
+/// The daemon's health now; without `sees_all` (a client who may see only
+/// its own logs), leaving out the count of exports whose content was
+/// already archived: a user who exports a guess would learn from it that
+/// someone else exported exactly that.
+pub fn evaluate_for(src: &Sources, sees_all: bool) -> Report {
     let m = &*src.metrics;
     let get = Metrics::get;
     let h = &m.health;
@@ -298,11 +307,18 @@ pub fn evaluate(src: &Sources) -> Report {
             "exports",
             &h.of_component("exports"),
             format!(
-                "{} archived, {} with content already archived, {} errors, {} scans, \
+                "{} archived, {}{} errors, {} scans, \
                  {} queue overflows, {} watch-limit errors, {} watch-cap hits, \
                  {} watched directories lost; {} watched trees ({} missing), {} inotify watches",
                 get(&m.exports_archived),
-                get(&m.exports_deduplicated),
+                if sees_all {
+                    format!(
+                        "{} with content already archived, ",
+                        get(&m.exports_deduplicated)
+                    )
+                } else {
+                    String::new()
+                },
                 get(&m.export_errors),
                 get(&m.export_scans),
                 get(&m.inotify_overflows),

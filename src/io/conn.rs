@@ -134,6 +134,8 @@ pub struct Connection {
     /// The credentials of the process at the other end of a Unix socket
     /// (`SO_PEERCRED`); `None` over TCP.
     pub peer: Option<PeerCred>,
+    /// It sent `Authenticate` with the token while one was required.
+    pub holds_token: bool,
     /// The address of a TCP peer.
     pub peer_ip: Option<std::net::IpAddr>,
     /// When the connection was accepted (the `Authenticate` deadline
@@ -180,6 +182,7 @@ impl Connection {
             queries_in_flight: 0,
             scheduled: false,
             peer: None,
+            holds_token: false,
             peer_ip: None,
             accepted_at: Instant::now(),
             last_frame_at: Instant::now(),

@@ -15,6 +15,7 @@ use crate::proto::{
     AckStatus, ErrorCode, LogFields, Message, Payload, Timestamp, MAX_FUTURE_SKEW_MICROS,
 };
 use crate::reply::ReplyTo;
+use crate::store::query::Writers;
 use crate::store::{batch_entry_id, LogRow, QueryJob, WriteJob, WriteOp, MAX_NAME_LEN};
 use crossbeam_channel::{Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
@@ -52,11 +53,13 @@ impl LiveSettings {
         self.token.read().is_some()
     }
 
-    fn token_matches(&self, offered: &str) -> bool {
-        match self.token.read().as_deref() {
-            Some(expected) => constant_time_eq(expected.as_bytes(), offered.as_bytes()),
-            None => true,
-        }
+    /// Whether `offered` is the token; `None` when none is required (any
+    /// offer is then accepted, and proves nothing).
+    fn token_matches(&self, offered: &str) -> Option<bool> {
+        self.token
+            .read()
+            .as_deref()
+            .map(|expected| constant_time_eq(expected.as_bytes(), offered.as_bytes()))
     }
 }
 
@@ -182,7 +185,10 @@ impl Services {
         match msg.payload {
             Payload::Ping => self.answer(conn, Message::ack(id, AckStatus::Accepted)),
             Payload::Authenticate { .. } => self.authenticate(conn, msg),
-            Payload::GetStatus => self.answer(conn, self.status()),
+            Payload::GetStatus => {
+                let status = self.status(self.scope(conn));
+                self.answer(conn, status)
+            }
             Payload::LogEntry(fields) => {
                 if let Some(reason) = too_far_ahead(msg.timestamp) {
                     return self.reject(conn, id, reason, 1);
@@ -259,22 +265,35 @@ impl Services {
                 self.write(conn, origin, id, op, frame_len, 1)
             }
             Payload::QueryLogs { mut filter, limit } => {
-                if let Scope::Own(uid) = self.scope(conn) {
-                    match filter.uid {
-                        Some(asked) if asked != uid => {
-                            return self.answer(
-                                conn,
-                                Message::error(
-                                    ErrorCode::Unauthorized,
-                                    format!(
-                                        "uid {uid} may see only its own logs, not uid {asked}'s \
-                                 (monitor.query_all_users and query_all_groups grant more)"
-                                    ),
+                let mut writers = Writers::Any;
+                match (self.scope(conn), filter.uid) {
+                    (Scope::All, _) => {}
+                    (Scope::Own(uid), Some(asked)) if asked != uid => {
+                        return self.answer(
+                            conn,
+                            Message::error(
+                                ErrorCode::Unauthorized,
+                                format!(
+                                    "uid {uid} may see only its own logs, not uid {asked}'s \
+                                     (monitor.query_all_users and query_all_groups grant more)"
                                 ),
-                            );
-                        }
-                        _ => filter.uid = Some(uid),
+                            ),
+                        );
                     }
+                    (Scope::Own(uid), _) => filter.uid = Some(uid),
+                    (Scope::Anonymous, Some(asked)) => {
+                        return self.answer(
+                            conn,
+                            Message::error(
+                                ErrorCode::Unauthorized,
+                                format!(
+                                    "a client without a token may see only logs sent without \
+                                     a uid, not uid {asked}'s"
+                                ),
+                            ),
+                        );
+                    }
+                    (Scope::Anonymous, None) => writers = Writers::NoUid,
                 }
                 // Room for the answer first: answers that clients do not
                 // read must not add up without bound (`io::answers`).
@@ -296,6 +315,7 @@ impl Services {
                 match self.readers.try_send(QueryJob {
                     reply,
                     filter,
+                    writers,
                     limit,
                     room,
                 }) {
@@ -335,12 +355,21 @@ impl Services {
                 self.control(conn, origin, id, op)
             }
             Payload::StopMonitoring { path } => {
-                self.control(conn, origin, id, ControlOp::Stop { path })
+                // A client without a uid is refused by the watcher.
+                let only_owner = self.restricted_to(conn).flatten();
+                self.control(conn, origin, id, ControlOp::Stop { path, only_owner })
             }
-            Payload::ListMonitoring => {
-                let only_owner = self.restricted_to(conn);
-                self.control(conn, origin, id, ControlOp::List { only_owner })
-            }
+            Payload::ListMonitoring => match self.restricted_to(conn) {
+                // Every watch has a Unix user's uid: none is this client's.
+                Some(None) => self.answer(
+                    conn,
+                    Message::answer(Payload::Monitoring { paths: Vec::new() }),
+                ),
+                only_owner => {
+                    let only_owner = only_owner.flatten();
+                    self.control(conn, origin, id, ControlOp::List { only_owner })
+                }
+            },
             other => {
                 let name = other.name();
                 self.answer(
@@ -356,14 +385,16 @@ impl Services {
 
     /// Whose logs and watches `conn` may see.
     fn scope(&self, conn: &Connection) -> Scope {
-        self.live.access.read().scope(conn.peer)
+        self.live.access.read().scope(conn.peer, conn.holds_token)
     }
 
-    /// The uid `conn` is held to when it may touch only its own sessions.
-    fn restricted_to(&self, conn: &Connection) -> Option<u32> {
+    /// Set when `conn` may touch only its own sessions and see only its own
+    /// watches: its uid, or `None` for a client with no uid.
+    fn restricted_to(&self, conn: &Connection) -> Option<Option<u32>> {
         match self.scope(conn) {
             Scope::All => None,
-            Scope::Own(uid) => Some(uid),
+            Scope::Own(uid) => Some(Some(uid)),
+            Scope::Anonymous => Some(None),
         }
     }
 
@@ -479,7 +510,9 @@ impl Services {
                 );
             }
         }
-        if self.live.token_matches(token) {
+        let matched = self.live.token_matches(token);
+        if matched != Some(false) {
+            conn.holds_token |= matched.is_some();
             if conn.state == ConnState::AwaitingAuth {
                 conn.state = ConnState::Open;
             }
@@ -545,9 +578,10 @@ impl Services {
     }
 
     /// The `Status` answer: the daemon's health, evaluated as `/health`
-    /// evaluates it.
-    pub fn status(&self) -> Message {
-        Message::answer(health::report::evaluate(&self.health).into_payload())
+    /// evaluates it, for a client who may see `scope`'s logs.
+    pub fn status(&self, scope: Scope) -> Message {
+        let report = health::report::evaluate_for(&self.health, scope == Scope::All);
+        Message::answer(report.into_payload())
     }
 }
 

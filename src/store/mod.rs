@@ -302,8 +302,9 @@ pub enum WriteOp {
         /// Who starts it (the Unix client's uid; `None` over TCP).
         uid: Option<u32>,
         /// Set when the starter may not take over a session id another
-        /// uid started: its own uid.
-        restricted_to: Option<u32>,
+        /// uid started: its own uid (`None` for a client with no uid, who
+        /// may start again only a session with none).
+        restricted_to: Option<Option<u32>>,
     },
     /// Record a session's end.
     SessionEnd {
@@ -311,9 +312,10 @@ pub enum WriteOp {
         session_id: String,
         /// End time, microseconds since the epoch.
         ended_at_us: i64,
-        /// Set when the caller may end only sessions its own uid started
-        /// (or that have no uid): that uid.
-        restricted_to: Option<u32>,
+        /// Set when the caller may end only sessions its own uid started:
+        /// that uid (`None` for a client with no uid, who may end only
+        /// sessions with none).
+        restricted_to: Option<Option<u32>>,
     },
 }
 
@@ -347,6 +349,8 @@ pub struct QueryJob {
     pub reply: ReplyTo,
     /// Which logs.
     pub filter: LogFilter,
+    /// Whose logs besides (the requester's right to see).
+    pub writers: query::Writers,
     /// How many at most.
     pub limit: u64,
     /// Room for the answer in the answer pool, taken before the query was

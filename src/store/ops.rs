@@ -36,10 +36,12 @@ const INSERT_SESSION: &str = "INSERT INTO sessions \
     (id, identity, agent_type, started_at, workspace, uid) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
     ON CONFLICT(id) DO NOTHING";
 
-/// Ends session `?1` at `?2` unless it has ended, or `?3` (a uid that may
-/// end only its own sessions) is set and another uid started it.
+/// Ends session `?1` at `?2` unless it has ended, or `?3` (the caller may
+/// end only its own sessions) is true and `?4`, its uid or NULL for a
+/// client with none, did not start it: a session with no uid (started over
+/// TCP or before uids were stored) is no Unix user's own.
 const END_SESSION: &str = "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL \
-    AND (?3 IS NULL OR uid IS NULL OR uid = ?3)";
+    AND (?3 = 0 OR uid IS ?4)";
 
 /// The uid that started session `?1` (a row, NULL uid included, if the
 /// session is known).
@@ -122,7 +124,7 @@ fn start_session(
     workspace: Option<&str>,
     started_at_us: i64,
     uid: Option<u32>,
-    restricted_to: Option<u32>,
+    restricted_to: Option<Option<u32>>,
 ) -> Result<OpOutcome, rusqlite::Error> {
     let added = tx.prepare_cached(INSERT_SESSION)?.execute(params![
         session_id,
@@ -144,11 +146,14 @@ fn end_session(
     tx: &Transaction,
     session_id: &str,
     ended_at_us: i64,
-    restricted_to: Option<u32>,
+    restricted_to: Option<Option<u32>>,
 ) -> Result<OpOutcome, rusqlite::Error> {
-    let changed =
-        tx.prepare_cached(END_SESSION)?
-            .execute(params![session_id, ended_at_us, restricted_to])?;
+    let changed = tx.prepare_cached(END_SESSION)?.execute(params![
+        session_id,
+        ended_at_us,
+        restricted_to.is_some(),
+        restricted_to.flatten()
+    ])?;
     if changed > 0 {
         return Ok(OpOutcome::Done);
     }
@@ -165,21 +170,20 @@ fn end_session(
     Ok(owned_by_another(tx, session_id, restricted_to)?.unwrap_or(OpOutcome::Done))
 }
 
-/// The refusal for `restricted_to` touching `session_id`, a session that
-/// another uid started; `None` when it may.
+/// The refusal for `restricted_to` touching `session_id`, a known session
+/// that another uid, or no uid, started; `None` when it may.
 fn owned_by_another(
     tx: &Transaction,
     session_id: &str,
-    restricted_to: Option<u32>,
+    restricted_to: Option<Option<u32>>,
 ) -> Result<Option<OpOutcome>, rusqlite::Error> {
     let Some(caller) = restricted_to else {
         return Ok(None);
     };
-    let owner: Option<u32> = tx
+    let owner: Option<Option<u32>> = tx
         .prepare_cached(SESSION_OWNER)?
         .query_row([session_id], |r| r.get(0))
-        .optional()?
-        .flatten();
+        .optional()?;
     Ok(owner.filter(|&o| o != caller).map(|_| {
         OpOutcome::Rejected(format!(
             "session `{session_id}` was started by another user"
@@ -307,5 +311,44 @@ mod tests {
             OpOutcome::Rejected("unknown session `ghost`".into())
         );
         assert_eq!(count(&conn, "SELECT COUNT(*) FROM sessions"), 0);
+    }
+
+    #[test]
+    fn a_restricted_caller_touches_only_sessions_its_own_uid_started() {
+        let (_dir, mut conn) = db();
+        let start = |id: &str, uid, restricted_to| WriteOp::SessionStart {
+            session_id: id.into(),
+            identity: "me".into(),
+            agent_type: None,
+            workspace: None,
+            started_at_us: 10,
+            uid,
+            restricted_to,
+        };
+        let end = |id: &str, restricted_to| WriteOp::SessionEnd {
+            session_id: id.into(),
+            ended_at_us: 20,
+            restricted_to,
+        };
+        let taken =
+            |id: &str| OpOutcome::Rejected(format!("session `{id}` was started by another user"));
+        assert_eq!(
+            run(&mut conn, &start("seven", Some(7), None)),
+            OpOutcome::Done
+        );
+        assert_eq!(run(&mut conn, &start("tcp", None, None)), OpOutcome::Done);
+        for (id, caller) in [("seven", Some(8)), ("seven", None), ("tcp", Some(7))] {
+            let restricted = Some(caller);
+            assert_eq!(run(&mut conn, &start(id, caller, restricted)), taken(id));
+            assert_eq!(run(&mut conn, &end(id, restricted)), taken(id));
+        }
+        let ended = "SELECT COUNT(*) FROM sessions WHERE ended_at IS NOT NULL";
+        assert_eq!(count(&conn, ended), 0);
+        assert_eq!(
+            run(&mut conn, &end("seven", Some(Some(7)))),
+            OpOutcome::Done
+        );
+        assert_eq!(run(&mut conn, &end("tcp", Some(None))), OpOutcome::Done);
+        assert_eq!(count(&conn, ended), 2);
     }
 }

@@ -157,7 +157,23 @@ pub fn run_query(
     Ok((selection.entries(), selection.total_count))
 }
 
-/// Runs `filter`: picks the entries of its answer and counts all matches.
+/// Whose logs a query may match besides what its filter says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Writers {
+    /// Anyone's (the filter's `uid`, if any, narrows it).
+    #[default]
+    Any,
+    /// Only logs with no uid: written over TCP, or before uids were stored.
+    NoUid,
+}
+
+/// Runs `filter` over anyone's logs: [`select_by`] with [`Writers::Any`].
+pub fn select(conn: &Connection, filter: &LogFilter, limit: u64) -> Result<Selection, StoreError> {
+    select_by(conn, filter, Writers::Any, limit)
+}
+
+/// Runs `filter` over the logs of `writers`: picks the entries of its
+/// answer and counts all matches.
 ///
 /// Without `after_id`: the newest `limit` matches, oldest first. With
 /// `after_id`: the oldest `limit` matches stored after that row id, and the
@@ -166,14 +182,19 @@ pub fn run_query(
 /// the next would not fit in one frame or [`MAX_QUERY_READ_BYTES`] are read,
 /// so the answer keeps the newest (normal) or the first (after `after_id`)
 /// of them, and always holds at least one entry when anything matches.
-pub fn select(conn: &Connection, filter: &LogFilter, limit: u64) -> Result<Selection, StoreError> {
+pub fn select_by(
+    conn: &Connection,
+    filter: &LogFilter,
+    writers: Writers,
+    limit: u64,
+) -> Result<Selection, StoreError> {
     if filter.after_id.is_some_and(|id| id < 0) {
         return Err(StoreError::InvalidFilter(
             "after_id must not be negative".into(),
         ));
     }
     let limit = limit.min(MAX_QUERY_LIMIT);
-    let (clause, params) = where_clause(filter);
+    let (clause, params) = where_clause(filter, writers);
     // One read transaction, so the count and the entries agree; it reads
     // the indexed table and the ingest rows not yet merged into it.
     let tx = ingest::begin_read(conn)?;
@@ -346,7 +367,7 @@ fn truncate_at_char(text: &mut String, max: usize) {
 
 /// The `WHERE` text (with a leading space, or empty) and its parameters,
 /// in placeholder order.
-fn where_clause(filter: &LogFilter) -> (String, Vec<SqlValue>) {
+fn where_clause(filter: &LogFilter, writers: Writers) -> (String, Vec<SqlValue>) {
     let mut clause = String::new();
     let mut params = Vec::new();
     let mut add = |condition: &str, values: &mut dyn Iterator<Item = SqlValue>| {
@@ -383,6 +404,9 @@ fn where_clause(filter: &LogFilter) -> (String, Vec<SqlValue>) {
             "uid = ?",
             &mut std::iter::once(SqlValue::Integer(i64::from(uid))),
         );
+    }
+    if writers == Writers::NoUid {
+        add("uid IS NULL", &mut std::iter::empty());
     }
     if let Some(since) = filter.since {
         add(

@@ -1,7 +1,7 @@
 //! The query pool: a few threads, each with its own read-only connection, so
 //! that queries never wait for the writer (WAL lets them read a snapshot).
 
-use super::query::select;
+use super::query::{select_by, Writers};
 use super::{schema, QueryJob, StoreError};
 use crate::metrics::Metrics;
 use crate::proto::{encode_message, ErrorCode, LogFilter, Message, Payload};
@@ -80,10 +80,11 @@ fn serve(conn: &Connection, jobs: &Receiver<QueryJob>, replies: &Replies, metric
         let QueryJob {
             reply,
             filter,
+            writers,
             limit,
             mut room,
         } = job;
-        let bytes = answer(conn, &filter, limit, metrics);
+        let bytes = answer(conn, &filter, writers, limit, metrics);
         // The answer now holds only what it takes.
         room.shrink_to(bytes.len());
         replies.send(
@@ -99,8 +100,14 @@ fn serve(conn: &Connection, jobs: &Receiver<QueryJob>, replies: &Replies, metric
 
 /// The frame answering one `QueryLogs`: `LogResults` (at most one frame,
 /// built one row at a time, see `store::query`), or an `Error`.
-fn answer(conn: &Connection, filter: &LogFilter, limit: u64, metrics: &Metrics) -> Vec<u8> {
-    let error = match select(conn, filter, limit) {
+fn answer(
+    conn: &Connection,
+    filter: &LogFilter,
+    writers: Writers,
+    limit: u64,
+    metrics: &Metrics,
+) -> Vec<u8> {
+    let error = match select_by(conn, filter, writers, limit) {
         Ok(selection) => {
             Metrics::add(&metrics.rows_cut, selection.rows_cut as u64);
             let mut frame = Vec::new();
@@ -201,6 +208,7 @@ mod tests {
             tx.send(QueryJob {
                 reply: reply_to(seq as u64),
                 filter,
+                writers: Writers::Any,
                 limit,
                 room: pool.try_reserve(1 << 20, &holder).unwrap(),
             })
