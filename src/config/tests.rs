@@ -704,7 +704,33 @@ fn the_admin_flag_picks_a_port_or_turns_it_off() {
 fn packaged_example_parses() {
     let text = include_str!("../../packaging/monitor.toml");
     let c = daemon(text, &Overrides::default(), &Env::new(&[])).unwrap();
-    assert!(c.monitor.unix_socket_path.is_some());
+    // The package's daemon runs as coditect, not root, so the file names
+    // the system paths itself, and every codi2 that reads it trusts
+    // coditect's socket, which members of codi may use.
+    assert_eq!(
+        c.monitor.unix_socket_path.as_deref(),
+        Some(Path::new("/run/codi/monitor.sock"))
+    );
+    assert_eq!(c.storage.sqlite_path, Path::new("/var/lib/codi/codi.db"));
+    assert_eq!(c.monitor.socket_group.as_deref(), Some("codi"));
+    assert_eq!(c.monitor.service_user.as_deref(), Some("coditect"));
+    assert_eq!(c.monitor.tcp_listen, None);
+}
+
+#[test]
+fn container_config_listens_on_tcp_everywhere_and_needs_its_token() {
+    // As packaging/Dockerfile runs it: its environment, and the token that
+    // packaging/docker/entrypoint supplies.
+    let text = include_str!("../../packaging/docker/monitor.toml");
+    let image_env = [("CODI_MONITOR_MODE", "tcp"), ("CODI_MONITOR_PORT", "9847")];
+    let mut with_token = image_env.to_vec();
+    with_token.push(("CODI_MONITOR_TOKEN", "a-token-of-32-bytes-for-the-test"));
+    let c = daemon(text, &Overrides::default(), &Env::new(&with_token)).unwrap();
+    assert_eq!(c.monitor.tcp_listen, tcp("0.0.0.0:9847"));
+    assert_eq!(c.monitor.unix_socket_path, None);
+    assert_eq!(c.storage.sqlite_path, Path::new("/var/lib/codi/codi.db"));
+    let e = err(text, &Overrides::default(), &Env::new(&image_env));
+    assert!(e.contains("beyond loopback"), "{e}");
 }
 
 fn load_with(

@@ -155,13 +155,20 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Creates the socket directory (0700, or 0750 for a group) or checks that an
-/// existing one is writable only by its owner.
+/// existing one is writable only by its owner, and lets the socket's group
+/// through it (see [`open_dir_to_group`]).
 fn prepare_socket_dir(dir: &Path, gid: Option<libc::gid_t>) -> Result<(), ListenError> {
     match fs::metadata(dir) {
-        Ok(meta) => check_private_dir(&meta).map_err(|problem| ListenError::UnsafeDirectory {
-            dir: dir.to_owned(),
-            problem,
-        }),
+        Ok(meta) => {
+            check_private_dir(&meta).map_err(|problem| ListenError::UnsafeDirectory {
+                dir: dir.to_owned(),
+                problem,
+            })?;
+            match gid {
+                Some(gid) => open_dir_to_group(dir, &meta, gid),
+                None => Ok(()),
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let mode = if gid.is_some() { 0o750 } else { 0o700 };
             fs::DirBuilder::new()
@@ -176,6 +183,37 @@ fn prepare_socket_dir(dir: &Path, gid: Option<libc::gid_t>) -> Result<(), Listen
         }
         Err(e) => Err(io_err("cannot inspect", dir.display())(e)),
     }
+}
+
+/// A group-accessible socket is no use in a directory the group cannot
+/// pass through: systemd's `RuntimeDirectory=` makes `/run/codi` owned by
+/// the service's own user and group, for one. When members of `gid` could
+/// not search the existing directory `dir`, and it belongs to this process's
+/// user, it is given to `gid` with group search permission added (nothing
+/// else changes: never group write, never others). A directory that the
+/// group can already pass, or that is not ours (such as `/run` itself), is
+/// left alone.
+fn open_dir_to_group(dir: &Path, meta: &fs::Metadata, gid: libc::gid_t) -> Result<(), ListenError> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o7777;
+    let searchable = if meta.gid() == gid {
+        mode & 0o010 != 0
+    } else {
+        mode & 0o001 != 0
+    };
+    // SAFETY: geteuid cannot fail.
+    if searchable || meta.uid() != unsafe { libc::geteuid() } {
+        return Ok(());
+    }
+    chown_group(dir, gid)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o010))
+        .map_err(io_err("cannot chmod", dir.display()))?;
+    log::info!(
+        "socket directory {} opened to the socket group (gid {gid}, mode {:o})",
+        dir.display(),
+        mode | 0o010
+    );
+    Ok(())
 }
 
 fn lookup_group(name: &str) -> Result<libc::gid_t, ListenError> {
@@ -360,6 +398,57 @@ mod tests {
             .to_string();
         assert!(e.contains("clients would not trust it"), "{e}");
         assert!(!real.join("m.sock").exists(), "the socket was left behind");
+    }
+
+    /// A group this process may give files to: `nogroup` as root (so that
+    /// the group really changes), else this process's own group.
+    fn a_group_of_ours() -> (String, libc::gid_t) {
+        // SAFETY: geteuid, getegid and getgrgid have no preconditions; the
+        // name is copied before any other call could overwrite it.
+        unsafe {
+            if libc::geteuid() == 0 {
+                if let Ok(gid) = lookup_group("nogroup") {
+                    return ("nogroup".to_owned(), gid);
+                }
+            }
+            let gid = libc::getegid();
+            let grp = libc::getgrgid(gid);
+            assert!(!grp.is_null(), "this process's group has no name");
+            let name = std::ffi::CStr::from_ptr((*grp).gr_name);
+            (name.to_string_lossy().into_owned(), gid)
+        }
+    }
+
+    #[test]
+    fn a_group_socket_in_an_existing_private_directory_is_reachable_by_the_group() {
+        let (group, gid) = a_group_of_ours();
+        let base = tempfile::tempdir().unwrap();
+        // As systemd's RuntimeDirectory= leaves it: ours, 0750, our group.
+        let dir = base.path().join("run");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.join("m.sock");
+        let endpoint = bind_unix(&path, Some(&group)).unwrap();
+        let meta = fs::metadata(&dir).unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o7777), (gid, 0o710));
+        let sock = fs::symlink_metadata(&path).unwrap();
+        assert_eq!((sock.gid(), sock.mode() & 0o777), (gid, 0o660));
+        drop(endpoint);
+
+        // A directory the group can already pass keeps its group and mode.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let _again = bind_unix(&path, Some(&group)).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o7777, 0o755);
+    }
+
+    #[test]
+    fn without_a_group_an_existing_directory_is_left_as_it_is() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("run");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let _endpoint = bind_unix(&dir.join("m.sock"), None).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o7777, 0o700);
     }
 
     #[test]
