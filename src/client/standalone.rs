@@ -42,9 +42,35 @@ pub struct Standalone {
     db: PathBuf,
 }
 
+/// Fails when the database at `db` belongs to another uid than `euid`, or
+/// (if it does not exist) the nearest existing directory it would be
+/// created in belongs to another user than `euid` or root (root's are the
+/// system's directories, such as `/tmp`, where anyone makes their own).
+fn refuse_foreign(db: &Path, euid: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some((path, meta)) = db
+        .ancestors()
+        .filter(|p| !p.as_os_str().is_empty())
+        .find_map(|p| std::fs::metadata(p).ok().map(|m| (p, m)))
+    else {
+        return Ok(());
+    };
+    if meta.uid() == euid || (meta.uid() == 0 && path != db) {
+        return Ok(());
+    }
+    Err(StoreError::NotOwner {
+        path: path.to_path_buf(),
+        owner: crate::fsperm::user_name(meta.uid())
+            .unwrap_or_else(|| format!("uid {}", meta.uid())),
+    })
+}
+
 impl Standalone {
-    /// Opens (creating if needed) the database at `db`.
+    /// Opens (creating if needed) the database at `db`: only the caller's
+    /// own, or a new one in the caller's own directory (a directory that
+    /// does not exist yet is created the caller's).
     pub fn open(db: &Path) -> Result<Standalone, StoreError> {
+        refuse_foreign(db, rustix::process::geteuid().as_raw())?;
         Ok(Standalone {
             store: StandaloneStore::open(db)?,
             db: db.to_path_buf(),
@@ -195,6 +221,47 @@ mod tests {
             panic!("ping must not touch the database")
         };
         assert_eq!(code, ErrorCode::Unsupported);
+    }
+
+    #[test]
+    fn another_users_database_or_directory_is_refused() {
+        // As root (the suite's machines): the files get chosen owners.
+        const OWNER: u32 = 4242;
+        const OTHER: u32 = 4243;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("owned");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(OWNER), None).unwrap();
+        let db = dir.join("codi.db");
+        assert!(
+            refuse_foreign(&db, OWNER).is_ok(),
+            "a new file in my directory"
+        );
+        let err = refuse_foreign(&db, OTHER).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotOwner { path, .. } if *path == dir),
+            "{err}"
+        );
+        std::fs::write(&db, b"").unwrap();
+        std::os::unix::fs::chown(&db, Some(OWNER), None).unwrap();
+        let err = refuse_foreign(&db, OTHER).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotOwner { path, .. } if *path == db),
+            "{err}"
+        );
+        assert!(err.to_string().contains("start the daemon"), "{err}");
+        assert!(refuse_foreign(&db, OWNER).is_ok());
+        // A directory still to create is judged by the nearest one there is.
+        let below = dir.join("not/yet/codi.db");
+        assert!(refuse_foreign(&below, OWNER).is_ok());
+        assert!(refuse_foreign(&below, OTHER).is_err());
+        // Root's directories (like /tmp) are anyone's to make a directory
+        // in, but root's database file is root's.
+        let in_system_dir = tmp.path().join("mine/codi.db");
+        assert!(refuse_foreign(&in_system_dir, OTHER).is_ok());
+        let roots = tmp.path().join("root.db");
+        std::fs::write(&roots, b"").unwrap();
+        assert!(refuse_foreign(&roots, OTHER).is_err());
     }
 
     #[test]

@@ -55,6 +55,21 @@ pub enum StoreError {
         /// What is wrong with it.
         problem: crate::fsperm::Untrusted,
     },
+    /// A standalone writer would write another user's database (or create
+    /// one in their directory): SQLite's `-wal`, `-shm` and ingest files
+    /// would then belong to the wrong user, and that user's daemon could
+    /// not open them.
+    #[error(
+        "`{path}` belongs to {owner}, not to this user: writing it directly would leave files \
+         its daemon cannot open; start the daemon (systemctl start codi-monitor) or run \
+         codi2 as that user"
+    )]
+    NotOwner {
+        /// The database file, or its directory when the file does not exist.
+        path: PathBuf,
+        /// Who owns it (a user name, else the uid).
+        owner: String,
+    },
     /// The database's parent path exists but is not a directory.
     #[error("database directory `{0}` exists but is not a directory")]
     NotADirectory(PathBuf),
