@@ -2,12 +2,15 @@
 //! -> exit code.
 //!
 //! Exit codes: 0 stopped cleanly (SIGTERM/SIGINT drained), 1 could not start
-//! or failed while running, 2 invalid configuration or arguments.
+//! or failed while running, 2 invalid configuration or arguments. `verify`:
+//! 0 every check passed, 1 one failed, 2 the files could not be opened;
+//! `backup`: 0 written, 1 failed.
 
 use argh::FromArgs;
 use codi_monitor::config::{Config, Overrides};
+use codi_monitor::store::{backup, verify};
 use codi_monitor::{daemon, logger};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// codi-monitor: collects structured logs and agent sessions from codi2
@@ -49,6 +52,38 @@ struct Args {
 #[argh(subcommand)]
 enum Command {
     Config(ConfigCommand),
+    Verify(VerifyCommand),
+    Backup(BackupCommand),
+}
+
+/// check both database files, their id and merge marks and the archived
+/// exports, without writing to them; exit 0 if every check passes, 1 if
+/// any fails, 2 if the files cannot be opened
+#[derive(FromArgs)]
+#[argh(subcommand, name = "verify")]
+struct VerifyCommand {
+    /// database to check (default: the configured one)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// run SQLite's full integrity_check instead of quick_check
+    #[argh(switch)]
+    full: bool,
+}
+
+/// copy both database files into DIR with SQLite's online backup API, while
+/// the daemon runs or not
+#[derive(FromArgs)]
+#[argh(subcommand, name = "backup")]
+struct BackupCommand {
+    /// directory to write the copies into (created if missing)
+    #[argh(positional)]
+    dir: PathBuf,
+    /// database to copy (default: the configured one)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// replace copies already in DIR
+    #[argh(switch)]
+    force: bool,
 }
 
 /// inspect the configuration
@@ -93,9 +128,24 @@ fn main() -> ExitCode {
         token_file: args.token_file,
         admin: args.admin,
     };
+    let command = match args.command {
+        Some(Command::Verify(verify)) => {
+            return match database(verify.db, &overrides) {
+                Ok(db) => run_verify(&db, verify.full),
+                Err(code) => code,
+            };
+        }
+        Some(Command::Backup(backup)) => {
+            return match database(backup.db, &overrides) {
+                Ok(db) => run_backup(&db, &backup.dir, backup.force),
+                Err(code) => code,
+            };
+        }
+        other => other,
+    };
     if let Some(Command::Config(ConfigCommand {
         action: ConfigAction::Check(check),
-    })) = args.command
+    })) = command
     {
         if check.config.is_some() {
             overrides.config = check.config;
@@ -134,6 +184,61 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("{e}");
             logger::fatal(&e.to_string());
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The database a maintenance command works on: its own `--db`, else the
+/// configured one (`--db`, `$CODI_DB`, the file, the default).
+fn database(db: Option<PathBuf>, overrides: &Overrides) -> Result<PathBuf, ExitCode> {
+    if let Some(db) = db {
+        return Ok(db);
+    }
+    match Config::load(overrides) {
+        Ok(config) => Ok(config.storage.sqlite_path),
+        Err(e) => {
+            eprintln!("codi-monitor: invalid configuration: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// `verify`: prints one line per check; 0 all passed, 1 one failed, 2 the
+/// files could not be opened.
+fn run_verify(db: &Path, full: bool) -> ExitCode {
+    match verify::verify(db, full) {
+        Ok(report) => {
+            println!("{report}");
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("codi-monitor: verify: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `backup`: prints each file written; 0 done, 1 failed.
+fn run_backup(db: &Path, dir: &Path, force: bool) -> ExitCode {
+    match backup::backup(db, dir, force) {
+        Ok(copies) => {
+            for c in copies {
+                println!(
+                    "wrote {} ({} bytes in {} ms)",
+                    c.path.display(),
+                    c.bytes,
+                    c.took.as_millis()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("codi-monitor: backup: {e}");
             ExitCode::from(1)
         }
     }

@@ -6,6 +6,7 @@
 //! Every SQL statement that changes the database lives in [`ops`], so the
 //! daemon's writer and `codi2`'s standalone fallback cannot drift apart.
 
+pub mod backup;
 pub mod ingest;
 pub mod lock;
 pub mod merger;
@@ -15,6 +16,7 @@ pub mod query;
 pub mod reader;
 pub mod schema;
 pub mod standalone;
+pub mod verify;
 pub mod wal;
 pub mod writer;
 

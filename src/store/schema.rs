@@ -216,7 +216,7 @@ pub fn open_ingest_rw(db_path: &Path, cache_size_mb: u32) -> Result<Connection, 
 
 /// Opens one existing file with `mode` (read-only or read-write), URI
 /// names allowed (for [`attach_read_only`]) and the busy timeout.
-fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, StoreError> {
+pub(super) fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         mode | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
@@ -268,7 +268,7 @@ fn attach_read_only(conn: &Connection, path: &Path, name: &str) -> Result<(), St
 /// `path` as an SQLite URI that opens it read-only: every byte outside the
 /// unreserved set and `/` is percent-encoded, so `?`, `#` and `%` in a file
 /// name cannot be read as URI syntax.
-fn read_only_uri(path: &Path) -> String {
+pub(super) fn read_only_uri(path: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;
     let mut uri = String::from("file:");
     for &b in path.as_os_str().as_bytes() {
