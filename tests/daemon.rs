@@ -379,17 +379,13 @@ mod requests {
     fn expected(data: &[Seeded], f: &LogFilter, limit: u64) -> (Vec<Uuid>, u64) {
         let mut matches: Vec<&Seeded> = data
             .iter()
-            .filter(|s| f.min_level.map_or(true, |m| s.level >= m))
-            .filter(|s| f.component.as_deref().map_or(true, |c| s.component == c))
+            .filter(|s| f.min_level.is_none_or(|m| s.level >= m))
+            .filter(|s| f.component.as_deref().is_none_or(|c| s.component == c))
             .filter(|s| f.session_id.is_none() || f.session_id.as_deref() == s.session)
-            .filter(|s| f.since.map_or(true, |t| s.ts >= t.as_micros()))
-            .filter(|s| f.until.map_or(true, |t| s.ts < t.as_micros()))
-            .filter(|s| {
-                f.contains
-                    .as_deref()
-                    .map_or(true, |c| s.message.contains(c))
-            })
-            .filter(|s| f.after_id.map_or(true, |a| s.id > a))
+            .filter(|s| f.since.is_none_or(|t| s.ts >= t.as_micros()))
+            .filter(|s| f.until.is_none_or(|t| s.ts < t.as_micros()))
+            .filter(|s| f.contains.as_deref().is_none_or(|c| s.message.contains(c)))
+            .filter(|s| f.after_id.is_none_or(|a| s.id > a))
             .collect();
         let total = matches.len() as u64;
         let limit = limit as usize;
@@ -704,7 +700,7 @@ mod requests {
             .position(|w| w == mark.as_slice())
             .unwrap();
         let mut deep = body[..at].to_vec();
-        deep.extend(std::iter::repeat(0x91).take(depth));
+        deep.extend(std::iter::repeat_n(0x91, depth));
         deep.push(0x01);
         deep.extend_from_slice(&body[at + mark.len()..]);
         let mut frame = (deep.len() as u32).to_le_bytes().to_vec();

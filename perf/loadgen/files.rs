@@ -299,7 +299,7 @@ fn write_export(tree: &Path, subdirs: u64, i: u64, body: &str) -> Result<PathBuf
     let dir = tree.join(format!("d{}", i % subdirs));
     let path = dir.join(format!("f{i}.md"));
     write_file(&path, &format!("{i} {body}"))?;
-    if i % DECOY_EVERY == 0 {
+    if i.is_multiple_of(DECOY_EVERY) {
         write_file(&dir.join(format!("f{i}.tmp")), "not an export")?;
     }
     Ok(path)
