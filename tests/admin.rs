@@ -173,7 +173,10 @@ fn send_until_rejected(c: &mut Client, round: usize) -> usize {
 #[test]
 fn a_failing_writer_degrades_then_fails_the_health_and_recovers() {
     let sandbox = Sandbox::new();
-    sandbox.write_config("[health]\nfailing_for = \"1s\"\n");
+    // No free-space floor: the host's own disk must not make it degraded.
+    sandbox.write_config(
+        "[health]\nfailing_for = \"1s\"\ndisk_min_free_mb = 0\ndisk_min_free_percent = 0\n",
+    );
     let mut cmd = Opts::default().with_config().command(&sandbox);
     // SAFETY: signal(2) is async-signal-safe; runs in the child before exec.
     unsafe {
@@ -475,11 +478,14 @@ fn a_taken_port_leaves_the_daemon_running_with_the_endpoint_degraded() {
 
 #[test]
 fn the_endpoint_can_be_turned_off() {
+    let sandbox = Sandbox::new();
+    // No free-space floor: the host's own disk must not make it degraded.
+    sandbox.write_config("[health]\ndisk_min_free_mb = 0\ndisk_min_free_percent = 0\n");
     let opts = Opts {
         admin: Some(String::new()),
-        ..Opts::default()
+        ..Opts::default().with_config()
     };
-    let d = Daemon::start(Sandbox::new(), opts);
+    let d = Daemon::start(sandbox, opts);
     assert_eq!(d.ready.admin, None);
     let (ok, json) = codi2_status_json(&d);
     assert!(ok);
