@@ -23,6 +23,8 @@ use crate::notify::Notifier;
 use crate::reply::{self, Replies};
 use crate::store::lock::DatabaseLock;
 use crate::store::reader::spawn_readers;
+use crate::store::recovery;
+use crate::store::salvager::spawn_salvager;
 use crate::store::writer::{spawn_writer, WriterSettings};
 use crate::store::StoreError;
 use mio::{Poll, Waker};
@@ -71,6 +73,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     // First of all, so a second daemon on this database touches nothing
     // (not even a socket) before it is refused.
     let _db_lock = DatabaseLock::acquire(&config.storage.sqlite_path)?;
+    recover_damaged_files(&config.storage.sqlite_path)?;
     let access = resolve_access(&config).map_err(DaemonError::Access)?;
     let max_connections = fit_to_descriptor_limit(
         config.monitor.max_connections,
@@ -141,13 +144,22 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         storage: Mutex::new(None),
         admin: Mutex::new("off (admin.enabled = false)".into()),
     });
-    let (writer_tx, writer) = spawn_writer(
+    let (writer_tx, mut writer) = spawn_writer(
         db,
         &writer_settings,
         replies.clone(),
         Arc::clone(&metrics),
         Arc::clone(&budget),
     )?;
+    let salvager = writer.take_salvage_link().and_then(|link| {
+        match spawn_salvager(db, link, Arc::clone(&metrics)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot start the salvage thread: {e}");
+                None
+            }
+        }
+    });
     let (reader_tx, readers) = spawn_readers(
         db,
         config.storage.reader_threads.max(1),
@@ -314,6 +326,9 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     if let Some(exports) = exports {
         exports.stop();
     }
+    if let Some(salvager) = salvager {
+        salvager.stop();
+    }
     writer.join();
     readers.join();
     if let Some(admin) = admin {
@@ -323,6 +338,26 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     signal_handle.close();
     let _ = signal_thread.join();
     log::info!("stopped after {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Finishes a recovery a crash interrupted, then checks both database
+/// files and, if one is damaged, moves it aside for fresh ones whose rows
+/// the salvage thread fills in while the daemon serves
+/// ([`crate::store::recovery`]).
+fn recover_damaged_files(db: &std::path::Path) -> Result<(), StoreError> {
+    recovery::finish_set_aside(db)?;
+    let started = Instant::now();
+    let damage = recovery::inspect(db, recovery::CHECK_DEADLINE, false);
+    if !damage.is_empty() {
+        let moved = recovery::set_aside(db, &damage)?;
+        log::error!(
+            "{} damaged file(s) replaced in {:.1?}; serving on fresh files while their rows are \
+             salvaged",
+            moved.len(),
+            started.elapsed()
+        );
+    }
     Ok(())
 }
 

@@ -123,6 +123,14 @@ counters! {
     rate_limit_pauses,
     /// WAL checkpoints run.
     checkpoints,
+    /// Salvages of a damaged file finished since start.
+    recoveries,
+    /// Logs those salvages moved into the new database.
+    logs_salvaged,
+    /// Rows those salvages could not read (an upper bound).
+    rows_unreadable,
+    /// Recoveries recorded and not yet acknowledged by an operator.
+    recoveries_unacknowledged,
     /// Export files archived (a new archive row without error).
     exports_archived,
     /// Exports whose content was already archived (recorded, stored once).

@@ -42,21 +42,7 @@ fn health(d: &Daemon) -> (u16, Value) {
 
 /// `codi2 status --json` against `d`.
 fn codi2_status_json(d: &Daemon) -> (bool, Value) {
-    let out = run({
-        let mut cmd = d.sandbox.codi2();
-        cmd.arg("--socket")
-            .arg(d.socket())
-            .args(["status", "--json"]);
-        cmd
-    });
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json = serde_json::from_str(&text).unwrap_or_else(|e| {
-        panic!(
-            "codi2 status --json is not JSON ({e}): {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), json)
+    d.codi2_status_json()
 }
 
 /// The parts of a health document that do not change from one request to

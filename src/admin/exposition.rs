@@ -320,6 +320,30 @@ impl Collector for DaemonCollector {
             "WAL checkpoints run.",
             get(&m.checkpoints),
         )?;
+        counter(
+            e,
+            "codi_recoveries",
+            "Salvages of a damaged database file finished since start.",
+            get(&m.recoveries),
+        )?;
+        counter(
+            e,
+            "codi_logs_salvaged",
+            "Logs salvaged from damaged database files into new ones.",
+            get(&m.logs_salvaged),
+        )?;
+        counter(
+            e,
+            "codi_rows_unreadable",
+            "Rows of damaged database files the salvage could not read (an upper bound).",
+            get(&m.rows_unreadable),
+        )?;
+        gauge(
+            e,
+            "codi_recoveries_unacknowledged",
+            "Recoveries from damaged files that no operator has acknowledged yet.",
+            int(get(&m.recoveries_unacknowledged)),
+        )?;
 
         // Queries.
         counter(e, "codi_queries", "Queries answered.", get(&m.queries))?;

@@ -4,11 +4,12 @@
 //! Exit codes: 0 stopped cleanly (SIGTERM/SIGINT drained), 1 could not start
 //! or failed while running, 2 invalid configuration or arguments. `verify`:
 //! 0 every check passed, 1 one failed, 2 the files could not be opened;
-//! `backup`: 0 written, 1 failed.
+//! `backup`: 0 written, 1 failed. `recover`: 0 nothing to recover or
+//! recovered (the report says what was salvaged and lost), 1 failed.
 
 use argh::FromArgs;
 use codi_monitor::config::{Config, Overrides};
-use codi_monitor::store::{backup, verify};
+use codi_monitor::store::{backup, recovery, verify};
 use codi_monitor::{daemon, logger};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -54,6 +55,25 @@ enum Command {
     Config(ConfigCommand),
     Verify(VerifyCommand),
     Backup(BackupCommand),
+    Recover(RecoverCommand),
+}
+
+/// with the daemon stopped: check both database files fully and, if one is
+/// damaged, move it aside as <name>.corrupt.<UTC time>, start fresh files
+/// and salvage every readable row into them (the daemon does the same at
+/// start-up); or acknowledge recoveries (daemon running or not)
+#[derive(FromArgs)]
+#[argh(subcommand, name = "recover")]
+struct RecoverCommand {
+    /// database to recover (default: the configured one)
+    #[argh(option)]
+    db: Option<PathBuf>,
+    /// rebuild even if no damage is found
+    #[argh(switch)]
+    force: bool,
+    /// mark every recorded recovery as seen, so health stops reporting it
+    #[argh(switch)]
+    acknowledge: bool,
 }
 
 /// check both database files, their id and merge marks and the archived
@@ -138,6 +158,13 @@ fn main() -> ExitCode {
         Some(Command::Backup(backup)) => {
             return match database(backup.db, &overrides) {
                 Ok(db) => run_backup(&db, &backup.dir, backup.force),
+                Err(code) => code,
+            };
+        }
+        Some(Command::Recover(recover)) => {
+            return match database(recover.db, &overrides) {
+                Ok(db) if recover.acknowledge => run_acknowledge(&db),
+                Ok(db) => run_recover(&db, recover.force),
                 Err(code) => code,
             };
         }
@@ -239,6 +266,43 @@ fn run_backup(db: &Path, dir: &Path, force: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("codi-monitor: backup: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `recover`: prints what each recovery salvaged and lost; 0 done (or
+/// nothing to do), 1 failed.
+fn run_recover(db: &Path, force: bool) -> ExitCode {
+    match recovery::recover_offline(db, force) {
+        Ok(done) if done.is_empty() => {
+            println!("no damage found in {} or its ingest file", db.display());
+            ExitCode::SUCCESS
+        }
+        Ok(done) => {
+            for r in done {
+                println!("{}", r.summary());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("codi-monitor: recover: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `recover --acknowledge`: marks every recorded recovery as seen.
+fn run_acknowledge(db: &Path) -> ExitCode {
+    let done =
+        recovery::open_for_acknowledgment(db).and_then(|conn| Ok(recovery::acknowledge(&conn)?));
+    match done {
+        Ok(n) => {
+            println!("{n} recoveries acknowledged");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("codi-monitor: recover --acknowledge: {e}");
             ExitCode::from(1)
         }
     }

@@ -13,6 +13,8 @@
 //! - 3: cannot deliver (daemon unreachable and standalone mode failed or not
 //!   possible, or retries used up)
 //! - 4: protocol or internal error (an answer that makes no sense)
+//! - 5: no daemon, and the database is damaged or being recovered: nothing
+//!   was stored (start the daemon, which salvages it)
 
 use argh::FromArgs;
 use codi_monitor::client::discover::{self, Explicit};
@@ -29,6 +31,7 @@ use codi_monitor::proto::{
     AckStatus, LogFields, LogFilter, LogLevel, Message, Payload, StoredLog, Timestamp,
 };
 use codi_monitor::store::query::MAX_QUERY_LIMIT;
+use codi_monitor::store::StoreError;
 use codi_monitor::text::escape_controls;
 use std::collections::HashMap;
 use std::io::{self, IsTerminal, Write};
@@ -291,6 +294,11 @@ impl Exit {
 impl From<ClientError> for Exit {
     fn from(e: ClientError) -> Exit {
         let code = match &e {
+            ClientError::Standalone { source, .. } | ClientError::Store(source)
+                if matches!(**source, StoreError::Damaged { .. }) =>
+            {
+                5
+            }
             ClientError::Unsendable(_) => 1,
             ClientError::AuthRefused { .. } => 2,
             ClientError::Protocol(_) => 4,

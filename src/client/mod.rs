@@ -148,7 +148,7 @@ pub struct Answered {
 #[derive(Debug)]
 enum Backend {
     Daemon(Connection),
-    Standalone(Standalone),
+    Standalone(Box<Standalone>),
 }
 
 /// A connection to the daemon, or to the database when there is none.
@@ -203,7 +203,7 @@ impl Client {
                 }
             }
         };
-        let backend = Backend::Standalone(open_standalone(&opts, tried)?);
+        let backend = Backend::Standalone(Box::new(open_standalone(&opts, tried)?));
         Ok(Client::with(opts, backend, distrusted))
     }
 
@@ -340,7 +340,7 @@ impl Client {
 
     /// Switches to the database and answers every unanswered request there.
     fn go_standalone(&mut self, tried: String) -> Result<(), ClientError> {
-        self.backend = Backend::Standalone(open_standalone(&self.opts, tried)?);
+        self.backend = Backend::Standalone(Box::new(open_standalone(&self.opts, tried)?));
         for msg in std::mem::take(&mut self.outstanding) {
             self.answer_locally(msg)?;
         }

@@ -138,6 +138,10 @@ pub enum MergerMsg {
     Wake,
 }
 
+/// A salvage step ([`super::recovery`]) for the merger to apply, and
+/// where to say how it went (the rows inserted, or the error).
+pub type SalvageRequest = (super::recovery::SalvageStep, Sender<Result<usize, String>>);
+
 /// The running merger thread.
 #[derive(Debug)]
 pub struct MergerHandle {
@@ -170,6 +174,7 @@ pub(super) fn spawn_merger(
     policy: WalPolicy,
     state: Arc<MergeState>,
     acker: Acker,
+    salvage: Receiver<SalvageRequest>,
 ) -> Result<MergerHandle, StoreError> {
     wal::configure_writer(&conn, &policy)?;
     let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&wal_state))?;
@@ -194,7 +199,7 @@ pub(super) fn spawn_merger(
     };
     let thread = super::writer::spawn_named("codi-merger", move || {
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
-        merger.run(&rx)
+        merger.run(&rx, salvage)
     })?;
     Ok(MergerHandle {
         tx,
@@ -232,15 +237,30 @@ struct Merger {
 }
 
 impl Merger {
-    fn run(mut self, rx: &Receiver<MergerMsg>) {
+    fn run(mut self, rx: &Receiver<MergerMsg>, mut salvage: Receiver<SalvageRequest>) {
         loop {
             let wait = if self.merge_due() {
                 Duration::ZERO
             } else {
                 MERGE_INTERVAL.saturating_sub(self.last_merge.elapsed())
             };
-            match rx.recv_timeout(wait) {
-                Ok(MergerMsg::Job(job)) => {
+            let received = crossbeam_channel::select! {
+                recv(rx) -> msg => msg.map_err(|_| RecvTimeoutError::Disconnected).map(Some),
+                recv(salvage) -> request => {
+                    match request {
+                        Ok((step, answer)) => {
+                            let _ = answer.send(self.salvage_step(&step));
+                        }
+                        // No salvage thread any more: stop listening.
+                        Err(_) => salvage = crossbeam_channel::never(),
+                    }
+                    Ok(None)
+                }
+                default(wait) => Err(RecvTimeoutError::Timeout),
+            };
+            match received {
+                Ok(None) => continue,
+                Ok(Some(MergerMsg::Job(job))) => {
                     self.acker.jobs.push(job);
                     while let Ok(msg) = rx.try_recv() {
                         if let MergerMsg::Job(job) = msg {
@@ -250,7 +270,7 @@ impl Merger {
                     self.acker
                         .commit_and_answer(&mut self.conn, &mut SessionBody);
                 }
-                Ok(MergerMsg::Wake) => self.woken = true,
+                Ok(Some(MergerMsg::Wake)) => self.woken = true,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -277,6 +297,21 @@ impl Merger {
             &self.acker.metrics,
             Some(&*self.state),
         );
+    }
+
+    /// Applies one salvage step; rows it adds may carry uuids above the
+    /// newest one the writer knows of, so that mark is read again.
+    fn salvage_step(&mut self, step: &super::recovery::SalvageStep) -> Result<usize, String> {
+        let inserted =
+            super::recovery::apply_step(&mut self.conn, step).map_err(|e| e.to_string())?;
+        if inserted > 0 {
+            let newest = ingest::logs_max_uuid(&self.conn).map_err(|e| e.to_string())?;
+            self.state.note_merged(self.state.merged_through(), newest);
+            if self.trimmer.after_commit(&self.conn).is_some() {
+                Metrics::add(&self.acker.metrics.checkpoints, 1);
+            }
+        }
+        Ok(inserted)
     }
 
     fn merge_due(&self) -> bool {

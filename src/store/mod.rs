@@ -14,6 +14,8 @@ pub mod metadata;
 pub mod ops;
 pub mod query;
 pub mod reader;
+pub mod recovery;
+pub mod salvager;
 pub mod schema;
 pub mod standalone;
 pub mod verify;
@@ -138,9 +140,43 @@ pub enum StoreError {
         /// Who holds it, as far as the lock file says.
         holder: String,
     },
+    /// A file of the database is damaged, or a recovery of it is under
+    /// way: a standalone write would go where nothing reads it.
+    #[error(
+        "database `{path}` is damaged ({detail}); nothing was stored. Start the daemon \
+         (systemctl start codi-monitor), which salvages it at start-up, or run \
+         `codi-monitor recover --db {path}`",
+        path = path.display()
+    )]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// Any other SQLite failure.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+}
+
+impl StoreError {
+    /// This error, as [`StoreError::Damaged`] when SQLite called a file of
+    /// the database at `db` corrupt.
+    pub fn or_damaged(self, db: &std::path::Path) -> StoreError {
+        let corrupt = match &self {
+            StoreError::Open { source, .. } | StoreError::Sqlite(source) => {
+                recovery::is_corruption(source).then(|| source.to_string())
+            }
+            _ => None,
+        };
+        match corrupt {
+            Some(detail) => StoreError::Damaged {
+                path: db.to_owned(),
+                detail,
+            },
+            None => self,
+        }
+    }
 }
 
 /// Longest component, session id or identity accepted, in bytes.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The schema version of the ingest file.
 pub const INGEST_VERSION: i64 = 3;
@@ -30,7 +30,7 @@ pub const INGEST_VERSION: i64 = 3;
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5, V6];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
 const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2, INGEST_V3];
@@ -143,6 +143,29 @@ ALTER TABLE logs ADD COLUMN uid INTEGER;
 ALTER TABLE sessions ADD COLUMN uid INTEGER;
 ";
 
+/// Version 5 to 6: the record of every recovery from a damaged file
+/// ([`super::recovery`]): which file, where it was moved, why, the id
+/// floor the new files start above, how the salvage of its rows went, and
+/// whether an operator has acknowledged it.
+const V6: &str = "
+CREATE TABLE recoveries (
+  id INTEGER PRIMARY KEY,
+  started_at INTEGER NOT NULL,
+  file TEXT NOT NULL,
+  moved_to TEXT NOT NULL UNIQUE,
+  kind TEXT NOT NULL,
+  reason TEXT NOT NULL,
+  id_floor INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  rows_salvaged INTEGER NOT NULL DEFAULT 0,
+  logs_salvaged INTEGER NOT NULL DEFAULT 0,
+  rows_unreadable INTEGER NOT NULL DEFAULT 0,
+  detail TEXT,
+  finished_at INTEGER,
+  acknowledged_at INTEGER
+);
+";
+
 /// The ingest file: `logs`' columns with only the unique uuid index (which
 /// [`INGEST_V2`] drops), so that a commit dirties a handful of pages however
 /// many sessions it spans.
@@ -211,6 +234,22 @@ pub fn open_ingest_rw(db_path: &Path, cache_size_mb: u32) -> Result<Connection, 
     check_version(&conn, &ingest, INGEST_VERSION)?;
     attach_read_only(&conn, db_path, "store")?;
     check_version_of(&conn, "store", db_path, SCHEMA_VERSION)?;
+    Ok(conn)
+}
+
+/// Creates (or opens) the single file at `path` read-write with the
+/// store's PRAGMAs and migrates it as the main database (`main`) or as an
+/// ingest file, attaching nothing: for files built aside before they take
+/// a store's place ([`super::recovery`]).
+pub(super) fn open_single_rw(path: &Path, main: bool) -> Result<Connection, StoreError> {
+    prepare_directory(path)?;
+    let mut conn = open_file_rw(path, 1)?;
+    let steps: &[&str] = if main {
+        &MIGRATIONS
+    } else {
+        &INGEST_MIGRATIONS
+    };
+    migrate(&mut conn, path, steps)?;
     Ok(conn)
 }
 

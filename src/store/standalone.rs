@@ -8,7 +8,7 @@
 use super::ingest::{self, IdAllocator, PendingUuids};
 use super::ops::{self, OpOutcome};
 use super::query::run_query;
-use super::{schema, StoreError, WriteOp};
+use super::{recovery, schema, StoreError, WriteOp};
 use crate::proto::{LogFilter, StoredLog, Timestamp};
 use rusqlite::{Connection, TransactionBehavior};
 use std::path::Path;
@@ -27,19 +27,45 @@ const RECENT_ROWS: i64 = 4096;
 pub struct StandaloneStore {
     conn: Connection,
     ingest: Connection,
+    path: std::path::PathBuf,
 }
 
 impl StandaloneStore {
     /// Opens (creating and migrating if needed) the database at `path`,
     /// with the same checks and settings as the daemon.
+    /// A damaged file, one the daemon found corrupt, or a recovery under
+    /// way is [`StoreError::Damaged`]: nothing is written then.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = schema::open_rw(path, STANDALONE_CACHE_MB)?;
-        let ingest = schema::open_ingest_rw(path, STANDALONE_CACHE_MB)?;
-        Ok(StandaloneStore { conn, ingest })
+        let refuse = |detail: &str| StoreError::Damaged {
+            path: path.to_owned(),
+            detail: detail.to_owned(),
+        };
+        if recovery::in_progress(path) {
+            return Err(refuse("a recovery of it is under way"));
+        }
+        if recovery::suspect_path(path).exists() {
+            return Err(refuse(
+                "the daemon found it corrupt and salvages it at its next start",
+            ));
+        }
+        let open = || -> Result<Self, StoreError> {
+            let conn = schema::open_rw(path, STANDALONE_CACHE_MB)?;
+            let ingest = schema::open_ingest_rw(path, STANDALONE_CACHE_MB)?;
+            Ok(StandaloneStore {
+                conn,
+                ingest,
+                path: path.to_owned(),
+            })
+        };
+        open().map_err(|e| e.or_damaged(path))
     }
 
     /// Applies one operation in its own transaction and commits it.
     pub fn apply(&mut self, op: &WriteOp) -> Result<OpOutcome, StoreError> {
+        self.apply_once(op).map_err(|e| e.or_damaged(&self.path))
+    }
+
+    fn apply_once(&mut self, op: &WriteOp) -> Result<OpOutcome, StoreError> {
         let now_us = Timestamp::now().as_micros();
         let outcome = if let WriteOp::Logs(rows) = op {
             let tx = self
@@ -68,7 +94,7 @@ impl StandaloneStore {
         filter: &LogFilter,
         limit: u64,
     ) -> Result<(Vec<StoredLog>, u64), StoreError> {
-        run_query(&self.conn, filter, limit)
+        run_query(&self.conn, filter, limit).map_err(|e| e.or_damaged(&self.path))
     }
 }
 

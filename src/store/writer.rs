@@ -79,6 +79,7 @@ const INDEXED_LOCK_WAIT: Duration = Duration::from_millis(200);
 pub struct WriterHandle {
     writer: JoinHandle<()>,
     main_wal: Arc<WalState>,
+    salvage: Option<Sender<merger::SalvageRequest>>,
 }
 
 impl WriterHandle {
@@ -86,6 +87,13 @@ impl WriterHandle {
     /// database (the export watcher) report their commits here.
     pub fn main_wal(&self) -> Arc<WalState> {
         Arc::clone(&self.main_wal)
+    }
+
+    /// Where salvage steps go to the merger (once: for the salvage thread,
+    /// [`super::salvager`]). The merger does not wait for this sender to
+    /// go before it exits.
+    pub fn take_salvage_link(&mut self) -> Option<Sender<merger::SalvageRequest>> {
+        self.salvage.take()
     }
 
     /// Waits for the storage threads. The writer exits once every job sender
@@ -136,6 +144,7 @@ pub fn spawn_writer(
     // The main database's checkpoints make merges durable (see
     // `MergeState::durable_through`).
     let main_wal = Arc::new(WalState::marking(Arc::clone(&state) as Arc<dyn DurableMark>));
+    let (salvage_tx, salvage_rx) = crossbeam_channel::bounded(1);
     let merger = merger::spawn_merger(
         main,
         db_path,
@@ -143,6 +152,7 @@ pub fn spawn_writer(
         settings.wal,
         Arc::clone(&state),
         Acker::new(replies.clone(), Arc::clone(&metrics), Arc::clone(&budget)),
+        salvage_rx,
     )?;
     let pulse = metrics
         .heartbeats
@@ -167,7 +177,14 @@ pub fn spawn_writer(
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
         writer.run(jobs_rx)
     })?;
-    Ok((jobs_tx, WriterHandle { writer, main_wal }))
+    Ok((
+        jobs_tx,
+        WriterHandle {
+            writer,
+            main_wal,
+            salvage: Some(salvage_tx),
+        },
+    ))
 }
 
 /// Reads where the ingest file and `logs` stand (after a crash the ingest

@@ -604,6 +604,27 @@ impl Daemon {
         self.exit = Some(status);
     }
 
+    /// `codi2 status --json` against this daemon: whether it exited 0, and
+    /// the document.
+    #[allow(dead_code)]
+    pub fn codi2_status_json(&self) -> (bool, serde_json::Value) {
+        let out = run({
+            let mut cmd = self.sandbox.codi2();
+            cmd.arg("--socket")
+                .arg(self.socket())
+                .args(["status", "--json"]);
+            cmd
+        });
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "codi2 status --json is not JSON ({e}): {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), json)
+    }
+
     /// SIGTERM.
     pub fn terminate(&self) {
         self.signal(libc::SIGTERM);
