@@ -60,6 +60,12 @@ pub enum DaemonError {
     /// A user or group the configuration names does not exist.
     #[error("{0}")]
     Access(String),
+    /// A storage thread found a file corrupt; the next start salvages it.
+    #[error(
+        "stopped to salvage a corrupt database file; start the daemon again (systemd does) to \
+         move it aside and salvage its rows"
+    )]
+    StoppedToSalvage,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; `overrides` are re-applied when
@@ -268,6 +274,11 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     // From here on only the loops hold the writer's and readers' queues.
     drop(services);
 
+    // A storage thread that meets corruption stops the daemon as SIGTERM
+    // does, so that the next start salvages the file.
+    recovery::watch_for_corruption(db, || {
+        let _ = signal_hook::low_level::raise(SIGTERM);
+    });
     let signal_handle = signals.handle();
     let signal_thread = {
         let shutdown = Arc::clone(&shutdown);
@@ -338,6 +349,9 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     signal_handle.close();
     let _ = signal_thread.join();
     log::info!("stopped after {:.1?}", started.elapsed());
+    if recovery::stopping_to_salvage() {
+        return Err(DaemonError::StoppedToSalvage);
+    }
     Ok(())
 }
 

@@ -560,3 +560,30 @@ fn recover_by_hand_salvages_offline_and_refuses_while_the_daemon_runs() {
     );
     drop(d);
 }
+
+#[test]
+fn corruption_met_while_running_stops_the_daemon_and_the_next_start_salvages() {
+    let (sandbox, merged, unmerged) = used_store(3000, 0);
+    let mut d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+    let db = sandbox.db();
+    overwrite_pages(&db, &pages_of(&db, "logs", "leaf"), 3);
+    let answer = d.unix().call(Payload::QueryLogs {
+        filter: LogFilter::default(),
+        limit: 10_000,
+    });
+    assert!(
+        matches!(answer.payload, Payload::Error { .. }),
+        "a query over the damaged pages fails: {answer:?}"
+    );
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(3), "{}", d.stderr());
+    let stderr = d.stderr();
+    assert!(
+        stderr.contains("corrupt") && stderr.contains("next start moves the damaged file aside"),
+        "{stderr}"
+    );
+    drop(d);
+    let d = start_and_await_salvage(sandbox);
+    let lost = check_recovered(&d, &unmerged, &merged, 3 * 20, 0);
+    eprintln!("lost {lost} of {} logs", merged.len());
+}

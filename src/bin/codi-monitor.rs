@@ -2,7 +2,9 @@
 //! -> exit code.
 //!
 //! Exit codes: 0 stopped cleanly (SIGTERM/SIGINT drained), 1 could not start
-//! or failed while running, 2 invalid configuration or arguments. `verify`:
+//! or failed while running, 2 invalid configuration or arguments, 3 stopped
+//! (drained) to salvage a database file found corrupt while running: the
+//! next start moves it aside and salvages it. `verify`:
 //! 0 every check passed, 1 one failed, 2 the files could not be opened;
 //! `backup`: 0 written, 1 failed. `recover`: 0 nothing to recover or
 //! recovered (the report says what was salvaged and lost), 1 failed.
@@ -208,6 +210,10 @@ fn main() -> ExitCode {
     }
     match daemon::run(config, overrides) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ daemon::DaemonError::StoppedToSalvage) => {
+            log::error!("{e}");
+            ExitCode::from(recovery::EXIT_TO_SALVAGE)
+        }
         Err(e) => {
             log::error!("{e}");
             logger::fatal(&e.to_string());

@@ -337,6 +337,7 @@ impl Merger {
             }
             Err(e) => {
                 Metrics::add(&self.acker.metrics.commit_errors, 1);
+                super::recovery::corruption_seen(&e, "a merge into the indexed table");
                 log::error!("merging logs into the indexed table failed (retrying): {e}");
                 self.acker
                     .metrics

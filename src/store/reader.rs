@@ -124,6 +124,9 @@ fn answer(
             format!("invalid filter: {reason}"),
         ),
         Err(e) => {
+            if let StoreError::Sqlite(inner) = &e {
+                super::recovery::corruption_seen(inner, "a query");
+            }
             log::error!("query failed: {e}");
             Message::error(ErrorCode::Internal, format!("query failed: {e}"))
         }

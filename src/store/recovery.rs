@@ -111,19 +111,16 @@ pub struct Damage {
 }
 
 /// The marker a running daemon leaves when SQLite calls a file corrupt:
-/// `<db>.suspect`, holding the file's kind and the error.
+/// `<db>.suspect`, holding the error.
 pub fn suspect_path(db: &Path) -> PathBuf {
     suffixed(db, ".suspect")
 }
 
-/// Records that SQLite called `kind`'s file of the store at `db` corrupt
-/// (`reason`), so the next start salvages it even if `quick_check` passes.
-pub fn mark_suspect(db: &Path, kind: FileKind, reason: &str) -> std::io::Result<()> {
+/// Records that SQLite called a file of the store at `db` corrupt
+/// (`reason`), so that the next start checks both files fully.
+pub fn mark_suspect(db: &Path, reason: &str) -> std::io::Result<()> {
     let tmp = suffixed(db, ".suspect.tmp");
-    fs::write(
-        &tmp,
-        format!("{}\n{}\n", kind.as_str(), reason.replace('\n', " ")),
-    )?;
+    fs::write(&tmp, format!("{}\n", reason.replace('\n', " ")))?;
     fs::File::open(&tmp)?.sync_all()?;
     fs::rename(&tmp, suspect_path(db))
 }
@@ -190,21 +187,32 @@ pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Vec<Damage> {
             reason: "it is empty (0 bytes) although the main database holds logs".into(),
         });
     }
-    if let Ok(text) = fs::read_to_string(suspect_path(db)) {
-        let mut lines = text.lines();
-        let kind = FileKind::parse(lines.next().unwrap_or("main"));
-        let why = lines.next().unwrap_or("").to_owned();
-        if !damaged(&found, kind) {
-            let path = if kind == FileKind::Main {
-                db.to_owned()
-            } else {
-                ingest.clone()
-            };
-            found.push(Damage {
-                path,
-                kind,
-                reason: format!("the daemon found it corrupt while running: {why}"),
-            });
+    if let Ok(why) = fs::read_to_string(suspect_path(db)) {
+        let why = why.trim();
+        // The running daemon could not say which file: check both fully
+        // (indexes against their tables too).
+        for (path, kind, len) in [
+            (db, FileKind::Main, main_len),
+            (ingest.as_path(), FileKind::Ingest, ingest_len),
+        ] {
+            if damaged(&found, kind) || len.unwrap_or(0) == 0 {
+                continue;
+            }
+            if let Some(reason) = check_file(path, deadline, true, len.unwrap_or(0)) {
+                found.push(Damage {
+                    path: path.to_owned(),
+                    kind,
+                    reason: format!("{reason} (the running daemon had reported: {why})"),
+                });
+            }
+        }
+        if found.is_empty() {
+            log::warn!(
+                "the last run found the store `{}` corrupt ({why}), but a full check of both \
+                 files finds no damage: serving on",
+                db.display()
+            );
+            let _ = fs::rename(suspect_path(db), cleared_path(db));
         }
     }
     found
@@ -970,4 +978,92 @@ pub fn recover_offline(db: &Path, force: bool) -> Result<Vec<Recovery>, StoreErr
         return Ok(Vec::new());
     }
     Ok(recoveries(&conn, &format!("id IN ({})", ids.join(", ")))?)
+}
+
+/// Where the running daemon's store is, once it serves, and whether a
+/// storage thread has met corruption since ([`corruption_seen`]).
+static WATCH: std::sync::OnceLock<Watch> = std::sync::OnceLock::new();
+
+struct Watch {
+    db: PathBuf,
+    stop: Box<dyn Fn() + Send + Sync>,
+    seen: std::sync::atomic::AtomicBool,
+}
+
+/// How long after a start that found a suspect file sound a new corruption
+/// error only degrades the daemon instead of restarting it again (so an
+/// error the checks cannot confirm cannot make it restart in a loop).
+pub const RESTART_QUIET: Duration = Duration::from_secs(3600);
+
+/// Exit code of a daemon that stopped to salvage a file it found corrupt
+/// while running (the service manager starts it again).
+pub const EXIT_TO_SALVAGE: u8 = 3;
+
+/// Arms [`corruption_seen`] for the store at `db`: `stop` begins the
+/// daemon's orderly stop. Once per process.
+pub fn watch_for_corruption(db: &Path, stop: impl Fn() + Send + Sync + 'static) {
+    let _ = WATCH.set(Watch {
+        db: db.to_owned(),
+        stop: Box::new(stop),
+        seen: std::sync::atomic::AtomicBool::new(false),
+    });
+}
+
+/// Whether a storage thread met corruption and the daemon stops to
+/// salvage it at its next start.
+pub fn stopping_to_salvage() -> bool {
+    WATCH
+        .get()
+        .is_some_and(|w| w.seen.load(std::sync::atomic::Ordering::Acquire))
+}
+
+/// Called by the storage threads with every error they meet: a
+/// corruption error (the first one) marks the store suspect
+/// ([`mark_suspect`]), says so, and stops the daemon so that its next
+/// start moves the file aside and salvages it; unless a start within
+/// [`RESTART_QUIET`] found a suspect file sound, when it only says so.
+/// Returns true for a corruption error.
+pub fn corruption_seen(e: &rusqlite::Error, what: &str) -> bool {
+    if !is_corruption(e) {
+        return false;
+    }
+    let Some(w) = WATCH.get() else {
+        return true;
+    };
+    if w.seen.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return true;
+    }
+    let quiet = fs::metadata(cleared_path(&w.db))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < RESTART_QUIET);
+    if quiet {
+        log::error!(
+            "SQLite reports the store `{}` corrupt ({what}: {e}), but a full check at the last \
+             start found it sound; serving on: run `codi-monitor verify --full` and, if it \
+             fails, restart the daemon to salvage it",
+            w.db.display()
+        );
+        return true;
+    }
+    if let Err(io) = mark_suspect(&w.db, &format!("{what}: {e}")) {
+        log::error!(
+            "cannot mark `{}` suspect: {io}",
+            suspect_path(&w.db).display()
+        );
+    }
+    log::error!(
+        "SQLite reports the store `{}` corrupt ({what}: {e}): stopping (exit code \
+         {EXIT_TO_SALVAGE}) so that the next start moves the damaged file aside and salvages \
+         its rows; under systemd it starts again by itself",
+        w.db.display()
+    );
+    (w.stop)();
+    true
+}
+
+/// `<db>.suspect.cleared`: when a start last found a suspect store sound.
+fn cleared_path(db: &Path) -> PathBuf {
+    suffixed(db, ".suspect.cleared")
 }

@@ -332,6 +332,7 @@ pub(super) fn write_batch<'a, B: TxBody>(
             }
         }
         Err(e) if fails_every_job(&e) => {
+            super::recovery::corruption_seen(&e, "a write transaction");
             out.truncate(start);
             let jobs = ops.count();
             log::error!("a write transaction of {jobs} jobs failed: {e}; all are rejected");
