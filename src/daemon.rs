@@ -79,7 +79,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     // First of all, so a second daemon on this database touches nothing
     // (not even a socket) before it is refused.
     let _db_lock = DatabaseLock::acquire(&config.storage.sqlite_path)?;
-    recover_damaged_files(&config.storage.sqlite_path)?;
+    let unchecked = recover_damaged_files(&config.storage.sqlite_path)?;
     let access = resolve_access(&config).map_err(DaemonError::Access)?;
     let max_connections = fit_to_descriptor_limit(
         config.monitor.max_connections,
@@ -279,6 +279,11 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     recovery::watch_for_corruption(db, || {
         let _ = signal_hook::low_level::raise(SIGTERM);
     });
+    if !unchecked.is_empty() {
+        if let Err(e) = recovery::spawn_background_check(unchecked) {
+            log::error!("cannot start the background check of the database: {e}");
+        }
+    }
     let signal_handle = signals.handle();
     let signal_thread = {
         let shutdown = Arc::clone(&shutdown);
@@ -359,12 +364,14 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
 /// files and, if one is damaged, moves it aside for fresh ones whose rows
 /// the salvage thread fills in while the daemon serves
 /// ([`crate::store::recovery`]).
-fn recover_damaged_files(db: &std::path::Path) -> Result<(), StoreError> {
+///
+/// Returns the files served before their check finished.
+fn recover_damaged_files(db: &std::path::Path) -> Result<Vec<std::path::PathBuf>, StoreError> {
     recovery::finish_set_aside(db)?;
     let started = Instant::now();
-    let damage = recovery::inspect(db, recovery::CHECK_DEADLINE, false);
-    if !damage.is_empty() {
-        let moved = recovery::set_aside(db, &damage)?;
+    let found = recovery::inspect(db, recovery::CHECK_DEADLINE, false);
+    if !found.damage.is_empty() {
+        let moved = recovery::set_aside(db, &found.damage)?;
         log::error!(
             "{} damaged file(s) replaced in {:.1?}; serving on fresh files while their rows are \
              salvaged",
@@ -372,7 +379,7 @@ fn recover_damaged_files(db: &std::path::Path) -> Result<(), StoreError> {
             started.elapsed()
         );
     }
-    Ok(())
+    Ok(found.unchecked)
 }
 
 /// Descriptors the daemon needs besides its clients': listeners, each

@@ -46,9 +46,15 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// How long [`inspect`] checks each file at start-up before it serves an
-/// unchecked file rather than keep every client waiting.
-pub const CHECK_DEADLINE: Duration = Duration::from_secs(10);
+/// How long [`inspect`] checks each file at start-up before it serves it
+/// and finishes the check in the background ([`spawn_background_check`])
+/// rather than keep every client waiting (a 1 GiB file takes about 1 s
+/// from the page cache, over 10 s from a cold disk here).
+pub const CHECK_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a start after a corruption error checks each file fully; a
+/// file whose check does not finish by then is salvaged anyway (which
+/// loses nothing readable) rather than trusted.
+pub const SUSPECT_DEADLINE: Duration = Duration::from_secs(120);
 /// How far above every readable id the fresh files hand out ids: the rows
 /// of the unreadable pages had ids nobody can read any more, and a hub may
 /// hold them (2^32 ids; an i64 has room for two billion such jumps).
@@ -148,32 +154,74 @@ pub fn in_progress(db: &Path) -> bool {
     suffixed(db, ".new").exists() || suffixed(&ingest_path(db), ".new").exists()
 }
 
+/// What [`inspect`] found.
+#[derive(Debug, Default)]
+pub struct Inspection {
+    /// The damaged files.
+    pub damage: Vec<Damage>,
+    /// Files served although their check ran out of time: finish it with
+    /// [`spawn_background_check`].
+    pub unchecked: Vec<PathBuf>,
+}
+
 /// Checks both files of the store at `db` (see the module doc), each for
 /// at most `deadline`; `full` runs `integrity_check` (indexes against
 /// their tables too) instead of `quick_check`.
-pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Vec<Damage> {
+pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Inspection {
     let ingest = ingest_path(db);
-    let mut found = Vec::new();
+    let mut found = Inspection::default();
     let main_len = fs::metadata(db).map(|m| m.len()).ok();
     let ingest_len = fs::metadata(&ingest).map(|m| m.len()).ok();
-    for (path, kind, len) in [
+    let files = [
         (db, FileKind::Main, main_len),
         (ingest.as_path(), FileKind::Ingest, ingest_len),
-    ] {
-        if let Some(len) = len.filter(|&l| l > 0) {
-            if let Some(reason) = check_file(path, deadline, full, len) {
-                found.push(Damage {
-                    path: path.to_owned(),
-                    kind,
-                    reason,
-                });
-            }
+    ];
+    let suspect = fs::read_to_string(suspect_path(db))
+        .ok()
+        .map(|why| why.trim().to_owned());
+    for (path, kind, len) in files {
+        if len.unwrap_or(0) == 0 {
+            continue;
+        }
+        let damage = |reason: String| Damage {
+            path: path.to_owned(),
+            kind,
+            reason,
+        };
+        match &suspect {
+            // The running daemon could not say which file: check both
+            // fully (indexes against their tables too), for longer.
+            Some(why) => match check_file(path, SUSPECT_DEADLINE, true) {
+                Check::Sound => {}
+                Check::Damaged(reason) => found.damage.push(damage(format!(
+                    "{reason} (the running daemon had reported: {why})"
+                ))),
+                Check::Unfinished => found.damage.push(damage(format!(
+                    "the running daemon reported: {why}; a full check did not finish within {} \
+                     s, so it is salvaged rather than trusted",
+                    SUSPECT_DEADLINE.as_secs()
+                ))),
+            },
+            None => match check_file(path, deadline, full) {
+                Check::Sound => {}
+                Check::Damaged(reason) => found.damage.push(damage(reason)),
+                Check::Unfinished => {
+                    log::warn!(
+                        "`{}` ({} MiB) is served before its check finished (it takes over {} s); \
+                         the check goes on in the background",
+                        path.display(),
+                        len.unwrap_or(0) >> 20,
+                        deadline.as_secs()
+                    );
+                    found.unchecked.push(path.to_owned());
+                }
+            },
         }
     }
-    let damaged = |found: &[Damage], kind| found.iter().any(|d| d.kind == kind);
+    let damaged = |found: &Inspection, kind| found.damage.iter().any(|d| d.kind == kind);
     // An emptied file beside a partner that shows it held rows.
     if main_len == Some(0) && !damaged(&found, FileKind::Ingest) && ingest_holds_history(&ingest) {
-        found.push(Damage {
+        found.damage.push(Damage {
             path: db.to_owned(),
             kind: FileKind::Main,
             reason: "it is empty (0 bytes) although its ingest file shows logs were merged into it"
@@ -181,32 +229,14 @@ pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Vec<Damage> {
         });
     }
     if ingest_len == Some(0) && !damaged(&found, FileKind::Main) && main_holds_logs(db) {
-        found.push(Damage {
+        found.damage.push(Damage {
             path: ingest.clone(),
             kind: FileKind::Ingest,
             reason: "it is empty (0 bytes) although the main database holds logs".into(),
         });
     }
-    if let Ok(why) = fs::read_to_string(suspect_path(db)) {
-        let why = why.trim();
-        // The running daemon could not say which file: check both fully
-        // (indexes against their tables too).
-        for (path, kind, len) in [
-            (db, FileKind::Main, main_len),
-            (ingest.as_path(), FileKind::Ingest, ingest_len),
-        ] {
-            if damaged(&found, kind) || len.unwrap_or(0) == 0 {
-                continue;
-            }
-            if let Some(reason) = check_file(path, deadline, true, len.unwrap_or(0)) {
-                found.push(Damage {
-                    path: path.to_owned(),
-                    kind,
-                    reason: format!("{reason} (the running daemon had reported: {why})"),
-                });
-            }
-        }
-        if found.is_empty() {
+    if let Some(why) = suspect {
+        if found.damage.is_empty() {
             log::warn!(
                 "the last run found the store `{}` corrupt ({why}), but a full check of both \
                  files finds no damage: serving on",
@@ -218,15 +248,52 @@ pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Vec<Damage> {
     found
 }
 
-/// What is wrong with the SQLite file at `path` (`len` bytes), if
-/// anything; `None` also when the check ran out of time (said in the log).
-fn check_file(path: &Path, deadline: Duration, full: bool, len: u64) -> Option<String> {
+/// Finishes, in a thread of its own (`codi-check`, at the bulk threads'
+/// priority), the `quick_check` of each file in `paths` that start-up
+/// served unchecked; damage found stops the daemon to salvage it, as a
+/// corruption error does ([`damage_found`]).
+pub fn spawn_background_check(paths: Vec<PathBuf>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("codi-check".into())
+        .spawn(move || {
+            crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
+            for path in paths {
+                let started = Instant::now();
+                match check_file(&path, Duration::MAX, false) {
+                    Check::Damaged(reason) => {
+                        damage_found(&format!("`{}`: {reason}", path.display()));
+                        return;
+                    }
+                    _ => log::info!(
+                        "`{}` passed quick_check in the background ({:.1?})",
+                        path.display(),
+                        started.elapsed()
+                    ),
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// The outcome of checking one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Check {
+    /// Nothing found.
+    Sound,
+    /// What is wrong.
+    Damaged(String),
+    /// The check ran out of time.
+    Unfinished,
+}
+
+/// Checks the SQLite file at `path` for at most `deadline`.
+fn check_file(path: &Path, deadline: Duration, full: bool) -> Check {
     let conn = match schema::open_file(path, OpenFlags::SQLITE_OPEN_READ_ONLY) {
         Ok(c) => c,
         Err(StoreError::Open { source, .. }) if is_corruption(&source) => {
-            return Some(format!("SQLite cannot read it: {source}"));
+            return Check::Damaged(format!("SQLite cannot read it: {source}"));
         }
-        Err(e) => return Some(format!("SQLite cannot open it: {e}")),
+        Err(e) => return Check::Damaged(format!("SQLite cannot open it: {e}")),
     };
     let started = Instant::now();
     conn.progress_handler(10_000, Some(move || started.elapsed() > deadline));
@@ -240,20 +307,13 @@ fn check_file(path: &Path, deadline: Duration, full: bool, len: u64) -> Option<S
             .collect::<rusqlite::Result<Vec<String>>>()
     });
     match outcome {
-        Ok(lines) if lines.len() == 1 && lines[0] == "ok" => None,
-        Ok(lines) => Some(format!("{pragma} found: {}", lines.join("; "))),
+        Ok(lines) if lines.len() == 1 && lines[0] == "ok" => Check::Sound,
+        Ok(lines) => Check::Damaged(format!("{pragma} found: {}", lines.join("; "))),
         Err(e) if e.sqlite_error_code() == Some(ErrorCode::OperationInterrupted) => {
-            log::warn!(
-                "`{}` ({} MiB) is served without a complete check: {pragma} did not finish \
-                 within {} s; run `codi-monitor verify --full` to check it",
-                path.display(),
-                len >> 20,
-                deadline.as_secs()
-            );
-            None
+            Check::Unfinished
         }
-        Err(e) if is_corruption(&e) => Some(format!("{pragma} failed: {e}")),
-        Err(e) => Some(format!("{pragma} could not run: {e}")),
+        Err(e) if is_corruption(&e) => Check::Damaged(format!("{pragma} failed: {e}")),
+        Err(e) => Check::Damaged(format!("{pragma} could not run: {e}")),
     }
 }
 
@@ -449,10 +509,15 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
         )),
         _ => {}
     }
-    for (file, to, _, reason) in &moves {
+    for (file, to, kind, reason) in &moves {
+        let why = if ingest_damage.is_none() && *kind == FileKind::Ingest {
+            "is sound, but goes with its damaged main database".to_owned()
+        } else {
+            format!("is damaged ({reason})")
+        };
         log::error!(
-            "`{}` is damaged ({reason}): moving it to `{}` and salvaging its rows into a new \
-             file; new ids start above {floor}",
+            "`{}` {why}: moving it to `{}` and salvaging its rows into a new file; new ids \
+             start above {floor}",
             file.display(),
             to.display()
         );
@@ -947,7 +1012,7 @@ fn next_readable(conn: &Connection, table: &str, after: i64) -> Option<i64> {
 pub fn recover_offline(db: &Path, force: bool) -> Result<Vec<Recovery>, StoreError> {
     let _lock = super::lock::DatabaseLock::acquire(db)?;
     finish_set_aside(db)?;
-    let mut damage = inspect(db, Duration::MAX, true);
+    let mut damage = inspect(db, Duration::MAX, true).damage;
     if damage.is_empty() && force {
         damage.push(Damage {
             path: db.to_owned(),
@@ -1027,11 +1092,18 @@ pub fn corruption_seen(e: &rusqlite::Error, what: &str) -> bool {
     if !is_corruption(e) {
         return false;
     }
+    damage_found(&format!("{what}: {e}"));
+    true
+}
+
+/// Damage found while serving (`what`): marks the store suspect and stops
+/// the daemon, once, as [`corruption_seen`] describes.
+pub fn damage_found(what: &str) {
     let Some(w) = WATCH.get() else {
-        return true;
+        return;
     };
     if w.seen.swap(true, std::sync::atomic::Ordering::AcqRel) {
-        return true;
+        return;
     }
     let quiet = fs::metadata(cleared_path(&w.db))
         .and_then(|m| m.modified())
@@ -1040,27 +1112,26 @@ pub fn corruption_seen(e: &rusqlite::Error, what: &str) -> bool {
         .is_some_and(|age| age < RESTART_QUIET);
     if quiet {
         log::error!(
-            "SQLite reports the store `{}` corrupt ({what}: {e}), but a full check at the last \
+            "SQLite reports the store `{}` corrupt ({what}), but a full check at the last \
              start found it sound; serving on: run `codi-monitor verify --full` and, if it \
              fails, restart the daemon to salvage it",
             w.db.display()
         );
-        return true;
+        return;
     }
-    if let Err(io) = mark_suspect(&w.db, &format!("{what}: {e}")) {
+    if let Err(io) = mark_suspect(&w.db, what) {
         log::error!(
             "cannot mark `{}` suspect: {io}",
             suspect_path(&w.db).display()
         );
     }
     log::error!(
-        "SQLite reports the store `{}` corrupt ({what}: {e}): stopping (exit code \
+        "SQLite reports the store `{}` corrupt ({what}): stopping (exit code \
          {EXIT_TO_SALVAGE}) so that the next start moves the damaged file aside and salvages \
          its rows; under systemd it starts again by itself",
         w.db.display()
     );
     (w.stop)();
-    true
 }
 
 /// `<db>.suspect.cleared`: when a start last found a suspect store sound.
