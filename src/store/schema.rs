@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// The schema version of the ingest file.
 pub const INGEST_VERSION: i64 = 3;
@@ -30,7 +30,7 @@ pub const INGEST_VERSION: i64 = 3;
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5, V6];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
 const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2, INGEST_V3];
@@ -143,6 +143,16 @@ ALTER TABLE logs ADD COLUMN uid INTEGER;
 ALTER TABLE sessions ADD COLUMN uid INTEGER;
 ";
 
+/// Version 5 to 6: session expiry ([`super::retention`]). Why a session
+/// ended: NULL when its client sent `SessionEnd`, `timeout` when the
+/// daemon closed it after `general.session_timeout` without activity. The
+/// index finds open sessions by start (`ended_at IS NULL`) and ended ones
+/// by end, so neither pass scans the whole table.
+const V6: &str = "
+ALTER TABLE sessions ADD COLUMN end_reason TEXT;
+CREATE INDEX idx_sessions_ended ON sessions(ended_at, started_at);
+";
+
 /// The ingest file: `logs`' columns with only the unique uuid index (which
 /// [`INGEST_V2`] drops), so that a commit dirties a handful of pages however
 /// many sessions it spans.
@@ -190,10 +200,10 @@ pub const PAGE_SIZE: i64 = 4 * 1024;
 /// attached read-only as `ingest`.
 pub fn open_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
     prepare_directory(path)?;
-    let mut conn = open_file_rw(path, cache_size_mb)?;
+    let mut conn = open_file_rw(path, cache_size_mb, AutoVacuum::Incremental)?;
     migrate(&mut conn, path, &MIGRATIONS)?;
     let ingest = ingest_path(path);
-    let mut ingest_conn = open_file_rw(&ingest, 1)?;
+    let mut ingest_conn = open_file_rw(&ingest, 1, AutoVacuum::None)?;
     migrate(&mut ingest_conn, &ingest, &INGEST_MIGRATIONS)?;
     drop(ingest_conn);
     attach_read_only(&conn, &ingest, "ingest")?;
@@ -207,7 +217,7 @@ pub fn open_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError
 /// migrated: call [`open_rw`] first.
 pub fn open_ingest_rw(db_path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
     let ingest = ingest_path(db_path);
-    let conn = open_file_rw(&ingest, cache_size_mb)?;
+    let conn = open_file_rw(&ingest, cache_size_mb, AutoVacuum::None)?;
     check_version(&conn, &ingest, INGEST_VERSION)?;
     attach_read_only(&conn, db_path, "store")?;
     check_version_of(&conn, "store", db_path, SCHEMA_VERSION)?;
@@ -229,13 +239,33 @@ pub(super) fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, Stor
     Ok(conn)
 }
 
+/// How a new file gives freed pages back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AutoVacuum {
+    /// Never: freed pages are reused (the ingest file, whose rows come
+    /// and go all the time).
+    None,
+    /// In steps the caller runs (`PRAGMA incremental_vacuum`): the main
+    /// database, which retention deletes from (see [`super::retention`]).
+    Incremental,
+}
+
 /// Opens one file read-write with the store's PRAGMAs (not yet migrated).
-fn open_file_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
+fn open_file_rw(
+    path: &Path,
+    cache_size_mb: u32,
+    auto_vacuum: AutoVacuum,
+) -> Result<Connection, StoreError> {
     prepare_file(path)?;
     let conn = open_file(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-    // Takes effect only while the file is still empty; existing databases
-    // keep their page size (WAL mode cannot change it).
+    // Both take effect only while the file is still empty, before WAL mode
+    // writes its first page; existing databases keep their page size (WAL
+    // mode cannot change it) and their auto-vacuum mode (until a VACUUM,
+    // see `retention::convert_auto_vacuum`).
     conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+    if auto_vacuum == AutoVacuum::Incremental {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::WalUnavailable {
