@@ -23,6 +23,7 @@ use crate::notify::Notifier;
 use crate::reply::{self, Replies};
 use crate::store::lock::DatabaseLock;
 use crate::store::reader::spawn_readers;
+use crate::store::retention::RetentionPolicy;
 use crate::store::writer::{spawn_writer, WriterSettings};
 use crate::store::StoreError;
 use mio::{Poll, Waker};
@@ -120,6 +121,11 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let writer_settings = WriterSettings {
         cache_size_mb: config.storage.cache_size_mb,
         batch_max_rows: config.storage.batch_max_rows,
+        retention: RetentionPolicy::new(
+            config.storage.retention_days,
+            config.general.session_timeout,
+            archive_dir(db),
+        ),
         ..WriterSettings::default()
     };
     let answer_pool = Arc::new(InflightBudget::new(answer_pool_bytes(
@@ -158,6 +164,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let watcher = spawn_watcher(
         db,
         writer.main_wal(),
+        writer.archive_claims(),
         ExportSettings {
             default_patterns: config.monitor.export_patterns.clone(),
             scan_interval: config.monitor.scan_interval,
@@ -491,6 +498,8 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool 
         storage.cache_size_mb,
         storage.batch_max_rows,
         storage.inflight_bytes,
+        storage.retention_days,
+        general.session_timeout,
         admin.enabled,
         admin.listen,
         admin.allow_remote,

@@ -2,12 +2,14 @@
 //! connection. It moves committed logs from the ingest file into the
 //! indexed `logs` table in large id-ordered chunks (see [`super::ingest`]
 //! for why), applies session changes, and runs the main database's WAL
-//! policy. It never holds the ingest file's write lock, so a long merge
+//! policy, and between merges runs retention and session expiry (see
+//! [`super::retention`]). It never holds the ingest file's write lock, so a long merge
 //! cannot delay an acknowledgment of the ingest file; a batch the writer
 //! sends straight into `logs` waits for it at most briefly, and is only
 //! sent while nothing awaits merging.
 
 use super::ingest::{self, Merged};
+use super::retention::Retention;
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
 use super::writer::{Acker, JobResult, TxBody, FINAL_CHECKPOINT_LOCK_WAIT};
 use super::{ops, StoreError, WriteJob, WriteOp};
@@ -162,7 +164,7 @@ impl MergerHandle {
 /// Starts the merger thread (`codi-merger`) on `conn`, a connection of
 /// [`super::schema::open_rw`] to the database at `db_path`, with the main
 /// database's checkpointer (`codi-checkpoint`) sharing `wal_state`. Session
-/// changes are answered through `acker`.
+/// changes are answered through `acker`; `retention` runs between merges.
 pub(super) fn spawn_merger(
     conn: Connection,
     db_path: &Path,
@@ -170,6 +172,7 @@ pub(super) fn spawn_merger(
     policy: WalPolicy,
     state: Arc<MergeState>,
     acker: Acker,
+    retention: Retention,
 ) -> Result<MergerHandle, StoreError> {
     wal::configure_writer(&conn, &policy)?;
     let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&wal_state))?;
@@ -191,6 +194,7 @@ pub(super) fn spawn_merger(
         acker,
         last_merge: Instant::now(),
         woken: false,
+        retention,
     };
     let thread = super::writer::spawn_named("codi-merger", move || {
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
@@ -229,6 +233,7 @@ struct Merger {
     last_merge: Instant,
     /// The writer asked for a merge now.
     woken: bool,
+    retention: Retention,
 }
 
 impl Merger {
@@ -257,6 +262,9 @@ impl Merger {
             if std::mem::take(&mut self.woken) || self.merge_due() {
                 self.merge_step();
             }
+            if self.retention.due() {
+                self.retention_pass();
+            }
         }
         // The ingest writer has committed its last batch: merge it all (a
         // failing merge leaves the rest for the next start).
@@ -277,6 +285,27 @@ impl Merger {
             &self.acker.metrics,
             Some(&*self.state),
         );
+    }
+
+    /// One bounded retention pass; a failure is retried on the next one.
+    fn retention_pass(&mut self) {
+        let metrics = &self.acker.metrics;
+        match self.retention.run(&mut self.conn, &self.state, metrics) {
+            Ok(_) => {
+                metrics.health.recover("merger/retention");
+                if self.trimmer.after_commit(&self.conn).is_some() {
+                    Metrics::add(&metrics.checkpoints, 1);
+                }
+            }
+            Err(e) => {
+                Metrics::add(&metrics.commit_errors, 1);
+                log::error!("retention or session expiry failed (retrying): {e}");
+                metrics.health.fail(
+                    "merger/retention",
+                    format!("retention or session expiry fails: {e}"),
+                );
+            }
+        }
     }
 
     fn merge_due(&self) -> bool {

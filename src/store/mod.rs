@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod ops;
 pub mod query;
 pub mod reader;
+pub mod retention;
 pub mod schema;
 pub mod standalone;
 pub mod verify;

@@ -11,6 +11,7 @@
 use super::ingest::{self, IdAllocator, PendingUuids};
 use super::merger::{self, MergeState, MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
 use super::ops::OpOutcome;
+use super::retention::{self, ArchiveClaims, Retention, RetentionPolicy};
 use super::wal::{self, Checkpointer, DurableMark, WalPolicy, WalState, WalTrimmer};
 use super::{schema, LogRow, StoreError, WriteJob, WriteOp};
 use crate::budget::InflightBudget;
@@ -38,6 +39,8 @@ pub struct WriterSettings {
     pub queue_capacity: usize,
     /// How the WAL is checkpointed and kept small (see [`super::wal`]).
     pub wal: WalPolicy,
+    /// What the merger expires (see [`super::retention`]).
+    pub retention: RetentionPolicy,
 }
 
 impl Default for WriterSettings {
@@ -47,6 +50,7 @@ impl Default for WriterSettings {
             batch_max_rows: 20_000,
             queue_capacity: 65_536,
             wal: WalPolicy::default(),
+            retention: RetentionPolicy::default(),
         }
     }
 }
@@ -79,6 +83,7 @@ const INDEXED_LOCK_WAIT: Duration = Duration::from_millis(200);
 pub struct WriterHandle {
     writer: JoinHandle<()>,
     main_wal: Arc<WalState>,
+    claims: Arc<ArchiveClaims>,
 }
 
 impl WriterHandle {
@@ -86,6 +91,12 @@ impl WriterHandle {
     /// database (the export watcher) report their commits here.
     pub fn main_wal(&self) -> Arc<WalState> {
         Arc::clone(&self.main_wal)
+    }
+
+    /// The archive paths the export watcher is about to record, which
+    /// retention leaves alone.
+    pub fn archive_claims(&self) -> Arc<ArchiveClaims> {
+        Arc::clone(&self.claims)
     }
 
     /// Waits for the storage threads. The writer exits once every job sender
@@ -113,6 +124,10 @@ pub fn spawn_writer(
     budget: Arc<InflightBudget>,
 ) -> Result<(Sender<WriteJob>, WriterHandle), StoreError> {
     let main = schema::open_rw(db_path, settings.cache_size_mb)?;
+    if settings.retention.keep_for.is_some() {
+        // Alone on the file still: a VACUUM needs no other writer waiting.
+        retention::convert_auto_vacuum(&main, db_path);
+    }
     let indexed = schema::open_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&indexed, &settings.wal)?;
     indexed.busy_timeout(INDEXED_LOCK_WAIT)?;
@@ -136,6 +151,7 @@ pub fn spawn_writer(
     // The main database's checkpoints make merges durable (see
     // `MergeState::durable_through`).
     let main_wal = Arc::new(WalState::marking(Arc::clone(&state) as Arc<dyn DurableMark>));
+    let claims = Arc::new(ArchiveClaims::default());
     let merger = merger::spawn_merger(
         main,
         db_path,
@@ -143,6 +159,7 @@ pub fn spawn_writer(
         settings.wal,
         Arc::clone(&state),
         Acker::new(replies.clone(), Arc::clone(&metrics), Arc::clone(&budget)),
+        Retention::new(settings.retention.clone(), Arc::clone(&claims)),
     )?;
     let pulse = metrics
         .heartbeats
@@ -167,7 +184,14 @@ pub fn spawn_writer(
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
         writer.run(jobs_rx)
     })?;
-    Ok((jobs_tx, WriterHandle { writer, main_wal }))
+    Ok((
+        jobs_tx,
+        WriterHandle {
+            writer,
+            main_wal,
+            claims,
+        },
+    ))
 }
 
 /// Reads where the ingest file and `logs` stand (after a crash the ingest
