@@ -62,7 +62,8 @@ fn fill_old_store(db: &Path) -> PathBuf {
     ];
     for (id, started, ended) in sessions {
         tx.execute(
-            "INSERT INTO sessions (id, identity, started_at, ended_at) VALUES (?1, 'me', ?2, ?3)",
+            "INSERT INTO sessions (id, identity, started_at, recorded_at, ended_at) \
+             VALUES (?1, 'me', ?2, ?2, ?3)",
             params![id, started, ended],
         )
         .unwrap();

@@ -14,8 +14,9 @@
 //! rows and each step at least one batch (so that none starves):
 //! - ends open sessions with no activity for `session_timeout` (their last
 //!   activity: the daemon's `created_at` of their newest log, found
-//!   through `idx_logs_session`, else their `started_at`; a session with a
-//!   log still waiting in the ingest file is active), recording
+//!   through `idx_logs_session`, else when their start was recorded, by
+//!   the writer's clock too: `started_at` is the client's stamp; a session
+//!   with a log still waiting in the ingest file is active), recording
 //!   `end_reason = 'timeout'`;
 //! - deletes logs whose `created_at` is older than the cutoff, in id
 //!   order, never the row with the largest id (the ingest rules count on
@@ -193,7 +194,7 @@ pub struct Retention {
     policy: RetentionPolicy,
     claims: Arc<ArchiveClaims>,
     next_pass: Instant,
-    /// The last open session looked at (`started_at`, rowid): the next
+    /// The last open session looked at (`recorded_at`, rowid): the next
     /// pass goes on after it, so that many long-lived active sessions do
     /// not hide the ones behind them.
     session_cursor: (i64, i64),
@@ -317,7 +318,7 @@ impl Retention {
         ArchiveRoot::open(self.policy.archive_dir.as_ref()?).ok()
     }
 
-    /// Ends, in one transaction, the open sessions started before `cutoff`
+    /// Ends, in one transaction, the open sessions recorded before `cutoff`
     /// that have had no activity since, among the next [`SESSION_BATCH`]
     /// after the cursor; goes on while time is left.
     fn time_out_sessions(
@@ -361,7 +362,7 @@ fn micros(d: Duration) -> i64 {
 
 /// One batch of session expiry inside `tx`: ends the sessions without
 /// activity since `cutoff` among the next [`SESSION_BATCH`] open sessions
-/// started before it, after `cursor`. The number ended, and the new cursor
+/// recorded before it, after `cursor`. The number ended, and the new cursor
 /// (`None` when no candidate was left).
 fn time_out_batch(
     tx: &Transaction,
@@ -371,16 +372,16 @@ fn time_out_batch(
 ) -> rusqlite::Result<(u64, Option<(i64, i64)>)> {
     let candidates: Vec<(i64, String, i64)> = tx
         .prepare_cached(
-            "SELECT rowid, id, started_at FROM sessions WHERE ended_at IS NULL \
-             AND started_at < ?1 AND (started_at, rowid) > (?2, ?3) \
-             ORDER BY started_at, rowid LIMIT ?4",
+            "SELECT rowid, id, recorded_at FROM sessions WHERE ended_at IS NULL \
+             AND recorded_at < ?1 AND (recorded_at, rowid) > (?2, ?3) \
+             ORDER BY recorded_at, rowid LIMIT ?4",
         )?
         .query_map(
             params![cutoff, cursor.0, cursor.1, SESSION_BATCH as i64],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?
         .collect::<Result<_, _>>()?;
-    let Some(&(last_rowid, _, last_started)) = candidates.last() else {
+    let Some(&(last_rowid, _, last_recorded)) = candidates.last() else {
         return Ok((0, None));
     };
     // Sessions with a log the merge has not moved yet: active just now.
@@ -410,7 +411,7 @@ fn time_out_batch(
         }
         ended += end.execute(params![rowid, now_us])? as u64;
     }
-    Ok((ended, Some((last_started, last_rowid))))
+    Ok((ended, Some((last_recorded, last_rowid))))
 }
 
 /// Deletes logs created before `cutoff`, in id order, [`BATCH_ROWS`] per
@@ -910,7 +911,8 @@ mod tests {
 
     fn session(conn: &Connection, id: &str, started: i64, ended: Option<i64>) {
         conn.execute(
-            "INSERT INTO sessions (id, identity, started_at, ended_at) VALUES (?1, 'me', ?2, ?3)",
+            "INSERT INTO sessions (id, identity, started_at, recorded_at, ended_at) \
+             VALUES (?1, 'me', 1, ?2, ?3)",
             params![id, started, ended],
         )
         .unwrap();

@@ -143,14 +143,19 @@ ALTER TABLE logs ADD COLUMN uid INTEGER;
 ALTER TABLE sessions ADD COLUMN uid INTEGER;
 ";
 
-/// Version 5 to 6: session expiry ([`super::retention`]). Why a session
-/// ended: NULL when its client sent `SessionEnd`, `timeout` when the
-/// daemon closed it after `general.session_timeout` without activity. The
-/// index finds open sessions by start (`ended_at IS NULL`) and ended ones
-/// by end, so neither pass scans the whole table.
+/// Version 5 to 6: session expiry ([`super::retention`]). When the writer
+/// recorded a session's start by its own clock (`started_at` is the
+/// client's stamp, which may be far off), from which the timeout counts;
+/// rows from before get their `started_at`. Why a session ended: NULL when
+/// its client sent `SessionEnd`, `timeout` when the daemon ended it after
+/// `general.session_timeout` without activity. The index finds open
+/// sessions by `recorded_at` (`ended_at IS NULL`) and ended ones by
+/// `ended_at`, so neither pass scans the whole table.
 const V6: &str = "
+ALTER TABLE sessions ADD COLUMN recorded_at INTEGER;
 ALTER TABLE sessions ADD COLUMN end_reason TEXT;
-CREATE INDEX idx_sessions_ended ON sessions(ended_at, started_at);
+UPDATE sessions SET recorded_at = started_at;
+CREATE INDEX idx_sessions_ended ON sessions(ended_at, recorded_at);
 ";
 
 /// The ingest file: `logs`' columns with only the unique uuid index (which
@@ -565,6 +570,42 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM all_logs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(all, 1, "old rows stay visible");
+    }
+
+    #[test]
+    fn version_6_records_existing_sessions_at_their_start_and_indexes_their_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for step in &MIGRATIONS[..5] {
+                conn.execute_batch(step).unwrap();
+            }
+            conn.execute(
+                "INSERT INTO sessions (id, identity, started_at) VALUES ('s', 'me', 77)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 5).unwrap();
+        }
+        let conn = open_rw(&path, 4).unwrap();
+        let (recorded, reason): (i64, Option<String>) = conn
+            .query_row(
+                "SELECT recorded_at, end_reason FROM sessions WHERE id = 's'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((recorded, reason), (77, None));
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT rowid FROM sessions WHERE ended_at IS NULL \
+                 AND recorded_at < 100 ORDER BY recorded_at, rowid",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("idx_sessions_ended"), "{plan}");
     }
 
     #[test]
