@@ -454,7 +454,7 @@ const OLD_LOG_AHEAD: &str = "SELECT EXISTS (SELECT 1 FROM \
 /// The id below which logs may be deleted: the largest id of `logs` (kept)
 /// and the smallest still in the ingest file (whose copy stays until the
 /// ingest file lets it go).
-const DELETABLE_BELOW: &str = "SELECT min( \
+pub(super) const DELETABLE_BELOW: &str = "SELECT min( \
     coalesce((SELECT max(id) FROM main.logs), 0), \
     coalesce((SELECT min(id) FROM ingest.ingest_logs), 9223372036854775807))";
 
