@@ -125,7 +125,8 @@ pub fn spawn_writer(
 ) -> Result<(Sender<WriteJob>, WriterHandle), StoreError> {
     let main = schema::open_rw(db_path, settings.cache_size_mb)?;
     if settings.retention.keep_for.is_some() {
-        // Alone on the file still: a VACUUM needs no other writer waiting.
+        // Before this process opens its other connections to the file, so
+        // that none of them waits behind the one-time VACUUM.
         retention::convert_auto_vacuum(&main, db_path);
     }
     let indexed = schema::open_rw(db_path, settings.cache_size_mb)?;
