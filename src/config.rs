@@ -28,13 +28,13 @@ use thiserror::Error;
 
 /// `general.log_level` when unset.
 pub const DEFAULT_LOG_LEVEL: LevelFilter = LevelFilter::Info;
-/// `general.session_timeout` when unset: a session with no end is closed
-/// after this long.
+/// `general.session_timeout` when unset: an open session with no activity
+/// for this long is ended by the daemon (`store::retention`).
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// `storage.cache_size_mb` when unset (SQLite page cache per connection).
 pub const DEFAULT_CACHE_SIZE_MB: u32 = 64;
-/// `storage.retention_days` when unset: 0 keeps logs forever (age-based
-/// deletion is not built yet; a non-zero value only draws a warning).
+/// `storage.retention_days` when unset: 0 keeps logs, ended sessions and
+/// export rows forever (`store::retention` deletes older ones otherwise).
 pub const DEFAULT_RETENTION_DAYS: u32 = 0;
 /// `storage.reader_threads` when unset.
 pub const DEFAULT_READER_THREADS: usize = 2;
@@ -419,7 +419,7 @@ pub struct GeneralConfig {
     pub workspace: Option<PathBuf>,
     /// The daemon's own log verbosity.
     pub log_level: LevelFilter,
-    /// A session that never ends is closed after this long.
+    /// An open session with no activity for this long is ended.
     pub session_timeout: Duration,
 }
 
@@ -430,7 +430,8 @@ pub struct StorageConfig {
     pub sqlite_path: PathBuf,
     /// SQLite page cache per connection, MiB.
     pub cache_size_mb: u32,
-    /// Days logs are kept; 0 keeps them forever.
+    /// Days logs, ended sessions and export rows are kept; 0 keeps them
+    /// forever.
     pub retention_days: u32,
     /// Threads answering queries, each with its own read-only connection.
     pub reader_threads: usize,
@@ -1065,11 +1066,6 @@ fn resolve(
             MINUTE..=365 * DAY,
         )?,
     };
-    if general.session_timeout != DEFAULT_SESSION_TIMEOUT {
-        warnings.push(
-            "general.session_timeout is set but not yet in effect: sessions stay open until SessionEnd".into(),
-        );
-    }
 
     let sqlite_path = match (&o.db, (host.env)(ENV_DB), &s.sqlite_path) {
         (Some(p), _, _) if p.as_os_str().is_empty() => return invalid("--db is empty".into()),
@@ -1118,11 +1114,6 @@ fn resolve(
         return invalid(
             "storage.wal_mode = false is not supported: the daemon always uses WAL (remove the key)"
                 .into(),
-        );
-    }
-    if s.retention_days.is_some_and(|d| d > 0) {
-        warnings.push(
-            "storage.retention_days is set but not yet in effect: no log is deleted by age".into(),
         );
     }
 

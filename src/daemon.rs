@@ -24,6 +24,7 @@ use crate::reply::{self, Replies};
 use crate::store::lock::DatabaseLock;
 use crate::store::reader::spawn_readers;
 use crate::store::recovery;
+use crate::store::retention::RetentionPolicy;
 use crate::store::salvager::spawn_salvager;
 use crate::store::writer::{spawn_writer, WriterSettings};
 use crate::store::StoreError;
@@ -129,6 +130,11 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let writer_settings = WriterSettings {
         cache_size_mb: config.storage.cache_size_mb,
         batch_max_rows: config.storage.batch_max_rows,
+        retention: RetentionPolicy::new(
+            config.storage.retention_days,
+            config.general.session_timeout,
+            archive_dir(db),
+        ),
         ..WriterSettings::default()
     };
     let answer_pool = Arc::new(InflightBudget::new(answer_pool_bytes(
@@ -176,6 +182,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let watcher = spawn_watcher(
         db,
         writer.main_wal(),
+        writer.archive_claims(),
         ExportSettings {
             default_patterns: config.monitor.export_patterns.clone(),
             scan_interval: config.monitor.scan_interval,
@@ -547,6 +554,8 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool 
         storage.cache_size_mb,
         storage.batch_max_rows,
         storage.inflight_bytes,
+        storage.retention_days,
+        general.session_timeout,
         admin.enabled,
         admin.listen,
         admin.allow_remote,

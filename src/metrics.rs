@@ -93,6 +93,15 @@ counters! {
     logs_merged,
     /// Write transactions that failed.
     commit_errors,
+    /// Log rows deleted by retention (`storage.retention_days`).
+    logs_expired,
+    /// Ended sessions deleted by retention.
+    sessions_expired,
+    /// Export rows deleted by retention.
+    exports_expired,
+    /// Open sessions ended after `general.session_timeout` without
+    /// activity.
+    sessions_timed_out,
     /// Queries answered.
     queries,
     /// Queries refused because the answer pool was full.

@@ -1279,7 +1279,7 @@ mod durability {
             .filter_map(|n| n.parse().ok())
             .collect();
         match numbers[..] {
-            [_, merges, direct] => (merges, direct),
+            [_, merges, direct, ..] => (merges, direct),
             _ => panic!("unexpected merger status: {}", merger.message),
         }
     }

@@ -316,6 +316,30 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             e,
+            "codi_logs_expired",
+            "Log rows deleted by retention (storage.retention_days).",
+            get(&m.logs_expired),
+        )?;
+        counter(
+            e,
+            "codi_sessions_expired",
+            "Ended sessions deleted by retention (storage.retention_days).",
+            get(&m.sessions_expired),
+        )?;
+        counter(
+            e,
+            "codi_exports_expired",
+            "Export archive rows deleted by retention (storage.retention_days).",
+            get(&m.exports_expired),
+        )?;
+        counter(
+            e,
+            "codi_sessions_timed_out",
+            "Open sessions ended after general.session_timeout without activity.",
+            get(&m.sessions_timed_out),
+        )?;
+        counter(
+            e,
             "codi_checkpoints",
             "WAL checkpoints run.",
             get(&m.checkpoints),

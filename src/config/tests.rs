@@ -145,7 +145,7 @@ fn file_values_are_used() {
     assert_eq!(c.general.log_level, LevelFilter::Debug);
     assert_eq!(c.general.session_timeout, Duration::from_secs(9000));
     assert_eq!(c.storage.sqlite_path, Path::new("/data/codi.db"));
-    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
     assert_eq!(
         (
             c.storage.cache_size_mb,
@@ -855,27 +855,25 @@ fn absurd_values_are_refused_with_their_bounds() {
 fn keys_not_yet_in_effect_draw_warnings() {
     let c = plain("");
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
-    let c = plain(
-        "[general]\nsession_timeout = \"1h\"\n[storage]\nretention_days = 30\n[server_hub]\nenabled = true\nurl = \"http://hub\"\n",
-    );
+    let c = plain("[server_hub]\nenabled = true\nurl = \"http://hub\"\n");
     let all = c.warnings.join("\n");
-    assert!(
-        all.contains("general.session_timeout is set but not yet in effect"),
-        "{all}"
-    );
-    assert!(
-        all.contains("storage.retention_days is set but not yet in effect"),
-        "{all}"
-    );
     assert!(
         all.contains("server_hub.enabled is true but hub sync is not yet built"),
         "{all}"
     );
     assert!(
-        c.to_toml().contains("# warning: storage.retention_days"),
+        c.to_toml().contains("# warning: server_hub.enabled"),
         "{}",
         c.to_toml()
     );
+}
+
+#[test]
+fn retention_and_session_timeout_are_in_effect_and_draw_no_warning() {
+    let c = plain("[general]\nsession_timeout = \"1h\"\n[storage]\nretention_days = 30\n");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(c.general.session_timeout, Duration::from_secs(3600));
+    assert_eq!(c.storage.retention_days, 30);
 }
 
 #[test]

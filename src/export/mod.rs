@@ -41,6 +41,7 @@ pub mod walk;
 
 use crate::metrics::Metrics;
 use crate::reply::{Replies, ReplyTo};
+use crate::store::retention::ArchiveClaims;
 use crate::store::wal::WalState;
 use crate::store::{schema, StoreError};
 use archive::CopyError;
@@ -223,16 +224,26 @@ impl WatcherHandle {
 /// Opens its database connection, loads the saved watches and starts the
 /// watcher thread `codi-exports`, which first catches up on exports that
 /// appeared while the daemon was down. Its commits are reported to `wal`,
-/// the main database's WAL state.
+/// the main database's WAL state; the archive files its rows will
+/// reference are claimed in `claims` until they are committed.
 pub fn spawn_watcher(
     db_path: &Path,
     wal: Arc<WalState>,
+    claims: Arc<ArchiveClaims>,
     settings: ExportSettings,
     replies: Replies,
     metrics: Arc<Metrics>,
 ) -> Result<(ControlSender, WatcherHandle), StoreError> {
     let stop = Arc::new(AtomicBool::new(false));
-    let watcher = Watcher::open(db_path, wal, settings, replies, metrics, Arc::clone(&stop))?;
+    let watcher = Watcher::open(
+        db_path,
+        wal,
+        claims,
+        settings,
+        replies,
+        metrics,
+        Arc::clone(&stop),
+    )?;
     let waker =
         Arc::new(
             Waker::new(watcher.poll.registry(), WAKE).map_err(|source| StoreError::Io {
@@ -422,6 +433,9 @@ struct Watcher {
     replies: Replies,
     metrics: Arc<Metrics>,
     wal: Arc<WalState>,
+    /// Archive files the rows of `batch` will reference: retention
+    /// (`store::retention`) does not delete them meanwhile.
+    claims: Arc<ArchiveClaims>,
     /// Set when the daemon stops; long scans give up early.
     stop: Arc<AtomicBool>,
     next_scan: Instant,
@@ -443,6 +457,7 @@ impl Watcher {
     fn open(
         db_path: &Path,
         wal: Arc<WalState>,
+        claims: Arc<ArchiveClaims>,
         settings: ExportSettings,
         replies: Replies,
         metrics: Arc<Metrics>,
@@ -514,6 +529,7 @@ impl Watcher {
             replies,
             metrics,
             wal,
+            claims,
             stop,
             next_scan: Instant::now(),
             limit_warned: false,
@@ -881,6 +897,8 @@ impl Watcher {
                     &copied.content_hash,
                     source,
                 );
+                let target_name = target.to_string_lossy().into_owned();
+                self.claims.lock().claim(&target_name);
                 let placed =
                     archive::install(copied.temp, &target, &mut self.made_dirs).and_then(|()| {
                         if may_delete {
@@ -890,11 +908,12 @@ impl Watcher {
                         }
                     });
                 if let Err(e) = placed {
+                    self.claims.release(&target_name);
                     let e = CopyError::Io(format!("cannot place the archive copy: {e}"));
                     self.record_error(source, version.0, version.1, &e);
                     return;
                 }
-                target.to_string_lossy().into_owned()
+                target_name
             }
         };
         self.known.insert(key(source), version);
@@ -975,16 +994,20 @@ impl Watcher {
     }
 
     /// The archive file already holding this content, from a committed row
-    /// or one in the current batch.
+    /// or one in the current batch, claimed for the row about to reference
+    /// it: found and claimed under the claims' lock, so that retention
+    /// cannot delete it in between (nor once claimed).
     fn archived_content(&self, hash: &str) -> Option<String> {
         if content_key(hash).is_some_and(|k| !self.contents.contains(&k)) {
             return None;
         }
+        let mut claims = self.claims.lock();
         if let Some(r) = self
             .batch
             .iter()
             .find(|r| r.content_hash.as_deref() == Some(hash))
         {
+            claims.claim(&r.archive_path);
             return Some(r.archive_path.clone());
         }
         let path: Option<String> = self
@@ -998,7 +1021,11 @@ impl Watcher {
                 log::warn!("cannot look up archived content: {e}");
                 None
             });
-        path.filter(|p| Path::new(p).is_file())
+        let path = path.filter(|p| Path::new(p).is_file());
+        if let Some(p) = &path {
+            claims.claim(p);
+        }
+        path
     }
 
     /// The watch's session; else the active session whose workspace holds
@@ -1092,6 +1119,10 @@ impl Watcher {
             }
             tx.commit()
         })();
+        // Committed (or never to be): their files are the rows' to keep now.
+        for r in self.batch.iter().filter(|r| !r.archive_path.is_empty()) {
+            self.claims.release(&r.archive_path);
+        }
         match result {
             Ok(()) => {
                 self.wal.note_commit();
@@ -1268,6 +1299,7 @@ mod tests {
         Watcher::open(
             &base.join("data/codi.db"),
             Arc::new(WalState::default()),
+            Arc::new(ArchiveClaims::default()),
             settings,
             Replies::new(Vec::new()),
             Arc::new(Metrics::default()),

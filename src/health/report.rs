@@ -297,10 +297,15 @@ pub fn evaluate_for(src: &Sources, sees_all: bool) -> Report {
             &h.of_component("merger"),
             format!(
                 "{} logs moved into the indexed table in {} merges; \
-                 {} batches written straight into it",
+                 {} batches written straight into it; retention deleted {} logs, \
+                 {} sessions and {} export rows; {} sessions timed out",
                 get(&m.logs_merged),
                 get(&m.merges),
-                get(&m.indexed_commits)
+                get(&m.indexed_commits),
+                get(&m.logs_expired),
+                get(&m.sessions_expired),
+                get(&m.exports_expired),
+                get(&m.sessions_timed_out)
             ),
         ),
         component(

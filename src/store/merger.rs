@@ -2,12 +2,14 @@
 //! connection. It moves committed logs from the ingest file into the
 //! indexed `logs` table in large id-ordered chunks (see [`super::ingest`]
 //! for why), applies session changes, and runs the main database's WAL
-//! policy. It never holds the ingest file's write lock, so a long merge
+//! policy, and between merges runs retention and session expiry (see
+//! [`super::retention`]). It never holds the ingest file's write lock, so a long merge
 //! cannot delay an acknowledgment of the ingest file; a batch the writer
 //! sends straight into `logs` waits for it at most briefly, and is only
 //! sent while nothing awaits merging.
 
 use super::ingest::{self, Merged};
+use super::retention::Retention;
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
 use super::writer::{Acker, JobResult, TxBody, FINAL_CHECKPOINT_LOCK_WAIT};
 use super::{ops, StoreError, WriteJob, WriteOp};
@@ -163,10 +165,18 @@ impl MergerHandle {
     }
 }
 
+/// What the merger does besides merging and applying session changes.
+pub(super) struct Upkeep {
+    /// Expires old rows and idle sessions between merges.
+    pub(super) retention: Retention,
+    /// Salvage steps from the salvage thread ([`super::salvager`]).
+    pub(super) salvage: Receiver<SalvageRequest>,
+}
+
 /// Starts the merger thread (`codi-merger`) on `conn`, a connection of
 /// [`super::schema::open_rw`] to the database at `db_path`, with the main
 /// database's checkpointer (`codi-checkpoint`) sharing `wal_state`. Session
-/// changes are answered through `acker`.
+/// changes are answered through `acker`; `upkeep` runs between merges.
 pub(super) fn spawn_merger(
     conn: Connection,
     db_path: &Path,
@@ -174,8 +184,9 @@ pub(super) fn spawn_merger(
     policy: WalPolicy,
     state: Arc<MergeState>,
     acker: Acker,
-    salvage: Receiver<SalvageRequest>,
+    upkeep: Upkeep,
 ) -> Result<MergerHandle, StoreError> {
+    let Upkeep { retention, salvage } = upkeep;
     wal::configure_writer(&conn, &policy)?;
     let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&wal_state))?;
     let checkpointer = Checkpointer::spawn(
@@ -196,6 +207,7 @@ pub(super) fn spawn_merger(
         acker,
         last_merge: Instant::now(),
         woken: false,
+        retention,
     };
     let thread = super::writer::spawn_named("codi-merger", move || {
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
@@ -234,6 +246,7 @@ struct Merger {
     last_merge: Instant,
     /// The writer asked for a merge now.
     woken: bool,
+    retention: Retention,
 }
 
 impl Merger {
@@ -277,6 +290,9 @@ impl Merger {
             if std::mem::take(&mut self.woken) || self.merge_due() {
                 self.merge_step();
             }
+            if self.retention.due() {
+                self.retention_pass();
+            }
         }
         // The ingest writer has committed its last batch: merge it all (a
         // failing merge leaves the rest for the next start).
@@ -312,6 +328,27 @@ impl Merger {
             }
         }
         Ok(inserted)
+    }
+
+    /// One bounded retention pass; a failure is retried on the next one.
+    fn retention_pass(&mut self) {
+        let metrics = &self.acker.metrics;
+        match self.retention.run(&mut self.conn, &self.state, metrics) {
+            Ok(_) => {
+                metrics.health.recover("merger/retention");
+                if self.trimmer.after_commit(&self.conn).is_some() {
+                    Metrics::add(&metrics.checkpoints, 1);
+                }
+            }
+            Err(e) => {
+                Metrics::add(&metrics.commit_errors, 1);
+                log::error!("retention or session expiry failed (retrying): {e}");
+                metrics.health.fail(
+                    "merger/retention",
+                    format!("retention or session expiry fails: {e}"),
+                );
+            }
+        }
     }
 
     fn merge_due(&self) -> bool {

@@ -15,6 +15,7 @@ pub mod ops;
 pub mod query;
 pub mod reader;
 pub mod recovery;
+pub mod retention;
 pub mod salvager;
 pub mod schema;
 pub mod standalone;

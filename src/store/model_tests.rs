@@ -9,7 +9,8 @@
 //! the readers' view (more only for the documented exception: a resend a
 //! writer without the daemon's uuid set let into the ingest file, until it
 //! is merged and deleted), nothing else is visible, a log's id never
-//! changes, and a new log's id is above every id seen before. After a
+//! changes, and a new log's id is above every id seen before (retention
+//! included: it deletes old merged rows but never the largest id). After a
 //! power cut (emulated as in the integration tests: each WAL cut back to
 //! what its checkpoints copied) every log whose commit a checkpoint of its
 //! file had made durable is still there, wherever it has moved since.
@@ -22,7 +23,7 @@ use super::merger::{self, MergeState, MERGE_MAX_ROWS};
 use super::power_cut::{self, WalIndex};
 use super::standalone::StandaloneStore;
 use super::writer::{self, IngestBody, TxBody, FINAL_CHECKPOINT_LOCK_WAIT, MAX_PENDING_ROWS};
-use super::{ops, schema, wal, LogRow, WriteJob, WriteOp};
+use super::{ops, retention, schema, wal, LogRow, WriteJob, WriteOp};
 use crate::metrics::Metrics;
 use crate::proto::LogLevel;
 use crate::reply::ReplyTo;
@@ -62,6 +63,9 @@ enum Op {
     /// A reader takes a snapshot of both files and keeps it, or lets go of
     /// the one it keeps: checkpoints cannot copy past it.
     Reader,
+    /// Retention with every row old: the merger deletes every log it may
+    /// (all but the largest id and those still in the ingest file).
+    Retention,
     /// The daemon dies (in the middle of `during`, which is rolled back)
     /// and starts again.
     Crash { during: Stage, rows: usize },
@@ -95,6 +99,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::CheckpointMain),
         3 => Just(Op::CheckpointIngest),
         1 => Just(Op::Reader),
+        2 => Just(Op::Retention),
         1 => (
             prop_oneof![
                 Just(Stage::Idle),
@@ -132,6 +137,10 @@ struct Model {
     blind: HashMap<Uuid, u32>,
     /// Logs of transactions that never committed.
     never: HashSet<Uuid>,
+    /// Logs retention deleted: no longer expected, but they may be seen
+    /// again (a power cut can undo the deletion, a blind resend store one
+    /// anew), with any id.
+    expired: HashSet<Uuid>,
     /// Each stored log's id, once seen.
     ids: HashMap<Uuid, i64>,
     /// The largest id seen.
@@ -346,6 +355,9 @@ fn check(files: &Files, model: &mut Model, op: &Op) {
             !model.never.contains(uuid),
             "after {op:?}: {uuid} of a transaction that never committed is visible"
         );
+        if model.expired.contains(uuid) && !model.acked.contains_key(uuid) {
+            continue;
+        }
         assert!(
             model.acked.contains_key(uuid),
             "after {op:?}: {uuid} is visible but was never acknowledged (or was lost)"
@@ -444,6 +456,30 @@ fn run(ops: &[Op]) {
             }
             Op::Merge { max_rows } => {
                 merger::merge_once(&mut d.main, &d.state, max_rows).unwrap();
+            }
+            Op::Retention => {
+                let doomed: Vec<Uuid> = {
+                    let mut stmt = d
+                        .main
+                        .prepare(&format!(
+                            "SELECT uuid FROM main.logs WHERE id < ({})",
+                            retention::DELETABLE_BELOW
+                        ))
+                        .unwrap();
+                    let rows = stmt
+                        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+                        .unwrap()
+                        .map(|u| Uuid::from_slice(&u.unwrap()).unwrap())
+                        .collect();
+                    rows
+                };
+                let deadline = std::time::Instant::now() + Duration::from_secs(3600);
+                let (deleted, _) = retention::expire_logs(&mut d.main, i64::MAX, deadline).unwrap();
+                assert_eq!(deleted as usize, doomed.len());
+                for uuid in doomed {
+                    model.acked.remove(&uuid);
+                    model.expired.insert(uuid);
+                }
             }
             Op::CheckpointMain => {
                 let before = WalIndex::read(&files.path);

@@ -32,9 +32,12 @@ const INSERT_LOG: &str = "INSERT OR IGNORE INTO logs \
     (uuid, timestamp, level, component, session_id, message, metadata, uid, created_at) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
+/// Records a session's start: `started_at` as its client stamped it,
+/// `recorded_at` (`?7`) by the writer's own clock, from which session
+/// expiry counts (`store::retention`).
 const INSERT_SESSION: &str = "INSERT INTO sessions \
-    (id, identity, agent_type, started_at, workspace, uid) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-    ON CONFLICT(id) DO NOTHING";
+    (id, identity, agent_type, started_at, workspace, uid, recorded_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(id) DO NOTHING";
 
 /// Ends session `?1` at `?2` unless it has ended, or `?3` (the caller may
 /// end only its own sessions) is true and `?4`, its uid or NULL for a
@@ -48,7 +51,8 @@ const END_SESSION: &str = "UPDATE sessions SET ended_at = ?2 WHERE id = ?1 AND e
 const SESSION_OWNER: &str = "SELECT uid FROM sessions WHERE id = ?1";
 
 /// Applies `op` inside `tx` (which the caller commits); `now_us` is the
-/// daemon's clock, stored as each log's `created_at`.
+/// daemon's clock, stored as each log's `created_at` and a new session's
+/// `recorded_at`.
 ///
 /// An `Err` means SQLite failed and the transaction should be rolled back;
 /// an expected refusal (an unknown session) is `Ok(OpOutcome::Rejected)`.
@@ -82,6 +86,7 @@ pub fn apply_all<'a>(
                 restricted_to,
             } => start_session(
                 tx,
+                now_us,
                 session_id,
                 identity,
                 agent_type.as_deref(),
@@ -118,6 +123,7 @@ fn insert_logs(
 #[allow(clippy::too_many_arguments)]
 fn start_session(
     tx: &Transaction,
+    now_us: i64,
     session_id: &str,
     identity: &str,
     agent_type: Option<&str>,
@@ -133,6 +139,7 @@ fn start_session(
         started_at_us,
         workspace,
         uid,
+        now_us,
     ])?;
     if added == 0 {
         if let Some(refusal) = owned_by_another(tx, session_id, restricted_to)? {
@@ -284,6 +291,11 @@ mod tests {
             })
             .unwrap();
         assert_eq!(identity, "me", "a repeated start changes nothing");
+        assert_eq!(
+            count(&conn, "SELECT recorded_at FROM sessions WHERE id = 's1'"),
+            42,
+            "the start is recorded by the writer's clock, not the client's stamp"
+        );
 
         let end = |at| WriteOp::SessionEnd {
             session_id: "s1".into(),

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The schema version of the ingest file.
 pub const INGEST_VERSION: i64 = 3;
@@ -30,7 +30,7 @@ pub const INGEST_VERSION: i64 = 3;
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5, V6];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5, V6, V7];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
 const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2, INGEST_V3];
@@ -166,6 +166,21 @@ CREATE TABLE recoveries (
 );
 ";
 
+/// Version 6 to 7: session expiry ([`super::retention`]). When the writer
+/// recorded a session's start by its own clock (`started_at` is the
+/// client's stamp, which may be far off), from which the timeout counts;
+/// rows from before get their `started_at`. Why a session ended: NULL when
+/// its client sent `SessionEnd`, `timeout` when the daemon ended it after
+/// `general.session_timeout` without activity. The index finds open
+/// sessions by `recorded_at` (`ended_at IS NULL`) and ended ones by
+/// `ended_at`, so neither pass scans the whole table.
+const V7: &str = "
+ALTER TABLE sessions ADD COLUMN recorded_at INTEGER;
+ALTER TABLE sessions ADD COLUMN end_reason TEXT;
+UPDATE sessions SET recorded_at = started_at;
+CREATE INDEX idx_sessions_ended ON sessions(ended_at, recorded_at);
+";
+
 /// The ingest file: `logs`' columns with only the unique uuid index (which
 /// [`INGEST_V2`] drops), so that a commit dirties a handful of pages however
 /// many sessions it spans.
@@ -213,10 +228,10 @@ pub const PAGE_SIZE: i64 = 4 * 1024;
 /// attached read-only as `ingest`.
 pub fn open_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
     prepare_directory(path)?;
-    let mut conn = open_file_rw(path, cache_size_mb)?;
+    let mut conn = open_file_rw(path, cache_size_mb, AutoVacuum::Incremental)?;
     migrate(&mut conn, path, &MIGRATIONS)?;
     let ingest = ingest_path(path);
-    let mut ingest_conn = open_file_rw(&ingest, 1)?;
+    let mut ingest_conn = open_file_rw(&ingest, 1, AutoVacuum::None)?;
     migrate(&mut ingest_conn, &ingest, &INGEST_MIGRATIONS)?;
     drop(ingest_conn);
     attach_read_only(&conn, &ingest, "ingest")?;
@@ -230,7 +245,7 @@ pub fn open_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError
 /// migrated: call [`open_rw`] first.
 pub fn open_ingest_rw(db_path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
     let ingest = ingest_path(db_path);
-    let conn = open_file_rw(&ingest, cache_size_mb)?;
+    let conn = open_file_rw(&ingest, cache_size_mb, AutoVacuum::None)?;
     check_version(&conn, &ingest, INGEST_VERSION)?;
     attach_read_only(&conn, db_path, "store")?;
     check_version_of(&conn, "store", db_path, SCHEMA_VERSION)?;
@@ -243,12 +258,12 @@ pub fn open_ingest_rw(db_path: &Path, cache_size_mb: u32) -> Result<Connection, 
 /// a store's place ([`super::recovery`]).
 pub(super) fn open_single_rw(path: &Path, main: bool) -> Result<Connection, StoreError> {
     prepare_directory(path)?;
-    let mut conn = open_file_rw(path, 1)?;
-    let steps: &[&str] = if main {
-        &MIGRATIONS
+    let (steps, vacuum): (&[&str], _) = if main {
+        (&MIGRATIONS, AutoVacuum::Incremental)
     } else {
-        &INGEST_MIGRATIONS
+        (&INGEST_MIGRATIONS, AutoVacuum::None)
     };
+    let mut conn = open_file_rw(path, 1, vacuum)?;
     migrate(&mut conn, path, steps)?;
     Ok(conn)
 }
@@ -268,13 +283,33 @@ pub(super) fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, Stor
     Ok(conn)
 }
 
+/// How a new file gives freed pages back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AutoVacuum {
+    /// Never: freed pages are reused (the ingest file, whose rows come
+    /// and go all the time).
+    None,
+    /// In steps the caller runs (`PRAGMA incremental_vacuum`): the main
+    /// database, which retention deletes from (see [`super::retention`]).
+    Incremental,
+}
+
 /// Opens one file read-write with the store's PRAGMAs (not yet migrated).
-fn open_file_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError> {
+fn open_file_rw(
+    path: &Path,
+    cache_size_mb: u32,
+    auto_vacuum: AutoVacuum,
+) -> Result<Connection, StoreError> {
     prepare_file(path)?;
     let conn = open_file(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-    // Takes effect only while the file is still empty; existing databases
-    // keep their page size (WAL mode cannot change it).
+    // Both take effect only while the file is still empty, before WAL mode
+    // writes its first page; existing databases keep their page size (WAL
+    // mode cannot change it) and their auto-vacuum mode (until a VACUUM,
+    // see `retention::convert_auto_vacuum`).
     conn.pragma_update(None, "page_size", PAGE_SIZE)?;
+    if auto_vacuum == AutoVacuum::Incremental {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::WalUnavailable {
@@ -574,6 +609,42 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM all_logs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(all, 1, "old rows stay visible");
+    }
+
+    #[test]
+    fn version_6_records_existing_sessions_at_their_start_and_indexes_their_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for step in &MIGRATIONS[..5] {
+                conn.execute_batch(step).unwrap();
+            }
+            conn.execute(
+                "INSERT INTO sessions (id, identity, started_at) VALUES ('s', 'me', 77)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 5).unwrap();
+        }
+        let conn = open_rw(&path, 4).unwrap();
+        let (recorded, reason): (i64, Option<String>) = conn
+            .query_row(
+                "SELECT recorded_at, end_reason FROM sessions WHERE id = 's'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((recorded, reason), (77, None));
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT rowid FROM sessions WHERE ended_at IS NULL \
+                 AND recorded_at < 100 ORDER BY recorded_at, rowid",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("idx_sessions_ended"), "{plan}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use super::ingest::{self, IdAllocator, PendingUuids};
 use super::merger::{self, MergeState, MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
 use super::ops::OpOutcome;
+use super::retention::{self, ArchiveClaims, Retention, RetentionPolicy};
 use super::wal::{self, Checkpointer, DurableMark, WalPolicy, WalState, WalTrimmer};
 use super::{schema, LogRow, StoreError, WriteJob, WriteOp};
 use crate::budget::InflightBudget;
@@ -38,6 +39,8 @@ pub struct WriterSettings {
     pub queue_capacity: usize,
     /// How the WAL is checkpointed and kept small (see [`super::wal`]).
     pub wal: WalPolicy,
+    /// What the merger expires (see [`super::retention`]).
+    pub retention: RetentionPolicy,
 }
 
 impl Default for WriterSettings {
@@ -47,6 +50,7 @@ impl Default for WriterSettings {
             batch_max_rows: 20_000,
             queue_capacity: 65_536,
             wal: WalPolicy::default(),
+            retention: RetentionPolicy::default(),
         }
     }
 }
@@ -80,6 +84,7 @@ pub struct WriterHandle {
     writer: JoinHandle<()>,
     main_wal: Arc<WalState>,
     salvage: Option<Sender<merger::SalvageRequest>>,
+    claims: Arc<ArchiveClaims>,
 }
 
 impl WriterHandle {
@@ -94,6 +99,12 @@ impl WriterHandle {
     /// go before it exits.
     pub fn take_salvage_link(&mut self) -> Option<Sender<merger::SalvageRequest>> {
         self.salvage.take()
+    }
+
+    /// The archive paths the export watcher is about to record, which
+    /// retention leaves alone.
+    pub fn archive_claims(&self) -> Arc<ArchiveClaims> {
+        Arc::clone(&self.claims)
     }
 
     /// Waits for the storage threads. The writer exits once every job sender
@@ -121,6 +132,11 @@ pub fn spawn_writer(
     budget: Arc<InflightBudget>,
 ) -> Result<(Sender<WriteJob>, WriterHandle), StoreError> {
     let main = schema::open_rw(db_path, settings.cache_size_mb)?;
+    if settings.retention.keep_for.is_some() {
+        // Before this process opens its other connections to the file, so
+        // that none of them waits behind the one-time VACUUM.
+        retention::convert_auto_vacuum(&main, db_path);
+    }
     let indexed = schema::open_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&indexed, &settings.wal)?;
     indexed.busy_timeout(INDEXED_LOCK_WAIT)?;
@@ -145,6 +161,7 @@ pub fn spawn_writer(
     // `MergeState::durable_through`).
     let main_wal = Arc::new(WalState::marking(Arc::clone(&state) as Arc<dyn DurableMark>));
     let (salvage_tx, salvage_rx) = crossbeam_channel::bounded(1);
+    let claims = Arc::new(ArchiveClaims::default());
     let merger = merger::spawn_merger(
         main,
         db_path,
@@ -152,7 +169,10 @@ pub fn spawn_writer(
         settings.wal,
         Arc::clone(&state),
         Acker::new(replies.clone(), Arc::clone(&metrics), Arc::clone(&budget)),
-        salvage_rx,
+        merger::Upkeep {
+            retention: Retention::new(settings.retention.clone(), Arc::clone(&claims)),
+            salvage: salvage_rx,
+        },
     )?;
     let pulse = metrics
         .heartbeats
@@ -183,6 +203,7 @@ pub fn spawn_writer(
             writer,
             main_wal,
             salvage: Some(salvage_tx),
+            claims,
         },
     ))
 }

@@ -1,0 +1,1236 @@
+//! Retention (`storage.retention_days`) and session expiry
+//! (`general.session_timeout`), run by the merger thread between merges.
+//!
+//! Why the merger: it owns the main database's read-write connection, so
+//! deleting needs no connection of its own, and a pass never runs while a
+//! merge does: the two cannot fight over the write lock, and the ingest
+//! rules below hold by construction. A pass comes at most every
+//! [`PASS_INTERVAL`] ([`BACKLOG_INTERVAL`] while a backlog remains), and
+//! stops starting new batches once it has run for [`PASS_BUDGET`], so a
+//! session change or a merge waits for it only briefly, and a batch
+//! straight into `logs` waits at most for one batch.
+//!
+//! What a pass does, each step in transactions of at most [`BATCH_ROWS`]
+//! rows and each step at least one batch (so that none starves):
+//! - ends open sessions with no activity for `session_timeout` (their last
+//!   activity: the daemon's `created_at` of their newest log, found
+//!   through `idx_logs_session`, else when their start was recorded, by
+//!   the writer's clock too: `started_at` is the client's stamp; a session
+//!   with a log still waiting in the ingest file is active), recording
+//!   `end_reason = 'timeout'`;
+//! - deletes logs whose `created_at` is older than the cutoff, in id
+//!   order, never the row with the largest id (the ingest rules count on
+//!   `max(id)` of `logs`: ids are handed out above it, and readers skip
+//!   ingest rows at or below it, see [`super::ingest`]) and never a row
+//!   whose copy is still in the ingest file (so `verify`'s merge rules
+//!   keep holding);
+//! - deletes ended sessions whose `ended_at` is older than the cutoff, and
+//!   export rows archived before it; an archive file no remaining row
+//!   references (identical content is stored once and shared) is deleted
+//!   with it, inside the archive directory only, through directory
+//!   descriptors that never follow a symbolic link, and its directories
+//!   are removed once empty;
+//! - gives freed pages back to the filesystem with `incremental_vacuum`
+//!   in steps of [`VACUUM_STEP_PAGES`].
+//!
+//! Logs are walked in id order in windows of [`BATCH_ROWS`] rows, and the
+//! walk stops at the first window holding no old row: `created_at` comes
+//! from the writer's clock as ids are handed out, so old rows come first.
+//! There is no index on `created_at` to keep up (the merge would pay for
+//! it on every row).
+//!
+//! The export watcher may, at the same moment, decide to record a new row
+//! pointing at an archived file whose last row is being deleted (identical
+//! content). It claims that path in [`ArchiveClaims`] under the same lock
+//! it checks the file under, and a claimed path is never deleted.
+
+use super::merger::{MergeState, MERGE_MIN_ROWS};
+use crate::export::walk;
+use crate::metrics::Metrics;
+use parking_lot::{Mutex, MutexGuard};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rustix::fs::AtFlags;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Most rows one retention transaction deletes (or sessions it ends).
+pub const BATCH_ROWS: usize = 1_000;
+/// A pass starts no new batch once it has run this long.
+pub const PASS_BUDGET: Duration = Duration::from_millis(20);
+/// Time between passes when the last one finished its work.
+pub const PASS_INTERVAL: Duration = Duration::from_secs(5);
+/// Time between passes while the last one stopped on [`PASS_BUDGET`] with
+/// work left (a backlog, such as retention turned on for a large store):
+/// about 4 % of the merger's time.
+pub const BACKLOG_INTERVAL: Duration = Duration::from_millis(500);
+/// Pages one `incremental_vacuum` step gives back (512 KiB of 4 KiB pages).
+pub const VACUUM_STEP_PAGES: i64 = 128;
+/// A database still without auto-vacuum is converted at start (one
+/// `VACUUM`, which rewrites the whole file) only up to this size.
+pub const VACUUM_AT_START_MAX_BYTES: u64 = 256 << 20;
+/// Open sessions older than the timeout looked at per transaction.
+const SESSION_BATCH: usize = 100;
+/// How often the totals of expired rows are logged at most.
+const REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What retention keeps and for how long.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Logs, ended sessions and export rows older than this are deleted;
+    /// `None` keeps them forever.
+    pub keep_for: Option<Duration>,
+    /// Open sessions with no activity for this long are ended; `None`
+    /// leaves them open.
+    pub session_timeout: Option<Duration>,
+    /// The archive directory the export rows' files are in; `None` (or a
+    /// file outside it) deletes no file.
+    pub archive_dir: Option<PathBuf>,
+}
+
+impl RetentionPolicy {
+    /// The policy of `storage.retention_days` (0 keeps forever) and
+    /// `general.session_timeout`, with the archive at `archive_dir`.
+    pub fn new(retention_days: u32, session_timeout: Duration, archive_dir: PathBuf) -> Self {
+        RetentionPolicy {
+            keep_for: (retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(retention_days) * 86_400)),
+            session_timeout: Some(session_timeout),
+            archive_dir: Some(archive_dir),
+        }
+    }
+
+    fn is_off(&self) -> bool {
+        self.keep_for.is_none() && self.session_timeout.is_none()
+    }
+}
+
+/// Archive paths the export watcher is about to record in rows not yet
+/// committed, with how many rows each: retention never deletes them.
+#[derive(Debug, Default)]
+pub struct ArchiveClaims {
+    paths: Mutex<HashMap<String, usize>>,
+}
+
+/// [`ArchiveClaims`] held: checks and claims are atomic with whatever the
+/// holder does meanwhile (the watcher's check that the file is there,
+/// retention's deletion).
+#[derive(Debug)]
+pub struct ClaimsGuard<'a>(MutexGuard<'a, HashMap<String, usize>>);
+
+impl ArchiveClaims {
+    /// Takes the claims' lock (held briefly by either side).
+    pub fn lock(&self) -> ClaimsGuard<'_> {
+        ClaimsGuard(self.paths.lock())
+    }
+
+    /// Drops one claim of `path` (its row is committed, or will not be).
+    pub fn release(&self, path: &str) {
+        let mut paths = self.paths.lock();
+        if let Some(n) = paths.get_mut(path) {
+            *n -= 1;
+            if *n == 0 {
+                paths.remove(path);
+            }
+        }
+    }
+}
+
+impl ClaimsGuard<'_> {
+    /// Claims `path` for one more row.
+    pub fn claim(&mut self, path: &str) {
+        *self.0.entry(path.to_owned()).or_insert(0) += 1;
+    }
+
+    /// Whether a row not yet committed will reference `path`.
+    pub fn is_claimed(&self, path: &str) -> bool {
+        self.0.contains_key(path)
+    }
+}
+
+/// What one pass (or several) expired.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// Log rows deleted.
+    pub logs: u64,
+    /// Ended sessions deleted.
+    pub sessions: u64,
+    /// Export rows deleted.
+    pub exports: u64,
+    /// Archive files deleted (no row referenced them any more).
+    pub files: u64,
+    /// Open sessions ended for inactivity.
+    pub timed_out: u64,
+    /// Pages given back to the filesystem.
+    pub pages_freed: u64,
+    /// The pass stopped on its time bound with work left.
+    pub more: bool,
+}
+
+impl Expired {
+    fn any(&self) -> bool {
+        self.logs + self.sessions + self.exports + self.files + self.timed_out + self.pages_freed
+            > 0
+    }
+
+    fn add(&mut self, other: &Expired) {
+        self.logs += other.logs;
+        self.sessions += other.sessions;
+        self.exports += other.exports;
+        self.files += other.files;
+        self.timed_out += other.timed_out;
+        self.pages_freed += other.pages_freed;
+    }
+}
+
+/// The merger's retention state: when the next pass is due, where session
+/// expiry goes on, and what to report.
+#[derive(Debug)]
+pub struct Retention {
+    policy: RetentionPolicy,
+    claims: Arc<ArchiveClaims>,
+    next_pass: Instant,
+    /// The last open session looked at (`recorded_at`, rowid): the next
+    /// pass goes on after it, so that many long-lived active sessions do
+    /// not hide the ones behind them.
+    session_cursor: (i64, i64),
+    unreported: Expired,
+    last_report: Instant,
+}
+
+impl Retention {
+    /// Retention by `policy`, with the watcher's `claims`; the first pass
+    /// is due at once.
+    pub fn new(policy: RetentionPolicy, claims: Arc<ArchiveClaims>) -> Self {
+        Retention {
+            policy,
+            claims,
+            next_pass: Instant::now(),
+            session_cursor: (i64::MIN, i64::MIN),
+            unreported: Expired::default(),
+            // The first expiry is reported at once, later ones once a
+            // minute at most.
+            last_report: Instant::now()
+                .checked_sub(REPORT_INTERVAL)
+                .unwrap_or_else(Instant::now),
+        }
+    }
+
+    /// Whether a pass should run now.
+    pub fn due(&self) -> bool {
+        !self.policy.is_off() && Instant::now() >= self.next_pass
+    }
+
+    /// Runs one pass bounded by [`PASS_BUDGET`] on `conn` (the merger's
+    /// connection), counts it in `metrics`, and schedules the next one.
+    pub fn run(
+        &mut self,
+        conn: &mut Connection,
+        state: &MergeState,
+        metrics: &Metrics,
+    ) -> rusqlite::Result<Expired> {
+        let now_us = crate::proto::Timestamp::now().as_micros();
+        let result = self.pass(conn, state, now_us, Instant::now() + PASS_BUDGET);
+        let more = result.as_ref().is_ok_and(|e| e.more);
+        self.next_pass = Instant::now()
+            + if more {
+                BACKLOG_INTERVAL
+            } else {
+                PASS_INTERVAL
+            };
+        let expired = result?;
+        Metrics::add(&metrics.logs_expired, expired.logs);
+        Metrics::add(&metrics.sessions_expired, expired.sessions);
+        Metrics::add(&metrics.exports_expired, expired.exports);
+        Metrics::add(&metrics.sessions_timed_out, expired.timed_out);
+        self.unreported.add(&expired);
+        if self.unreported.any() && self.last_report.elapsed() >= REPORT_INTERVAL {
+            self.report();
+        }
+        Ok(expired)
+    }
+
+    fn report(&mut self) {
+        let e = std::mem::take(&mut self.unreported);
+        self.last_report = Instant::now();
+        if e.timed_out > 0 {
+            log::info!(
+                "ended {} session(s) without activity for general.session_timeout",
+                e.timed_out
+            );
+        }
+        if e.logs + e.sessions + e.exports + e.files > 0 {
+            log::info!(
+                "retention deleted {} log(s), {} ended session(s), {} export row(s) and {} \
+                 archive file(s) older than storage.retention_days; {} page(s) given back",
+                e.logs,
+                e.sessions,
+                e.exports,
+                e.files,
+                e.pages_freed
+            );
+        }
+    }
+
+    /// One pass at `now_us` (microseconds since the epoch) that starts no
+    /// batch after `deadline`, though each step runs at least one.
+    pub fn pass(
+        &mut self,
+        conn: &mut Connection,
+        state: &MergeState,
+        now_us: i64,
+        deadline: Instant,
+    ) -> rusqlite::Result<Expired> {
+        let mut e = Expired::default();
+        if let Some(timeout) = self.policy.session_timeout {
+            let cutoff = now_us.saturating_sub(micros(timeout));
+            let (ended, more) = self.time_out_sessions(conn, state, cutoff, now_us, deadline)?;
+            e.timed_out = ended;
+            e.more |= more;
+        }
+        if let Some(keep) = self.policy.keep_for {
+            let cutoff = now_us.saturating_sub(micros(keep));
+            let (logs, more) = expire_logs(conn, cutoff, deadline)?;
+            e.logs = logs;
+            e.more |= more;
+            let (sessions, more) = expire_sessions(conn, cutoff, deadline)?;
+            e.sessions = sessions;
+            e.more |= more;
+            let archive = self.archive_root();
+            let (exports, files, more) =
+                expire_exports(conn, cutoff, archive.as_ref(), &self.claims, deadline)?;
+            e.exports = exports;
+            e.files = files;
+            e.more |= more;
+        }
+        let (pages, more) = vacuum_steps(conn, deadline)?;
+        e.pages_freed = pages;
+        e.more |= more;
+        Ok(e)
+    }
+
+    /// The archive directory, if it is there (see [`ArchiveRoot::open`]).
+    fn archive_root(&self) -> Option<ArchiveRoot> {
+        ArchiveRoot::open(self.policy.archive_dir.as_ref()?).ok()
+    }
+
+    /// Ends, in one transaction, the open sessions recorded before `cutoff`
+    /// that have had no activity since, among the next [`SESSION_BATCH`]
+    /// after the cursor; goes on while time is left.
+    fn time_out_sessions(
+        &mut self,
+        conn: &mut Connection,
+        state: &MergeState,
+        cutoff: i64,
+        now_us: i64,
+        deadline: Instant,
+    ) -> rusqlite::Result<(u64, bool)> {
+        // Behind on merging: a session's newest logs may still wait in the
+        // ingest file, where no index finds them. Look again later.
+        if state.unmerged() >= MERGE_MIN_ROWS {
+            return Ok((0, false));
+        }
+        let mut ended = 0;
+        loop {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (n, cursor) = time_out_batch(&tx, cutoff, now_us, self.session_cursor)?;
+            tx.commit()?;
+            ended += n;
+            match cursor {
+                Some(c) => self.session_cursor = c,
+                None => {
+                    // Every candidate looked at: start again next pass.
+                    self.session_cursor = (i64::MIN, i64::MIN);
+                    return Ok((ended, false));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok((ended, true));
+            }
+        }
+    }
+}
+
+/// Microseconds in `d`, saturating.
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// One batch of session expiry inside `tx`: ends the sessions without
+/// activity since `cutoff` among the next [`SESSION_BATCH`] open sessions
+/// recorded before it, after `cursor`. The number ended, and the new cursor
+/// (`None` when no candidate was left).
+fn time_out_batch(
+    tx: &Transaction,
+    cutoff: i64,
+    now_us: i64,
+    cursor: (i64, i64),
+) -> rusqlite::Result<(u64, Option<(i64, i64)>)> {
+    let candidates: Vec<(i64, String, i64)> = tx
+        .prepare_cached(
+            "SELECT rowid, id, recorded_at FROM sessions WHERE ended_at IS NULL \
+             AND recorded_at < ?1 AND (recorded_at, rowid) > (?2, ?3) \
+             ORDER BY recorded_at, rowid LIMIT ?4",
+        )?
+        .query_map(
+            params![cutoff, cursor.0, cursor.1, SESSION_BATCH as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?
+        .collect::<Result<_, _>>()?;
+    let Some(&(last_rowid, _, last_recorded)) = candidates.last() else {
+        return Ok((0, None));
+    };
+    // Sessions with a log the merge has not moved yet: active just now.
+    let waiting: HashSet<String> = tx
+        .prepare_cached(
+            "SELECT DISTINCT session_id FROM ingest.ingest_logs WHERE session_id IS NOT NULL \
+             AND id > (SELECT coalesce(max(id), 0) FROM main.logs)",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut newest_log = tx.prepare_cached(
+        "SELECT created_at FROM main.logs WHERE session_id = ?1 \
+         ORDER BY timestamp DESC LIMIT 1",
+    )?;
+    let mut end = tx.prepare_cached(
+        "UPDATE sessions SET ended_at = ?2, end_reason = 'timeout' \
+         WHERE rowid = ?1 AND ended_at IS NULL",
+    )?;
+    let mut ended = 0;
+    for (rowid, id, _) in &candidates {
+        if waiting.contains(id) {
+            continue;
+        }
+        let last_log: Option<i64> = newest_log.query_row([id], |r| r.get(0)).optional()?;
+        if last_log.is_some_and(|at| at >= cutoff) {
+            continue;
+        }
+        ended += end.execute(params![rowid, now_us])? as u64;
+    }
+    Ok((ended, Some((last_recorded, last_rowid))))
+}
+
+/// Deletes logs created before `cutoff`, in id order, [`BATCH_ROWS`] per
+/// transaction, until a window of rows holds none or `deadline` passes.
+/// The rows deleted, and whether it stopped on the deadline.
+pub fn expire_logs(
+    conn: &mut Connection,
+    cutoff: i64,
+    deadline: Instant,
+) -> rusqlite::Result<(u64, bool)> {
+    // A read, without the write lock: usually there is nothing to do.
+    let any: bool = conn
+        .prepare_cached(OLD_LOG_AHEAD)?
+        .query_row(params![0, cutoff, BATCH_ROWS as i64], |r| r.get(0))?;
+    if !any {
+        return Ok((0, false));
+    }
+    let mut deleted = 0;
+    let mut after = 0;
+    loop {
+        match expire_logs_batch(conn, cutoff, after)? {
+            None | Some((_, 0)) => return Ok((deleted, false)),
+            Some((end, n)) => {
+                deleted += n as u64;
+                after = end;
+            }
+        }
+        if Instant::now() >= deadline {
+            return Ok((deleted, true));
+        }
+    }
+}
+
+/// Whether the [`BATCH_ROWS`] (`?3`) logs after id `?1` hold one created
+/// before `?2`.
+const OLD_LOG_AHEAD: &str = "SELECT EXISTS (SELECT 1 FROM \
+    (SELECT created_at FROM main.logs WHERE id > ?1 ORDER BY id LIMIT ?3) \
+    WHERE created_at < ?2)";
+
+/// The id below which logs may be deleted: the largest id of `logs` (kept)
+/// and the smallest still in the ingest file (whose copy stays until the
+/// ingest file lets it go).
+pub(super) const DELETABLE_BELOW: &str = "SELECT min( \
+    coalesce((SELECT max(id) FROM main.logs), 0), \
+    coalesce((SELECT min(id) FROM ingest.ingest_logs), 9223372036854775807))";
+
+/// One transaction of [`expire_logs`]: the window of the next
+/// [`BATCH_ROWS`] deletable rows after id `after`, and how many of them
+/// were old and deleted; `None` when no deletable row is left.
+pub fn expire_logs_batch(
+    conn: &mut Connection,
+    cutoff: i64,
+    after: i64,
+) -> rusqlite::Result<Option<(i64, usize)>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let below: i64 = tx
+        .prepare_cached(DELETABLE_BELOW)?
+        .query_row([], |r| r.get(0))?;
+    let end: Option<i64> = tx
+        .prepare_cached(
+            "SELECT max(id) FROM (SELECT id FROM main.logs WHERE id > ?1 AND id < ?2 \
+             ORDER BY id LIMIT ?3)",
+        )?
+        .query_row(params![after, below, BATCH_ROWS as i64], |r| r.get(0))?;
+    let Some(end) = end else {
+        return Ok(None);
+    };
+    let deleted = tx
+        .prepare_cached("DELETE FROM main.logs WHERE id > ?1 AND id <= ?2 AND created_at < ?3")?
+        .execute(params![after, end, cutoff])?;
+    tx.commit()?;
+    Ok(Some((end, deleted)))
+}
+
+/// Deletes sessions that ended before `cutoff`, [`BATCH_ROWS`] per
+/// transaction, until none is left or `deadline` passes.
+fn expire_sessions(
+    conn: &mut Connection,
+    cutoff: i64,
+    deadline: Instant,
+) -> rusqlite::Result<(u64, bool)> {
+    let any: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?1)",
+        )?
+        .query_row([cutoff], |r| r.get(0))?;
+    if !any {
+        return Ok((0, false));
+    }
+    let mut deleted = 0;
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx
+            .prepare_cached(
+                "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
+                 WHERE ended_at IS NOT NULL AND ended_at < ?1 ORDER BY ended_at LIMIT ?2)",
+            )?
+            .execute(params![cutoff, BATCH_ROWS as i64])?;
+        tx.commit()?;
+        deleted += n as u64;
+        if n < BATCH_ROWS {
+            return Ok((deleted, false));
+        }
+        if Instant::now() >= deadline {
+            return Ok((deleted, true));
+        }
+    }
+}
+
+/// When an export row was archived, in microseconds: rows from before
+/// schema version 3 have only `processed_at`, in seconds.
+const ARCHIVED_AT: &str = "coalesce(archived_at_us, processed_at * 1000000)";
+
+/// The archive directory: its canonical path (the prefix of the recorded
+/// paths) and a descriptor of it.
+#[derive(Debug)]
+pub struct ArchiveRoot {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl ArchiveRoot {
+    /// Opens the archive directory `dir`: canonical, as the watcher records
+    /// paths in it, and opened without following a symbolic link.
+    pub fn open(dir: &Path) -> io::Result<ArchiveRoot> {
+        let path = std::fs::canonicalize(dir)?;
+        let fd = walk::open_root(&path)?;
+        Ok(ArchiveRoot { path, fd })
+    }
+}
+
+/// Deletes export rows archived before `cutoff`, in id order,
+/// [`BATCH_ROWS`] per transaction, with the archive files no remaining row
+/// references (inside `archive` only; none without it). Rows deleted,
+/// files deleted, and whether it stopped on `deadline`.
+pub fn expire_exports(
+    conn: &mut Connection,
+    cutoff: i64,
+    archive: Option<&ArchiveRoot>,
+    claims: &ArchiveClaims,
+    deadline: Instant,
+) -> rusqlite::Result<(u64, u64, bool)> {
+    let any: bool = conn
+        .prepare_cached(&format!(
+            "SELECT EXISTS (SELECT 1 FROM (SELECT {ARCHIVED_AT} AS at FROM export_archive \
+             ORDER BY id LIMIT ?2) WHERE at < ?1)"
+        ))?
+        .query_row(params![cutoff, BATCH_ROWS as i64], |r| r.get(0))?;
+    if !any {
+        return Ok((0, 0, false));
+    }
+    let (mut rows, mut files) = (0, 0);
+    let mut after = 0;
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let batch = expire_exports_batch(&tx, cutoff, after, archive, claims)?;
+        tx.commit()?;
+        match batch {
+            None | Some((_, 0, _)) => return Ok((rows, files, false)),
+            Some((end, n, f)) => {
+                rows += n;
+                files += f;
+                after = end;
+            }
+        }
+        if Instant::now() >= deadline {
+            return Ok((rows, files, true));
+        }
+    }
+}
+
+/// One transaction of [`expire_exports`]: the end of the window of
+/// [`BATCH_ROWS`] rows after id `after`, the old rows deleted in it and
+/// the files deleted with them; `None` when no row is left.
+///
+/// A file goes before the commit: should the commit then fail, the rows
+/// left point at a missing file only until the next pass deletes them,
+/// whereas the other order could leave a file no row knows of forever.
+fn expire_exports_batch(
+    tx: &Transaction,
+    cutoff: i64,
+    after: i64,
+    archive: Option<&ArchiveRoot>,
+    claims: &ArchiveClaims,
+) -> rusqlite::Result<Option<(i64, u64, u64)>> {
+    let end: Option<i64> = tx
+        .prepare_cached(
+            "SELECT max(id) FROM (SELECT id FROM export_archive WHERE id > ?1 \
+             ORDER BY id LIMIT ?2)",
+        )?
+        .query_row(params![after, BATCH_ROWS as i64], |r| r.get(0))?;
+    let Some(end) = end else {
+        return Ok(None);
+    };
+    let files: HashSet<(String, Option<String>)> = tx
+        .prepare_cached(&format!(
+            "SELECT DISTINCT archive_path, content_hash FROM export_archive \
+             WHERE id > ?1 AND id <= ?2 AND {ARCHIVED_AT} < ?3 AND archive_path <> ''"
+        ))?
+        .query_map(params![after, end, cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let rows = tx
+        .prepare_cached(&format!(
+            "DELETE FROM export_archive WHERE id > ?1 AND id <= ?2 AND {ARCHIVED_AT} < ?3"
+        ))?
+        .execute(params![after, end, cutoff])? as u64;
+    let mut still_used = tx.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM export_archive WHERE content_hash IS ?2 \
+         AND archive_path = ?1)",
+    )?;
+    let mut orphans = Vec::new();
+    for (path, hash) in files {
+        if !still_used.query_row(params![path, hash], |r| r.get::<_, bool>(0))? {
+            orphans.push(path);
+        }
+    }
+    let mut removed = 0;
+    if let Some(root) = archive {
+        let held = claims.lock();
+        for path in orphans.iter().filter(|p| !held.is_claimed(p)) {
+            match remove_archive_file(root, Path::new(path)) {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => log::warn!(
+                    "retention cannot delete archive file `{path}` (no row references it \
+                     any more): {e}"
+                ),
+            }
+        }
+    }
+    Ok(Some((end, rows, removed)))
+}
+
+/// Deletes the archive file at `path` if it lies inside `root` and is a
+/// regular file, reached through directory descriptors that never follow a
+/// symbolic link; then removes its directories up to the root while they
+/// are empty. `Ok(false)` when there was nothing to delete (gone already,
+/// outside the archive, a symbolic link or anything but a regular file).
+pub fn remove_archive_file(root: &ArchiveRoot, path: &Path) -> io::Result<bool> {
+    let Ok(relative) = path.strip_prefix(&root.path) else {
+        log::warn!(
+            "retention leaves `{}` alone: it is outside the archive directory `{}`",
+            path.display(),
+            root.path.display()
+        );
+        return Ok(false);
+    };
+    let mut names: Vec<&OsStr> = Vec::new();
+    for component in relative.components() {
+        match component {
+            Component::Normal(name) => names.push(name),
+            _ => return Ok(false),
+        }
+    }
+    let Some(file) = names.pop() else {
+        return Ok(false);
+    };
+    // dirs[i] is the directory holding names[i] (dirs[0] the root).
+    let mut dirs: Vec<OwnedFd> = vec![root.fd.as_fd().try_clone_to_owned()?];
+    for name in &names {
+        let parent = dirs.last().expect("the root at least").as_fd();
+        match walk::open_dir_at(parent, name) {
+            Ok(dir) => dirs.push(dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if walk::is_not_a_directory(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    let holder = dirs.last().expect("the root at least").as_fd();
+    match walk::stat_at(holder, file) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    match rustix::fs::unlinkat(holder, file, AtFlags::empty()) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    // Empty date, session and hash directories go too; the first one
+    // still holding anything (or in use again) stops it.
+    for (i, name) in names.iter().enumerate().rev() {
+        if rustix::fs::unlinkat(dirs[i].as_fd(), *name, AtFlags::REMOVEDIR).is_err() {
+            break;
+        }
+    }
+    Ok(true)
+}
+
+/// Gives free pages back to the filesystem, [`VACUUM_STEP_PAGES`] per
+/// step, while any are free and `deadline` has not passed (one step at
+/// least). Only for a database in incremental auto-vacuum mode.
+fn vacuum_steps(conn: &Connection, deadline: Instant) -> rusqlite::Result<(u64, bool)> {
+    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+    if mode != 2 {
+        return Ok((0, false));
+    }
+    let mut freed = 0;
+    loop {
+        let free: i64 = conn.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
+        if free == 0 {
+            return Ok((freed, false));
+        }
+        let step = free.min(VACUUM_STEP_PAGES);
+        conn.execute_batch(&format!("PRAGMA incremental_vacuum({step})"))?;
+        freed += step as u64;
+        if Instant::now() >= deadline {
+            return Ok((freed, free > step));
+        }
+    }
+}
+
+/// At start, before any other connection: a database created before
+/// incremental auto-vacuum (mode NONE) is converted with one `VACUUM` if
+/// it is at most [`VACUUM_AT_START_MAX_BYTES`]; a larger one keeps its
+/// mode, and the pages retention frees are reused for new rows but not
+/// given back. Either way the log says so. A failure is logged, not fatal.
+pub fn convert_auto_vacuum(conn: &Connection, path: &Path) {
+    let mode: i64 = match conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0)) {
+        Ok(mode) => mode,
+        Err(e) => {
+            log::warn!(
+                "cannot read the auto-vacuum mode of `{}`: {e}",
+                path.display()
+            );
+            return;
+        }
+    };
+    if mode != 0 {
+        return;
+    }
+    let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+    let mib = bytes >> 20;
+    if bytes > VACUUM_AT_START_MAX_BYTES {
+        log::info!(
+            "database `{}` ({mib} MiB) predates incremental auto-vacuum and is larger than the \
+             {} MiB converted at start: space retention frees is reused for new logs but not \
+             given back to the filesystem (to convert it, stop the daemon and run \
+             sqlite3 {} 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM')",
+            path.display(),
+            VACUUM_AT_START_MAX_BYTES >> 20,
+            path.display()
+        );
+        return;
+    }
+    log::info!(
+        "converting database `{}` ({mib} MiB) to incremental auto-vacuum with a one-time \
+         VACUUM, so that retention can give freed space back",
+        path.display()
+    );
+    let started = Instant::now();
+    let converted = conn
+        .pragma_update(None, "auto_vacuum", "INCREMENTAL")
+        .and_then(|()| conn.execute_batch("VACUUM"))
+        .and_then(|()| conn.pragma_query_value(None, "auto_vacuum", |r| r.get::<_, i64>(0)));
+    match converted {
+        Ok(2) => log::info!(
+            "database `{}` converted in {} ms",
+            path.display(),
+            started.elapsed().as_millis()
+        ),
+        Ok(mode) => log::warn!(
+            "database `{}` kept auto-vacuum mode {mode} after VACUUM: space retention frees \
+             is reused but not given back",
+            path.display()
+        ),
+        Err(e) => log::warn!(
+            "cannot convert database `{}` to incremental auto-vacuum ({e}): space retention \
+             frees is reused but not given back",
+            path.display()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::schema;
+    use std::fs;
+    use uuid::Uuid;
+
+    const DAY_US: i64 = 86_400_000_000;
+    /// "Now" in these tests: day 100.
+    const NOW: i64 = 100 * DAY_US;
+    /// Retention of 30 days from [`NOW`].
+    const CUTOFF: i64 = NOW - 30 * DAY_US;
+    const OLD: i64 = CUTOFF - DAY_US;
+    const NEW: i64 = NOW - DAY_US;
+
+    fn store() -> (tempfile::TempDir, PathBuf, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db/codi.db");
+        let conn = schema::open_rw(&path, 4).unwrap();
+        (dir, path, conn)
+    }
+
+    fn insert_log(conn: &Connection, id: i64, session: Option<&str>, at: i64) {
+        conn.execute(
+            "INSERT INTO main.logs (id, uuid, timestamp, level, component, session_id, message, \
+             created_at) VALUES (?1, ?2, ?3, 'Info', 'c', ?4, 'm', ?3)",
+            params![id, Uuid::from_u128(id as u128).as_bytes(), at, session],
+        )
+        .unwrap();
+    }
+
+    fn ids(conn: &Connection) -> Vec<i64> {
+        let mut stmt = conn
+            .prepare("SELECT id FROM main.logs ORDER BY id")
+            .unwrap();
+        let ids = stmt.query_map([], |r| r.get(0)).unwrap();
+        ids.map(Result::unwrap).collect()
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    #[test]
+    fn old_logs_go_new_ones_stay_and_the_largest_id_stays_even_if_old() {
+        let (_dir, _path, mut conn) = store();
+        for id in 1..=5 {
+            insert_log(&conn, id, None, OLD);
+        }
+        for id in 6..=8 {
+            insert_log(&conn, id, None, NEW);
+        }
+        insert_log(&conn, 9, None, OLD);
+        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (5, false));
+        assert_eq!(
+            ids(&conn),
+            [6, 7, 8, 9],
+            "the largest id is kept though old"
+        );
+        // Nothing more to do: no write, no deletion.
+        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (0, false));
+        // A newer row makes the old largest one deletable.
+        insert_log(&conn, 10, None, NEW);
+        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (1, false));
+        assert_eq!(ids(&conn), [6, 7, 8, 10]);
+    }
+
+    #[test]
+    fn batches_are_bounded_and_a_spent_pass_does_one_each() {
+        let (_dir, _path, mut conn) = store();
+        let tx = conn.transaction().unwrap();
+        for id in 1..=2_500 {
+            insert_log(&tx, id, None, OLD);
+        }
+        insert_log(&tx, 2_501, None, NEW);
+        tx.commit().unwrap();
+        assert_eq!(
+            expire_logs_batch(&mut conn, CUTOFF, 0).unwrap(),
+            Some((1_000, BATCH_ROWS))
+        );
+        assert_eq!(ids(&conn).len(), 1_501);
+        // Past its deadline a pass still makes one batch of progress.
+        let spent = Instant::now();
+        assert_eq!(
+            expire_logs(&mut conn, CUTOFF, spent).unwrap(),
+            (1_000, true)
+        );
+        assert_eq!(ids(&conn).len(), 501);
+        assert_eq!(
+            expire_logs(&mut conn, CUTOFF, later()).unwrap(),
+            (500, false)
+        );
+        assert_eq!(ids(&conn), [2_501]);
+    }
+
+    #[test]
+    fn a_log_whose_copy_is_still_in_the_ingest_file_stays() {
+        let (_dir, path, mut conn) = store();
+        for id in 1..=10 {
+            insert_log(&conn, id, None, OLD);
+        }
+        insert_log(&conn, 11, None, NEW);
+        // Rows 6.. merged but not yet deleted from the ingest file.
+        let ingest = schema::open_ingest_rw(&path, 1).unwrap();
+        for id in 6..=11 {
+            ingest
+                .execute(
+                    "INSERT INTO main.ingest_logs (id, uuid, timestamp, level, component, \
+                     message, created_at) VALUES (?1, ?2, 1, 'Info', 'c', 'm', ?3)",
+                    params![id, Uuid::from_u128(id as u128).as_bytes(), OLD],
+                )
+                .unwrap();
+        }
+        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (5, false));
+        assert_eq!(ids(&conn), [6, 7, 8, 9, 10, 11]);
+        ingest
+            .execute("DELETE FROM main.ingest_logs WHERE id <= 10", [])
+            .unwrap();
+        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (5, false));
+        assert_eq!(ids(&conn), [11]);
+    }
+
+    fn session(conn: &Connection, id: &str, started: i64, ended: Option<i64>) {
+        conn.execute(
+            "INSERT INTO sessions (id, identity, started_at, recorded_at, ended_at) \
+             VALUES (?1, 'me', 1, ?2, ?3)",
+            params![id, started, ended],
+        )
+        .unwrap();
+    }
+
+    fn ended(conn: &Connection, id: &str) -> Option<(Option<i64>, Option<String>)> {
+        conn.query_row(
+            "SELECT ended_at, end_reason FROM sessions WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .unwrap()
+    }
+
+    fn policy(keep_days: Option<u64>, timeout: Option<Duration>) -> RetentionPolicy {
+        RetentionPolicy {
+            keep_for: keep_days.map(|d| Duration::from_secs(d * 86_400)),
+            session_timeout: timeout,
+            archive_dir: None,
+        }
+    }
+
+    #[test]
+    fn idle_open_sessions_time_out_and_old_ended_ones_are_deleted() {
+        let (_dir, path, mut conn) = store();
+        let hour = Duration::from_secs(3600);
+        let hour_us = 3_600_000_000;
+        // Open, started long ago: idle; logging still; a log waiting in
+        // the ingest file; started just now.
+        session(&conn, "idle", NOW - 5 * hour_us, None);
+        insert_log(&conn, 1, Some("idle"), NOW - 2 * hour_us);
+        session(&conn, "busy", NOW - 5 * hour_us, None);
+        insert_log(&conn, 2, Some("busy"), NOW - 60_000_000);
+        session(&conn, "waiting", NOW - 5 * hour_us, None);
+        session(&conn, "fresh", NOW - 60_000_000, None);
+        // Ended: long ago, and recently.
+        session(&conn, "gone", OLD - DAY_US, Some(OLD));
+        session(&conn, "recent", OLD, Some(NEW));
+        insert_log(&conn, 3, None, NEW);
+        let ingest = schema::open_ingest_rw(&path, 1).unwrap();
+        ingest
+            .execute(
+                "INSERT INTO main.ingest_logs (id, uuid, timestamp, level, component, \
+                 session_id, message, created_at) VALUES (4, x'04', 1, 'Info', 'c', 'waiting', \
+                 'm', 1)",
+                [],
+            )
+            .unwrap();
+        let state = MergeState::new(4, 3, Uuid::nil());
+        let mut r = Retention::new(
+            policy(Some(30), Some(hour)),
+            Arc::new(ArchiveClaims::default()),
+        );
+        let e = r.pass(&mut conn, &state, NOW, later()).unwrap();
+        assert_eq!((e.timed_out, e.sessions), (1, 1), "{e:?}");
+        assert_eq!(
+            ended(&conn, "idle"),
+            Some((Some(NOW), Some("timeout".into())))
+        );
+        for open in ["busy", "waiting", "fresh"] {
+            assert_eq!(ended(&conn, open), Some((None, None)), "{open}");
+        }
+        assert_eq!(
+            ended(&conn, "gone"),
+            None,
+            "ended before the cutoff: deleted"
+        );
+        assert_eq!(ended(&conn, "recent"), Some((Some(NEW), None)));
+        // Once merged, the waiting session's log is its last activity (and
+        // its timestamp, the client's clock, is not what counts).
+        ingest.execute("DELETE FROM main.ingest_logs", []).unwrap();
+        conn.execute(
+            "INSERT INTO main.logs (id, uuid, timestamp, level, component, session_id, \
+             message, created_at) VALUES (4, x'04', 1, 'Info', 'c', 'waiting', 'm', ?1)",
+            [NOW - 60_000_000],
+        )
+        .unwrap();
+        let e = r.pass(&mut conn, &state, NOW, later()).unwrap();
+        assert_eq!(e.timed_out, 0, "{e:?}");
+        assert_eq!(ended(&conn, "waiting"), Some((None, None)));
+    }
+
+    #[test]
+    fn session_expiry_goes_on_after_many_active_sessions() {
+        let (_dir, _path, mut conn) = store();
+        let n = SESSION_BATCH as i64 * 3;
+        let tx = conn.transaction().unwrap();
+        for i in 0..n {
+            let id = format!("active-{i}");
+            session(&tx, &id, i, None);
+            insert_log(&tx, i + 1, Some(&id), NOW);
+        }
+        // Started last of all: behind every active one.
+        session(&tx, "idle", n, None);
+        tx.commit().unwrap();
+        let state = MergeState::new(n, n, Uuid::nil());
+        let mut r = Retention::new(
+            policy(None, Some(Duration::from_secs(3600))),
+            Arc::new(ArchiveClaims::default()),
+        );
+        // Spent passes: one batch of candidates each, on from the last.
+        let mut timed_out = 0;
+        for _ in 0..4 {
+            timed_out += r
+                .pass(&mut conn, &state, NOW, Instant::now())
+                .unwrap()
+                .timed_out;
+        }
+        assert_eq!(timed_out, 1);
+        assert_eq!(ended(&conn, "idle").unwrap().1.as_deref(), Some("timeout"));
+        assert_eq!(ended(&conn, "active-0"), Some((None, None)));
+    }
+
+    /// An archive directory with one export row per `(file, archived_at)`.
+    struct Archive {
+        root: ArchiveRoot,
+        dir: PathBuf,
+    }
+
+    impl Archive {
+        fn new(base: &Path) -> Archive {
+            let dir = base.join("archive");
+            fs::create_dir_all(&dir).unwrap();
+            let dir = fs::canonicalize(dir).unwrap();
+            Archive {
+                root: ArchiveRoot::open(&dir).unwrap(),
+                dir,
+            }
+        }
+
+        /// Writes the file `rel` (with its directories) and returns its
+        /// path as rows record it.
+        fn file(&self, rel: &str) -> String {
+            let path = self.dir.join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, rel).unwrap();
+            path.to_string_lossy().into_owned()
+        }
+    }
+
+    fn export_row(conn: &Connection, path: &str, hash: &str, at: i64) {
+        conn.execute(
+            "INSERT INTO export_archive (original_path, archive_path, content_hash, \
+             archived_at_us) VALUES ('/src', ?1, ?2, ?3)",
+            params![path, hash, at],
+        )
+        .unwrap();
+    }
+
+    fn export_rows(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM export_archive", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn orphan_archive_files_go_and_referenced_or_claimed_ones_stay() {
+        let (dir, _path, mut conn) = store();
+        let archive = Archive::new(dir.path());
+        let orphan = archive.file("2020/01/01/s/aa/aaaa-report.md");
+        let shared = archive.file("2020/01/01/s/bb/bbbb-notes.md");
+        let claimed = archive.file("2020/01/02/s/cc/cccc-plan.md");
+        export_row(&conn, &orphan, "aa", OLD);
+        export_row(&conn, &shared, "bb", OLD);
+        export_row(&conn, &claimed, "cc", OLD);
+        // Identical content archived again later shares the file.
+        export_row(&conn, &shared, "bb", NEW);
+        // An error row has no file.
+        conn.execute(
+            "INSERT INTO export_archive (original_path, archive_path, archived_at_us, error) \
+             VALUES ('/src', '', ?1, 'the file vanished')",
+            [OLD],
+        )
+        .unwrap();
+        let claims = ArchiveClaims::default();
+        claims.lock().claim(&claimed);
+        let (rows, files, more) =
+            expire_exports(&mut conn, CUTOFF, Some(&archive.root), &claims, later()).unwrap();
+        assert_eq!((rows, files, more), (4, 1, false));
+        assert_eq!(export_rows(&conn), 1);
+        assert!(!Path::new(&orphan).exists());
+        assert!(
+            !archive.dir.join("2020/01/01/s/aa").exists(),
+            "its emptied directory goes too"
+        );
+        assert!(Path::new(&shared).is_file(), "still referenced");
+        assert!(Path::new(&claimed).is_file(), "claimed by the watcher");
+        assert!(archive.dir.join("2020/01/01/s/bb").is_dir());
+        // A claim is counted: released as often as taken.
+        claims.lock().claim(&claimed);
+        claims.release(&claimed);
+        assert!(claims.lock().is_claimed(&claimed));
+        claims.release(&claimed);
+        assert!(!claims.lock().is_claimed(&claimed));
+    }
+
+    #[test]
+    fn symbolic_links_in_the_archive_are_never_followed() {
+        let (dir, _path, mut conn) = store();
+        let archive = Archive::new(dir.path());
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let precious = outside.join("precious.md");
+        fs::write(&precious, b"keep me").unwrap();
+        // A link as the file, a link as one of its directories, and a path
+        // outside the archive altogether.
+        fs::create_dir_all(archive.dir.join("2020/01/01/s/aa")).unwrap();
+        let file_link = archive.dir.join("2020/01/01/s/aa/aaaa-link.md");
+        std::os::unix::fs::symlink(&precious, &file_link).unwrap();
+        std::os::unix::fs::symlink(&outside, archive.dir.join("2020/01/01/s/bb")).unwrap();
+        let via_dir_link = archive.dir.join("2020/01/01/s/bb/precious.md");
+        export_row(&conn, &file_link.to_string_lossy(), "aa", OLD);
+        export_row(&conn, &via_dir_link.to_string_lossy(), "bb", OLD);
+        export_row(&conn, &precious.to_string_lossy(), "cc", OLD);
+        insert_log(&conn, 1, None, NEW);
+        let claims = ArchiveClaims::default();
+        let (rows, files, _) =
+            expire_exports(&mut conn, CUTOFF, Some(&archive.root), &claims, later()).unwrap();
+        assert_eq!((rows, files), (3, 0));
+        assert_eq!(fs::read(&precious).unwrap(), b"keep me");
+        assert!(fs::symlink_metadata(&file_link).unwrap().is_symlink());
+        assert!(!remove_archive_file(
+            &archive.root,
+            &archive.dir.join("2020/../../outside/precious.md")
+        )
+        .unwrap());
+        assert!(precious.exists());
+    }
+
+    #[test]
+    fn a_pass_gives_the_freed_pages_back() {
+        let (_dir, path, mut conn) = store();
+        let mode: i64 = conn
+            .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, 2, "new databases are incremental");
+        let tx = conn.transaction().unwrap();
+        for id in 1..=3_000 {
+            tx.execute(
+                "INSERT INTO main.logs (id, uuid, timestamp, level, component, message, \
+                 created_at) VALUES (?1, ?2, 1, 'Info', 'c', ?3, ?4)",
+                params![
+                    id,
+                    Uuid::from_u128(id as u128).as_bytes(),
+                    "x".repeat(500),
+                    OLD
+                ],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+        insert_log(&conn, 3_001, None, NEW);
+        let pages = |c: &Connection| -> i64 {
+            c.pragma_query_value(None, "page_count", |r| r.get(0))
+                .unwrap()
+        };
+        let before = pages(&conn);
+        let state = MergeState::new(3_001, 3_001, Uuid::nil());
+        let mut r = Retention::new(policy(Some(30), None), Arc::new(ArchiveClaims::default()));
+        let mut e = Expired::default();
+        while {
+            let pass = r.pass(&mut conn, &state, NOW, later()).unwrap();
+            e.add(&pass);
+            pass.more
+        } {}
+        assert_eq!(e.logs, 3_000);
+        assert!(e.pages_freed > 300, "{e:?}");
+        let free: i64 = conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .unwrap();
+        assert_eq!(free, 0);
+        assert!(pages(&conn) < before / 2, "{} of {before}", pages(&conn));
+        drop(conn);
+        assert!(schema::open_ro(&path).is_ok());
+    }
+
+    #[test]
+    fn an_old_database_without_auto_vacuum_is_converted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE unrelated (x)")
+            .unwrap();
+        let conn = schema::open_rw(&path, 4).unwrap();
+        let mode = |c: &Connection| -> i64 {
+            c.pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(
+            mode(&conn),
+            0,
+            "an existing database keeps its mode on open"
+        );
+        insert_log(&conn, 1, None, NEW);
+        convert_auto_vacuum(&conn, &path);
+        assert_eq!(mode(&conn), 2);
+        assert_eq!(ids(&conn), [1], "rows kept");
+    }
+
+    #[test]
+    fn metrics_count_what_a_run_expired_and_an_off_policy_never_runs() {
+        let (_dir, _path, mut conn) = store();
+        let old = crate::proto::Timestamp::now().as_micros() - 31 * DAY_US;
+        for id in 1..=3 {
+            insert_log(&conn, id, None, old);
+        }
+        let state = MergeState::new(3, 3, Uuid::nil());
+        let metrics = Metrics::default();
+        let mut r = Retention::new(policy(Some(30), None), Arc::new(ArchiveClaims::default()));
+        assert!(r.due());
+        r.run(&mut conn, &state, &metrics).unwrap();
+        assert_eq!(Metrics::get(&metrics.logs_expired), 2);
+        assert!(!r.due(), "the next pass waits");
+        let off = Retention::new(
+            RetentionPolicy::default(),
+            Arc::new(ArchiveClaims::default()),
+        );
+        assert!(!off.due());
+    }
+}
