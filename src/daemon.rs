@@ -376,7 +376,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
 fn recover_damaged_files(db: &std::path::Path) -> Result<Vec<std::path::PathBuf>, StoreError> {
     recovery::finish_set_aside(db)?;
     let started = Instant::now();
-    let found = recovery::inspect(db, recovery::CHECK_DEADLINE, false);
+    let found = recovery::inspect(db, recovery::CHECK_DEADLINE, false)?;
     if !found.damage.is_empty() {
         let moved = recovery::set_aside(db, &found.damage)?;
         log::error!(

@@ -117,6 +117,17 @@ const MERGE: &str = "INSERT OR IGNORE INTO main.logs \
     SELECT id, uuid, timestamp, level, component, session_id, message, metadata, uid, created_at \
     FROM ingest.ingest_logs WHERE id > ?1 AND id <= ?2 ORDER BY id";
 
+/// The id after `id`: an error (the transaction fails, nothing is lost)
+/// rather than an overflow once every id has been handed out.
+fn after(id: i64) -> rusqlite::Result<i64> {
+    id.checked_add(1).ok_or_else(|| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("every row id up to 2^63 - 1 has been handed out".into()),
+        )
+    })
+}
+
 /// Hands out row ids inside one ingest transaction.
 #[derive(Debug)]
 pub struct IdAllocator {
@@ -131,7 +142,7 @@ impl IdAllocator {
     pub fn new(tx: &Transaction, merged_through: i64) -> rusqlite::Result<Self> {
         let (newest_ingest, merged) = id_marks(tx, merged_through)?;
         Ok(IdAllocator {
-            next: newest_ingest.max(merged) + 1,
+            next: after(newest_ingest.max(merged))?,
         })
     }
 
@@ -142,7 +153,12 @@ impl IdAllocator {
     /// `logs` would hide those from readers (the module's prefix rule).
     pub fn for_indexed(tx: &Transaction, merged_through: i64) -> rusqlite::Result<Option<Self>> {
         let (newest_ingest, merged) = id_marks(tx, merged_through)?;
-        Ok((newest_ingest <= merged).then_some(IdAllocator { next: merged + 1 }))
+        if newest_ingest > merged {
+            return Ok(None);
+        }
+        Ok(Some(IdAllocator {
+            next: after(merged)?,
+        }))
     }
 
     /// Runs `insert` (a statement taking a row's values, then its id) for
@@ -159,7 +175,9 @@ impl IdAllocator {
         let added = insert.execute(params_from_iter(
             values.into_iter().chain([&id as &dyn ToSql]),
         ))?;
-        self.next += added as i64;
+        if added > 0 {
+            self.next = after(self.next)?;
+        }
         Ok(added)
     }
 

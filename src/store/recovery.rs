@@ -147,6 +147,51 @@ pub fn is_corruption(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// `<db>.recovery-lock`: each standalone write holds it shared, a
+/// set-aside exclusively, so that no write lands in a file being moved.
+fn recovery_lock_path(db: &Path) -> PathBuf {
+    suffixed(db, ".recovery-lock")
+}
+
+/// A hold on the store's recovery lock; released when dropped.
+#[derive(Debug)]
+pub struct RecoveryLock(#[allow(dead_code)] fs::File);
+
+/// Takes the recovery lock of the store at `db`, shared for a standalone
+/// write or `exclusive` for a set-aside, waiting for the other kind.
+pub fn recovery_lock(db: &Path, exclusive: bool) -> Result<RecoveryLock, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = recovery_lock_path(db);
+    let io_err = |source| StoreError::Io {
+        action: "lock",
+        path: path.clone(),
+        source,
+    };
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err)?;
+    let how = if exclusive {
+        rustix::fs::FlockOperation::LockExclusive
+    } else {
+        rustix::fs::FlockOperation::LockShared
+    };
+    rustix::fs::flock(&file, how).map_err(|e| io_err(e.into()))?;
+    Ok(RecoveryLock(file))
+}
+
+/// Which files (device, inode) the store at `db` is now, to tell whether
+/// a set-aside replaced them since.
+pub fn identity(db: &Path) -> Option<[(u64, u64); 2]> {
+    use std::os::unix::fs::MetadataExt;
+    let of = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    Some([of(db)?, of(&ingest_path(db))?])
+}
+
 /// Whether a set-aside is under way (its fresh files exist): a standalone
 /// `codi2` must then not write, since the files it would open are about
 /// to be replaced.
@@ -166,8 +211,10 @@ pub struct Inspection {
 
 /// Checks both files of the store at `db` (see the module doc), each for
 /// at most `deadline`; `full` runs `integrity_check` (indexes against
-/// their tables too) instead of `quick_check`.
-pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Inspection {
+/// their tables too) instead of `quick_check`. Fails when a file cannot
+/// be checked for a reason that is not damage (permissions, a lock): the
+/// daemon must not start on it, nor move it aside.
+pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Result<Inspection, StoreError> {
     let ingest = ingest_path(db);
     let mut found = Inspection::default();
     let main_len = fs::metadata(db).map(|m| m.len()).ok();
@@ -191,7 +238,7 @@ pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Inspection {
         match &suspect {
             // The running daemon could not say which file: check both
             // fully (indexes against their tables too), for longer.
-            Some(why) => match check_file(path, SUSPECT_DEADLINE, true) {
+            Some(why) => match check_file(path, SUSPECT_DEADLINE, true)? {
                 Check::Sound => {}
                 Check::Damaged(reason) => found.damage.push(damage(format!(
                     "{reason} (the running daemon had reported: {why})"
@@ -202,7 +249,7 @@ pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Inspection {
                     SUSPECT_DEADLINE.as_secs()
                 ))),
             },
-            None => match check_file(path, deadline, full) {
+            None => match check_file(path, deadline, full)? {
                 Check::Sound => {}
                 Check::Damaged(reason) => found.damage.push(damage(reason)),
                 Check::Unfinished => {
@@ -245,7 +292,7 @@ pub fn inspect(db: &Path, deadline: Duration, full: bool) -> Inspection {
             let _ = fs::rename(suspect_path(db), cleared_path(db));
         }
     }
-    found
+    Ok(found)
 }
 
 /// Finishes, in a thread of its own (`codi-check`, at the bulk threads'
@@ -260,15 +307,16 @@ pub fn spawn_background_check(paths: Vec<PathBuf>) -> std::io::Result<()> {
             for path in paths {
                 let started = Instant::now();
                 match check_file(&path, Duration::MAX, false) {
-                    Check::Damaged(reason) => {
+                    Ok(Check::Damaged(reason)) => {
                         damage_found(&format!("`{}`: {reason}", path.display()));
                         return;
                     }
-                    _ => log::info!(
+                    Ok(_) => log::info!(
                         "`{}` passed quick_check in the background ({:.1?})",
                         path.display(),
                         started.elapsed()
                     ),
+                    Err(e) => log::error!("the background check could not run: {e}"),
                 }
             }
         })
@@ -286,14 +334,20 @@ enum Check {
     Unfinished,
 }
 
-/// Checks the SQLite file at `path` for at most `deadline`.
-fn check_file(path: &Path, deadline: Duration, full: bool) -> Check {
+/// Checks the SQLite file at `path` for at most `deadline`. Damage is
+/// what SQLite calls corrupt, not a database, or cannot read (an I/O
+/// error); an error that says nothing of the file's contents (no
+/// permission, a lock) is returned, never mistaken for damage.
+fn check_file(path: &Path, deadline: Duration, full: bool) -> Result<Check, StoreError> {
+    let unreadable = |e: &rusqlite::Error| {
+        is_corruption(e) || e.sqlite_error_code() == Some(ErrorCode::SystemIoFailure)
+    };
     let conn = match schema::open_file(path, OpenFlags::SQLITE_OPEN_READ_ONLY) {
         Ok(c) => c,
-        Err(StoreError::Open { source, .. }) if is_corruption(&source) => {
-            return Check::Damaged(format!("SQLite cannot read it: {source}"));
+        Err(StoreError::Open { source, .. }) if unreadable(&source) => {
+            return Ok(Check::Damaged(format!("SQLite cannot read it: {source}")));
         }
-        Err(e) => return Check::Damaged(format!("SQLite cannot open it: {e}")),
+        Err(e) => return Err(e),
     };
     let started = Instant::now();
     conn.progress_handler(10_000, Some(move || started.elapsed() > deadline));
@@ -306,15 +360,20 @@ fn check_file(path: &Path, deadline: Duration, full: bool) -> Check {
         s.query_map([], |r| r.get::<_, String>(0))?
             .collect::<rusqlite::Result<Vec<String>>>()
     });
-    match outcome {
+    Ok(match outcome {
         Ok(lines) if lines.len() == 1 && lines[0] == "ok" => Check::Sound,
         Ok(lines) => Check::Damaged(format!("{pragma} found: {}", lines.join("; "))),
         Err(e) if e.sqlite_error_code() == Some(ErrorCode::OperationInterrupted) => {
             Check::Unfinished
         }
-        Err(e) if is_corruption(&e) => Check::Damaged(format!("{pragma} failed: {e}")),
-        Err(e) => Check::Damaged(format!("{pragma} could not run: {e}")),
-    }
+        Err(e) if unreadable(&e) => Check::Damaged(format!("{pragma} failed: {e}")),
+        Err(source) => {
+            return Err(StoreError::Open {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    })
 }
 
 /// Whether the ingest file at `path` records merges (a merge floor above 0).
@@ -345,14 +404,47 @@ fn read_i64(path: &Path, sql: &str) -> Option<i64> {
 fn highest_id(db: &Path) -> i64 {
     let ingest = ingest_path(db);
     [
-        read_i64(db, "SELECT max(id) FROM logs"),
-        read_i64(&ingest, "SELECT max(id) FROM ingest_logs"),
+        highest_rowid(db, "logs"),
+        highest_rowid(&ingest, "ingest_logs"),
         read_i64(&ingest, "SELECT merged_floor FROM ingest_meta"),
+        read_i64(db, "SELECT max(id_floor) FROM recoveries"),
     ]
     .into_iter()
     .flatten()
     .max()
     .unwrap_or(0)
+}
+
+/// The largest rowid of `table` in the file at `path`, or, when a damaged
+/// page keeps `max()` from answering, the largest one bisection can still
+/// read (rows on a damaged rightmost page are above it; [`ID_MARGIN`]
+/// covers them, and a jump of ids inside them is in the recorded id
+/// floors). `None` for a file or table that cannot be read at all.
+fn highest_rowid(path: &Path, table: &str) -> Option<i64> {
+    let conn = schema::open_file(path, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    if let Ok(max) = conn.query_row(&format!("SELECT max(rowid) FROM main.{table}"), [], |r| {
+        r.get::<_, Option<i64>>(0)
+    }) {
+        return max;
+    }
+    let readable_from = |at: i64| {
+        conn.query_row(
+            &format!("SELECT rowid FROM main.{table} WHERE rowid >= ?1 ORDER BY rowid LIMIT 1"),
+            [at],
+            |r| r.get::<_, i64>(0),
+        )
+        .ok()
+    };
+    // A readable row at or above `low`, none found at or above `high`.
+    let (mut low, mut high) = (readable_from(0)?, i64::MAX);
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        match readable_from(mid) {
+            Some(row) => low = row.max(mid),
+            None => high = mid,
+        }
+    }
+    Some(low)
 }
 
 /// One recorded recovery (a row of `recoveries`).
@@ -472,6 +564,24 @@ fn file_stamp(now: Timestamp) -> String {
     format!("{digits}Z")
 }
 
+/// `<file><infix><stamp>`, or with `-2`, `-3`, ... appended when that name
+/// (or its WAL) is taken by an earlier recovery in the same second.
+fn unique_name(file: &Path, infix: &str, stamp: &str) -> PathBuf {
+    let mut n = 1;
+    loop {
+        let tail = if n == 1 {
+            String::new()
+        } else {
+            format!("-{n}")
+        };
+        let name = suffixed(file, &format!("{infix}{stamp}{tail}"));
+        if !name.exists() && !suffixed(&name, "-wal").exists() {
+            return name;
+        }
+        n += 1;
+    }
+}
+
 /// Moves the damaged files of the store at `db` aside and puts fresh ones
 /// in their place (see the module doc), recording a pending recovery per
 /// moved file. Run with the database lock held and no connection open.
@@ -479,6 +589,9 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
     if damage.is_empty() {
         return Ok(Vec::new());
     }
+    // Waits out a standalone write under way; later ones see the files
+    // replaced and store nothing.
+    let _writers_out = recovery_lock(db, true)?;
     let now = Timestamp::now();
     let stamp = file_stamp(now);
     let floor = highest_id(db).saturating_add(ID_MARGIN);
@@ -489,7 +602,7 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
     if let Some(d) = main_damage {
         moves.push((
             db.to_owned(),
-            suffixed(db, &format!(".corrupt.{stamp}")),
+            unique_name(db, ".corrupt.", &stamp),
             FileKind::Main,
             d.reason.clone(),
         ));
@@ -497,13 +610,13 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
     match (ingest_damage, main_damage) {
         (Some(d), _) => moves.push((
             ingest.clone(),
-            suffixed(&ingest, &format!(".corrupt.{stamp}")),
+            unique_name(&ingest, ".corrupt.", &stamp),
             FileKind::Ingest,
             d.reason.clone(),
         )),
         (None, Some(_)) if ingest.exists() => moves.push((
             ingest.clone(),
-            suffixed(&ingest, &format!(".salvage.{stamp}")),
+            unique_name(&ingest, ".salvage.", &stamp),
             FileKind::Ingest,
             "replaced with its damaged main database; its rows are salvaged".into(),
         )),
@@ -525,7 +638,7 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
     // The fresh ingest file first: a main database built aside is what
     // says the set-aside is complete enough to finish (`finish_set_aside`).
     let ingest_new = suffixed(&ingest, ".new");
-    build_aside(&ingest_new, |conn| {
+    build_aside(&ingest_new, FileKind::Ingest, |conn| {
         conn.execute("UPDATE ingest_meta SET merged_floor = ?1", [floor])?;
         Ok(())
     })?;
@@ -547,7 +660,18 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
         Ok(())
     };
     if main_damage.is_some() {
-        build_aside(&suffixed(db, ".new"), record)?;
+        // The damaged main database's own record of earlier recoveries
+        // (one still to salvage above all) goes on into the fresh one.
+        let earlier = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()
+            .and_then(|conn| recoveries(&conn, "1").ok())
+            .unwrap_or_default();
+        build_aside(&suffixed(db, ".new"), FileKind::Main, |conn| {
+            for r in &earlier {
+                carry_over(conn, r)?;
+            }
+            record(conn)
+        })?;
     } else {
         let conn = schema::open_single_rw(db, true)?;
         record(&conn)?;
@@ -557,19 +681,42 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
     Ok(recoveries(&conn, "state = 'pending'")?)
 }
 
+/// Copies recovery `r` into the `recoveries` table on `conn`.
+fn carry_over(conn: &Connection, r: &Recovery) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO recoveries (started_at, file, moved_to, kind, reason, id_floor, \
+         state, rows_salvaged, logs_salvaged, rows_unreadable, detail, acknowledged_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7, ?8, ?9, ?10, ?11)",
+        rusqlite::params![
+            r.started_at,
+            r.file.to_string_lossy(),
+            r.moved_to.to_string_lossy(),
+            r.kind.as_str(),
+            r.reason,
+            r.state,
+            r.rows_salvaged,
+            r.logs_salvaged,
+            r.rows_unreadable,
+            r.detail,
+            r.acknowledged_at
+        ],
+    )?;
+    Ok(())
+}
+
 /// Builds a fresh, migrated file at `target` (through `<target>.tmp`, so
 /// that `target` exists only complete), runs `fill` on it, and syncs it.
 fn build_aside(
     target: &Path,
+    kind: FileKind,
     fill: impl FnOnce(&Connection) -> rusqlite::Result<()>,
 ) -> Result<(), StoreError> {
     let tmp = suffixed(target, ".tmp");
     for stale in [tmp.clone(), suffixed(&tmp, "-wal"), suffixed(&tmp, "-shm")] {
         remove_if_present(&stale)?;
     }
-    let main = !target.to_string_lossy().contains("-ingest");
     {
-        let conn = schema::open_single_rw(&tmp, main)?;
+        let conn = schema::open_single_rw(&tmp, kind == FileKind::Main)?;
         fill(&conn)?;
         // Everything into the file itself, which then stands alone.
         conn.pragma_update(None, "journal_mode", "DELETE")?;
@@ -585,34 +732,37 @@ pub fn finish_set_aside(db: &Path) -> Result<(), StoreError> {
     let ingest = ingest_path(db);
     let main_new = suffixed(db, ".new");
     let ingest_new = suffixed(&ingest, ".new");
-    if !ingest_new.exists() {
-        // A fresh main database without its fresh ingest file cannot be
-        // complete: the ingest file is built first.
-        remove_if_present(&main_new)?;
-        return Ok(());
-    }
+    // The record is in a fresh main database not yet in place, else in the
+    // live one (a healthy main database, or the fresh one once renamed).
     let record = if main_new.exists() {
         main_new.clone()
     } else {
         db.to_owned()
     };
-    let moving = schema::open_file(&record, OpenFlags::SQLITE_OPEN_READ_WRITE)
+    let moving = schema::open_file(&record, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .ok()
         .and_then(|conn| recoveries(&conn, "state = 'moving'").ok())
         .unwrap_or_default();
     if moving.is_empty() {
-        log::warn!(
-            "removing `{}`, left by a recovery that did not get far enough to record itself",
-            ingest_new.display()
-        );
-        remove_if_present(&ingest_new)?;
+        // Fresh files with no record: a set-aside that stopped before it
+        // recorded itself; the next check starts it over.
+        for stale in [&main_new, &ingest_new] {
+            if stale.exists() {
+                log::warn!(
+                    "removing `{}`, left by a recovery that stopped before recording itself",
+                    stale.display()
+                );
+                remove_if_present(stale)?;
+            }
+        }
         return Ok(());
     }
     for r in &moving {
         move_aside(&r.file, &r.moved_to)?;
     }
-    // The files in place now are the moved ones' leftovers at most.
-    for (new, live) in [(&ingest_new, &ingest), (&main_new, &db.to_owned())] {
+    // The main database first: once it is in place, the record is in the
+    // live database, and a crash from here on finishes from there.
+    for (new, live) in [(&main_new, &db.to_owned()), (&ingest_new, &ingest)] {
         if new.exists() {
             remove_if_present(&suffixed(live, "-wal"))?;
             remove_if_present(&suffixed(live, "-shm"))?;
@@ -631,12 +781,17 @@ pub fn finish_set_aside(db: &Path) -> Result<(), StoreError> {
 /// Moves `file` to `to`: its WAL first (a fresh file must never meet the
 /// old WAL), its shm dropped (SQLite rebuilds it), the file itself last.
 fn move_aside(file: &Path, to: &Path) -> Result<(), StoreError> {
+    // Once `to` exists the file is moved: what is at `file` now, WAL and
+    // all, is the fresh file, which a finished set-aside may already serve.
+    if to.exists() {
+        return Ok(());
+    }
     let wal = suffixed(file, "-wal");
     if wal.exists() {
         rename(&wal, &suffixed(to, "-wal"))?;
     }
     remove_if_present(&suffixed(file, "-shm"))?;
-    if file.exists() && !to.exists() {
+    if file.exists() {
         rename(file, to)?;
     }
     Ok(())
@@ -933,14 +1088,20 @@ pub fn scan_table(
                 if out.error.is_none() {
                     out.error = Some(e.to_string());
                 }
-                let after = last.unwrap_or(from - 1);
+                // Nothing read from `from`: the row there (its key may
+                // read while its payload does not) is passed over too.
+                let after = last.unwrap_or(from);
+                let passed = u64::from(last.is_none());
                 match next_readable(conn, table, after) {
                     Some(next) => {
                         out.unreadable +=
-                            next.saturating_sub(after).saturating_sub(1).max(0) as u64;
+                            passed + next.saturating_sub(after).saturating_sub(1).max(0) as u64;
                         from = next;
                     }
-                    None => return out,
+                    None => {
+                        out.unreadable += passed;
+                        return out;
+                    }
                 }
             }
         }
@@ -1012,7 +1173,7 @@ fn next_readable(conn: &Connection, table: &str, after: i64) -> Option<i64> {
 pub fn recover_offline(db: &Path, force: bool) -> Result<Vec<Recovery>, StoreError> {
     let _lock = super::lock::DatabaseLock::acquire(db)?;
     finish_set_aside(db)?;
-    let mut damage = inspect(db, Duration::MAX, true).damage;
+    let mut damage = inspect(db, Duration::MAX, true)?.damage;
     if damage.is_empty() && force {
         damage.push(Damage {
             path: db.to_owned(),
@@ -1138,3 +1299,6 @@ pub fn damage_found(what: &str) {
 fn cleared_path(db: &Path) -> PathBuf {
     suffixed(db, ".suspect.cleared")
 }
+
+#[cfg(test)]
+mod tests;

@@ -28,6 +28,8 @@ pub struct StandaloneStore {
     conn: Connection,
     ingest: Connection,
     path: std::path::PathBuf,
+    /// The files opened, to tell whether a recovery replaced them since.
+    identity: Option<[(u64, u64); 2]>,
 }
 
 impl StandaloneStore {
@@ -55,13 +57,23 @@ impl StandaloneStore {
                 conn,
                 ingest,
                 path: path.to_owned(),
+                identity: recovery::identity(path),
             })
         };
         open().map_err(|e| e.or_damaged(path))
     }
 
     /// Applies one operation in its own transaction and commits it.
+    /// Refused as [`StoreError::Damaged`] when a recovery replaced the
+    /// files since they were opened (the write would go to a moved file).
     pub fn apply(&mut self, op: &WriteOp) -> Result<OpOutcome, StoreError> {
+        let _no_set_aside = recovery::recovery_lock(&self.path, false)?;
+        if recovery::in_progress(&self.path) || recovery::identity(&self.path) != self.identity {
+            return Err(StoreError::Damaged {
+                path: self.path.clone(),
+                detail: "a recovery replaced its files while this command ran".into(),
+            });
+        }
         self.apply_once(op).map_err(|e| e.or_damaged(&self.path))
     }
 
