@@ -72,18 +72,28 @@ fn file_len(path: &Path) -> u64 {
     fs::metadata(path).map_or(0, |m| m.len())
 }
 
-/// Measures the database's files (a missing one counts 0) and its
-/// filesystem's free space.
-pub fn measure(db: &Path) -> io::Result<StorageSample> {
+/// The free space for the daemon (`f_bavail`) and the size of the
+/// filesystem holding the database `db`.
+pub fn filesystem_space(db: &Path) -> io::Result<(u64, u64)> {
     let dir = db
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let vfs = rustix::fs::statvfs(dir)?;
+    Ok((
+        vfs.f_bavail.saturating_mul(vfs.f_frsize),
+        vfs.f_blocks.saturating_mul(vfs.f_frsize),
+    ))
+}
+
+/// Measures the database's files (a missing one counts 0) and its
+/// filesystem's free space.
+pub fn measure(db: &Path) -> io::Result<StorageSample> {
+    let (free, size) = filesystem_space(db)?;
     let ingest = schema::ingest_path(db);
     Ok(StorageSample {
-        free: vfs.f_bavail.saturating_mul(vfs.f_frsize),
-        size: vfs.f_blocks.saturating_mul(vfs.f_frsize),
+        free,
+        size,
         main: file_len(db),
         main_wal: file_len(&wal_of(db)),
         ingest: file_len(&ingest),
@@ -91,10 +101,46 @@ pub fn measure(db: &Path) -> io::Result<StorageSample> {
     })
 }
 
+/// When the database's filesystem counts as nearly full (`[health]`): the
+/// watchdog's health check and retention's rotation
+/// ([`crate::store::retention`]) share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskThresholds {
+    /// Nearly full below this many free bytes...
+    pub min_free_bytes: u64,
+    /// ... or below this percentage of its size.
+    pub min_free_percent: u32,
+}
+
+impl DiskThresholds {
+    /// The thresholds of `s`.
+    pub fn of(s: &HealthSettings) -> Self {
+        DiskThresholds {
+            min_free_bytes: s.disk_min_free_bytes,
+            min_free_percent: s.disk_min_free_percent,
+        }
+    }
+
+    /// The free bytes a filesystem of `size` bytes needs so as not to be
+    /// nearly full (never less than [`DISK_FULL_BYTES`]). While it is
+    /// (`troubled`), 1/16 more than the thresholds say, so that free
+    /// space hovering at a threshold does not flap.
+    pub fn free_wanted(&self, size: u64, troubled: bool) -> u64 {
+        let margin = |n: u128| if troubled { n + n / 16 } else { n };
+        let bytes = margin(u128::from(self.min_free_bytes));
+        // free * 100 < margin(size * percent) exactly when free is below
+        // the quotient rounded up.
+        let percent = margin(u128::from(size) * u128::from(self.min_free_percent)).div_ceil(100);
+        let wanted = bytes.max(percent).max(u128::from(DISK_FULL_BYTES));
+        u64::try_from(wanted).unwrap_or(u64::MAX)
+    }
+}
+
 /// Whether the database's filesystem is full or nearly full. While it is
 /// (`troubled`), it must have 1/16 more free than the thresholds before it
-/// counts as fine again, so that free space hovering at a threshold does
-/// not flap the health (and the log) every second.
+/// counts as fine again (see [`DiskThresholds::free_wanted`]), so that
+/// free space hovering at a threshold does not flap the health (and the
+/// log) every second.
 pub fn disk_condition(
     free: u64,
     size: u64,
@@ -102,10 +148,6 @@ pub fn disk_condition(
     troubled: bool,
 ) -> Option<(Severity, String)> {
     let percent = u128::from(free) * 100 / u128::from(size.max(1));
-    let margin = |n: u128| if troubled { n + n / 16 } else { n };
-    let below_bytes = u128::from(free) < margin(u128::from(s.disk_min_free_bytes));
-    let below_percent =
-        u128::from(free) * 100 < margin(u128::from(size) * u128::from(s.disk_min_free_percent));
     if free < DISK_FULL_BYTES {
         Some((
             Severity::Failed,
@@ -115,7 +157,7 @@ pub fn disk_condition(
                 bytes(size)
             ),
         ))
-    } else if below_bytes || below_percent {
+    } else if free < DiskThresholds::of(s).free_wanted(size, troubled) {
         Some((
             Severity::Degraded,
             format!(
@@ -332,6 +374,25 @@ mod tests {
         // 260 MiB on a small disk: the same for the byte threshold.
         assert_eq!(disk_condition(260 << 20, 4 * gib, &s, false), None);
         assert!(disk_condition(260 << 20, 4 * gib, &s, true).is_some());
+    }
+
+    #[test]
+    fn free_wanted_is_where_nearly_full_ends() {
+        let s = settings();
+        let t = DiskThresholds::of(&s);
+        for size in [0, 1 << 30, 4 << 30, 100 << 30, 7_777_777_777_777] {
+            for troubled in [false, true] {
+                let w = t.free_wanted(size, troubled);
+                assert!(w >= 256 << 20 && w >= DISK_FULL_BYTES, "{w}");
+                assert!(disk_condition(w - 1, size, &s, troubled).is_some());
+                assert_eq!(disk_condition(w, size, &s, troubled), None, "{size}");
+            }
+        }
+        let none = DiskThresholds {
+            min_free_bytes: 0,
+            min_free_percent: 0,
+        };
+        assert_eq!(none.free_wanted(100 << 30, true), DISK_FULL_BYTES);
     }
 
     #[test]
