@@ -710,18 +710,29 @@ fn vacuum_steps(conn: &Connection, deadline: Instant) -> rusqlite::Result<(u64, 
     if mode != 2 {
         return Ok((0, false));
     }
+    let free_pages = || -> rusqlite::Result<i64> {
+        conn.pragma_query_value(None, "freelist_count", |r| r.get(0))
+    };
     let mut freed = 0;
+    let mut free = free_pages()?;
     loop {
-        let free: i64 = conn.pragma_query_value(None, "freelist_count", |r| r.get(0))?;
         if free == 0 {
             return Ok((freed, false));
         }
-        let step = free.min(VACUUM_STEP_PAGES);
-        conn.execute_batch(&format!("PRAGMA incremental_vacuum({step})"))?;
-        freed += step as u64;
-        if Instant::now() >= deadline {
-            return Ok((freed, free > step));
+        // The pragma gives back one page per row it returns: every row is
+        // stepped through (in one transaction), or only one page goes.
+        let mut step = conn.prepare_cached(&format!(
+            "PRAGMA incremental_vacuum({})",
+            free.min(VACUUM_STEP_PAGES)
+        ))?;
+        let mut rows = step.query([])?;
+        while rows.next()?.is_some() {}
+        let left = free_pages()?;
+        freed += u64::try_from(free - left).unwrap_or(0);
+        if left >= free || Instant::now() >= deadline {
+            return Ok((freed, left > 0 && left < free));
         }
+        free = left;
     }
 }
 
