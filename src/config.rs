@@ -36,6 +36,12 @@ pub const DEFAULT_CACHE_SIZE_MB: u32 = 64;
 /// `storage.retention_days` when unset: 0 keeps logs, ended sessions and
 /// export rows forever (`store::retention` deletes older ones otherwise).
 pub const DEFAULT_RETENTION_DAYS: u32 = 0;
+/// `storage.max_db_size_mb` when unset: 0 sets no cap (`store::retention`
+/// rotates the oldest logs out of a database above a cap otherwise).
+pub const DEFAULT_MAX_DB_SIZE_MB: u64 = 0;
+/// The largest `storage.max_db_size_mb`: 16 TiB, about SQLite's own limit
+/// with 4 KiB pages.
+pub const MAX_DB_SIZE_MB: u64 = 16 << 20;
 /// `storage.reader_threads` when unset.
 pub const DEFAULT_READER_THREADS: usize = 2;
 /// `storage.batch_max_rows` when unset: most rows in one group commit.
@@ -223,6 +229,9 @@ pub struct RawStorage {
     /// Days logs are kept; 0 forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_days: Option<u32>,
+    /// Size cap of the main database, MiB; 0 none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_db_size_mb: Option<u64>,
     /// Query threads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reader_threads: Option<usize>,
@@ -433,6 +442,10 @@ pub struct StorageConfig {
     /// Days logs, ended sessions and export rows are kept; 0 keeps them
     /// forever.
     pub retention_days: u32,
+    /// Size cap of the main database, MiB: above it (or with its
+    /// filesystem nearly full) the oldest logs are rotated out; 0 sets no
+    /// cap.
+    pub max_db_size_mb: u64,
     /// Threads answering queries, each with its own read-only connection.
     pub reader_threads: usize,
     /// Most rows the writer puts in one transaction.
@@ -652,6 +665,7 @@ impl Config {
                 wal_mode: Some(true),
                 cache_size_mb: Some(self.storage.cache_size_mb),
                 retention_days: Some(self.storage.retention_days),
+                max_db_size_mb: Some(self.storage.max_db_size_mb),
                 reader_threads: Some(self.storage.reader_threads),
                 batch_max_rows: Some(self.storage.batch_max_rows),
                 inflight_bytes: Some(self.storage.inflight_bytes),
@@ -1090,6 +1104,12 @@ fn resolve(
             s.retention_days,
             DEFAULT_RETENTION_DAYS,
             0..=36_500,
+        )?,
+        max_db_size_mb: in_range(
+            "storage.max_db_size_mb",
+            s.max_db_size_mb,
+            DEFAULT_MAX_DB_SIZE_MB,
+            0..=MAX_DB_SIZE_MB,
         )?,
         reader_threads: in_range(
             "storage.reader_threads",

@@ -12,7 +12,7 @@ use crate::budget::InflightBudget;
 use crate::config::{Config, Overrides};
 use crate::export::{spawn_watcher, ExportSettings};
 use crate::health::report::{HealthSettings, Sources};
-use crate::health::watchdog::spawn_watchdog;
+use crate::health::watchdog::{spawn_watchdog, DiskThresholds};
 use crate::health::Severity;
 use crate::io::answers::answer_pool_bytes;
 use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
@@ -24,7 +24,7 @@ use crate::reply::{self, Replies};
 use crate::store::lock::DatabaseLock;
 use crate::store::reader::spawn_readers;
 use crate::store::recovery;
-use crate::store::retention::RetentionPolicy;
+use crate::store::retention::{RetentionPolicy, SizeCap};
 use crate::store::salvager::spawn_salvager;
 use crate::store::writer::{spawn_writer, WriterSettings};
 use crate::store::StoreError;
@@ -127,6 +127,13 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let db = &config.storage.sqlite_path;
     let budget = Arc::new(InflightBudget::new(config.storage.inflight_bytes));
     let receive = Arc::new(InflightBudget::new(config.storage.inflight_bytes));
+    let health_settings = HealthSettings {
+        disk_min_free_bytes: config.health.disk_min_free_mb.saturating_mul(1 << 20),
+        disk_min_free_percent: config.health.disk_min_free_percent,
+        failing_for: config.health.failing_for,
+        queue_capacity: WriterSettings::default().queue_capacity,
+        max_connections,
+    };
     let writer_settings = WriterSettings {
         cache_size_mb: config.storage.cache_size_mb,
         batch_max_rows: config.storage.batch_max_rows,
@@ -134,7 +141,11 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             config.storage.retention_days,
             config.general.session_timeout,
             archive_dir(db),
-        ),
+        )
+        .with_cap(SizeCap::from_mib(
+            config.storage.max_db_size_mb,
+            DiskThresholds::of(&health_settings),
+        )),
         ..WriterSettings::default()
     };
     let answer_pool = Arc::new(InflightBudget::new(answer_pool_bytes(
@@ -145,13 +156,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         budget: Arc::clone(&budget),
         answer_pool: Arc::clone(&answer_pool),
         started,
-        settings: HealthSettings {
-            disk_min_free_bytes: config.health.disk_min_free_mb.saturating_mul(1 << 20),
-            disk_min_free_percent: config.health.disk_min_free_percent,
-            failing_for: config.health.failing_for,
-            queue_capacity: writer_settings.queue_capacity,
-            max_connections,
-        },
+        settings: health_settings,
         db: db.clone(),
         storage: Mutex::new(None),
         admin: Mutex::new("off (admin.enabled = false)".into()),
@@ -555,6 +560,7 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool 
         storage.batch_max_rows,
         storage.inflight_bytes,
         storage.retention_days,
+        storage.max_db_size_mb,
         general.session_timeout,
         admin.enabled,
         admin.listen,

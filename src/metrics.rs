@@ -102,6 +102,12 @@ counters! {
     /// Open sessions ended after `general.session_timeout` without
     /// activity.
     sessions_timed_out,
+    /// Log rows rotated out, whatever their age, because the main database
+    /// was above `storage.max_db_size_mb`.
+    logs_rotated_cap,
+    /// Log rows rotated out because the database's filesystem was nearly
+    /// full (with `storage.max_db_size_mb` set).
+    logs_rotated_disk,
     /// Queries answered.
     queries,
     /// Queries refused because the answer pool was full.

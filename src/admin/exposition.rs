@@ -338,6 +338,16 @@ impl Collector for DaemonCollector {
             "Open sessions ended after general.session_timeout without activity.",
             get(&m.sessions_timed_out),
         )?;
+        counters(
+            e,
+            "codi_logs_rotated",
+            "Log rows deleted whatever their age to make room: cap (the database above storage.max_db_size_mb) or disk (its filesystem nearly full, with a cap set).",
+            "reason",
+            [
+                ("cap", get(&m.logs_rotated_cap)),
+                ("disk", get(&m.logs_rotated_disk)),
+            ],
+        )?;
         counter(
             e,
             "codi_checkpoints",
@@ -618,6 +628,7 @@ mod tests {
         let m = &src.metrics;
         Metrics::add(&m.logs_stored, 7);
         Metrics::add(&m.logs_rejected_invalid, 2);
+        Metrics::add(&m.logs_rotated_disk, 5);
         m.error_sent(&crate::proto::ErrorCode::InvalidMessage);
         m.ipc_duration.record_duration(0, Duration::from_micros(30));
         m.ipc_duration.record_duration(1, Duration::from_secs(60));
@@ -633,6 +644,8 @@ mod tests {
             value(&t, "codi_logs_rejected_total{reason=\"storage\"}"),
             0.0
         );
+        assert_eq!(value(&t, "codi_logs_rotated_total{reason=\"cap\"}"), 0.0);
+        assert_eq!(value(&t, "codi_logs_rotated_total{reason=\"disk\"}"), 5.0);
         assert_eq!(value(&t, "codi_errors_total{code=\"InvalidMessage\"}"), 1.0);
         assert_eq!(value(&t, "codi_errors_total{code=\"Internal\"}"), 0.0);
         assert!(t.contains("# TYPE codi_ipc_duration_seconds histogram\n"));

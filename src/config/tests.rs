@@ -77,6 +77,7 @@ fn empty_file_gives_every_default() {
     );
     assert_eq!(c.storage.cache_size_mb, DEFAULT_CACHE_SIZE_MB);
     assert_eq!(c.storage.retention_days, DEFAULT_RETENTION_DAYS);
+    assert_eq!(c.storage.max_db_size_mb, 0, "no cap unless set");
     assert_eq!(c.storage.reader_threads, DEFAULT_READER_THREADS);
     assert_eq!(c.storage.batch_max_rows, DEFAULT_BATCH_MAX_ROWS);
     assert_eq!(c.storage.inflight_bytes, DEFAULT_INFLIGHT_BYTES);
@@ -877,6 +878,30 @@ fn retention_and_session_timeout_are_in_effect_and_draw_no_warning() {
 }
 
 #[test]
+fn the_size_cap_is_in_mib_and_bounded() {
+    let c = plain("[storage]\nmax_db_size_mb = 10240\n");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(c.storage.max_db_size_mb, 10_240);
+    assert!(c.to_toml().contains("max_db_size_mb = 10240"));
+    let env = Env::new(&[]);
+    let e = err(
+        "[storage]\nmax_db_size_mb = 16777217\n",
+        &Overrides::default(),
+        &env,
+    );
+    assert!(
+        e.contains("storage.max_db_size_mb is 16777217 but must be at most 16777216"),
+        "{e}"
+    );
+    let e = err(
+        "[storage]\nmax_db_size_mb = \"10GiB\"\n",
+        &Overrides::default(),
+        &env,
+    );
+    assert!(e.contains("max_db_size_mb"), "{e}");
+}
+
+#[test]
 fn unix_slots_and_unauthenticated_quota_follow_the_listeners() {
     let env = Env::new(&[("CODI_MONITOR_TOKEN", "0123456789abcdef")]);
     let c = daemon("[monitor]\ntcp_port = 4000\n", &Overrides::default(), &env).unwrap();
@@ -990,6 +1015,7 @@ mod properties {
                 ("wal_mode", Kind::Bool),
                 ("cache_size_mb", Kind::Number),
                 ("retention_days", Kind::Number),
+                ("max_db_size_mb", Kind::Number),
                 ("reader_threads", Kind::Number),
                 ("batch_max_rows", Kind::Number),
                 ("inflight_bytes", Kind::Number),
@@ -1211,6 +1237,7 @@ mod properties {
             "wal_mode" => Just("true".to_owned()).boxed(),
             "cache_size_mb" => int(1, 4096),
             "retention_days" => int(0, 36_500),
+            "max_db_size_mb" => int(0, MAX_DB_SIZE_MB),
             "reader_threads" => int(1, 64),
             "batch_max_rows" => int(1, 1_000_000),
             "inflight_bytes" => int(1 << 20, 4 << 30),

@@ -298,14 +298,17 @@ pub fn evaluate_for(src: &Sources, sees_all: bool) -> Report {
             format!(
                 "{} logs moved into the indexed table in {} merges; \
                  {} batches written straight into it; retention deleted {} logs, \
-                 {} sessions and {} export rows; {} sessions timed out",
+                 {} sessions and {} export rows; {} sessions timed out; {} logs rotated \
+                 out for the size cap, {} for a nearly full disk",
                 get(&m.logs_merged),
                 get(&m.merges),
                 get(&m.indexed_commits),
                 get(&m.logs_expired),
                 get(&m.sessions_expired),
                 get(&m.exports_expired),
-                get(&m.sessions_timed_out)
+                get(&m.sessions_timed_out),
+                get(&m.logs_rotated_cap),
+                get(&m.logs_rotated_disk)
             ),
         ),
         component(

@@ -30,6 +30,8 @@
 //!   with it, inside the archive directory only, through directory
 //!   descriptors that never follow a symbolic link, and its directories
 //!   are removed once empty;
+//! - with a size cap (`storage.max_db_size_mb`), rotates the oldest logs
+//!   out, whatever their age, under the same two rules (see [Rotation]);
 //! - gives freed pages back to the filesystem with `incremental_vacuum`
 //!   in steps of [`VACUUM_STEP_PAGES`].
 //!
@@ -39,6 +41,46 @@
 //! There is no index on `created_at` to keep up (the merge would pay for
 //! it on every row).
 //!
+//! # Rotation
+//!
+//! With a [`SizeCap`], logs are deleted oldest id first, whatever their
+//! age, in the same [`BATCH_ROWS`] transactions and within the same
+//! [`PASS_BUDGET`], for either of two reasons:
+//! - **cap**: the main database uses more than the cap. "Uses" is
+//!   `(page_count - freelist_count) * page_size`: the pages holding logs,
+//!   sessions, export rows and their indexes. Its WAL is left out (the
+//!   checkpointer bounds it, and it shrinks back on its own: counting it
+//!   would delete rows for space a checkpoint gives back), and so is the
+//!   ingest file (acknowledged logs not yet merged, which rotation may not
+//!   delete anyway, bounded by [`super::merger::MAX_UNMERGED_ROWS`]).
+//!   Rotation goes on until the database uses at most 90 % of the cap
+//!   ([`SizeCap::low_water`]), so that it does not start again with the
+//!   next few rows;
+//! - **disk**: the database's filesystem is nearly full by the health
+//!   thresholds ([`DiskThresholds::free_wanted`], shared with the
+//!   watchdog). Space already free inside the file (free pages, and pages
+//!   past its end that the next checkpoint cuts off) counts as free, since
+//!   the database grows into it first; rotation goes on until that and
+//!   the filesystem's free space reach the thresholds with the watchdog's
+//!   margin of 1/16. This happens only with a cap set: without one the
+//!   operator has not agreed to lose logs for space, and a filesystem
+//!   filled by something else must not silently empty the store; the
+//!   watchdog's `storage/disk` says it is nearly full either way.
+//!
+//! The size is checked every [`SIZE_CHECK_INTERVAL`] (a few `PRAGMA`s and
+//! a `statvfs`), not only on the full passes, so that a fast client meets
+//! the cap within a second. Every log rotated out is counted by reason and
+//! logged at most once a minute, and `storage/rotation` is degraded while
+//! rotation goes on.
+//!
+//! Once hub sync exists (and records a shipped-through watermark, the
+//! largest id the hub has acknowledged), age-based retention will stop at
+//! it: [`expire_logs_batch`]'s window will end below
+//! `min(DELETABLE_BELOW, shipped_through + 1)`, so that a log not yet
+//! shipped is never deleted for its age. Rotation will not: a hard cap
+//! forces such rows out too, and the rows above the watermark it deletes
+//! will be counted and logged apart, as logs the hub never received.
+//!
 //! The export watcher may, at the same moment, decide to record a new row
 //! pointing at an archived file whose last row is being deleted (identical
 //! content). It claims that path in [`ArchiveClaims`] under the same lock
@@ -46,12 +88,16 @@
 
 use super::merger::{MergeState, MERGE_MIN_ROWS};
 use crate::export::walk;
+use crate::health::report::bytes;
+use crate::health::watchdog::{self, DiskThresholds};
+use crate::health::Severity;
 use crate::metrics::Metrics;
 use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use rustix::fs::AtFlags;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -73,6 +119,11 @@ pub const VACUUM_STEP_PAGES: i64 = 128;
 /// A database still without auto-vacuum is converted at start (one
 /// `VACUUM`, which rewrites the whole file) only up to this size.
 pub const VACUUM_AT_START_MAX_BYTES: u64 = 256 << 20;
+/// How often, with a [`SizeCap`], the database's size and filesystem are
+/// looked at between full passes.
+pub const SIZE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The health entry set while rotation goes on.
+pub const ROTATION_HEALTH: &str = "storage/rotation";
 /// Open sessions older than the timeout looked at per transaction.
 const SESSION_BATCH: usize = 100;
 /// How often the totals of expired rows are logged at most.
@@ -90,6 +141,52 @@ pub struct RetentionPolicy {
     /// The archive directory the export rows' files are in; `None` (or a
     /// file outside it) deletes no file.
     pub archive_dir: Option<PathBuf>,
+    /// Rotates the oldest logs out of a database above it, or on a nearly
+    /// full filesystem; `None` never does.
+    pub cap: Option<SizeCap>,
+}
+
+/// A size cap on the main database (`storage.max_db_size_mb`), and when
+/// its filesystem counts as nearly full (see [Rotation](self#rotation)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeCap {
+    /// Bytes the main database's pages may use.
+    pub max_bytes: u64,
+    /// The health thresholds of a nearly full filesystem.
+    pub disk: DiskThresholds,
+}
+
+impl SizeCap {
+    /// The cap of `storage.max_db_size_mb` (0: none), with the filesystem
+    /// thresholds `disk`.
+    pub fn from_mib(max_db_size_mb: u64, disk: DiskThresholds) -> Option<SizeCap> {
+        (max_db_size_mb > 0).then(|| SizeCap {
+            max_bytes: max_db_size_mb.saturating_mul(1 << 20),
+            disk,
+        })
+    }
+
+    /// Rotation, once started for the cap, goes on down to this (90 %).
+    pub fn low_water(&self) -> u64 {
+        self.max_bytes / 10 * 9
+    }
+}
+
+/// Where rotation learns the free space of the database's filesystem.
+pub trait FreeSpace: Send + fmt::Debug {
+    /// Bytes free for the daemon, and the filesystem's size.
+    fn free_and_size(&self) -> io::Result<(u64, u64)>;
+}
+
+/// The filesystem holding a database file, by `statvfs` (as the watchdog
+/// measures it).
+#[derive(Debug)]
+pub struct DbFilesystem(pub PathBuf);
+
+impl FreeSpace for DbFilesystem {
+    fn free_and_size(&self) -> io::Result<(u64, u64)> {
+        watchdog::filesystem_space(&self.0)
+    }
 }
 
 impl RetentionPolicy {
@@ -101,11 +198,22 @@ impl RetentionPolicy {
                 .then(|| Duration::from_secs(u64::from(retention_days) * 86_400)),
             session_timeout: Some(session_timeout),
             archive_dir: Some(archive_dir),
+            cap: None,
         }
     }
 
+    /// The same policy with the size cap `cap`.
+    pub fn with_cap(self, cap: Option<SizeCap>) -> Self {
+        RetentionPolicy { cap, ..self }
+    }
+
+    /// Whether logs may be deleted at all (by age or for space).
+    pub fn deletes_logs(&self) -> bool {
+        self.keep_for.is_some() || self.cap.is_some()
+    }
+
     fn is_off(&self) -> bool {
-        self.keep_for.is_none() && self.session_timeout.is_none()
+        self.keep_for.is_none() && self.session_timeout.is_none() && self.cap.is_none()
     }
 }
 
@@ -167,13 +275,24 @@ pub struct Expired {
     pub timed_out: u64,
     /// Pages given back to the filesystem.
     pub pages_freed: u64,
+    /// Logs rotated out for the size cap, whatever their age.
+    pub rotated_cap: u64,
+    /// Logs rotated out for a nearly full filesystem.
+    pub rotated_disk: u64,
     /// The pass stopped on its time bound with work left.
     pub more: bool,
 }
 
 impl Expired {
     fn any(&self) -> bool {
-        self.logs + self.sessions + self.exports + self.files + self.timed_out + self.pages_freed
+        self.logs
+            + self.sessions
+            + self.exports
+            + self.files
+            + self.timed_out
+            + self.pages_freed
+            + self.rotated_cap
+            + self.rotated_disk
             > 0
     }
 
@@ -184,7 +303,60 @@ impl Expired {
         self.files += other.files;
         self.timed_out += other.timed_out;
         self.pages_freed += other.pages_freed;
+        self.rotated_cap += other.rotated_cap;
+        self.rotated_disk += other.rotated_disk;
     }
+}
+
+/// Why logs are being rotated out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Cap,
+    Disk,
+}
+
+/// The main database's pages in use and its file's length, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DbSize {
+    /// `(page_count - freelist_count) * page_size`.
+    pub used: u64,
+    /// The file's length: with free pages and pages past the end (cut off
+    /// at the next checkpoint), more than `used`.
+    pub file: u64,
+}
+
+impl DbSize {
+    /// The size of `conn`'s main database now.
+    pub fn of(conn: &Connection) -> rusqlite::Result<DbSize> {
+        let pragma = |name: &str| -> rusqlite::Result<u64> {
+            let n: i64 =
+                conn.pragma_query_value(Some(rusqlite::DatabaseName::Main), name, |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        let page = pragma("page_size")?;
+        let pages = pragma("page_count")?;
+        let used = pages.saturating_sub(pragma("freelist_count")?) * page;
+        let file = conn
+            .path()
+            .filter(|p| !p.is_empty())
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(pages * page, |m| m.len());
+        Ok(DbSize { used, file })
+    }
+
+    /// Bytes the database can grow into without the filesystem: free pages
+    /// and pages past its end.
+    fn reclaimable(&self) -> u64 {
+        self.file.saturating_sub(self.used)
+    }
+}
+
+/// How far one rotation goes, and why.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    /// Rotate until the database uses at most this.
+    used: u64,
+    reason: Reason,
 }
 
 /// The merger's retention state: when the next pass is due, where session
@@ -200,6 +372,20 @@ pub struct Retention {
     session_cursor: (i64, i64),
     unreported: Expired,
     last_report: Instant,
+    /// Where the filesystem's free space comes from; `None`: rotation
+    /// looks at the cap only.
+    space: Option<Box<dyn FreeSpace>>,
+    /// The free space could not be read (said once until it can again).
+    space_failed: bool,
+    next_size_check: Instant,
+    /// Rotation goes on for each reason (so to the low-water mark, or the
+    /// thresholds with their margin).
+    rotating_cap: bool,
+    rotating_disk: bool,
+    /// What rotation is doing, for the health entry; `None` when idle.
+    rotation: Option<String>,
+    /// The database's size at the last rotation, for the report.
+    rotated_at: Option<DbSize>,
 }
 
 impl Retention {
@@ -217,16 +403,41 @@ impl Retention {
             last_report: Instant::now()
                 .checked_sub(REPORT_INTERVAL)
                 .unwrap_or_else(Instant::now),
+            space: None,
+            space_failed: false,
+            next_size_check: Instant::now(),
+            rotating_cap: false,
+            rotating_disk: false,
+            rotation: None,
+            rotated_at: None,
         }
     }
 
-    /// Whether a pass should run now.
+    /// The same retention, reading the filesystem's free space from
+    /// `space` for rotation (with a cap set).
+    pub fn with_free_space(self, space: Box<dyn FreeSpace>) -> Self {
+        Retention {
+            space: Some(space),
+            ..self
+        }
+    }
+
+    /// Whether a pass (or, with a cap, a size check) should run now.
     pub fn due(&self) -> bool {
-        !self.policy.is_off() && Instant::now() >= self.next_pass
+        let now = Instant::now();
+        !self.policy.is_off()
+            && (now >= self.next_pass || (self.policy.cap.is_some() && now >= self.next_size_check))
+    }
+
+    /// What rotation is doing now, if anything (the `storage/rotation`
+    /// health reason).
+    pub fn rotation(&self) -> Option<&str> {
+        self.rotation.as_deref()
     }
 
     /// Runs one pass bounded by [`PASS_BUDGET`] on `conn` (the merger's
-    /// connection), counts it in `metrics`, and schedules the next one.
+    /// connection), or only rotation's size check if that alone is due;
+    /// counts it in `metrics`, and schedules the next one.
     pub fn run(
         &mut self,
         conn: &mut Connection,
@@ -234,19 +445,30 @@ impl Retention {
         metrics: &Metrics,
     ) -> rusqlite::Result<Expired> {
         let now_us = crate::proto::Timestamp::now().as_micros();
-        let result = self.pass(conn, state, now_us, Instant::now() + PASS_BUDGET);
+        let full = Instant::now() >= self.next_pass;
+        let deadline = Instant::now() + PASS_BUDGET;
+        let result = if full {
+            self.pass(conn, state, now_us, deadline)
+        } else {
+            self.size_pass(conn, deadline)
+        };
         let more = result.as_ref().is_ok_and(|e| e.more);
-        self.next_pass = Instant::now()
-            + if more {
-                BACKLOG_INTERVAL
-            } else {
-                PASS_INTERVAL
-            };
+        let after = |done: Duration| Instant::now() + if more { BACKLOG_INTERVAL } else { done };
+        if full {
+            self.next_pass = after(PASS_INTERVAL);
+        }
+        self.next_size_check = after(SIZE_CHECK_INTERVAL);
         let expired = result?;
+        metrics.health.set(
+            ROTATION_HEALTH,
+            self.rotation.clone().map(|r| (Severity::Degraded, r)),
+        );
         Metrics::add(&metrics.logs_expired, expired.logs);
         Metrics::add(&metrics.sessions_expired, expired.sessions);
         Metrics::add(&metrics.exports_expired, expired.exports);
         Metrics::add(&metrics.sessions_timed_out, expired.timed_out);
+        Metrics::add(&metrics.logs_rotated_cap, expired.rotated_cap);
+        Metrics::add(&metrics.logs_rotated_disk, expired.rotated_disk);
         self.unreported.add(&expired);
         if self.unreported.any() && self.last_report.elapsed() >= REPORT_INTERVAL {
             self.report();
@@ -272,6 +494,20 @@ impl Retention {
                 e.exports,
                 e.files,
                 e.pages_freed
+            );
+        }
+        if e.rotated_cap + e.rotated_disk > 0 {
+            let cap = self.policy.cap.as_ref().map_or(0, |c| c.max_bytes);
+            let used = self.rotated_at.map_or(0, |s| s.used);
+            log::warn!(
+                "rotation deleted the {} oldest log(s), whatever their age: {} for the size cap \
+                 (storage.max_db_size_mb = {} MiB), {} for a nearly full filesystem; the \
+                 database now uses {}",
+                e.rotated_cap + e.rotated_disk,
+                e.rotated_cap,
+                cap >> 20,
+                e.rotated_disk,
+                bytes(used)
             );
         }
     }
@@ -307,10 +543,154 @@ impl Retention {
             e.files = files;
             e.more |= more;
         }
+        self.rotate(conn, deadline, &mut e)?;
         let (pages, more) = vacuum_steps(conn, deadline)?;
         e.pages_freed = pages;
         e.more |= more;
         Ok(e)
+    }
+
+    /// Rotation alone (with the pages it frees given back), between full
+    /// passes; nothing without a cap.
+    pub fn size_pass(
+        &mut self,
+        conn: &mut Connection,
+        deadline: Instant,
+    ) -> rusqlite::Result<Expired> {
+        let mut e = Expired::default();
+        if self.policy.cap.is_none() {
+            return Ok(e);
+        }
+        self.rotate(conn, deadline, &mut e)?;
+        let (pages, more) = vacuum_steps(conn, deadline)?;
+        e.pages_freed = pages;
+        e.more |= more;
+        Ok(e)
+    }
+
+    /// Where rotation should take the database now, if anywhere: the
+    /// lower of the cap's and the filesystem's targets.
+    fn target(&mut self, cap: &SizeCap, size: DbSize) -> Option<Target> {
+        let by_cap = if self.rotating_cap {
+            size.used > cap.low_water()
+        } else {
+            size.used > cap.max_bytes
+        };
+        let by_cap = by_cap.then_some(Target {
+            used: cap.low_water(),
+            reason: Reason::Cap,
+        });
+        let by_disk = self
+            .space
+            .as_ref()
+            .and_then(|space| match space.free_and_size() {
+                Ok((free, fs_size)) => {
+                    self.space_failed = false;
+                    // Starts below the thresholds, goes on until they and
+                    // the margin are free.
+                    let have = free.saturating_add(size.reclaimable());
+                    let wanted = cap.disk.free_wanted(fs_size, true);
+                    (have < cap.disk.free_wanted(fs_size, self.rotating_disk)).then(|| Target {
+                        used: size.used.saturating_sub(wanted - have),
+                        reason: Reason::Disk,
+                    })
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.space_failed, true) {
+                        log::warn!(
+                            "rotation cannot read the database filesystem's free space (the \
+                         size cap still applies): {e}"
+                        );
+                    }
+                    None
+                }
+            });
+        self.rotating_cap = by_cap.is_some();
+        self.rotating_disk = by_disk.is_some();
+        match (by_cap, by_disk) {
+            (Some(c), Some(d)) => Some(if d.used < c.used { d } else { c }),
+            (c, d) => c.or(d),
+        }
+    }
+
+    /// Deletes the oldest logs, whatever their age, while the database is
+    /// above its cap or its filesystem nearly full (see
+    /// [Rotation](self#rotation)): [`BATCH_ROWS`] per transaction, one
+    /// at least, no new one after `deadline`.
+    fn rotate(
+        &mut self,
+        conn: &mut Connection,
+        deadline: Instant,
+        e: &mut Expired,
+    ) -> rusqlite::Result<()> {
+        let Some(cap) = self.policy.cap.clone() else {
+            return Ok(());
+        };
+        let mut size = DbSize::of(conn)?;
+        let Some(target) = self.target(&cap, size) else {
+            self.rotation = None;
+            return Ok(());
+        };
+        let mut after = 0;
+        let mut stuck = false;
+        loop {
+            // Every row in the window is deleted: a cutoff past any
+            // `created_at`. Hub sync's watermark does not bound it (see
+            // the module's documentation).
+            let Some((end, n)) = expire_logs_batch(conn, i64::MAX, after)? else {
+                stuck = true;
+                break;
+            };
+            after = end;
+            match target.reason {
+                Reason::Cap => e.rotated_cap += n as u64,
+                Reason::Disk => e.rotated_disk += n as u64,
+            }
+            size = DbSize::of(conn)?;
+            if size.used <= target.used {
+                break;
+            }
+            if Instant::now() >= deadline {
+                e.more = true;
+                break;
+            }
+        }
+        self.rotated_at = Some(size);
+        if size.used <= target.used {
+            // Met, and with it the other reason's (higher) target: the
+            // next check starts over, without the margins.
+            self.rotating_cap = false;
+            self.rotating_disk = false;
+        }
+        let why = match target.reason {
+            Reason::Cap => format!(
+                "the database uses {} of storage.max_db_size_mb = {} MiB, so the oldest logs \
+                 go down to {}",
+                bytes(size.used),
+                cap.max_bytes >> 20,
+                bytes(target.used)
+            ),
+            Reason::Disk => format!(
+                "the database's filesystem is nearly full (health.disk_min_free_mb = {}, \
+                 health.disk_min_free_percent = {}), so the oldest logs go until the database \
+                 uses at most {} (now {})",
+                cap.disk.min_free_bytes >> 20,
+                cap.disk.min_free_percent,
+                bytes(target.used),
+                bytes(size.used)
+            ),
+        };
+        self.rotation = if stuck {
+            Some(format!(
+                "rotating: {why}; but no log is left that may go (the newest log and those \
+                 still in the ingest file stay)"
+            ))
+        } else if size.used > target.used {
+            Some(format!("rotating: {why}"))
+        } else {
+            None
+        };
+        Ok(())
     }
 
     /// The archive directory, if it is there (see [`ArchiveRoot::open`]).
@@ -893,6 +1273,23 @@ mod tests {
         assert_eq!(ids(&conn), [2_501]);
     }
 
+    /// Copies of logs `ids` (created at `at`) in the ingest file of the
+    /// store at `path`, as merged rows wait there until it lets them go;
+    /// the ingest file's connection.
+    fn still_in_ingest(path: &Path, ids: std::ops::RangeInclusive<i64>, at: i64) -> Connection {
+        let ingest = schema::open_ingest_rw(path, 1).unwrap();
+        for id in ids {
+            ingest
+                .execute(
+                    "INSERT INTO main.ingest_logs (id, uuid, timestamp, level, component, \
+                     message, created_at) VALUES (?1, ?2, 1, 'Info', 'c', 'm', ?3)",
+                    params![id, Uuid::from_u128(id as u128).as_bytes(), at],
+                )
+                .unwrap();
+        }
+        ingest
+    }
+
     #[test]
     fn a_log_whose_copy_is_still_in_the_ingest_file_stays() {
         let (_dir, path, mut conn) = store();
@@ -901,16 +1298,7 @@ mod tests {
         }
         insert_log(&conn, 11, None, NEW);
         // Rows 6.. merged but not yet deleted from the ingest file.
-        let ingest = schema::open_ingest_rw(&path, 1).unwrap();
-        for id in 6..=11 {
-            ingest
-                .execute(
-                    "INSERT INTO main.ingest_logs (id, uuid, timestamp, level, component, \
-                     message, created_at) VALUES (?1, ?2, 1, 'Info', 'c', 'm', ?3)",
-                    params![id, Uuid::from_u128(id as u128).as_bytes(), OLD],
-                )
-                .unwrap();
-        }
+        let ingest = still_in_ingest(&path, 6..=11, OLD);
         assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (5, false));
         assert_eq!(ids(&conn), [6, 7, 8, 9, 10, 11]);
         ingest
@@ -944,6 +1332,7 @@ mod tests {
             keep_for: keep_days.map(|d| Duration::from_secs(d * 86_400)),
             session_timeout: timeout,
             archive_dir: None,
+            cap: None,
         }
     }
 
@@ -1160,21 +1549,7 @@ mod tests {
             .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
             .unwrap();
         assert_eq!(mode, 2, "new databases are incremental");
-        let tx = conn.transaction().unwrap();
-        for id in 1..=3_000 {
-            tx.execute(
-                "INSERT INTO main.logs (id, uuid, timestamp, level, component, message, \
-                 created_at) VALUES (?1, ?2, 1, 'Info', 'c', ?3, ?4)",
-                params![
-                    id,
-                    Uuid::from_u128(id as u128).as_bytes(),
-                    "x".repeat(500),
-                    OLD
-                ],
-            )
-            .unwrap();
-        }
-        tx.commit().unwrap();
+        fill_sized(&mut conn, 1, 3_000, 500, OLD);
         insert_log(&conn, 3_001, None, NEW);
         let pages = |c: &Connection| -> i64 {
             c.pragma_query_value(None, "page_count", |r| r.get(0))
@@ -1243,5 +1618,262 @@ mod tests {
             Arc::new(ArchiveClaims::default()),
         );
         assert!(!off.due());
+    }
+
+    /// A filesystem of 1 TiB holding the database at `db` (and its WAL)
+    /// and nothing else, with `capacity` bytes free were they empty (the
+    /// test sets it): what they give back is free again.
+    #[derive(Debug, Clone)]
+    struct Space {
+        db: PathBuf,
+        capacity: Arc<Mutex<u64>>,
+    }
+
+    impl Space {
+        fn new(db: &Path, capacity: u64) -> Space {
+            Space {
+                db: db.to_owned(),
+                capacity: Arc::new(Mutex::new(capacity)),
+            }
+        }
+    }
+
+    impl FreeSpace for Space {
+        fn free_and_size(&self) -> io::Result<(u64, u64)> {
+            let len = |p: &Path| fs::metadata(p).map_or(0, |m| m.len());
+            let files = len(&self.db) + len(&self.db.with_extension("db-wal"));
+            Ok((self.capacity.lock().saturating_sub(files), 1 << 40))
+        }
+    }
+
+    /// Nearly full below 64 MiB free; no percentage.
+    const DISK: DiskThresholds = DiskThresholds {
+        min_free_bytes: 64 << 20,
+        min_free_percent: 0,
+    };
+
+    fn capped(max_bytes: u64) -> Retention {
+        let cap = SizeCap {
+            max_bytes,
+            disk: DISK,
+        };
+        Retention::new(
+            policy(None, None).with_cap(Some(cap)),
+            Arc::new(ArchiveClaims::default()),
+        )
+    }
+
+    /// Logs `from..=to` of about 500 bytes each, all new.
+    fn fill(conn: &mut Connection, from: i64, to: i64) {
+        fill_sized(conn, from, to, 500, NEW);
+    }
+
+    /// Logs `from..=to` with messages of `len` bytes, created at `at`.
+    fn fill_sized(conn: &mut Connection, from: i64, to: i64, len: usize, at: i64) {
+        let tx = conn.transaction().unwrap();
+        for id in from..=to {
+            tx.execute(
+                "INSERT INTO main.logs (id, uuid, timestamp, level, component, message, \
+                 created_at) VALUES (?1, ?2, 1, 'Info', 'c', ?3, ?4)",
+                params![
+                    id,
+                    Uuid::from_u128(id as u128).as_bytes(),
+                    "x".repeat(len),
+                    at
+                ],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    /// Size passes until one leaves nothing to do; what they did. Each
+    /// starts with the WAL copied back and emptied, so that each sees the
+    /// space the last one gave back.
+    fn rotate_all(r: &mut Retention, conn: &mut Connection) -> Expired {
+        let mut e = Expired::default();
+        for _ in 0..1_000 {
+            conn.execute_batch("PRAGMA main.wal_checkpoint(TRUNCATE)")
+                .unwrap();
+            let pass = r.size_pass(conn, later()).unwrap();
+            e.add(&pass);
+            if !pass.more {
+                return e;
+            }
+        }
+        panic!("rotation does not finish: {e:?}");
+    }
+
+    /// The ids are `first..=last` without a gap: the oldest went first.
+    fn assert_a_suffix(conn: &Connection, last: i64) -> i64 {
+        let ids = ids(conn);
+        let first = ids[0];
+        assert_eq!(ids, (first..=last).collect::<Vec<_>>());
+        first
+    }
+
+    #[test]
+    fn above_the_cap_the_oldest_logs_go_down_to_the_low_water_mark() {
+        let (_dir, _path, mut conn) = store();
+        fill(&mut conn, 1, 6_000);
+        let full = DbSize::of(&conn).unwrap().used;
+        let cap = full / 2;
+        let mut r = capped(cap);
+        let e = rotate_all(&mut r, &mut conn);
+        let used = DbSize::of(&conn).unwrap().used;
+        assert!(used <= cap / 10 * 9, "{used} of {cap}");
+        assert_eq!(e.rotated_disk, 0, "{e:?}");
+        assert_eq!(e.logs, 0, "nothing is old");
+        let first = assert_a_suffix(&conn, 6_000);
+        assert_eq!(e.rotated_cap, first as u64 - 1);
+        // 55 % of the rows, and at most one batch more (the size is
+        // looked at after each).
+        assert!(
+            (3_300..=3_300 + BATCH_ROWS as u64).contains(&e.rotated_cap),
+            "{e:?}"
+        );
+        assert!(e.pages_freed > 0, "{e:?}");
+        assert_eq!(r.rotation(), None, "done");
+
+        // Between the low-water mark and the cap: nothing goes.
+        let mut next = 6_001;
+        while DbSize::of(&conn).unwrap().used <= cap - 50_000 {
+            fill(&mut conn, next, next + 9);
+            next += 10;
+        }
+        assert!(DbSize::of(&conn).unwrap().used <= cap);
+        let e = rotate_all(&mut r, &mut conn);
+        assert_eq!(e.rotated_cap, 0, "below the cap: {e:?}");
+        assert_eq!(ids(&conn)[0], first);
+        // Past it: down to the low-water mark again.
+        fill(&mut conn, next, next + 499);
+        assert!(DbSize::of(&conn).unwrap().used > cap);
+        let e = rotate_all(&mut r, &mut conn);
+        assert!(e.rotated_cap > 500, "{e:?}");
+        assert!(DbSize::of(&conn).unwrap().used <= cap / 10 * 9);
+        assert_a_suffix(&conn, next + 499);
+    }
+
+    #[test]
+    fn under_the_cap_nothing_goes() {
+        let (_dir, path, mut conn) = store();
+        fill(&mut conn, 1, 2_000);
+        let used = DbSize::of(&conn).unwrap().used;
+        let mut r = capped(used + 1).with_free_space(Box::new(Space::new(&path, 1 << 30)));
+        let state = MergeState::new(2_000, 2_000, Uuid::nil());
+        let e = r.pass(&mut conn, &state, NOW, later()).unwrap();
+        assert_eq!(e, Expired::default());
+        assert_eq!(ids(&conn).len(), 2_000);
+        assert_eq!(r.rotation(), None);
+    }
+
+    #[test]
+    fn rotation_keeps_the_largest_id_and_what_the_ingest_file_holds() {
+        let (_dir, path, mut conn) = store();
+        fill(&mut conn, 1, 3_000);
+        // Rows 2_501.. merged but still in the ingest file.
+        let ingest = still_in_ingest(&path, 2_501..=3_000, NEW);
+        // A cap nothing fits under: everything that may go goes.
+        let mut r = capped(1);
+        let e = rotate_all(&mut r, &mut conn);
+        assert_eq!(e.rotated_cap, 2_500, "{e:?}");
+        assert_eq!(assert_a_suffix(&conn, 3_000), 2_501);
+        let why = r.rotation().expect("still above the cap");
+        assert!(
+            why.starts_with("rotating: the database uses") && why.contains("no log is left"),
+            "{why}"
+        );
+        // Once the ingest file lets them go, only the largest id stays.
+        ingest.execute("DELETE FROM main.ingest_logs", []).unwrap();
+        let e = rotate_all(&mut r, &mut conn);
+        assert_eq!(e.rotated_cap, 499, "{e:?}");
+        assert_eq!(ids(&conn), [3_000]);
+    }
+
+    #[test]
+    fn a_nearly_full_filesystem_rotates_only_with_a_cap_and_until_enough_is_free() {
+        let (_dir, path, mut conn) = store();
+        // About 12 MiB of logs.
+        fill_sized(&mut conn, 1, 6_000, 2_000, NEW);
+        let used = DbSize::of(&conn).unwrap().used;
+        // Nearly full below 32 MiB free, 34 MiB once rotating.
+        let disk = DiskThresholds {
+            min_free_bytes: 32 << 20,
+            min_free_percent: 0,
+        };
+        let (wanted, with_margin) = (
+            disk.free_wanted(1 << 40, false),
+            disk.free_wanted(1 << 40, true),
+        );
+        assert_eq!(with_margin - wanted, 2 << 20);
+        // A quarter of the database's pages short of the threshold.
+        let space = Space::new(&path, wanted + used - used / 4);
+        let policy = |max_bytes| policy(None, None).with_cap(Some(SizeCap { max_bytes, disk }));
+        // Without a cap: nothing, however full.
+        let claims = Arc::new(ArchiveClaims::default());
+        let mut uncapped = Retention::new(policy(1).with_cap(None), Arc::clone(&claims))
+            .with_free_space(Box::new(space.clone()));
+        assert_eq!(
+            uncapped.size_pass(&mut conn, later()).unwrap(),
+            Expired::default()
+        );
+        assert!(!uncapped.due(), "no cap, no age, no timeout: never due");
+        // With a cap far above the database: rotated for the disk.
+        let mut r =
+            Retention::new(policy(1 << 40), claims).with_free_space(Box::new(space.clone()));
+        let e = rotate_all(&mut r, &mut conn);
+        assert_eq!(e.rotated_cap, 0, "{e:?}");
+        let first = assert_a_suffix(&conn, 6_000);
+        assert_eq!(e.rotated_disk, first as u64 - 1);
+        conn.execute_batch("PRAGMA main.wal_checkpoint(TRUNCATE)")
+            .unwrap();
+        let now = DbSize::of(&conn).unwrap();
+        let (free, _) = space.free_and_size().unwrap();
+        assert!(
+            free + now.reclaimable() >= with_margin,
+            "the thresholds and the margin free: {free} + {}",
+            now.reclaimable()
+        );
+        // A quarter and 2 MiB of the rows, at most one batch more.
+        let least = 6_000 * (used / 4 + (2 << 20)) / used;
+        assert!(
+            (least..=least + BATCH_ROWS as u64).contains(&e.rotated_disk),
+            "{least}: {e:?}"
+        );
+        assert!(e.pages_freed > 0);
+        // Plenty free: nothing more.
+        *space.capacity.lock() = 1 << 39;
+        let e = rotate_all(&mut r, &mut conn);
+        assert_eq!(e.rotated_disk, 0, "{e:?}");
+        assert_eq!(ids(&conn)[0], first);
+    }
+
+    #[test]
+    fn a_run_counts_rotation_and_says_so_in_the_health() {
+        let (_dir, _path, mut conn) = store();
+        fill(&mut conn, 1, 3_000);
+        let state = MergeState::new(3_000, 3_000, Uuid::nil());
+        let metrics = Metrics::default();
+        let mut r = capped(1);
+        assert!(r.due());
+        r.run(&mut conn, &state, &metrics).unwrap();
+        let rotated = Metrics::get(&metrics.logs_rotated_cap);
+        assert!(rotated >= BATCH_ROWS as u64, "{rotated}");
+        assert_eq!(Metrics::get(&metrics.logs_rotated_disk), 0);
+        assert_eq!(ids(&conn).len() as u64, 3_000 - rotated);
+        let t = metrics.health.get(ROTATION_HEALTH).expect("rotating");
+        assert_eq!(t.severity, Severity::Degraded);
+        assert!(t.reason.starts_with("rotating: "), "{}", t.reason);
+        // The size is looked at again within a second.
+        assert!(r.next_size_check <= Instant::now() + SIZE_CHECK_INTERVAL);
+        // A cap now far above: the entry clears.
+        r.policy.cap = Some(SizeCap {
+            max_bytes: 1 << 40,
+            disk: DISK,
+        });
+        r.next_size_check = Instant::now();
+        assert!(r.due());
+        r.run(&mut conn, &state, &metrics).unwrap();
+        assert_eq!(metrics.health.get(ROTATION_HEALTH), None);
     }
 }

@@ -132,7 +132,7 @@ pub fn spawn_writer(
     budget: Arc<InflightBudget>,
 ) -> Result<(Sender<WriteJob>, WriterHandle), StoreError> {
     let main = schema::open_rw(db_path, settings.cache_size_mb)?;
-    if settings.retention.keep_for.is_some() {
+    if settings.retention.deletes_logs() {
         // Before this process opens its other connections to the file, so
         // that none of them waits behind the one-time VACUUM.
         retention::convert_auto_vacuum(&main, db_path);
@@ -170,7 +170,8 @@ pub fn spawn_writer(
         Arc::clone(&state),
         Acker::new(replies.clone(), Arc::clone(&metrics), Arc::clone(&budget)),
         merger::Upkeep {
-            retention: Retention::new(settings.retention.clone(), Arc::clone(&claims)),
+            retention: Retention::new(settings.retention.clone(), Arc::clone(&claims))
+                .with_free_space(Box::new(retention::DbFilesystem(db_path.to_owned()))),
             salvage: salvage_rx,
         },
     )?;
