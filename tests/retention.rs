@@ -1,7 +1,8 @@
 //! `storage.retention_days` and `general.session_timeout` on the real
 //! daemon: a store filled with rows from days ago (written straight into
 //! the file before the daemon starts) loses them, its idle open session is
-//! ended, while every log a client sends meanwhile stays queryable.
+//! ended, while every log a client sends meanwhile stays queryable; and a
+//! size cap rotates the oldest logs out of a store a client fills past it.
 
 #[allow(dead_code)]
 mod common;
@@ -231,4 +232,86 @@ fn without_retention_old_rows_stay_but_idle_sessions_still_end() {
         .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
         .unwrap();
     assert_eq!(mode, 0, "no VACUUM without retention");
+}
+
+/// The main database's used bytes (`(page_count - freelist_count) *
+/// page_size`) and its pages' bytes.
+fn db_size(db: &Path) -> (i64, i64) {
+    let conn = main_db(db);
+    let pragma = |name: &str| -> i64 { conn.pragma_query_value(None, name, |r| r.get(0)).unwrap() };
+    let (page, pages) = (pragma("page_size"), pragma("page_count"));
+    ((pages - pragma("freelist_count")) * page, pages * page)
+}
+
+#[test]
+fn a_size_cap_rotates_the_oldest_logs_out_and_keeps_every_other() {
+    const CAP: i64 = 2 << 20;
+    const BATCHES: usize = 40;
+    const PER_BATCH: usize = 500;
+    let sandbox = Sandbox::new();
+    // The host's disk plays no part: no free-space threshold.
+    sandbox.write_config(
+        "[storage]\nmax_db_size_mb = 2\n[health]\ndisk_min_free_mb = 0\n\
+         disk_min_free_percent = 0\n",
+    );
+    let d = Daemon::start(sandbox.clone(), Opts::default().with_config());
+    let mut c = d.unix();
+    // About 9 MiB of logs, four times the cap and more.
+    let mut sent = Vec::new();
+    for b in 0..BATCHES {
+        let entries: Vec<_> = (0..PER_BATCH)
+            .map(|i| {
+                let text = format!("cap {b}-{i} {}", "x".repeat(400));
+                sent.push(text.clone());
+                fields(LogLevel::Info, "cap", &text)
+            })
+            .collect();
+        c.expect_accepted(&Message::new(Payload::LogBatch { entries }));
+    }
+
+    // Once the merger has caught up, rotation brings the database under
+    // the cap and gives the pages back.
+    let db = sandbox.db();
+    let bounded = wait_until(Duration::from_secs(120), || {
+        let (used, pages) = db_size(&db);
+        d.db().count_logs() < sent.len() as i64 && used <= CAP && pages <= CAP
+    });
+    assert!(bounded, "still {:?}:\n{}", db_size(&db), d.stderr());
+    let metrics = d.http_get("/metrics").text();
+    let rotated = series(&metrics, "codi_logs_rotated_total{reason=\"cap\"}") as usize;
+    assert!(rotated > sent.len() / 2, "{rotated} of {}", sent.len());
+
+    // What is left is exactly the newest logs, every one queryable.
+    let mut found = Vec::new();
+    let mut after = 0;
+    loop {
+        let answer = c.request(&Message::new(Payload::QueryLogs {
+            filter: LogFilter {
+                component: Some("cap".into()),
+                after_id: Some(after),
+                ..LogFilter::default()
+            },
+            limit: 500,
+        }));
+        let Payload::LogResults { entries, .. } = answer.payload else {
+            panic!("expected LogResults, got {answer:?}");
+        };
+        let Some(last) = entries.last() else { break };
+        after = last.id;
+        found.extend(entries.into_iter().map(|e| e.message));
+    }
+    assert_eq!(
+        found.len() + rotated,
+        sent.len(),
+        "each log rotated or kept"
+    );
+    assert_eq!(found, sent[rotated..], "the oldest went, in order");
+    assert_eq!(d.db().count_logs(), found.len() as i64);
+
+    let log = d.stderr();
+    assert!(log.contains("rotation deleted the "), "{log}");
+    assert!(
+        log.contains("for the size cap (storage.max_db_size_mb = 2 MiB)"),
+        "{log}"
+    );
 }
