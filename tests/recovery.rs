@@ -478,6 +478,12 @@ fn a_file_that_is_not_sqlite_or_is_empty_is_replaced_and_the_ingest_rows_salvage
         // them go once they were durable in it).
         check_recovered(&d, &unmerged, &merged, merged.len(), 0);
     }
+    // An emptied ingest file: its unmerged rows are gone, the main
+    // database stays in place, and new ids start above the lost ones.
+    let (sandbox, merged, unmerged) = used_store(300, 300);
+    fs::write(codi_monitor::store::schema::ingest_path(&sandbox.db()), b"").unwrap();
+    let d = start_and_await_salvage(sandbox);
+    check_recovered(&d, &merged, &unmerged, unmerged.len(), merged.len());
 }
 
 #[test]
