@@ -80,7 +80,13 @@ fn metrics_counters_move_by_exactly_the_traffic_sent() {
     assert_rejected(&c.request(&future), future.id);
     c.send_raw(&[3, 0, 0, 0, 0xc1, 0xc1, 0xc1]).unwrap();
     assert_error(&c.recv(), codi_monitor::proto::ErrorCode::InvalidMessage);
-    let after = scrape(&d);
+    // The writer answers a batch before it records the batch's figures:
+    // a scrape right after the last answer may come just before them.
+    let mut after = scrape(&d);
+    wait_until(Duration::from_secs(5), || {
+        after = scrape(&d);
+        series(&after, "codi_batch_rows_sum") - series(&before, "codi_batch_rows_sum") >= 15.0
+    });
 
     let moved = |name: &str| series(&after, name) - series(&before, name);
     assert_eq!(moved("codi_logs_total"), 15.0, "rows stored");
