@@ -22,18 +22,9 @@ RATE=${RATE:-10000}
 CLIENTS=${CLIENTS:-100}
 PREFILL_SECONDS=${PREFILL_SECONDS:-5}
 OUT=${RESULTS_DIR:-$ROOT/perf/results/backup-$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$OUT"
-for b in codi-monitor codi-loadgen; do
-    [[ -x $BIN/$b ]] || { echo "missing $BIN/$b: cargo build --release --bins" >&2; exit 2; }
-done
-{
-    echo "date: $(date -u +%FT%TZ)"
-    echo "nproc: $(nproc)"
-    grep MemTotal /proc/meminfo
-    echo "load: $(cat /proc/loadavg)"
-    echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "rate=$RATE clients=$CLIENTS duration=$DURATION prefill=${PREFILL_SECONDS}s"
-} | tee "$OUT/machine.txt"
+# shellcheck source=perf/common.sh
+source "$ROOT/perf/common.sh"
+perf_preamble "rate=$RATE clients=$CLIENTS duration=$DURATION prefill=${PREFILL_SECONDS}s"
 
 run_one() { # name backup(0|1)
     local name=$1 backup=$2 dir

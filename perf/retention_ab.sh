@@ -23,19 +23,10 @@ DURATION=${DURATION:-20}
 RATE=${RATE:-10000}
 CLIENTS=${CLIENTS:-100}
 OUT=${RESULTS_DIR:-$ROOT/perf/results/retention-$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$OUT"
-for b in codi-monitor codi-loadgen; do
-    [[ -x $BIN/$b ]] || { echo "missing $BIN/$b: cargo build --release --bins" >&2; exit 2; }
-done
+# shellcheck source=perf/common.sh
+source "$ROOT/perf/common.sh"
 command -v sqlite3 >/dev/null || { echo "needs sqlite3 (apt-get install sqlite3)" >&2; exit 2; }
-{
-    echo "date: $(date -u +%FT%TZ)"
-    echo "nproc: $(nproc)"
-    grep MemTotal /proc/meminfo
-    echo "load: $(cat /proc/loadavg)"
-    echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "rows=$ROWS rate=$RATE clients=$CLIENTS duration=$DURATION"
-} | tee "$OUT/machine.txt"
+perf_preamble "rows=$ROWS rate=$RATE clients=$CLIENTS duration=$DURATION"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

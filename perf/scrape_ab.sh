@@ -22,18 +22,9 @@ CLIENTS=${CLIENTS:-100}
 BATCH=${BATCH:-1}
 SCRAPE_MS=${SCRAPE_MS:-100}
 OUT=${RESULTS_DIR:-$ROOT/perf/results/scrape-$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$OUT"
-for b in codi-monitor codi-loadgen; do
-    [[ -x $BIN/$b ]] || { echo "missing $BIN/$b: cargo build --release --bins" >&2; exit 2; }
-done
-{
-    echo "date: $(date -u +%FT%TZ)"
-    echo "nproc: $(nproc)"
-    grep MemTotal /proc/meminfo
-    echo "load: $(cat /proc/loadavg)"
-    echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "rate=$RATE clients=$CLIENTS batch=$BATCH duration=$DURATION scrape_ms=$SCRAPE_MS"
-} | tee "$OUT/machine.txt"
+# shellcheck source=perf/common.sh
+source "$ROOT/perf/common.sh"
+perf_preamble "rate=$RATE clients=$CLIENTS batch=$BATCH duration=$DURATION scrape_ms=$SCRAPE_MS"
 
 # Fetches /metrics every SCRAPE_MS until stdin closes; prints the count,
 # failures and latency percentiles.

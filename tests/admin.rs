@@ -17,16 +17,6 @@ use std::os::unix::process::CommandExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The value of one series (`name{labels}`) in an exposition.
-fn series(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no series `{name}` in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("`{name}`: {e}"))
-}
-
 fn scrape(d: &Daemon) -> String {
     let r = d.http_get("/metrics");
     assert_eq!(r.status, 200);

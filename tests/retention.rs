@@ -114,16 +114,6 @@ fn session_end(conn: &Connection, id: &str) -> Option<(bool, Option<String>)> {
     .unwrap()
 }
 
-/// The value of one series in an exposition.
-fn series(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no series `{name}` in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn old_rows_expire_idle_sessions_end_and_every_new_log_stays() {
     let sandbox = Sandbox::new();

@@ -700,6 +700,17 @@ impl HttpResponse {
     }
 }
 
+/// The value of one series (`name{labels}`) in a Prometheus exposition.
+#[allow(dead_code)]
+pub fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series `{name}` in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("`{name}`: {e}"))
+}
+
 /// Sends `request` (raw bytes) to `addr`, reads the answer to the end of
 /// the stream and parses its head with `httparse`.
 #[allow(dead_code)]
