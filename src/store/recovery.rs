@@ -1302,3 +1302,6 @@ fn cleared_path(db: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod retention_tests;
