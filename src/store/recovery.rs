@@ -59,6 +59,10 @@ pub const SUSPECT_DEADLINE: Duration = Duration::from_secs(120);
 /// of the unreadable pages had ids nobody can read any more, and a hub may
 /// hold them (2^32 ids; an i64 has room for two billion such jumps).
 pub const ID_MARGIN: i64 = 1 << 32;
+/// How far above every readable export record id a fresh main database
+/// starts its own ([`ID_MARGIN`]'s counterpart: export records come by
+/// the file, not by the thousand a second).
+pub const EXPORT_ID_MARGIN: i64 = 1 << 20;
 /// Most rows one salvage step moves, so the merger (which applies it)
 /// is held for a few milliseconds at a time.
 pub const STEP_ROWS: usize = 2_000;
@@ -666,10 +670,21 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
             .ok()
             .and_then(|conn| recoveries(&conn, "1").ok())
             .unwrap_or_default();
+        // Export records keep their ids too: new ones start above every
+        // readable one (and a margin for an unreadable tail), so that a
+        // watch recording exports during the salvage cannot take an id a
+        // salvaged record needs.
+        let export_floor = highest_rowid(db, "export_archive")
+            .unwrap_or(0)
+            .saturating_add(EXPORT_ID_MARGIN);
         build_aside(&suffixed(db, ".new"), FileKind::Main, |conn| {
             for r in &earlier {
                 carry_over(conn, r)?;
             }
+            conn.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('export_archive', ?1)",
+                [export_floor],
+            )?;
             record(conn)
         })?;
     } else {
@@ -882,6 +897,16 @@ pub fn apply_step(conn: &mut Connection, step: &SalvageStep) -> rusqlite::Result
             let mut stmt = tx.prepare_cached(&sql)?;
             for row in rows {
                 inserted += stmt.execute(rusqlite::params_from_iter(row.iter()))?;
+            }
+            drop(stmt);
+            if *table == "sessions" {
+                // Sessions from a file older than schema 7 have no
+                // `recorded_at`, from which session expiry counts: as the
+                // migration does, their start stands in for it.
+                tx.execute(
+                    "UPDATE main.sessions SET recorded_at = started_at WHERE recorded_at IS NULL",
+                    [],
+                )?;
             }
         }
         SalvageStep::Finish {

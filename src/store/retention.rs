@@ -936,6 +936,18 @@ pub fn expire_exports(
     claims: &ArchiveClaims,
     deadline: Instant,
 ) -> rusqlite::Result<(u64, u64, bool)> {
+    // While a damaged main database's records are being salvaged, a recent
+    // record not yet salvaged may share an archived file with an old one
+    // already back: no record or file goes until the salvage is done.
+    let salvaging: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM recoveries WHERE kind = 'main' \
+             AND state IN ('moving', 'pending'))",
+        )?
+        .query_row([], |r| r.get(0))?;
+    if salvaging {
+        return Ok((0, 0, false));
+    }
     let any: bool = conn
         .prepare_cached(&format!(
             "SELECT EXISTS (SELECT 1 FROM (SELECT {ARCHIVED_AT} AS at FROM export_archive \
