@@ -80,6 +80,21 @@ pub const DEFAULT_SERVER_HUB_ENABLED: bool = false;
 pub const DEFAULT_SERVER_HUB_BATCH_SIZE: usize = 1000;
 /// `server_hub.sync_interval` when unset.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// `server_hub.batch_bytes` when unset: most bytes of one batch's body.
+pub const DEFAULT_SERVER_HUB_BATCH_BYTES: usize = 4 << 20;
+/// `server_hub.database` when unset.
+pub const DEFAULT_HUB_DATABASE: &str = "codi";
+/// `server_hub.logs_table`, `sessions_table` and `exports_table` when unset.
+pub const DEFAULT_HUB_TABLES: [&str; 3] = ["logs", "sessions", "exports"];
+/// `server_hub.backoff_min` when unset: the first wait after a failed send.
+pub const DEFAULT_HUB_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// `server_hub.backoff_max` when unset: the longest wait between retries.
+pub const DEFAULT_HUB_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Where `server_hub.host_id` comes from when unset (the hostname if it
+/// cannot be read).
+pub const MACHINE_ID_PATH: &str = "/etc/machine-id";
+/// Longest `server_hub.host_id`, in bytes.
+pub const MAX_HOST_ID_LEN: usize = 128;
 /// Longest Unix socket path the kernel accepts (`sun_path` less its NUL).
 pub const MAX_SOCKET_PATH_BYTES: usize = 107;
 /// `monitor.auth_timeout` when unset: how long a TCP connection may take to
@@ -339,6 +354,36 @@ pub struct RawServerHub {
     /// Humantime duration between syncs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_interval: Option<String>,
+    /// Most bytes of one batch's body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_bytes: Option<usize>,
+    /// The hub's database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// The hub's table of logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs_table: Option<String>,
+    /// The hub's table of sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_table: Option<String>,
+    /// The hub's table of export records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exports_table: Option<String>,
+    /// The hub user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// A file holding the hub user's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// This host's name on the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_id: Option<String>,
+    /// Humantime duration: the first wait after a failed send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_min: Option<String>,
+    /// Humantime duration: the longest wait between retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_max: Option<String>,
 }
 
 /// `[admin]` as written.
@@ -542,17 +587,47 @@ impl fmt::Debug for MonitorConfig {
     }
 }
 
-/// Upstream synchronisation.
+/// Upstream synchronisation to a ClickHouse hub (docs/HUB.md). The
+/// password itself is never held here: only the file it is read from when
+/// a batch is sent, so no configuration dump or log line can show it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerHubConfig {
     /// Whether logs are synced to the hub.
     pub enabled: bool,
-    /// The hub's URL.
+    /// The hub's URL (its HTTP interface).
     pub url: Option<String>,
-    /// Logs per sync request.
+    /// Rows per batch.
     pub batch_size: usize,
+    /// Most bytes of one batch's body.
+    pub batch_bytes: usize,
     /// Time between syncs.
     pub sync_interval: Duration,
+    /// The hub's database.
+    pub database: String,
+    /// The hub's tables of logs, sessions and export records.
+    pub tables: HubTables,
+    /// The hub user; `None`: ClickHouse's `default`.
+    pub user: Option<String>,
+    /// The file holding the user's password, if any.
+    pub password_file: Option<PathBuf>,
+    /// This host's name on the hub (`/etc/machine-id` by default, else the
+    /// hostname).
+    pub host_id: String,
+    /// The first wait after a failed send; it doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// The longest wait between retries.
+    pub backoff_max: Duration,
+}
+
+/// The hub's table names, one per kind of row shipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubTables {
+    /// Logs.
+    pub logs: String,
+    /// Sessions.
+    pub sessions: String,
+    /// Export records.
+    pub exports: String,
 }
 
 /// The metrics and health endpoint.
@@ -717,6 +792,20 @@ impl Config {
                 url: self.server_hub.url.clone(),
                 batch_size: Some(self.server_hub.batch_size),
                 sync_interval: Some(format_duration(self.server_hub.sync_interval)),
+                batch_bytes: Some(self.server_hub.batch_bytes),
+                database: Some(self.server_hub.database.clone()),
+                logs_table: Some(self.server_hub.tables.logs.clone()),
+                sessions_table: Some(self.server_hub.tables.sessions.clone()),
+                exports_table: Some(self.server_hub.tables.exports.clone()),
+                user: self.server_hub.user.clone(),
+                password_file: self
+                    .server_hub
+                    .password_file
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+                host_id: Some(self.server_hub.host_id.clone()),
+                backoff_min: Some(format_duration(self.server_hub.backoff_min)),
+                backoff_max: Some(format_duration(self.server_hub.backoff_max)),
             }),
             admin: Some(RawAdmin {
                 enabled: Some(self.admin.enabled),
@@ -830,6 +919,68 @@ fn in_range<T: PartialOrd + Copy + fmt::Display>(
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A ClickHouse database or table name of `key` (or `default`): letters,
+/// digits and `_`, not starting with a digit, at most 64 bytes, so it can
+/// go into a query unquoted.
+fn identifier(key: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    let name = non_empty(value).unwrap_or_else(|| default.to_owned());
+    let ok = name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if !ok {
+        return invalid(format!(
+            "{key} `{name}` must be letters, digits and _ (not first), at most 64"
+        ));
+    }
+    Ok(name)
+}
+
+/// `server_hub.host_id`, or this machine's id (`/etc/machine-id`), or its
+/// hostname: at most [`MAX_HOST_ID_LEN`] printable bytes.
+fn host_id(value: Option<String>) -> Result<String, ConfigError> {
+    let id = value.or_else(|| {
+        std::fs::read_to_string(MACHINE_ID_PATH)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+            })
+    });
+    match id {
+        Some(id) if id.len() <= MAX_HOST_ID_LEN && !id.chars().any(char::is_control) => Ok(id),
+        Some(_) => invalid(format!(
+            "server_hub.host_id must be at most {MAX_HOST_ID_LEN} printable bytes"
+        )),
+        None => invalid(format!(
+            "server_hub.host_id is not set and neither {MACHINE_ID_PATH} nor the hostname gives one"
+        )),
+    }
+}
+
+/// Refuses a password file that cannot be read, is empty, or that users
+/// other than its owner may read (the password would not be secret).
+fn check_password_file(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path)
+        .or_else(|e| invalid(format!("server_hub.password_file `{shown}`: {e}")))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return invalid(format!(
+            "server_hub.password_file `{shown}` may be read by others (mode {:o}): chmod 600 it",
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(()),
+        Ok(_) => invalid(format!("server_hub.password_file `{shown}` is empty")),
+        Err(e) => invalid(format!("server_hub.password_file `{shown}`: {e}")),
+    }
+}
 
 fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.is_empty())
@@ -1338,7 +1489,57 @@ fn resolve(
             DEFAULT_SYNC_INTERVAL,
             Duration::from_millis(100)..=DAY,
         )?,
+        batch_bytes: in_range(
+            "server_hub.batch_bytes",
+            h.batch_bytes,
+            DEFAULT_SERVER_HUB_BATCH_BYTES,
+            (64 << 10)..=(256 << 20),
+        )?,
+        database: identifier("server_hub.database", h.database, DEFAULT_HUB_DATABASE)?,
+        tables: HubTables {
+            logs: identifier("server_hub.logs_table", h.logs_table, DEFAULT_HUB_TABLES[0])?,
+            sessions: identifier(
+                "server_hub.sessions_table",
+                h.sessions_table,
+                DEFAULT_HUB_TABLES[1],
+            )?,
+            exports: identifier(
+                "server_hub.exports_table",
+                h.exports_table,
+                DEFAULT_HUB_TABLES[2],
+            )?,
+        },
+        user: match non_empty(h.user) {
+            Some(u) if u.len() > 256 || u.chars().any(char::is_control) => {
+                return invalid("server_hub.user must be at most 256 printable bytes".into())
+            }
+            u => u,
+        },
+        password_file: non_empty(h.password_file).map(PathBuf::from),
+        host_id: host_id(non_empty(h.host_id))?,
+        backoff_min: duration(
+            "server_hub.backoff_min",
+            h.backoff_min.as_ref(),
+            DEFAULT_HUB_BACKOFF_MIN,
+            Duration::from_millis(100)..=Duration::from_secs(3600),
+        )?,
+        backoff_max: duration(
+            "server_hub.backoff_max",
+            h.backoff_max.as_ref(),
+            DEFAULT_HUB_BACKOFF_MAX,
+            SECOND..=DAY,
+        )?,
     };
+    if server_hub.backoff_min > server_hub.backoff_max {
+        return invalid(format!(
+            "server_hub.backoff_min ({}) is longer than server_hub.backoff_max ({})",
+            format_duration(server_hub.backoff_min),
+            format_duration(server_hub.backoff_max)
+        ));
+    }
+    if let (true, Some(file)) = (server_hub.enabled, &server_hub.password_file) {
+        check_password_file(file)?;
+    }
     if enabled {
         warnings.push(
             "server_hub.enabled is true but hub sync is not yet built: nothing is sent to the hub"

@@ -265,6 +265,93 @@ fn range_checks_name_their_key() {
 }
 
 #[test]
+fn the_hub_keys_have_defaults_bounds_and_a_private_password_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = plain("");
+    let h = &c.server_hub;
+    assert_eq!(h.database, DEFAULT_HUB_DATABASE);
+    assert_eq!(
+        [&h.tables.logs, &h.tables.sessions, &h.tables.exports],
+        DEFAULT_HUB_TABLES
+    );
+    assert_eq!(h.batch_bytes, DEFAULT_SERVER_HUB_BATCH_BYTES);
+    assert_eq!(
+        (h.backoff_min, h.backoff_max),
+        (DEFAULT_HUB_BACKOFF_MIN, DEFAULT_HUB_BACKOFF_MAX)
+    );
+    assert_eq!((&h.user, &h.password_file), (&None, &None));
+    let machine_id = std::fs::read_to_string(MACHINE_ID_PATH).unwrap_or_default();
+    if !machine_id.trim().is_empty() {
+        assert_eq!(h.host_id, machine_id.trim());
+    }
+    assert!(!h.host_id.is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hub-password");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o600)).unwrap();
+    let text = format!(
+        "[server_hub]\nenabled = true\nurl = \"http://127.0.0.1:8123\"\ndatabase = \"fleet\"\n\
+         logs_table = \"logs_v2\"\nuser = \"codi\"\npassword_file = \"{}\"\nhost_id = \"web-1\"\n\
+         batch_bytes = 1048576\nbackoff_min = \"2s\"\nbackoff_max = \"5m\"\n",
+        secret.display()
+    );
+    let c = plain(&text);
+    let h = &c.server_hub;
+    assert_eq!(
+        (h.database.as_str(), h.tables.logs.as_str()),
+        ("fleet", "logs_v2")
+    );
+    assert_eq!(
+        (h.user.as_deref(), h.host_id.as_str()),
+        (Some("codi"), "web-1")
+    );
+    assert_eq!(h.password_file.as_deref(), Some(secret.as_path()));
+    assert_eq!(h.batch_bytes, 1 << 20);
+    assert_eq!(
+        (h.backoff_min, h.backoff_max),
+        (Duration::from_secs(2), Duration::from_secs(300))
+    );
+    assert!(!c.to_toml().contains("s3cret"), "the password never shows");
+
+    let o = Overrides::default();
+    let env = Env::new(&[]);
+    let e = err(
+        "[server_hub]\nlogs_table = \"logs; DROP TABLE x\"\n",
+        &o,
+        &env,
+    );
+    assert!(
+        e.starts_with("server_hub.logs_table `logs; DROP TABLE x`"),
+        "{e}"
+    );
+    let e = err("[server_hub]\ndatabase = \"1st\"\n", &o, &env);
+    assert!(e.starts_with("server_hub.database"), "{e}");
+    let e = err(
+        "[server_hub]\nbackoff_min = \"2m\"\nbackoff_max = \"1m\"\n",
+        &o,
+        &env,
+    );
+    assert!(e.contains("longer than server_hub.backoff_max"), "{e}");
+    let e = err(
+        &format!("[server_hub]\nhost_id = \"{}\"\n", "h".repeat(129)),
+        &o,
+        &env,
+    );
+    assert!(
+        e.starts_with("server_hub.host_id must be at most 128"),
+        "{e}"
+    );
+    std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o644)).unwrap();
+    let e = err(&text, &o, &env);
+    assert!(e.contains("may be read by others (mode 644)"), "{e}");
+    std::fs::write(&secret, "").unwrap();
+    std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o600)).unwrap();
+    let e = err(&text, &o, &env);
+    assert!(e.ends_with("is empty"), "{e}");
+}
+
+#[test]
 fn workers_zero_means_cores() {
     let c = plain("[monitor]\nworkers = 0\n");
     let cores = std::thread::available_parallelism().unwrap().get();
@@ -1056,6 +1143,16 @@ mod properties {
                 ("url", Kind::Str),
                 ("batch_size", Kind::Number),
                 ("sync_interval", Kind::Duration),
+                ("batch_bytes", Kind::Number),
+                ("database", Kind::Str),
+                ("logs_table", Kind::Str),
+                ("sessions_table", Kind::Str),
+                ("exports_table", Kind::Str),
+                ("user", Kind::Str),
+                ("password_file", Kind::Str),
+                ("host_id", Kind::Str),
+                ("backoff_min", Kind::Duration),
+                ("backoff_max", Kind::Duration),
             ],
         ),
         (
@@ -1291,6 +1388,15 @@ mod properties {
             "url" => one_of(&["http://hub", "https://hub:8443/sync", ""]),
             "batch_size" => int(1, 1_000_000),
             "sync_interval" => prop_oneof![secs(1, 86_400), one_of(&["100ms", "1s 1ns"])].boxed(),
+            "batch_bytes" => int(64 << 10, 256 << 20),
+            "database" | "logs_table" | "sessions_table" | "exports_table" => {
+                one_of(&["codi", "logs_v2", "_x", ""])
+            }
+            "user" => one_of(&["codi", "default", ""]),
+            "password_file" => one_of(&[""]),
+            "host_id" => one_of(&["host-1", "3d1219c7c4c5404aaa1f6d2a48adfda4", ""]),
+            "backoff_min" => prop_oneof![secs(1, 3600), one_of(&["100ms"])].boxed(),
+            "backoff_max" => secs(3600, 86_400),
             "listen" => one_of(&["127.0.0.1:9848", "[::1]:1", "0.0.0.0:9848", "127.0.0.1:0"]),
             "disk_min_free_mb" => int(0, 1 << 30),
             "disk_min_free_percent" => int(0, 50),
