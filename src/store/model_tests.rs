@@ -145,6 +145,12 @@ struct Model {
     ids: HashMap<Uuid, i64>,
     /// The largest id seen.
     max_id: i64,
+    /// Every row seen in `logs` (the indexed table, which hub sync reads)
+    /// at or below `logs_mark`, by id.
+    in_logs: HashMap<i64, Uuid>,
+    /// The furthest a hub sync's watermark could have gone: the largest id
+    /// seen in `logs` at or below the merger's durable mark.
+    logs_mark: i64,
     /// Steps so far: the model's clock.
     step: u64,
     /// Every commit to the ingest file up to this step is on disk.
@@ -326,9 +332,19 @@ impl Files {
 
     /// Every visible row, (id, uuid), in id order, as a reader sees them.
     fn visible(&self) -> Vec<(i64, Uuid)> {
+        self.rows(ALL_LOGS)
+    }
+
+    /// Every row of `logs` alone, (id, uuid), in id order.
+    fn indexed(&self) -> Vec<(i64, Uuid)> {
+        self.rows("main.logs")
+    }
+
+    /// Every row of `table` (or view), (id, uuid), in id order.
+    fn rows(&self, table: &str) -> Vec<(i64, Uuid)> {
         let tx = ingest::begin_read(&self.bystander).unwrap();
         let mut stmt = tx
-            .prepare(&format!("SELECT id, uuid FROM {ALL_LOGS} ORDER BY id"))
+            .prepare(&format!("SELECT id, uuid FROM {table} ORDER BY id"))
             .unwrap();
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get::<_, Vec<u8>>(1)?)))
@@ -387,6 +403,37 @@ fn check(files: &Files, model: &mut Model, op: &Op) {
     }
     let newest = visible.last().map_or(0, |&(id, _)| id);
     model.max_id = model.max_id.max(newest);
+}
+
+/// The rule hub sync's watermark will rest on (issue 13): the sync ships
+/// rows of `logs` (the indexed table) only up to the merger's durable mark
+/// (`durable_through`), and no row may ever come into `logs` at or below
+/// an id it has shipped. So once a row at or below that mark has been
+/// seen, that id holds that row for good: it may leave (retention) and
+/// come back (a power cut undoes a merge the ingest file then redoes), but
+/// only as itself. Above the mark no such promise holds: a row written
+/// straight into `logs` that a power cut takes before it is durable
+/// leaves its id to the next log.
+fn check_watermark(files: &Files, model: &mut Model, op: &Op, durable: i64) {
+    let indexed = files.indexed();
+    for &(id, uuid) in &indexed {
+        if id <= model.logs_mark {
+            assert_eq!(
+                model.in_logs.get(&id),
+                Some(&uuid),
+                "after {op:?}: {uuid} came into logs at id {id}, at or below the durable mark \
+                 {} a hub sync may already have shipped",
+                model.logs_mark
+            );
+        }
+    }
+    let newest = indexed.last().map_or(0, |&(id, _)| id);
+    model.logs_mark = model.logs_mark.max(newest.min(durable));
+    for &(id, uuid) in &indexed {
+        if id <= model.logs_mark {
+            model.in_logs.entry(id).or_insert(uuid);
+        }
+    }
 }
 
 /// Runs `ops` from an empty database, checking after each.
@@ -539,8 +586,9 @@ fn run(ops: &[Op]) {
                 daemon = Some(Daemon::start(&files.path));
             }
         }
-        check(&files, &mut model, op);
         let d = daemon.as_ref().unwrap();
+        check(&files, &mut model, op);
+        check_watermark(&files, &mut model, op, d.state.durable_through());
         assert!(d.state.durable_through() <= d.state.merged_through());
     }
 }
