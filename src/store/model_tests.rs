@@ -735,6 +735,20 @@ fn cases() -> u32 {
         .unwrap_or(48)
 }
 
+/// The case the watermark check found when its mark ignored durability: a
+/// row written straight into `logs` and taken by a power cut before any
+/// checkpoint leaves its id to the next log (allowed: it was never
+/// durable, so no sync shipped it); once checkpointed, it stays.
+#[test]
+fn a_power_cut_frees_only_ids_above_the_durable_mark() {
+    let direct = || Op::Direct {
+        rows: 1,
+        resend: None,
+    };
+    run(&[direct(), Op::PowerCut, direct()]);
+    run(&[direct(), Op::CheckpointMain, Op::PowerCut, direct()]);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: cases(),
