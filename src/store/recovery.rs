@@ -545,6 +545,15 @@ pub fn recoveries(conn: &Connection, condition: &str) -> rusqlite::Result<Vec<Re
 /// Marks every recovery not yet acknowledged as acknowledged; returns how
 /// many were.
 pub fn acknowledge(conn: &Connection) -> rusqlite::Result<usize> {
+    // A store from before recoveries were recorded (schema 5) has none.
+    let recorded: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM main.sqlite_master WHERE name = 'recoveries')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !recorded {
+        return Ok(0);
+    }
     conn.execute(
         "UPDATE main.recoveries SET acknowledged_at = ?1 WHERE acknowledged_at IS NULL",
         [Timestamp::now().as_micros()],
