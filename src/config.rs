@@ -85,7 +85,7 @@ pub const DEFAULT_SERVER_HUB_BATCH_BYTES: usize = 4 << 20;
 /// `server_hub.database` when unset.
 pub const DEFAULT_HUB_DATABASE: &str = "codi";
 /// `server_hub.logs_table`, `sessions_table` and `exports_table` when unset.
-pub const DEFAULT_HUB_TABLES: [&str; 3] = ["logs", "sessions", "exports"];
+pub const DEFAULT_HUB_TABLES: [&str; 3] = ["logs", "sessions", "export_archive"];
 /// `server_hub.backoff_min` when unset: the first wait after a failed send.
 pub const DEFAULT_HUB_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// `server_hub.backoff_max` when unset: the longest wait between retries.
