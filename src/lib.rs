@@ -17,6 +17,7 @@ pub mod export;
 pub mod fsperm;
 pub mod health;
 pub mod heartbeat;
+pub mod hub;
 pub mod io;
 pub mod logger;
 pub mod metrics;
