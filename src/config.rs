@@ -1542,11 +1542,10 @@ fn resolve(
     }
     if enabled {
         warnings.push(
-            "server_hub.enabled is true but hub sync is not yet built: nothing is sent to the hub"
+            "server_hub: only logs are shipped to the hub so far; sessions and export records \
+             are not yet"
                 .into(),
         );
-    } else if server_hub.url.is_some() {
-        warnings.push("[server_hub] is set but hub sync is not yet built: it has no effect".into());
     }
 
     if let (Some(addr), Purpose::Daemon) = (admin.listen_on(), host.purpose) {

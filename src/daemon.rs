@@ -142,6 +142,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             config.general.session_timeout,
             archive_dir(db),
         )
+        .with_hub_sync(config.server_hub.enabled)
         .with_cap(SizeCap::from_mib(
             config.storage.max_db_size_mb,
             DiskThresholds::of(&health_settings),
@@ -177,6 +178,22 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             }
         }
     });
+    let hub_sync = if config.server_hub.enabled {
+        match crate::hub::sync::spawn_sync(
+            db,
+            &config.server_hub,
+            writer.merge_state(),
+            Arc::clone(&metrics),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot start hub sync: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let (reader_tx, readers) = spawn_readers(
         db,
         config.storage.reader_threads.max(1),
@@ -356,6 +373,9 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     }
     if let Some(salvager) = salvager {
         salvager.stop();
+    }
+    if let Some(hub_sync) = hub_sync {
+        hub_sync.stop();
     }
     writer.join();
     readers.join();

@@ -146,6 +146,15 @@ counters! {
     rows_unreadable,
     /// Recoveries recorded and not yet acknowledged by an operator.
     recoveries_unacknowledged,
+    /// Batches of logs the hub acknowledged.
+    sync_batches,
+    /// Logs in them.
+    sync_rows,
+    /// Batches the hub did not take (each retry counts).
+    sync_failures,
+    /// Seconds between the newest log shipped and its shipping (0 once
+    /// caught up).
+    sync_lag_seconds,
     /// Export files archived (a new archive row without error).
     exports_archived,
     /// Exports whose content was already archived (recorded, stored once).

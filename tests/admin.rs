@@ -106,10 +106,12 @@ fn metrics_counters_move_by_exactly_the_traffic_sent() {
     assert_eq!(series(&after, "codi_health{component=\"writer\"}"), 0.0);
     assert!(after.contains("# TYPE codi_ipc_duration_seconds histogram\n"));
     assert!(after.contains("# TYPE codi_logs_total counter\n"));
-    assert!(
-        !after.contains("codi_sync_lag_seconds"),
-        "no hub sync yet, so no lag"
+    assert_eq!(
+        series(&after, "codi_sync_lag_seconds"),
+        0.0,
+        "no hub sync configured, so no lag"
     );
+    assert_eq!(moved("codi_sync_rows_total"), 0.0, "no hub, nothing shipped");
     assert_eq!(d.db().count_logs(), 15);
 
     let r = d.http_get("/metrics");

@@ -946,11 +946,11 @@ fn keys_not_yet_in_effect_draw_warnings() {
     let c = plain("[server_hub]\nenabled = true\nurl = \"http://hub\"\n");
     let all = c.warnings.join("\n");
     assert!(
-        all.contains("server_hub.enabled is true but hub sync is not yet built"),
+        all.contains("server_hub: only logs are shipped to the hub so far"),
         "{all}"
     );
     assert!(
-        c.to_toml().contains("# warning: server_hub.enabled"),
+        c.to_toml().contains("# warning: server_hub: only logs"),
         "{}",
         c.to_toml()
     );

@@ -1,7 +1,8 @@
-//! Shipping the store to a ClickHouse hub (docs/HUB.md). Built so far:
-//! [`batch`], which reads an id range of `logs` and serialises it
-//! deterministically for the hub's `JSONEachRow` insert. The sync thread
-//! that will send batches (its watermark, the record of the batch in
-//! flight, retries) is not built yet; nothing calls this module.
+//! Shipping the store to a ClickHouse hub (docs/HUB.md): [`batch`] reads
+//! an id range of `logs` and serialises it deterministically for the hub's
+//! `JSONEachRow` insert; [`sync`] is the thread that ships batches exactly
+//! once (a watermark and the record of the batch in flight). Logs only so
+//! far: sessions and export records are not shipped yet.
 
 pub mod batch;
+pub mod sync;

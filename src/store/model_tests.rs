@@ -521,7 +521,8 @@ fn run(ops: &[Op]) {
                     rows
                 };
                 let deadline = std::time::Instant::now() + Duration::from_secs(3600);
-                let (deleted, _) = retention::expire_logs(&mut d.main, i64::MAX, deadline).unwrap();
+                let (deleted, _) =
+                    retention::expire_logs(&mut d.main, i64::MAX, i64::MAX, deadline).unwrap();
                 assert_eq!(deleted as usize, doomed.len());
                 for uuid in doomed {
                     model.acked.remove(&uuid);

@@ -73,13 +73,11 @@
 //! logged at most once a minute, and `storage/rotation` is degraded while
 //! rotation goes on.
 //!
-//! Once hub sync exists (and records a shipped-through watermark, the
-//! largest id the hub has acknowledged), age-based retention will stop at
-//! it: [`expire_logs_batch`]'s window will end below
-//! `min(DELETABLE_BELOW, shipped_through + 1)`, so that a log not yet
-//! shipped is never deleted for its age. Rotation will not: a hard cap
-//! forces such rows out too, and the rows above the watermark it deletes
-//! will be counted and logged apart, as logs the hub never received.
+//! With hub sync on, age-based retention stops at its watermark (the
+//! largest id the hub has acknowledged, [`crate::hub::sync`]): no log the
+//! hub has not acknowledged is deleted for its age. Rotation does not: a
+//! hard cap forces such rows out too (counting rows above the watermark
+//! apart is still to do).
 //!
 //! The export watcher may, at the same moment, decide to record a new row
 //! pointing at an archived file whose last row is being deleted (identical
@@ -146,6 +144,9 @@ pub struct RetentionPolicy {
     /// Rotates the oldest logs out of a database above it, or on a nearly
     /// full filesystem; `None` never does.
     pub cap: Option<SizeCap>,
+    /// Hub sync is on: age retention keeps every log above the hub's
+    /// watermark (not yet shipped); rotation does not.
+    pub keep_unshipped: bool,
 }
 
 /// A size cap on the main database (`storage.max_db_size_mb`), and when
@@ -201,6 +202,16 @@ impl RetentionPolicy {
             session_timeout: Some(session_timeout),
             archive_dir: Some(archive_dir),
             cap: None,
+            keep_unshipped: false,
+        }
+    }
+
+    /// The same policy, keeping logs the hub has not acknowledged from age
+    /// retention when `hub_sync` is on.
+    pub fn with_hub_sync(self, hub_sync: bool) -> Self {
+        RetentionPolicy {
+            keep_unshipped: hub_sync,
+            ..self
         }
     }
 
@@ -532,7 +543,12 @@ impl Retention {
         }
         if let Some(keep) = self.policy.keep_for {
             let cutoff = now_us.saturating_sub(micros(keep));
-            let (logs, more) = expire_logs(conn, cutoff, deadline)?;
+            let keep_from = if self.policy.keep_unshipped {
+                crate::hub::sync::shipped_through(conn)?.saturating_add(1)
+            } else {
+                i64::MAX
+            };
+            let (logs, more) = expire_logs(conn, cutoff, keep_from, deadline)?;
             e.logs = logs;
             e.more |= more;
             let (sessions, more) = expire_sessions(conn, cutoff, deadline)?;
@@ -799,9 +815,12 @@ fn time_out_batch(
 /// Deletes logs created before `cutoff`, in id order, [`BATCH_ROWS`] per
 /// transaction, until a window of rows holds none or `deadline` passes.
 /// The rows deleted, and whether it stopped on the deadline.
+/// No log at or above `keep_from` (the first id the hub has not
+/// acknowledged; `i64::MAX` without hub sync) is deleted.
 pub fn expire_logs(
     conn: &mut Connection,
     cutoff: i64,
+    keep_from: i64,
     deadline: Instant,
 ) -> rusqlite::Result<(u64, bool)> {
     // A read, without the write lock: usually there is nothing to do.
@@ -814,7 +833,7 @@ pub fn expire_logs(
     let mut deleted = 0;
     let mut after = 0;
     loop {
-        match expire_logs_batch(conn, cutoff, after)? {
+        match expire_logs_batch_below(conn, cutoff, after, keep_from)? {
             None | Some((_, 0)) => return Ok((deleted, false)),
             Some((end, n)) => {
                 deleted += n as u64;
@@ -848,10 +867,21 @@ pub fn expire_logs_batch(
     cutoff: i64,
     after: i64,
 ) -> rusqlite::Result<Option<(i64, usize)>> {
+    expire_logs_batch_below(conn, cutoff, after, i64::MAX)
+}
+
+/// [`expire_logs_batch`], deleting nothing at or above `keep_from`.
+fn expire_logs_batch_below(
+    conn: &mut Connection,
+    cutoff: i64,
+    after: i64,
+    keep_from: i64,
+) -> rusqlite::Result<Option<(i64, usize)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let below: i64 = tx
         .prepare_cached(DELETABLE_BELOW)?
-        .query_row([], |r| r.get(0))?;
+        .query_row([], |r| r.get::<_, i64>(0))?
+        .min(keep_from);
     let end: Option<i64> = tx
         .prepare_cached(
             "SELECT max(id) FROM (SELECT id FROM main.logs WHERE id > ?1 AND id < ?2 \
@@ -1236,6 +1266,33 @@ mod tests {
     }
 
     #[test]
+    fn with_hub_sync_age_retention_keeps_what_the_hub_has_not_acknowledged() {
+        let (_dir, _path, mut conn) = store();
+        for id in 1..=8 {
+            insert_log(&conn, id, None, OLD);
+        }
+        insert_log(&conn, 9, None, NEW);
+        conn.execute(
+            "INSERT INTO sync_state (target, last_log_id) VALUES ('logs', 3)",
+            [],
+        )
+        .unwrap();
+        let keep_from = crate::hub::sync::shipped_through(&conn).unwrap() + 1;
+        assert_eq!(
+            expire_logs(&mut conn, CUTOFF, keep_from, later()).unwrap(),
+            (3, false)
+        );
+        assert_eq!(
+            ids(&conn),
+            [4, 5, 6, 7, 8, 9],
+            "4-8 are old but not shipped"
+        );
+        // Rotation (no age, no watermark) still takes them.
+        let (end, n) = expire_logs_batch(&mut conn, i64::MAX, 0).unwrap().unwrap();
+        assert_eq!((end, n), (8, 5));
+    }
+
+    #[test]
     fn old_logs_go_new_ones_stay_and_the_largest_id_stays_even_if_old() {
         let (_dir, _path, mut conn) = store();
         for id in 1..=5 {
@@ -1245,17 +1302,26 @@ mod tests {
             insert_log(&conn, id, None, NEW);
         }
         insert_log(&conn, 9, None, OLD);
-        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (5, false));
+        assert_eq!(
+            expire_logs(&mut conn, CUTOFF, i64::MAX, later()).unwrap(),
+            (5, false)
+        );
         assert_eq!(
             ids(&conn),
             [6, 7, 8, 9],
             "the largest id is kept though old"
         );
         // Nothing more to do: no write, no deletion.
-        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (0, false));
+        assert_eq!(
+            expire_logs(&mut conn, CUTOFF, i64::MAX, later()).unwrap(),
+            (0, false)
+        );
         // A newer row makes the old largest one deletable.
         insert_log(&conn, 10, None, NEW);
-        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (1, false));
+        assert_eq!(
+            expire_logs(&mut conn, CUTOFF, i64::MAX, later()).unwrap(),
+            (1, false)
+        );
         assert_eq!(ids(&conn), [6, 7, 8, 10]);
     }
 
@@ -1276,12 +1342,12 @@ mod tests {
         // Past its deadline a pass still makes one batch of progress.
         let spent = Instant::now();
         assert_eq!(
-            expire_logs(&mut conn, CUTOFF, spent).unwrap(),
+            expire_logs(&mut conn, CUTOFF, i64::MAX, spent).unwrap(),
             (1_000, true)
         );
         assert_eq!(ids(&conn).len(), 501);
         assert_eq!(
-            expire_logs(&mut conn, CUTOFF, later()).unwrap(),
+            expire_logs(&mut conn, CUTOFF, i64::MAX, later()).unwrap(),
             (500, false)
         );
         assert_eq!(ids(&conn), [2_501]);
@@ -1313,12 +1379,18 @@ mod tests {
         insert_log(&conn, 11, None, NEW);
         // Rows 6.. merged but not yet deleted from the ingest file.
         let ingest = still_in_ingest(&path, 6..=11, OLD);
-        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (5, false));
+        assert_eq!(
+            expire_logs(&mut conn, CUTOFF, i64::MAX, later()).unwrap(),
+            (5, false)
+        );
         assert_eq!(ids(&conn), [6, 7, 8, 9, 10, 11]);
         ingest
             .execute("DELETE FROM main.ingest_logs WHERE id <= 10", [])
             .unwrap();
-        assert_eq!(expire_logs(&mut conn, CUTOFF, later()).unwrap(), (5, false));
+        assert_eq!(
+            expire_logs(&mut conn, CUTOFF, i64::MAX, later()).unwrap(),
+            (5, false)
+        );
         assert_eq!(ids(&conn), [11]);
     }
 
@@ -1347,6 +1419,7 @@ mod tests {
             session_timeout: timeout,
             archive_dir: None,
             cap: None,
+            keep_unshipped: false,
         }
     }
 

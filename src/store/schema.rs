@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// The schema version of the ingest file.
 pub const INGEST_VERSION: i64 = 3;
@@ -30,7 +30,7 @@ pub const INGEST_VERSION: i64 = 3;
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5, V6, V7];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5, V6, V7, V8];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
 const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2, INGEST_V3];
@@ -181,6 +181,15 @@ UPDATE sessions SET recorded_at = started_at;
 CREATE INDEX idx_sessions_ended ON sessions(ended_at, recorded_at);
 ";
 
+/// Version 7 to 8: hub sync's record of the one batch in flight beside
+/// its watermark (`last_log_id`, [`crate::hub::sync`]): the batch's id
+/// range and the SHA-256 of its body, written before it is sent.
+const V8: &str = "
+ALTER TABLE sync_state ADD COLUMN inflight_first INTEGER;
+ALTER TABLE sync_state ADD COLUMN inflight_last INTEGER;
+ALTER TABLE sync_state ADD COLUMN inflight_digest TEXT;
+";
+
 /// The ingest file: `logs`' columns with only the unique uuid index (which
 /// [`INGEST_V2`] drops), so that a commit dirties a handful of pages however
 /// many sessions it spans.
@@ -270,7 +279,7 @@ pub(super) fn open_single_rw(path: &Path, main: bool) -> Result<Connection, Stor
 
 /// Opens one existing file with `mode` (read-only or read-write), URI
 /// names allowed (for [`attach_read_only`]) and the busy timeout.
-pub(super) fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, StoreError> {
+pub(crate) fn open_file(path: &Path, mode: OpenFlags) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         mode | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,

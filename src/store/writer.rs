@@ -85,9 +85,15 @@ pub struct WriterHandle {
     main_wal: Arc<WalState>,
     salvage: Option<Sender<merger::SalvageRequest>>,
     claims: Arc<ArchiveClaims>,
+    merge: Arc<MergeState>,
 }
 
 impl WriterHandle {
+    /// Where merges stand, the durable mark included (for hub sync).
+    pub fn merge_state(&self) -> Arc<MergeState> {
+        Arc::clone(&self.merge)
+    }
+
     /// The main database's WAL state: other threads that commit to the main
     /// database (the export watcher) report their commits here.
     pub fn main_wal(&self) -> Arc<WalState> {
@@ -144,6 +150,7 @@ pub fn spawn_writer(
     wal::configure_writer(&conn, &settings.wal)?;
     let (state, pending) = recover(&mut conn, ingest::logs_max_uuid(&main)?)?;
     let state = Arc::new(state);
+    let merge_for_handle = Arc::clone(&state);
     // From the rows just read: a row another process adds later has a
     // larger id and makes the writer read them again.
     let last_own_id = pending.last_id();
@@ -205,6 +212,7 @@ pub fn spawn_writer(
             main_wal,
             salvage: Some(salvage_tx),
             claims,
+            merge: merge_for_handle,
         },
     ))
 }

@@ -1,0 +1,320 @@
+//! The sync thread (`codi-sync`): ships `logs` to the hub, exactly once.
+//!
+//! Progress is a watermark (`sync_state.last_log_id` of target `logs`,
+//! the largest id the hub has acknowledged) plus a record of the one batch
+//! in flight (its id range and digest), never a per-row update:
+//!
+//! 1. A batch is formed from the ids above the watermark up to the
+//!    merger's durable mark ([`MergeState::durable_through`]): only rows
+//!    on disk in `logs`, which a power cut cannot take back, so no id the
+//!    hub holds is ever given to another log (the model test's watermark
+//!    rule, `store::model_tests`).
+//! 2. Its id range and digest are committed (`synchronous = FULL`) before
+//!    it is sent.
+//! 3. It is sent to the hub's `Distributed` table with
+//!    `insert_distributed_sync = 1`, so a 2xx means it is in a replicated
+//!    table; after a failure, or a restart, the same range is read and
+//!    sent again, byte for byte the same ([`super::batch`]), which the
+//!    hub's block deduplication drops as a repeat.
+//! 4. On 2xx the watermark moves to the batch's last id and the record is
+//!    cleared, in one transaction.
+//!
+//! Between failures it waits `backoff_min`, doubling up to `backoff_max`.
+//! While a damaged file's rows are being salvaged (rows may come back
+//! below the watermark) it waits. Sessions and export records are not
+//! shipped yet. The watermark's meaning for the seed's `synced` column: a
+//! log is synced when its id is at or below `last_log_id`.
+
+use super::batch::{self, Batch};
+use crate::config::ServerHubConfig;
+use crate::metrics::Metrics;
+use crate::proto::Timestamp;
+use crate::store::merger::MergeState;
+use crate::store::{schema, StoreError};
+use base64::Engine;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The `sync_state` target of logs.
+pub const LOGS: &str = "logs";
+/// How long one request to the hub may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest log id the hub has acknowledged (0 before any), read on
+/// `conn` (the main database).
+pub fn shipped_through(conn: &Connection) -> rusqlite::Result<i64> {
+    Ok(conn
+        .query_row(
+            "SELECT last_log_id FROM main.sync_state WHERE target = ?1",
+            [LOGS],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// The running sync thread.
+#[derive(Debug)]
+pub struct SyncHandle {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl SyncHandle {
+    /// Stops the thread (a batch being sent is finished or abandoned; it
+    /// goes again at the next start) and waits for it.
+    pub fn stop(self) {
+        drop(self.stop);
+        if self.thread.join().is_err() {
+            log::error!("the hub sync thread panicked");
+        }
+    }
+}
+
+/// Starts the sync thread for the store at `db` with `hub` (which must
+/// have a URL), reading the durable mark from `merge`.
+pub fn spawn_sync(
+    db: &Path,
+    hub: &ServerHubConfig,
+    merge: Arc<MergeState>,
+    metrics: Arc<Metrics>,
+) -> Result<SyncHandle, StoreError> {
+    let conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    // The record of the batch in flight and the watermark must survive a
+    // power cut: one sync per batch.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let url = hub.url.clone().unwrap_or_default();
+    let endpoint = format!(
+        "{}/?insert_distributed_sync=1&query=INSERT%20INTO%20{}.{}%20FORMAT%20JSONEachRow",
+        url.trim_end_matches('/'),
+        hub.database,
+        hub.tables.logs
+    );
+    let (stop, stopped) = crossbeam_channel::bounded(0);
+    let sync = Sync {
+        conn,
+        hub: hub.clone(),
+        endpoint,
+        merge,
+        metrics,
+        agent: ureq::AgentBuilder::new().timeout(REQUEST_TIMEOUT).build(),
+        stopped,
+    };
+    let thread = std::thread::Builder::new()
+        .name("codi-sync".into())
+        .spawn(move || sync.run())
+        .map_err(|source| StoreError::Spawn {
+            name: "codi-sync".into(),
+            source,
+        })?;
+    Ok(SyncHandle { stop, thread })
+}
+
+/// The batch in flight: its first and last ids and its digest.
+type InFlight = (i64, i64, String);
+
+/// What one step did.
+enum Progress {
+    /// A batch went: look for the next at once.
+    Sent,
+    /// Nothing to send now.
+    Idle,
+}
+
+struct Sync {
+    conn: Connection,
+    hub: ServerHubConfig,
+    endpoint: String,
+    merge: Arc<MergeState>,
+    metrics: Arc<Metrics>,
+    agent: ureq::Agent,
+    stopped: Receiver<()>,
+}
+
+impl Sync {
+    fn run(self) {
+        let mut failures: u32 = 0;
+        loop {
+            let wait = match self.step() {
+                Ok(progress) => {
+                    if failures > 0 {
+                        log::info!("the hub takes batches again after {failures} failures");
+                    }
+                    failures = 0;
+                    self.metrics.health.recover("hub");
+                    match progress {
+                        Progress::Sent => Duration::ZERO,
+                        Progress::Idle => self.hub.sync_interval,
+                    }
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    Metrics::add(&self.metrics.sync_failures, 1);
+                    let wait = self.backoff(failures);
+                    log::warn!(
+                        "hub sync to {} failed ({failures} in a row; retrying in {wait:?}): {e}",
+                        self.hub.url.as_deref().unwrap_or("")
+                    );
+                    self.metrics
+                        .health
+                        .fail("hub", format!("batches to the hub fail: {e}"));
+                    wait
+                }
+            };
+            match self.stopped.recv_timeout(wait) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// `backoff_min` doubled per failure after the first, at most
+    /// `backoff_max`.
+    fn backoff(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(20);
+        self.hub
+            .backoff_min
+            .saturating_mul(1 << doublings)
+            .min(self.hub.backoff_max)
+    }
+
+    fn step(&self) -> Result<Progress, String> {
+        let sql = |e: rusqlite::Error| format!("the database: {e}");
+        let salvaging: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM recoveries WHERE state IN ('moving', 'pending'))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
+        if salvaging {
+            return Ok(Progress::Idle);
+        }
+        let (mark, in_flight) = self.state().map_err(sql)?;
+        let host = self.hub.host_id.as_str();
+        let batch = match in_flight {
+            Some((first, last, digest)) => {
+                match batch::read(&self.conn, host, first - 1, last, usize::MAX, usize::MAX)
+                    .map_err(sql)?
+                {
+                    Some(b) => {
+                        if b.digest != digest {
+                            log::warn!(
+                                "the batch of logs {first}-{last} in flight no longer reads as it \
+                                 was sent (rows deleted since): sending what is left"
+                            );
+                        }
+                        b
+                    }
+                    None => {
+                        self.shipped(last).map_err(sql)?;
+                        return Ok(Progress::Sent);
+                    }
+                }
+            }
+            None => {
+                let durable = self.merge.durable_through();
+                let formed = batch::read(
+                    &self.conn,
+                    host,
+                    mark,
+                    durable,
+                    self.hub.batch_size,
+                    self.hub.batch_bytes,
+                )
+                .map_err(sql)?;
+                let Some(b) = formed else {
+                    Metrics::set(&self.metrics.sync_lag_seconds, 0);
+                    return Ok(Progress::Idle);
+                };
+                self.conn
+                    .execute(
+                        "UPDATE sync_state SET inflight_first = ?2, inflight_last = ?3, \
+                         inflight_digest = ?4, updated_at = ?5 WHERE target = ?1",
+                        params![LOGS, b.first, b.last, b.digest, now_us()],
+                    )
+                    .map_err(sql)?;
+                b
+            }
+        };
+        self.send(&batch)?;
+        self.shipped(batch.last).map_err(sql)?;
+        Metrics::add(&self.metrics.sync_batches, 1);
+        Metrics::add(&self.metrics.sync_rows, batch.rows as u64);
+        let lag_us = now_us().saturating_sub(batch.newest_created_at).max(0);
+        Metrics::set(&self.metrics.sync_lag_seconds, (lag_us / 1_000_000) as u64);
+        Ok(Progress::Sent)
+    }
+
+    /// The watermark and the batch in flight, if any.
+    fn state(&self) -> rusqlite::Result<(i64, Option<InFlight>)> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO sync_state (target, last_log_id, updated_at) VALUES (?1, 0, ?2)",
+            params![LOGS, now_us()],
+        )?;
+        self.conn.query_row(
+            "SELECT last_log_id, inflight_first, inflight_last, inflight_digest FROM sync_state \
+             WHERE target = ?1",
+            [LOGS],
+            |r| {
+                let in_flight = match (r.get(1)?, r.get(2)?, r.get(3)?) {
+                    (Some(f), Some(l), Some(d)) => Some((f, l, d)),
+                    _ => None,
+                };
+                Ok((r.get(0)?, in_flight))
+            },
+        )
+    }
+
+    /// The hub has every log up to `last`: the watermark moves there and
+    /// the batch in flight is done, in one transaction.
+    fn shipped(&self, last: i64) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "UPDATE sync_state SET last_log_id = max(last_log_id, ?2), inflight_first = NULL, \
+             inflight_last = NULL, inflight_digest = NULL, updated_at = ?3 WHERE target = ?1",
+            params![LOGS, last, now_us()],
+        )?;
+        Ok(())
+    }
+
+    /// POSTs `batch`; `Ok` only on a 2xx answer.
+    fn send(&self, batch: &Batch) -> Result<(), String> {
+        let mut request = self
+            .agent
+            .post(&self.endpoint)
+            .set("Content-Type", "application/x-ndjson");
+        if let Some(user) = &self.hub.user {
+            let password = match &self.hub.password_file {
+                Some(file) => std::fs::read_to_string(file)
+                    .map_err(|e| format!("cannot read server_hub.password_file: {e}"))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+                None => String::new(),
+            };
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            request = request.set("Authorization", &format!("Basic {token}"));
+        }
+        match request.send_bytes(&batch.body) {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(code, answer)) => {
+                let text = answer.into_string().unwrap_or_default();
+                let text: String = crate::text::escape_controls(text.trim())
+                    .chars()
+                    .take(300)
+                    .collect();
+                Err(format!("the hub answered HTTP {code}: {text}"))
+            }
+            Err(e) => Err(format!("cannot reach the hub: {e}")),
+        }
+    }
+}
+
+fn now_us() -> i64 {
+    Timestamp::now().as_micros()
+}
