@@ -1469,6 +1469,23 @@ fn resolve(
                 "server_hub.url `{u}` must start with http:// or https://"
             ))
         }
+        // Credentials in the URL would be logged with it: user and
+        // password_file keep them out.
+        Some(u)
+            if u.split("://").nth(1).is_some_and(|rest| {
+                rest.split('/')
+                    .next()
+                    .is_some_and(|authority| authority.contains('@'))
+                    || rest.contains('?')
+                    || rest.contains('#')
+            }) =>
+        {
+            return invalid(
+                "server_hub.url must not hold a user, a password or a query: set \
+                 server_hub.user and server_hub.password_file instead"
+                    .into(),
+            )
+        }
         None if enabled => {
             return invalid("server_hub.enabled is true but server_hub.url is not set".into())
         }

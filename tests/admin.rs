@@ -111,7 +111,11 @@ fn metrics_counters_move_by_exactly_the_traffic_sent() {
         0.0,
         "no hub sync configured, so no lag"
     );
-    assert_eq!(moved("codi_sync_rows_total"), 0.0, "no hub, nothing shipped");
+    assert_eq!(
+        moved("codi_sync_rows_total"),
+        0.0,
+        "no hub, nothing shipped"
+    );
     assert_eq!(d.db().count_logs(), 15);
 
     let r = d.http_get("/metrics");

@@ -325,6 +325,15 @@ fn the_hub_keys_have_defaults_bounds_and_a_private_password_file() {
         e.starts_with("server_hub.logs_table `logs; DROP TABLE x`"),
         "{e}"
     );
+    for url in [
+        "http://u:secret@hub:8123",
+        "http://hub:8123/?password=secret",
+        "https://h/#x",
+    ] {
+        let e = err(&format!("[server_hub]\nurl = \"{url}\"\n"), &o, &env);
+        assert!(e.starts_with("server_hub.url must not hold"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+    }
     let e = err("[server_hub]\ndatabase = \"1st\"\n", &o, &env);
     assert!(e.starts_with("server_hub.database"), "{e}");
     let e = err(

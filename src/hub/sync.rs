@@ -9,13 +9,13 @@
 //!    on disk in `logs`, which a power cut cannot take back, so no id the
 //!    hub holds is ever given to another log (the model test's watermark
 //!    rule, `store::model_tests`).
-//! 2. Its id range and digest are committed (`synchronous = FULL`) before
-//!    it is sent.
+//! 2. Its id range, body and digest are committed (`synchronous = FULL`)
+//!    before it is sent.
 //! 3. It is sent to the hub's `Distributed` table with
 //!    `insert_distributed_sync = 1`, so a 2xx means it is in a replicated
-//!    table; after a failure, or a restart, the same range is read and
-//!    sent again, byte for byte the same ([`super::batch`]), which the
-//!    hub's block deduplication drops as a repeat.
+//!    table; after a failure, or a restart, the recorded body is sent
+//!    again, byte for byte (whatever retention or rotation did to its rows
+//!    since), which the hub's block deduplication drops as a repeat.
 //! 4. On 2xx the watermark moves to the batch's last id and the record is
 //!    cleared, in one transaction.
 //!
@@ -41,8 +41,13 @@ use std::time::Duration;
 
 /// The `sync_state` target of logs.
 pub const LOGS: &str = "logs";
+/// How long connecting to the hub may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one request to the hub may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stop waits for a request under way before it leaves the
+/// thread behind (its batch is re-sent at the next start).
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// The largest log id the hub has acknowledged (0 before any), read on
 /// `conn` (the main database).
@@ -65,11 +70,18 @@ pub struct SyncHandle {
 }
 
 impl SyncHandle {
-    /// Stops the thread (a batch being sent is finished or abandoned; it
-    /// goes again at the next start) and waits for it.
+    /// Stops the thread: waits at most [`STOP_WAIT`] for a request under
+    /// way, then leaves it behind (its batch is recorded and goes again at
+    /// the next start), so a slow hub cannot hold up the daemon's stop.
     pub fn stop(self) {
         drop(self.stop);
-        if self.thread.join().is_err() {
+        let deadline = std::time::Instant::now() + STOP_WAIT;
+        while !self.thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.thread.is_finished() {
+            log::warn!("hub sync: a request to the hub is still under way; it goes again at the next start");
+        } else if self.thread.join().is_err() {
             log::error!("the hub sync thread panicked");
         }
     }
@@ -101,7 +113,10 @@ pub fn spawn_sync(
         endpoint,
         merge,
         metrics,
-        agent: ureq::AgentBuilder::new().timeout(REQUEST_TIMEOUT).build(),
+        agent: ureq::AgentBuilder::new()
+            .timeout_connect(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .build(),
         stopped,
     };
     let thread = std::thread::Builder::new()
@@ -114,8 +129,8 @@ pub fn spawn_sync(
     Ok(SyncHandle { stop, thread })
 }
 
-/// The batch in flight: its first and last ids and its digest.
-type InFlight = (i64, i64, String);
+/// The batch in flight: its last id and the body sent.
+type InFlight = (i64, Vec<u8>);
 
 /// What one step did.
 enum Progress {
@@ -198,25 +213,16 @@ impl Sync {
         let (mark, in_flight) = self.state().map_err(sql)?;
         let host = self.hub.host_id.as_str();
         let batch = match in_flight {
-            Some((first, last, digest)) => {
-                match batch::read(&self.conn, host, first - 1, last, usize::MAX, usize::MAX)
-                    .map_err(sql)?
-                {
-                    Some(b) => {
-                        if b.digest != digest {
-                            log::warn!(
-                                "the batch of logs {first}-{last} in flight no longer reads as it \
-                                 was sent (rows deleted since): sending what is left"
-                            );
-                        }
-                        b
-                    }
-                    None => {
-                        self.shipped(last).map_err(sql)?;
-                        return Ok(Progress::Sent);
-                    }
-                }
-            }
+            // Re-sent as the same bytes, whatever happened to its rows
+            // since: the hub drops it if it took it before.
+            Some((last, body)) => Batch {
+                first: 0,
+                last,
+                rows: 0,
+                digest: String::new(),
+                newest_created_at: now_us(),
+                body,
+            },
             None => {
                 let durable = self.merge.durable_through();
                 let formed = batch::read(
@@ -235,8 +241,9 @@ impl Sync {
                 self.conn
                     .execute(
                         "UPDATE sync_state SET inflight_first = ?2, inflight_last = ?3, \
-                         inflight_digest = ?4, updated_at = ?5 WHERE target = ?1",
-                        params![LOGS, b.first, b.last, b.digest, now_us()],
+                         inflight_digest = ?4, inflight_body = ?5, updated_at = ?6 \
+                         WHERE target = ?1",
+                        params![LOGS, b.first, b.last, b.digest, b.body, now_us()],
                     )
                     .map_err(sql)?;
                 b
@@ -246,6 +253,10 @@ impl Sync {
         self.shipped(batch.last).map_err(sql)?;
         Metrics::add(&self.metrics.sync_batches, 1);
         Metrics::add(&self.metrics.sync_rows, batch.rows as u64);
+        if batch.rows == 0 {
+            // A re-send: its rows were counted when it was formed.
+            return Ok(Progress::Sent);
+        }
         let lag_us = now_us().saturating_sub(batch.newest_created_at).max(0);
         Metrics::set(&self.metrics.sync_lag_seconds, (lag_us / 1_000_000) as u64);
         Ok(Progress::Sent)
@@ -258,12 +269,11 @@ impl Sync {
             params![LOGS, now_us()],
         )?;
         self.conn.query_row(
-            "SELECT last_log_id, inflight_first, inflight_last, inflight_digest FROM sync_state \
-             WHERE target = ?1",
+            "SELECT last_log_id, inflight_last, inflight_body FROM sync_state WHERE target = ?1",
             [LOGS],
             |r| {
-                let in_flight = match (r.get(1)?, r.get(2)?, r.get(3)?) {
-                    (Some(f), Some(l), Some(d)) => Some((f, l, d)),
+                let in_flight = match (r.get(1)?, r.get(2)?) {
+                    (Some(last), Some(body)) => Some((last, body)),
                     _ => None,
                 };
                 Ok((r.get(0)?, in_flight))
@@ -276,7 +286,8 @@ impl Sync {
     fn shipped(&self, last: i64) -> rusqlite::Result<()> {
         self.conn.execute(
             "UPDATE sync_state SET last_log_id = max(last_log_id, ?2), inflight_first = NULL, \
-             inflight_last = NULL, inflight_digest = NULL, updated_at = ?3 WHERE target = ?1",
+             inflight_last = NULL, inflight_digest = NULL, inflight_body = NULL, updated_at = ?3 \
+             WHERE target = ?1",
             params![LOGS, last, now_us()],
         )?;
         Ok(())

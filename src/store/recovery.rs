@@ -686,9 +686,20 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
         let export_floor = highest_rowid(db, "export_archive")
             .unwrap_or(0)
             .saturating_add(EXPORT_ID_MARGIN);
+        // So is hub sync's watermark and batch in flight: the hub has what
+        // it acknowledged, and a re-send must be the same bytes.
+        let sync_state = read_sync_state(db);
         build_aside(&suffixed(db, ".new"), FileKind::Main, |conn| {
             for r in &earlier {
                 carry_over(conn, r)?;
+            }
+            for row in &sync_state {
+                conn.execute(
+                    "INSERT OR REPLACE INTO sync_state (target, last_log_id, updated_at, \
+                     inflight_first, inflight_last, inflight_digest, inflight_body) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    rusqlite::params_from_iter(row.iter()),
+                )?;
             }
             conn.execute(
                 "INSERT INTO sqlite_sequence (name, seq) VALUES ('export_archive', ?1)",
@@ -703,6 +714,24 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
     finish_set_aside(db)?;
     let conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     Ok(recoveries(&conn, "state = 'pending'")?)
+}
+
+/// The rows of `sync_state` of the (damaged) main database at `db`, as far
+/// as they can be read.
+fn read_sync_state(db: &Path) -> Vec<Vec<Value>> {
+    let Ok(conn) = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return Vec::new();
+    };
+    let rows = conn
+        .prepare(
+            "SELECT target, last_log_id, updated_at, inflight_first, inflight_last, \
+             inflight_digest, inflight_body FROM sync_state",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([], |r| (0..7).map(|i| r.get::<_, Value>(i)).collect())?
+                .collect::<rusqlite::Result<Vec<Vec<Value>>>>()
+        });
+    rows.unwrap_or_default()
 }
 
 /// Copies recovery `r` into the `recoveries` table on `conn`.

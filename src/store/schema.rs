@@ -183,11 +183,13 @@ CREATE INDEX idx_sessions_ended ON sessions(ended_at, recorded_at);
 
 /// Version 7 to 8: hub sync's record of the one batch in flight beside
 /// its watermark (`last_log_id`, [`crate::hub::sync`]): the batch's id
-/// range and the SHA-256 of its body, written before it is sent.
+/// range, its body and the body's SHA-256, written before it is sent, so
+/// that a re-send is the same bytes whatever happened to the rows since.
 const V8: &str = "
 ALTER TABLE sync_state ADD COLUMN inflight_first INTEGER;
 ALTER TABLE sync_state ADD COLUMN inflight_last INTEGER;
 ALTER TABLE sync_state ADD COLUMN inflight_digest TEXT;
+ALTER TABLE sync_state ADD COLUMN inflight_body BLOB;
 ";
 
 /// The ingest file: `logs`' columns with only the unique uuid index (which
