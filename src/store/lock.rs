@@ -14,9 +14,7 @@ use std::path::{Path, PathBuf};
 
 /// The lock file of the database at `db`.
 pub fn lock_path(db: &Path) -> PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push(".lock");
-    PathBuf::from(name)
+    super::schema::with_suffix(db, ".lock")
 }
 
 /// The held lock; dropping it (or exiting) releases it.

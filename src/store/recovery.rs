@@ -36,7 +36,7 @@
 //! interior page, and every table of a file whose schema page is damaged.
 //! The rows skipped are counted as an upper bound from the gaps in rowids.
 
-use super::schema::{self, ingest_path};
+use super::schema::{self, ingest_path, with_suffix};
 use super::StoreError;
 use crate::proto::Timestamp;
 use rusqlite::types::Value;
@@ -123,23 +123,16 @@ pub struct Damage {
 /// The marker a running daemon leaves when SQLite calls a file corrupt:
 /// `<db>.suspect`, holding the error.
 pub fn suspect_path(db: &Path) -> PathBuf {
-    suffixed(db, ".suspect")
+    with_suffix(db, ".suspect")
 }
 
 /// Records that SQLite called a file of the store at `db` corrupt
 /// (`reason`), so that the next start checks both files fully.
 pub fn mark_suspect(db: &Path, reason: &str) -> std::io::Result<()> {
-    let tmp = suffixed(db, ".suspect.tmp");
+    let tmp = with_suffix(db, ".suspect.tmp");
     fs::write(&tmp, format!("{}\n", reason.replace('\n', " ")))?;
     fs::File::open(&tmp)?.sync_all()?;
     fs::rename(&tmp, suspect_path(db))
-}
-
-/// `path` with `suffix` appended to its file name.
-fn suffixed(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    PathBuf::from(name)
 }
 
 /// True for the SQLite errors that mean a damaged file rather than a busy,
@@ -154,7 +147,7 @@ pub fn is_corruption(e: &rusqlite::Error) -> bool {
 /// `<db>.recovery-lock`: each standalone write holds it shared, a
 /// set-aside exclusively, so that no write lands in a file being moved.
 fn recovery_lock_path(db: &Path) -> PathBuf {
-    suffixed(db, ".recovery-lock")
+    with_suffix(db, ".recovery-lock")
 }
 
 /// A hold on the store's recovery lock; released when dropped.
@@ -200,7 +193,7 @@ pub fn identity(db: &Path) -> Option<[(u64, u64); 2]> {
 /// `codi2` must then not write, since the files it would open are about
 /// to be replaced.
 pub fn in_progress(db: &Path) -> bool {
-    suffixed(db, ".new").exists() || suffixed(&ingest_path(db), ".new").exists()
+    with_suffix(db, ".new").exists() || with_suffix(&ingest_path(db), ".new").exists()
 }
 
 /// What [`inspect`] found.
@@ -431,14 +424,7 @@ fn highest_rowid(path: &Path, table: &str) -> Option<i64> {
     }) {
         return max;
     }
-    let readable_from = |at: i64| {
-        conn.query_row(
-            &format!("SELECT rowid FROM main.{table} WHERE rowid >= ?1 ORDER BY rowid LIMIT 1"),
-            [at],
-            |r| r.get::<_, i64>(0),
-        )
-        .ok()
-    };
+    let readable_from = |at: i64| first_rowid_from(&conn, table, at).ok().flatten();
     // A readable row at or above `low`, none found at or above `high`.
     let (mut low, mut high) = (readable_from(0)?, i64::MAX);
     while high - low > 1 {
@@ -568,13 +554,10 @@ pub fn open_for_acknowledgment(db: &Path) -> Result<Connection, StoreError> {
 
 /// A UTC timestamp for file names: `20261203T124501Z`.
 fn file_stamp(now: Timestamp) -> String {
-    let text = now.to_string();
-    let digits: String = text
-        .chars()
-        .take(19)
-        .filter(|c| c.is_ascii_digit() || *c == 'T')
-        .collect();
-    format!("{digits}Z")
+    chrono::DateTime::<chrono::Utc>::from_timestamp_micros(now.as_micros())
+        .unwrap_or_default()
+        .format("%Y%m%dT%H%M%SZ")
+        .to_string()
 }
 
 /// `<file><infix><stamp>`, or with `-2`, `-3`, ... appended when that name
@@ -587,8 +570,8 @@ fn unique_name(file: &Path, infix: &str, stamp: &str) -> PathBuf {
         } else {
             format!("-{n}")
         };
-        let name = suffixed(file, &format!("{infix}{stamp}{tail}"));
-        if !name.exists() && !suffixed(&name, "-wal").exists() {
+        let name = with_suffix(file, &format!("{infix}{stamp}{tail}"));
+        if !name.exists() && !with_suffix(&name, "-wal").exists() {
             return name;
         }
         n += 1;
@@ -650,7 +633,7 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
     }
     // The fresh ingest file first: a main database built aside is what
     // says the set-aside is complete enough to finish (`finish_set_aside`).
-    let ingest_new = suffixed(&ingest, ".new");
+    let ingest_new = with_suffix(&ingest, ".new");
     build_aside(&ingest_new, FileKind::Ingest, |conn| {
         conn.execute("UPDATE ingest_meta SET merged_floor = ?1", [floor])?;
         Ok(())
@@ -689,7 +672,7 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
         // So is hub sync's watermark and batch in flight: the hub has what
         // it acknowledged, and a re-send must be the same bytes.
         let sync_state = read_sync_state(db);
-        build_aside(&suffixed(db, ".new"), FileKind::Main, |conn| {
+        build_aside(&with_suffix(db, ".new"), FileKind::Main, |conn| {
             for r in &earlier {
                 carry_over(conn, r)?;
             }
@@ -764,8 +747,12 @@ fn build_aside(
     kind: FileKind,
     fill: impl FnOnce(&Connection) -> rusqlite::Result<()>,
 ) -> Result<(), StoreError> {
-    let tmp = suffixed(target, ".tmp");
-    for stale in [tmp.clone(), suffixed(&tmp, "-wal"), suffixed(&tmp, "-shm")] {
+    let tmp = with_suffix(target, ".tmp");
+    for stale in [
+        tmp.clone(),
+        with_suffix(&tmp, "-wal"),
+        with_suffix(&tmp, "-shm"),
+    ] {
         remove_if_present(&stale)?;
     }
     {
@@ -783,8 +770,8 @@ fn build_aside(
 /// Does nothing when none is under way; removes a half-built one.
 pub fn finish_set_aside(db: &Path) -> Result<(), StoreError> {
     let ingest = ingest_path(db);
-    let main_new = suffixed(db, ".new");
-    let ingest_new = suffixed(&ingest, ".new");
+    let main_new = with_suffix(db, ".new");
+    let ingest_new = with_suffix(&ingest, ".new");
     // The record is in a fresh main database not yet in place, else in the
     // live one (a healthy main database, or the fresh one once renamed).
     let record = if main_new.exists() {
@@ -817,8 +804,8 @@ pub fn finish_set_aside(db: &Path) -> Result<(), StoreError> {
     // live database, and a crash from here on finishes from there.
     for (new, live) in [(&main_new, &db.to_owned()), (&ingest_new, &ingest)] {
         if new.exists() {
-            remove_if_present(&suffixed(live, "-wal"))?;
-            remove_if_present(&suffixed(live, "-shm"))?;
+            remove_if_present(&with_suffix(live, "-wal"))?;
+            remove_if_present(&with_suffix(live, "-shm"))?;
             rename(new, live)?;
         }
     }
@@ -839,11 +826,11 @@ fn move_aside(file: &Path, to: &Path) -> Result<(), StoreError> {
     if to.exists() {
         return Ok(());
     }
-    let wal = suffixed(file, "-wal");
+    let wal = with_suffix(file, "-wal");
     if wal.exists() {
-        rename(&wal, &suffixed(to, "-wal"))?;
+        rename(&wal, &with_suffix(to, "-wal"))?;
     }
-    remove_if_present(&suffixed(file, "-shm"))?;
+    remove_if_present(&with_suffix(file, "-shm"))?;
     if file.exists() {
         rename(file, to)?;
     }
@@ -881,11 +868,7 @@ fn sync_file(path: &Path) -> Result<(), StoreError> {
 }
 
 fn sync_parent(path: &Path) -> Result<(), StoreError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    sync_file(&dir)
+    sync_file(&schema::parent_dir(path))
 }
 
 /// One step of a salvage, applied by whoever owns the main database's
@@ -1179,19 +1162,22 @@ fn value_len(v: &Value) -> usize {
     }
 }
 
+/// The first rowid of `table` at or above `at` (a seek down the b-tree to
+/// it; an error when a page on the way is damaged).
+fn first_rowid_from(conn: &Connection, table: &str, at: i64) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        &format!("SELECT rowid FROM main.{table} WHERE rowid >= ?1 ORDER BY rowid LIMIT 1"),
+        [at],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+}
+
 /// The smallest rowid above `after` from which `table` reads again, if
 /// any: probes `after + 1, + 2, + 4, ...` until a read succeeds, then
 /// narrows the gap by bisection.
 fn next_readable(conn: &Connection, table: &str, after: i64) -> Option<i64> {
-    let probe = |at: i64| -> Result<Option<i64>, ()> {
-        conn.query_row(
-            &format!("SELECT rowid FROM main.{table} WHERE rowid >= ?1 ORDER BY rowid LIMIT 1"),
-            [at],
-            |r| r.get::<_, i64>(0),
-        )
-        .optional()
-        .map_err(|_| ())
-    };
+    let probe = |at: i64| first_rowid_from(conn, table, at).map_err(|_| ());
     let mut failing = after;
     let mut step: i64 = 1;
     let found = loop {
@@ -1360,7 +1346,7 @@ pub fn damage_found(what: &str) {
 
 /// `<db>.suspect.cleared`: when a start last found a suspect store sound.
 fn cleared_path(db: &Path) -> PathBuf {
-    suffixed(db, ".suspect.cleared")
+    with_suffix(db, ".suspect.cleared")
 }
 
 #[cfg(test)]

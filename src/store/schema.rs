@@ -218,8 +218,14 @@ const INGEST_V3: &str = "ALTER TABLE ingest_logs ADD COLUMN uid INTEGER;";
 /// The ingest file that belongs to the database at `db_path`: the same
 /// name with `-ingest` appended (like SQLite's own `-wal`).
 pub fn ingest_path(db_path: &Path) -> PathBuf {
-    let mut name = db_path.as_os_str().to_owned();
-    name.push("-ingest");
+    with_suffix(db_path, "-ingest")
+}
+
+/// `path` with `suffix` appended to its file name (as SQLite names its
+/// `-wal` and `-shm` companions).
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
     PathBuf::from(name)
 }
 
@@ -457,7 +463,7 @@ fn migrate(conn: &mut Connection, path: &Path, steps: &[&str]) -> Result<(), Sto
 }
 
 /// The directory holding `path`; `.` for a bare file name.
-fn parent_dir(path: &Path) -> PathBuf {
+pub(super) fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),

@@ -75,21 +75,26 @@ fn a_complete_set_aside_then_salvage_keeps_every_log() {
     assert_eq!(stored_logs(&db), 110);
 }
 
+/// Turns the finished set-aside of `db` back to its record saying
+/// `moving`, as a crash before the last step of `finish_set_aside` leaves
+/// it.
+fn record_back_to_moving(db: &Path) {
+    let conn = Connection::open(db).unwrap();
+    conn.execute("UPDATE recoveries SET state = 'moving'", [])
+        .unwrap();
+}
+
 #[test]
 fn a_crash_between_the_two_renames_of_finish_set_aside_keeps_every_log() {
     let dir = tempfile::tempdir().unwrap();
     let db = store(dir.path(), "data", 1, 100, 10);
     full_set_aside(&db);
-    // Back to the moment after `rename(codi.db-ingest.new, codi.db-ingest)`
-    // and before `rename(codi.db.new, codi.db)`: both files moved aside,
-    // the fresh ingest file in place, the record (still `moving`) in
-    // `codi.db.new`, the suspect marker not yet removed.
-    {
-        let conn = Connection::open(&db).unwrap();
-        conn.execute("UPDATE recoveries SET state = 'moving'", [])
-            .unwrap();
-    }
-    fs::rename(&db, suffixed(&db, ".new")).unwrap();
+    // Both files moved aside, the fresh ingest file in place but not the
+    // fresh main database (the order of the renames before the fix), the
+    // record (still `moving`) in `codi.db.new`, the suspect marker not yet
+    // removed.
+    record_back_to_moving(&db);
+    fs::rename(&db, with_suffix(&db, ".new")).unwrap();
     mark_suspect(&db, "attack").unwrap();
     restart_and_salvage(&db);
     assert_eq!(stored_logs(&db), 110, "logs lost across the crash");
@@ -102,11 +107,7 @@ fn a_crash_after_the_renames_before_the_record_says_pending_keeps_every_log() {
     full_set_aside(&db);
     // Back to the moment after both renames and the marker's removal, and
     // before `UPDATE recoveries SET state = 'pending'`.
-    {
-        let conn = Connection::open(&db).unwrap();
-        conn.execute("UPDATE recoveries SET state = 'moving'", [])
-            .unwrap();
-    }
+    record_back_to_moving(&db);
     restart_and_salvage(&db);
     assert_eq!(stored_logs(&db), 110, "logs never salvaged");
 }
@@ -302,4 +303,12 @@ fn a_second_set_aside_in_the_same_second_moves_the_file_it_replaces() {
     std::thread::sleep(Duration::from_millis(1100));
     recover_offline(&db, false).unwrap();
     assert_eq!(stored_logs(&db), 115, "a file replaced without being moved");
+}
+
+#[test]
+fn acknowledging_a_store_from_before_recoveries_acknowledges_none() {
+    let conn = Connection::open_in_memory().unwrap();
+    conn.execute_batch("CREATE TABLE logs (id INTEGER PRIMARY KEY)")
+        .unwrap();
+    assert_eq!(acknowledge(&conn).unwrap(), 0);
 }
