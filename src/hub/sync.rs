@@ -25,7 +25,7 @@
 //! shipped yet. The watermark's meaning for the seed's `synced` column: a
 //! log is synced when its id is at or below `last_log_id`.
 
-use super::batch::{self, Batch};
+use super::batch;
 use crate::config::ServerHubConfig;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
@@ -99,6 +99,10 @@ pub fn spawn_sync(
     // The record of the batch in flight and the watermark must survive a
     // power cut: one sync per batch.
     conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute(
+        "INSERT OR IGNORE INTO sync_state (target, last_log_id, updated_at) VALUES (?1, 0, ?2)",
+        params![LOGS, now_us()],
+    )?;
     let url = hub.url.clone().unwrap_or_default();
     let endpoint = format!(
         "{}/?insert_distributed_sync=1&query=INSERT%20INTO%20{}.{}%20FORMAT%20JSONEachRow",
@@ -187,14 +191,8 @@ impl Sync {
         }
     }
 
-    /// `backoff_min` doubled per failure after the first, at most
-    /// `backoff_max`.
     fn backoff(&self, failures: u32) -> Duration {
-        let doublings = failures.saturating_sub(1).min(20);
-        self.hub
-            .backoff_min
-            .saturating_mul(1 << doublings)
-            .min(self.hub.backoff_max)
+        backoff(self.hub.backoff_min, self.hub.backoff_max, failures)
     }
 
     fn step(&self) -> Result<Progress, String> {
@@ -212,17 +210,10 @@ impl Sync {
         }
         let (mark, in_flight) = self.state().map_err(sql)?;
         let host = self.hub.host_id.as_str();
-        let batch = match in_flight {
-            // Re-sent as the same bytes, whatever happened to its rows
-            // since: the hub drops it if it took it before.
-            Some((last, body)) => Batch {
-                first: 0,
-                last,
-                rows: 0,
-                digest: String::new(),
-                newest_created_at: now_us(),
-                body,
-            },
+        // A batch in flight is re-sent as the same bytes, whatever happened
+        // to its rows since: the hub drops it if it took it before.
+        let (last, body, newest) = match in_flight {
+            Some((last, body)) => (last, body, None),
             None => {
                 let durable = self.merge.durable_through();
                 let formed = batch::read(
@@ -246,28 +237,22 @@ impl Sync {
                         params![LOGS, b.first, b.last, b.digest, b.body, now_us()],
                     )
                     .map_err(sql)?;
-                b
+                (b.last, b.body, Some(b.newest_created_at))
             }
         };
-        self.send(&batch)?;
-        self.shipped(batch.last).map_err(sql)?;
+        self.send(&body)?;
+        self.shipped(last).map_err(sql)?;
         Metrics::add(&self.metrics.sync_batches, 1);
-        Metrics::add(&self.metrics.sync_rows, batch.rows as u64);
-        if batch.rows == 0 {
-            // A re-send: its rows were counted when it was formed.
-            return Ok(Progress::Sent);
+        Metrics::add(&self.metrics.sync_rows, batch::rows_in(&body) as u64);
+        if let Some(newest) = newest {
+            let lag_us = now_us().saturating_sub(newest).max(0);
+            Metrics::set(&self.metrics.sync_lag_seconds, (lag_us / 1_000_000) as u64);
         }
-        let lag_us = now_us().saturating_sub(batch.newest_created_at).max(0);
-        Metrics::set(&self.metrics.sync_lag_seconds, (lag_us / 1_000_000) as u64);
         Ok(Progress::Sent)
     }
 
     /// The watermark and the batch in flight, if any.
     fn state(&self) -> rusqlite::Result<(i64, Option<InFlight>)> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO sync_state (target, last_log_id, updated_at) VALUES (?1, 0, ?2)",
-            params![LOGS, now_us()],
-        )?;
         self.conn.query_row(
             "SELECT last_log_id, inflight_last, inflight_body FROM sync_state WHERE target = ?1",
             [LOGS],
@@ -293,8 +278,8 @@ impl Sync {
         Ok(())
     }
 
-    /// POSTs `batch`; `Ok` only on a 2xx answer.
-    fn send(&self, batch: &Batch) -> Result<(), String> {
+    /// POSTs `body`; `Ok` only on a 2xx answer.
+    fn send(&self, body: &[u8]) -> Result<(), String> {
         let mut request = self
             .agent
             .post(&self.endpoint)
@@ -311,7 +296,7 @@ impl Sync {
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
             request = request.set("Authorization", &format!("Basic {token}"));
         }
-        match request.send_bytes(&batch.body) {
+        match request.send_bytes(body) {
             Ok(_) => Ok(()),
             Err(ureq::Error::Status(code, answer)) => {
                 let text = answer.into_string().unwrap_or_default();
@@ -326,6 +311,26 @@ impl Sync {
     }
 }
 
+/// The wait after `failures` failures in a row: `min` doubled per failure
+/// after the first, at most `max`.
+fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(20);
+    min.saturating_mul(1 << doublings).min(max)
+}
+
 fn now_us() -> i64 {
     Timestamp::now().as_micros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_from_the_first_failure_up_to_its_bound() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(1));
+        let waits: Vec<u128> = (1..=6).map(|f| backoff(min, max, f).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(backoff(min, max, u32::MAX), max);
+    }
 }
