@@ -192,6 +192,9 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             }
         }
     } else {
+        if let Err(e) = crate::hub::sync::forget_changes(db) {
+            log::warn!("cannot clear the hub's record of changed sessions and exports: {e}");
+        }
         None
     };
     let (reader_tx, readers) = spawn_readers(

@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod export;
+pub mod fault;
 pub mod fsperm;
 pub mod health;
 pub mod heartbeat;

@@ -62,16 +62,18 @@ impl Hub {
         Self::run(&["start", self.dir.to_str().unwrap()]);
     }
 
-    /// `SELECT count(), uniqExact(host_id, id)` of `host`'s logs through
-    /// the Distributed table, with `FINAL` (duplicates by key merged away)
-    /// or without (every row stored: a re-sent batch the hub did not drop
-    /// shows here).
-    fn counts(&self, host: &str, fin: bool) -> Option<(u64, u64)> {
+    /// The answer to `sql` (TSV), `None` if the hub does not answer it.
+    fn query(&self, sql: &str) -> Option<String> {
         let addr: SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
-        let fin = if fin { "%20FINAL" } else { "" };
-        let query = format!(
-            "SELECT%20count(),%20uniqExact(host_id,%20id)%20FROM%20codi.logs{fin}%20WHERE%20host_id%20=%20'{host}'%20FORMAT%20TSV"
-        );
+        let query: String = sql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
         // HTTP/1.0: the answer comes whole, not in chunks.
         let request = format!("GET /?query={query} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
         let r = match http_request(addr, request.as_bytes()) {
@@ -85,9 +87,69 @@ impl Hub {
             eprintln!("hub query: HTTP {}: {}", r.status, r.text());
             return None;
         }
-        let text = String::from_utf8_lossy(&r.body).into_owned();
+        Some(String::from_utf8_lossy(&r.body).into_owned())
+    }
+
+    /// `SELECT count(), uniqExact(host_id, id)` of `host`'s rows of
+    /// `table` through the Distributed table, with `FINAL` (duplicates by
+    /// key merged away) or without (every row stored: a re-sent batch the
+    /// hub did not drop shows here).
+    fn counts(&self, table: &str, host: &str, fin: bool) -> Option<(u64, u64)> {
+        let fin = if fin { " FINAL" } else { "" };
+        let text = self.query(&format!(
+            "SELECT count(), uniqExact(host_id, id) FROM codi.{table}{fin} \
+             WHERE host_id = '{host}' FORMAT TSV"
+        ))?;
         let mut it = text.split_whitespace().map(|n| n.parse().ok());
         Some((it.next()??, it.next()??))
+    }
+
+    /// Waits until the hub holds `want` of `host`'s rows of `table`
+    /// (`FINAL`); then checks that it holds each once, also without
+    /// `FINAL` for a table whose rows never change (for sessions, a start
+    /// and its end sent in two batches are two rows until a merge).
+    fn expect_once(&self, table: &str, host: &str, want: u64, d: &Daemon) {
+        let mut counts = None;
+        let caught_up = wait_until(Duration::from_secs(120), || {
+            counts = self.counts(table, host, true);
+            counts.is_some_and(|(n, _)| n >= want)
+        });
+        assert!(
+            caught_up,
+            "the hub has {counts:?} of {want} {table}:\n{}",
+            d.stderr()
+        );
+        assert_eq!(
+            counts,
+            Some((want, want)),
+            "each of {table} once on the hub"
+        );
+        assert_eq!(
+            self.counts(table, host, false),
+            Some((want, want)),
+            "no batch of {table} stored twice, even before ClickHouse merges: every re-send was dropped"
+        );
+    }
+}
+
+impl Hub {
+    /// Waits until the hub's last state of `host`'s sessions has `want`
+    /// ended ones.
+    fn expect_ended(&self, host: &str, want: u64, d: &Daemon) {
+        let ended = || {
+            self.query(&format!(
+                "SELECT countIf(ended_at IS NOT NULL) FROM codi.sessions FINAL \
+                 WHERE host_id = '{host}' FORMAT TSV"
+            ))
+        };
+        let want_text = format!("{want}\n");
+        assert!(
+            wait_until(Duration::from_secs(30), || ended().as_deref()
+                == Some(want_text.as_str())),
+            "the hub has {:?} ended sessions, not {want}, the later state of each:\n{}",
+            ended(),
+            d.stderr()
+        );
     }
 }
 
@@ -114,6 +176,31 @@ fn stream(d: &Daemon, n: usize, tag: &str) -> usize {
     n / 100 * 100
 }
 
+/// Starts sessions `{tag}-0` .. `{tag}-{n-1}` and ends every other one.
+fn sessions(d: &Daemon, n: usize, tag: &str) {
+    let mut c = d.unix();
+    for i in 0..n {
+        let session_id = format!("{tag}-{i}");
+        c.expect_accepted(&Message::new(Payload::SessionStart {
+            session_id: session_id.clone(),
+            identity: "hub-test".into(),
+            agent_type: Some("test".into()),
+            workspace: None,
+        }));
+        if i % 2 == 0 {
+            c.expect_accepted(&Message::new(Payload::SessionEnd { session_id }));
+        }
+    }
+}
+
+/// The local count of `table` and of its ended sessions (for `sessions`).
+fn local_count(d: &Daemon, sql: &str) -> u64 {
+    d.db()
+        .snapshot()
+        .query_row(sql, [], |r| r.get::<_, i64>(0))
+        .unwrap() as u64
+}
+
 #[test]
 fn every_log_reaches_the_hub_once_across_a_killed_daemon_and_a_restarted_hub() {
     let sandbox = Sandbox::new();
@@ -129,10 +216,25 @@ fn every_log_reaches_the_hub_once_across_a_killed_daemon_and_a_restarted_hub() {
     ));
     let opts = Opts::default().with_config();
     let mut d = Daemon::start(Arc::clone(&sandbox), opts.clone());
+    // Export records: files in a watched directory, archived.
+    let work = sandbox.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let work = std::fs::canonicalize(work).unwrap();
+    d.unix()
+        .expect_accepted(&Message::new(Payload::StartMonitoring {
+            path: work.display().to_string(),
+            recursive: true,
+            patterns: vec!["*.md".into()],
+            session_id: None,
+        }));
+    for i in 0..10 {
+        std::fs::write(work.join(format!("export-{i}.md")), format!("export {i}\n")).unwrap();
+    }
+    sessions(&d, 20, "before");
     let mut sent = stream(&d, 3000, "first");
     assert!(
         wait_until(Duration::from_secs(60), || hub
-            .counts(&host, true)
+            .counts("logs", &host, true)
             .is_some_and(|(n, _)| n > 0)),
         "nothing reached the hub:\n{}",
         d.stderr()
@@ -146,32 +248,110 @@ fn every_log_reaches_the_hub_once_across_a_killed_daemon_and_a_restarted_hub() {
     // The hub goes away while logs keep coming, and comes back.
     hub.stop();
     sent += stream(&d, 2000, "hub down");
+    sessions(&d, 20, "hub down");
     std::thread::sleep(Duration::from_millis(1500));
     hub.restart();
     sent += stream(&d, 1000, "hub back");
 
     let local = d.db().count_logs() as u64;
     assert_eq!(local, sent as u64, "stored = acknowledged");
-    let mut counts = None;
-    let caught_up = wait_until(Duration::from_secs(120), || {
-        counts = hub.counts(&host, true);
-        counts.is_some_and(|(n, _)| n >= local)
+    hub.expect_once("logs", &host, local, &d);
+    let archived = wait_until(Duration::from_secs(30), || {
+        local_count(&d, "SELECT count() FROM export_archive") >= 10
     });
-    assert!(
-        caught_up,
-        "the hub has {counts:?} of {local}:\n{}",
-        d.stderr()
-    );
-    assert_eq!(counts, Some((local, local)), "each log once on the hub");
-    assert_eq!(
-        hub.counts(&host, false),
-        Some((local, local)),
-        "no batch stored twice, even before ClickHouse merges: every re-send was dropped"
-    );
+    assert!(archived, "the exports were not archived:\n{}", d.stderr());
+    hub.expect_once("export_archive", &host, 10, &d);
+    hub.expect_once("sessions", &host, 40, &d);
+    assert_eq!(local_count(&d, "SELECT count() FROM sessions"), 40);
+    hub.expect_ended(&host, 20, &d);
     let metrics = d.http_get("/metrics").text();
     assert!(series(&metrics, "codi_sync_rows_total") >= 1.0, "{metrics}");
     assert!(
         series(&metrics, "codi_sync_failures_total") >= 1.0,
         "the hub was down"
     );
+}
+
+/// A daemon that dies between a batch's send and its watermark commit (the
+/// fault point `hub-after-send`, an abort as a `kill -9` there would be),
+/// again and again while logs and sessions stream and the hub restarts:
+/// every re-sent batch is the same block, which the hub drops, so the hub
+/// holds each row once even without `FINAL`.
+#[test]
+fn deaths_between_the_send_and_the_watermark_commit_store_nothing_twice() {
+    let sandbox = Sandbox::new();
+    let hub_dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(hub_dir.path());
+    let host = format!("fault-{}", std::process::id());
+    sandbox.write_config(&format!(
+        "[server_hub]\nenabled = true\nurl = \"{}\"\nhost_id = \"{host}\"\nsync_interval = \
+         \"100ms\"\nbatch_size = 300\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n",
+        hub.url
+    ));
+    let mut sent = 0;
+    for round in 0..4 {
+        // Dies at the send of its second batch (of any target).
+        let opts = Opts::default()
+            .with_config()
+            .env("CODI_FAULT", "hub-after-send:2");
+        let mut d = Daemon::start(Arc::clone(&sandbox), opts);
+        // Sessions and logs until the daemon dies by its fault point.
+        let mut c = d.unix();
+        let mut step = 0;
+        let died = wait_until(Duration::from_secs(60), || {
+            step += 1;
+            let session_id = format!("round{round}-{step}");
+            let mut messages = vec![Message::new(Payload::SessionStart {
+                session_id: session_id.clone(),
+                identity: "hub-test".into(),
+                agent_type: None,
+                workspace: None,
+            })];
+            if step % 2 == 0 {
+                messages.push(Message::new(Payload::SessionEnd { session_id }));
+            }
+            messages.push(Message::new(Payload::LogBatch {
+                entries: (0..100)
+                    .map(|i| fields(LogLevel::Info, "hub", &format!("round {round} {i}")))
+                    .collect(),
+            }));
+            for m in &messages {
+                if c.send(m).is_err() {
+                    return true;
+                }
+                match c.try_recv() {
+                    Ok(Some(a)) => assert!(is_accepted(&a, m.id), "not accepted: {a:?}"),
+                    _ => return true,
+                }
+                if matches!(m.payload, Payload::LogBatch { .. }) {
+                    sent += 100;
+                }
+            }
+            false
+        });
+        assert!(died, "round {round}: the fault point was not reached");
+        let status = d.wait_exit();
+        assert!(!status.success(), "round {round}: aborted, not {status:?}");
+        assert!(
+            d.stderr().contains("fault point hub-after-send"),
+            "round {round}:\n{}",
+            d.stderr()
+        );
+        if round == 1 {
+            hub.stop();
+            hub.restart();
+        }
+    }
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    let local = d.db().count_logs() as u64;
+    assert!(local >= sent as u64, "stored {local} < acknowledged {sent}");
+    hub.expect_once("logs", &host, local, &d);
+    let local_sessions = local_count(&d, "SELECT count() FROM sessions");
+    assert!(local_sessions >= 4, "{local_sessions} sessions");
+    hub.expect_once("sessions", &host, local_sessions, &d);
+    let local_ended = local_count(
+        &d,
+        "SELECT count() FROM sessions WHERE ended_at IS NOT NULL",
+    );
+    hub.expect_ended(&host, local_ended, &d);
 }

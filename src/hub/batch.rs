@@ -1,16 +1,18 @@
-//! One batch of logs for the hub: an id range of `logs`, read and
-//! serialised deterministically, so that the same range always gives the
-//! same bytes (fixed column order, serde_json's fixed number and string
-//! formatting, nothing left to the hub's defaults) and a re-sent batch is
-//! one ClickHouse drops as a duplicate block.
+//! One batch for the hub, read and serialised deterministically, so that
+//! the same range always gives the same bytes (fixed column order,
+//! serde_json's fixed number and string formatting, nothing left to the
+//! hub's defaults) and a re-sent batch is one ClickHouse drops as a
+//! duplicate block: an id range of `logs` ([`read`]), or a range of
+//! `hub_changes` for `sessions` and `export_archive` ([`read_changes`]),
+//! whose rows change after they are written.
 
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-/// A batch ready to send: its id range, body ([`rows_in`] counts its rows)
-/// and digest.
+/// A batch ready to send: its range (log ids, or `hub_changes` seqs),
+/// body ([`rows_in`] counts its rows) and digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     /// The first id in it.
@@ -21,8 +23,75 @@ pub struct Batch {
     pub body: Vec<u8>,
     /// SHA-256 of the body, hex.
     pub digest: String,
-    /// `created_at` of its last row (microseconds), for the sync lag.
+    /// `created_at` of its last row (microseconds), for the sync lag; 0
+    /// for a batch of changes.
     pub newest_created_at: i64,
+}
+
+/// A kind of changing row shipped through `hub_changes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// `sessions`, keyed by their text id.
+    Sessions,
+    /// `export_archive`, keyed by their integer id.
+    Exports,
+}
+
+impl ChangeKind {
+    /// Its name in `hub_changes.kind` and `sync_state.target`: the local
+    /// table's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Sessions => "sessions",
+            ChangeKind::Exports => "export_archive",
+        }
+    }
+
+    /// Appends a change of every row the table holds to `hub_changes`
+    /// (the first time the kind is shipped: rows from before the sync).
+    pub fn record_every_row(self, conn: &Connection) -> rusqlite::Result<usize> {
+        conn.execute(
+            &format!(
+                "INSERT INTO hub_changes (kind, row_key) SELECT ?1, id FROM {} ORDER BY rowid",
+                self.name()
+            ),
+            [self.name()],
+        )
+    }
+}
+
+/// One session as the hub's `sessions` table takes it, columns in its
+/// order.
+#[derive(Serialize)]
+struct HubSession<'a> {
+    host_id: &'a str,
+    id: String,
+    identity: String,
+    agent_type: Option<String>,
+    started_at: i64,
+    ended_at: Option<i64>,
+    metadata: Option<String>,
+    workspace: Option<String>,
+    uid: Option<i64>,
+    recorded_at: Option<i64>,
+    end_reason: Option<String>,
+}
+
+/// One export record as the hub's `export_archive` table takes it,
+/// columns in its order.
+#[derive(Serialize)]
+struct HubExport<'a> {
+    host_id: &'a str,
+    id: i64,
+    original_path: String,
+    archive_path: String,
+    session_id: Option<String>,
+    file_size: Option<i64>,
+    processed_at: i64,
+    content_hash: Option<String>,
+    source_mtime_ns: Option<i64>,
+    archived_at_us: Option<i64>,
+    error: Option<String>,
 }
 
 /// One log as the hub's `logs` table takes it, columns in its order.
@@ -48,6 +117,19 @@ fn text(row: &rusqlite::Row, i: usize) -> rusqlite::Result<Option<String>> {
         ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
         ValueRef::Integer(n) => Some(n.to_string()),
         ValueRef::Real(f) => Some(f.to_string()),
+    })
+}
+
+/// Integer of column `i`, `None` for NULL or a value that is not one (a
+/// row the hub cannot take must not stop every batch after it).
+fn int(row: &rusqlite::Row, i: usize) -> rusqlite::Result<Option<i64>> {
+    Ok(match row.get_ref(i)? {
+        ValueRef::Integer(n) => Some(n),
+        ValueRef::Real(f) => Some(f as i64),
+        ValueRef::Text(t) => std::str::from_utf8(t)
+            .ok()
+            .and_then(|t| t.trim().parse().ok()),
+        ValueRef::Null | ValueRef::Blob(_) => None,
     })
 }
 
@@ -126,6 +208,125 @@ pub fn read(
         digest,
         newest_created_at: newest,
     }))
+}
+
+/// Reads the changes of `kind` with seqs above `after` on `conn`, at most
+/// `max_rows` of them and about `max_bytes` of body, and serialises each
+/// changed row as it is now, once per batch however often it changed in
+/// it, in the order of its first change. It stops before a row of another
+/// calendar month than the first (of `started_at` or `processed_at`: one
+/// partition on the hub). A change whose row is gone (retention) sends
+/// nothing. `None` when there is no change; a batch whose rows are all
+/// gone has an empty body (the sync moves its watermark without sending).
+pub fn read_changes(
+    conn: &Connection,
+    kind: ChangeKind,
+    host_id: &str,
+    after: i64,
+    max_rows: usize,
+    max_bytes: usize,
+) -> rusqlite::Result<Option<Batch>> {
+    let mut changes = conn.prepare_cached(
+        "SELECT seq, row_key FROM hub_changes WHERE kind = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let changes: Vec<(i64, String)> = changes
+        .query_map(params![kind.name(), after, max_rows as i64], |r| {
+            Ok((r.get(0)?, text(r, 1)?.unwrap_or_default()))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let (Some(&(first, _)), Some(&(mut last, _))) = (changes.first(), changes.last()) else {
+        return Ok(None);
+    };
+    let mut body = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut month = None;
+    for (seq, key) in &changes {
+        if !seen.insert(key.as_str()) {
+            continue;
+        }
+        let Some((line, row_month)) = row_line(conn, kind, host_id, key)? else {
+            continue;
+        };
+        let full = !body.is_empty() && body.len() + line.len() + 1 > max_bytes;
+        if full || *month.get_or_insert(row_month) != row_month {
+            last = seq - 1;
+            break;
+        }
+        body.extend_from_slice(&line);
+        body.push(b'\n');
+    }
+    let digest = hex(&Sha256::digest(&body));
+    Ok(Some(Batch {
+        first,
+        last,
+        body,
+        digest,
+        newest_created_at: 0,
+    }))
+}
+
+/// The body line of row `key` of `kind` and the month it is filed under,
+/// `None` if the row is gone.
+fn row_line(
+    conn: &Connection,
+    kind: ChangeKind,
+    host_id: &str,
+    key: &str,
+) -> rusqlite::Result<Option<(Vec<u8>, i64)>> {
+    use rusqlite::OptionalExtension;
+    match kind {
+        ChangeKind::Sessions => conn
+            .prepare_cached(
+                "SELECT id, identity, agent_type, started_at, ended_at, metadata, workspace, \
+                 uid, recorded_at, end_reason FROM sessions WHERE id = ?1",
+            )?
+            .query_row([key], |r| {
+                let s = HubSession {
+                    host_id,
+                    id: text(r, 0)?.unwrap_or_default(),
+                    identity: text(r, 1)?.unwrap_or_default(),
+                    agent_type: text(r, 2)?,
+                    started_at: int(r, 3)?.unwrap_or_default(),
+                    ended_at: int(r, 4)?,
+                    metadata: text(r, 5)?,
+                    workspace: text(r, 6)?,
+                    uid: int(r, 7)?,
+                    recorded_at: int(r, 8)?,
+                    end_reason: text(r, 9)?,
+                };
+                let line = serde_json::to_vec(&s).expect("a session serialises");
+                Ok((line, month_of(s.started_at)))
+            })
+            .optional(),
+        ChangeKind::Exports => {
+            let Ok(id) = key.parse::<i64>() else {
+                return Ok(None);
+            };
+            conn.prepare_cached(
+                "SELECT id, original_path, archive_path, session_id, file_size, processed_at, \
+                 content_hash, source_mtime_ns, archived_at_us, error FROM export_archive \
+                 WHERE id = ?1",
+            )?
+            .query_row([id], |r| {
+                let e = HubExport {
+                    host_id,
+                    id: r.get(0)?,
+                    original_path: text(r, 1)?.unwrap_or_default(),
+                    archive_path: text(r, 2)?.unwrap_or_default(),
+                    session_id: text(r, 3)?,
+                    file_size: int(r, 4)?,
+                    processed_at: int(r, 5)?.unwrap_or_default(),
+                    content_hash: text(r, 6)?,
+                    source_mtime_ns: int(r, 7)?,
+                    archived_at_us: int(r, 8)?,
+                    error: text(r, 9)?,
+                };
+                let line = serde_json::to_vec(&e).expect("an export record serialises");
+                Ok((line, month_of(e.processed_at.saturating_mul(1_000_000))))
+            })
+            .optional()
+        }
+    }
 }
 
 /// Rows in a body [`read`] made: one line each (a newline inside a value
@@ -225,5 +426,111 @@ mod tests {
             "at least one row, then not past max_bytes"
         );
         assert!(read(&conn, "h", 4, 10, 100, 1 << 20).unwrap().is_none());
+    }
+
+    fn session(conn: &Connection, id: &str, started_at: i64) {
+        conn.execute(
+            "INSERT INTO sessions (id, identity, started_at, recorded_at) VALUES (?1, 'me', ?2, ?2)",
+            params![id, started_at],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_changed_row_goes_once_per_batch_in_its_latest_state() {
+        let (_dir, conn) = store();
+        let day = 1_764_700_000_000_000;
+        session(&conn, "a", day);
+        session(&conn, "b", day + 1);
+        conn.execute(
+            "UPDATE sessions SET ended_at = ?1 WHERE id = 'a'",
+            [day + 9],
+        )
+        .unwrap();
+        let b = read_changes(&conn, ChangeKind::Sessions, "h", 0, 100, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!((b.first, b.last, rows_in(&b.body)), (1, 3, 2));
+        let body = String::from_utf8(b.body.clone()).unwrap();
+        let first = body.lines().next().unwrap();
+        assert_eq!(
+            first,
+            format!(
+                "{{\"host_id\":\"h\",\"id\":\"a\",\"identity\":\"me\",\"agent_type\":null,\
+                 \"started_at\":{day},\"ended_at\":{},\"metadata\":null,\"workspace\":null,\
+                 \"uid\":null,\"recorded_at\":{day},\"end_reason\":null}}",
+                day + 9
+            )
+        );
+        assert_eq!(
+            read_changes(&conn, ChangeKind::Sessions, "h", 0, 100, 1 << 20).unwrap(),
+            Some(b),
+            "the same bytes again"
+        );
+        assert!(
+            read_changes(&conn, ChangeKind::Exports, "h", 0, 100, 1 << 20)
+                .unwrap()
+                .is_none()
+        );
+        // After seq 1: a's end (seq 3) and b (seq 2), in the order of their
+        // first change in the range.
+        let b = read_changes(&conn, ChangeKind::Sessions, "h", 1, 100, 1 << 20)
+            .unwrap()
+            .unwrap();
+        let ids: Vec<_> = String::from_utf8(b.body)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].clone())
+            .collect();
+        assert_eq!(ids, ["b", "a"]);
+    }
+
+    #[test]
+    fn changes_stop_at_a_new_month_and_a_gone_row_sends_nothing() {
+        let (_dir, conn) = store();
+        let nov30 = 1_764_547_200_000_000 - 1;
+        session(&conn, "nov", nov30);
+        session(&conn, "dec", nov30 + 1);
+        let b = read_changes(&conn, ChangeKind::Sessions, "h", 0, 100, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (b.first, b.last, rows_in(&b.body)),
+            (1, 1, 1),
+            "November only"
+        );
+        conn.execute("DELETE FROM sessions", []).unwrap();
+        let b = read_changes(&conn, ChangeKind::Sessions, "h", 0, 100, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!((b.first, b.last), (1, 2));
+        assert!(b.body.is_empty(), "both rows are gone");
+    }
+
+    #[test]
+    fn every_row_from_before_is_recorded_once_asked() {
+        let (_dir, conn) = store();
+        conn.execute(
+            "INSERT INTO export_archive (original_path, archive_path, processed_at) \
+             VALUES ('/w/a.md', '/arch/a', 1764700000)",
+            [],
+        )
+        .unwrap();
+        conn.execute("DELETE FROM hub_changes", []).unwrap();
+        assert!(
+            read_changes(&conn, ChangeKind::Exports, "h", 0, 100, 1 << 20)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(ChangeKind::Exports.record_every_row(&conn).unwrap(), 1);
+        let b = read_changes(&conn, ChangeKind::Exports, "h", 0, 100, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(b.body).unwrap(),
+            "{\"host_id\":\"h\",\"id\":1,\"original_path\":\"/w/a.md\",\"archive_path\":\"/arch/a\",\
+             \"session_id\":null,\"file_size\":null,\"processed_at\":1764700000,\"content_hash\":null,\
+             \"source_mtime_ns\":null,\"archived_at_us\":null,\"error\":null}\n"
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! Shipping the store to a ClickHouse hub (docs/HUB.md): [`batch`] reads
-//! an id range of `logs` and serialises it deterministically for the hub's
+//! an id range of `logs`, or a range of recorded changes of `sessions` and
+//! `export_archive`, and serialises it deterministically for the hub's
 //! `JSONEachRow` insert; [`sync`] is the thread that ships batches exactly
-//! once (a watermark and the record of the batch in flight). Logs only so
-//! far: sessions and export records are not shipped yet.
+//! once (a watermark per target and the record of the batch in flight).
 
 pub mod batch;
 pub mod sync;

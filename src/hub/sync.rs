@@ -1,4 +1,5 @@
-//! The sync thread (`codi-sync`): ships `logs` to the hub, exactly once.
+//! The sync thread (`codi-sync`): ships `logs`, `sessions` and
+//! `export_archive` to the hub, exactly once.
 //!
 //! Progress is a watermark (`sync_state.last_log_id` of target `logs`,
 //! the largest id the hub has acknowledged) plus a record of the one batch
@@ -19,14 +20,21 @@
 //! 4. On 2xx the watermark moves to the batch's last id and the record is
 //!    cleared, in one transaction.
 //!
-//! Between failures it waits `backoff_min`, doubling up to `backoff_max`.
-//! While a damaged file's rows are being salvaged (rows may come back
-//! below the watermark) it waits. Sessions and export records are not
-//! shipped yet. The watermark's meaning for the seed's `synced` column: a
-//! log is synced when its id is at or below `last_log_id`.
+//! Sessions and export records change after they are written (a session
+//! ends), so their watermark is not a row id but the `seq` of
+//! `hub_changes`, where a trigger records every insert and update (schema
+//! v9); a batch holds each changed row once, as it is when the batch is
+//! formed, and the shipped changes are deleted with the watermark's move.
+//!
+//! Between failures it waits `backoff_min`, doubling up to `backoff_max`,
+//! less a random quarter. While a damaged file's rows are being salvaged
+//! (rows may come back below the watermark) it waits. The watermark's
+//! meaning for the seed's `synced` column: a log is synced when its id is
+//! at or below `last_log_id`.
 
-use super::batch;
+use super::batch::{self, ChangeKind};
 use crate::config::ServerHubConfig;
+use crate::fault;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
 use crate::store::merger::MergeState;
@@ -95,26 +103,15 @@ pub fn spawn_sync(
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
 ) -> Result<SyncHandle, StoreError> {
-    let conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     // The record of the batch in flight and the watermark must survive a
     // power cut: one sync per batch.
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute(
-        "INSERT OR IGNORE INTO sync_state (target, last_log_id, updated_at) VALUES (?1, 0, ?2)",
-        params![LOGS, now_us()],
-    )?;
-    let url = hub.url.clone().unwrap_or_default();
-    let endpoint = format!(
-        "{}/?insert_distributed_sync=1&query=INSERT%20INTO%20{}.{}%20FORMAT%20JSONEachRow",
-        url.trim_end_matches('/'),
-        hub.database,
-        hub.tables.logs
-    );
+    prepare_targets(&mut conn)?;
     let (stop, stopped) = crossbeam_channel::bounded(0);
     let sync = Sync {
         conn,
         hub: hub.clone(),
-        endpoint,
         merge,
         metrics,
         agent: ureq::AgentBuilder::new()
@@ -133,7 +130,7 @@ pub fn spawn_sync(
     Ok(SyncHandle { stop, thread })
 }
 
-/// The batch in flight: its last id and the body sent.
+/// The batch in flight: its last id (or seq) and the body sent.
 type InFlight = (i64, Vec<u8>);
 
 /// What one step did.
@@ -144,10 +141,77 @@ enum Progress {
     Idle,
 }
 
+/// What is shipped, each with its own `sync_state` row: logs by id,
+/// sessions and export records by their `hub_changes` seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Logs,
+    Changes(ChangeKind),
+}
+
+/// Every target, in the order a round ships them.
+const TARGETS: [Target; 3] = [
+    Target::Logs,
+    Target::Changes(ChangeKind::Sessions),
+    Target::Changes(ChangeKind::Exports),
+];
+
+impl Target {
+    /// Its `sync_state.target`.
+    fn name(self) -> &'static str {
+        match self {
+            Target::Logs => LOGS,
+            Target::Changes(kind) => kind.name(),
+        }
+    }
+
+    /// The hub's table for it.
+    fn table(self, hub: &ServerHubConfig) -> &str {
+        match self {
+            Target::Logs => &hub.tables.logs,
+            Target::Changes(ChangeKind::Sessions) => &hub.tables.sessions,
+            Target::Changes(ChangeKind::Exports) => &hub.tables.exports,
+        }
+    }
+}
+
+/// Creates the `sync_state` row of every target that has none; the first
+/// time a kind of changing row is shipped, every row it has is recorded as
+/// changed (they were written before the sync), in the same transaction.
+fn prepare_targets(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for target in TARGETS {
+        let created = tx.execute(
+            "INSERT OR IGNORE INTO sync_state (target, last_log_id, updated_at) VALUES (?1, 0, ?2)",
+            params![target.name(), now_us()],
+        )?;
+        if let (1, Target::Changes(kind)) = (created, target) {
+            let rows = kind.record_every_row(&tx)?;
+            log::info!("hub sync: {rows} {} to ship from before", kind.name());
+        }
+    }
+    tx.commit()
+}
+
+/// Forgets what was recorded for shipping sessions and export records:
+/// run at a start with the hub off, so that `hub_changes` does not grow
+/// without a sync to empty it. When the hub is turned on again, every row
+/// is shipped afresh (the hub keeps one row per key).
+pub fn forget_changes(db: &Path) -> Result<(), StoreError> {
+    let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM hub_changes", [])?;
+    tx.execute(
+        "DELETE FROM sync_state WHERE target IN (?1, ?2)",
+        [ChangeKind::Sessions.name(), ChangeKind::Exports.name()],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 struct Sync {
     conn: Connection,
     hub: ServerHubConfig,
-    endpoint: String,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
     agent: ureq::Agent,
@@ -158,7 +222,7 @@ impl Sync {
     fn run(self) {
         let mut failures: u32 = 0;
         loop {
-            let wait = match self.step() {
+            let wait = match self.round() {
                 Ok(progress) => {
                     if failures > 0 {
                         log::info!("the hub takes batches again after {failures} failures");
@@ -192,10 +256,12 @@ impl Sync {
     }
 
     fn backoff(&self, failures: u32) -> Duration {
-        backoff(self.hub.backoff_min, self.hub.backoff_max, failures)
+        let jitter = rand_fraction();
+        backoff(self.hub.backoff_min, self.hub.backoff_max, failures, jitter)
     }
 
-    fn step(&self) -> Result<Progress, String> {
+    /// One batch of each target, if it has one: `Sent` if any went.
+    fn round(&self) -> Result<Progress, String> {
         let sql = |e: rusqlite::Error| format!("the database: {e}");
         let salvaging: bool = self
             .conn
@@ -208,40 +274,73 @@ impl Sync {
         if salvaging {
             return Ok(Progress::Idle);
         }
-        let (mark, in_flight) = self.state().map_err(sql)?;
+        let mut progress = Progress::Idle;
+        for target in TARGETS {
+            if let Progress::Sent = self.step(target)? {
+                progress = Progress::Sent;
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Ships the batch of `target` in flight, or its next one.
+    fn step(&self, target: Target) -> Result<Progress, String> {
+        let sql = |e: rusqlite::Error| format!("the database: {e}");
+        let (mark, in_flight) = self.state(target).map_err(sql)?;
         let host = self.hub.host_id.as_str();
         // A batch in flight is re-sent as the same bytes, whatever happened
         // to its rows since: the hub drops it if it took it before.
         let (last, body, newest) = match in_flight {
             Some((last, body)) => (last, body, None),
             None => {
-                let durable = self.merge.durable_through();
-                let formed = batch::read(
-                    &self.conn,
-                    host,
-                    mark,
-                    durable,
-                    self.hub.batch_size,
-                    self.hub.batch_bytes,
-                )
+                let formed = match target {
+                    Target::Logs => batch::read(
+                        &self.conn,
+                        host,
+                        mark,
+                        self.merge.durable_through(),
+                        self.hub.batch_size,
+                        self.hub.batch_bytes,
+                    ),
+                    Target::Changes(kind) => batch::read_changes(
+                        &self.conn,
+                        kind,
+                        host,
+                        mark,
+                        self.hub.batch_size,
+                        self.hub.batch_bytes,
+                    ),
+                }
                 .map_err(sql)?;
                 let Some(b) = formed else {
-                    Metrics::set(&self.metrics.sync_lag_seconds, 0);
+                    if target == Target::Logs {
+                        Metrics::set(&self.metrics.sync_lag_seconds, 0);
+                    }
                     return Ok(Progress::Idle);
                 };
+                if b.body.is_empty() {
+                    // Every changed row is gone: nothing to send.
+                    self.shipped(target, b.last).map_err(sql)?;
+                    return Ok(Progress::Sent);
+                }
+                // Committed with synchronous = FULL, which also makes every
+                // change the batch was read from durable: nothing the hub
+                // is sent can be taken back by a power cut.
                 self.conn
                     .execute(
                         "UPDATE sync_state SET inflight_first = ?2, inflight_last = ?3, \
                          inflight_digest = ?4, inflight_body = ?5, updated_at = ?6 \
                          WHERE target = ?1",
-                        params![LOGS, b.first, b.last, b.digest, b.body, now_us()],
+                        params![target.name(), b.first, b.last, b.digest, b.body, now_us()],
                     )
                     .map_err(sql)?;
-                (b.last, b.body, Some(b.newest_created_at))
+                let newest = (target == Target::Logs).then_some(b.newest_created_at);
+                (b.last, b.body, newest)
             }
         };
-        self.send(&body)?;
-        self.shipped(last).map_err(sql)?;
+        self.send(target.table(&self.hub), &body)?;
+        fault::point("hub-after-send");
+        self.shipped(target, last).map_err(sql)?;
         Metrics::add(&self.metrics.sync_batches, 1);
         Metrics::add(&self.metrics.sync_rows, batch::rows_in(&body) as u64);
         if let Some(newest) = newest {
@@ -251,11 +350,11 @@ impl Sync {
         Ok(Progress::Sent)
     }
 
-    /// The watermark and the batch in flight, if any.
-    fn state(&self) -> rusqlite::Result<(i64, Option<InFlight>)> {
+    /// The watermark of `target` and its batch in flight, if any.
+    fn state(&self, target: Target) -> rusqlite::Result<(i64, Option<InFlight>)> {
         self.conn.query_row(
             "SELECT last_log_id, inflight_last, inflight_body FROM sync_state WHERE target = ?1",
-            [LOGS],
+            [target.name()],
             |r| {
                 let in_flight = match (r.get(1)?, r.get(2)?) {
                     (Some(last), Some(body)) => Some((last, body)),
@@ -266,23 +365,41 @@ impl Sync {
         )
     }
 
-    /// The hub has every log up to `last`: the watermark moves there and
-    /// the batch in flight is done, in one transaction.
-    fn shipped(&self, last: i64) -> rusqlite::Result<()> {
-        self.conn.execute(
+    /// The hub has everything of `target` up to `last`: the watermark moves
+    /// there, the batch in flight is done and (for changes) the shipped
+    /// changes are dropped, in one transaction.
+    fn shipped(&self, target: Target, last: i64) -> rusqlite::Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
             "UPDATE sync_state SET last_log_id = max(last_log_id, ?2), inflight_first = NULL, \
              inflight_last = NULL, inflight_digest = NULL, inflight_body = NULL, updated_at = ?3 \
              WHERE target = ?1",
-            params![LOGS, last, now_us()],
+            params![target.name(), last, now_us()],
         )?;
-        Ok(())
+        if let Target::Changes(kind) = target {
+            tx.execute(
+                "DELETE FROM hub_changes WHERE kind = ?1 AND seq <= ?2",
+                params![kind.name(), last],
+            )?;
+        }
+        tx.commit()
     }
 
-    /// POSTs `body`; `Ok` only on a 2xx answer.
-    fn send(&self, body: &[u8]) -> Result<(), String> {
+    /// POSTs `body` into the hub's `table`; `Ok` only on a 2xx answer.
+    fn send(&self, table: &str, body: &[u8]) -> Result<(), String> {
+        let endpoint = format!(
+            "{}/?insert_distributed_sync=1&query=INSERT%20INTO%20{}.{}%20FORMAT%20JSONEachRow",
+            self.hub
+                .url
+                .as_deref()
+                .unwrap_or_default()
+                .trim_end_matches('/'),
+            self.hub.database,
+            table
+        );
         let mut request = self
             .agent
-            .post(&self.endpoint)
+            .post(&endpoint)
             .set("Content-Type", "application/x-ndjson");
         if let Some(user) = &self.hub.user {
             let password = match &self.hub.password_file {
@@ -312,10 +429,19 @@ impl Sync {
 }
 
 /// The wait after `failures` failures in a row: `min` doubled per failure
-/// after the first, at most `max`.
-fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+/// after the first, at most `max`, less up to a quarter of it by `jitter`
+/// (in `[0, 1)`), so that hosts that lost the hub together do not all come
+/// back in the same instant.
+fn backoff(min: Duration, max: Duration, failures: u32, jitter: f64) -> Duration {
     let doublings = failures.saturating_sub(1).min(20);
-    min.saturating_mul(1 << doublings).min(max)
+    let wait = min.saturating_mul(1 << doublings).min(max);
+    wait.mul_f64(1.0 - 0.25 * jitter.clamp(0.0, 1.0))
+}
+
+/// A random fraction in `[0, 1)` (the v4 UUID generator's randomness).
+fn rand_fraction() -> f64 {
+    let bits = uuid::Uuid::new_v4().as_u128() as u64 & ((1 << 53) - 1);
+    bits as f64 / (1u64 << 53) as f64
 }
 
 fn now_us() -> i64 {
@@ -329,8 +455,16 @@ mod tests {
     #[test]
     fn the_backoff_doubles_from_the_first_failure_up_to_its_bound() {
         let (min, max) = (Duration::from_millis(100), Duration::from_secs(1));
-        let waits: Vec<u128> = (1..=6).map(|f| backoff(min, max, f).as_millis()).collect();
+        let waits: Vec<u128> = (1..=6)
+            .map(|f| backoff(min, max, f, 0.0).as_millis())
+            .collect();
         assert_eq!(waits, [100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(backoff(min, max, u32::MAX), max);
+        assert_eq!(backoff(min, max, u32::MAX, 0.0), max);
+        assert_eq!(backoff(min, max, 1, 1.0), Duration::from_millis(75));
+        assert_eq!(backoff(min, max, 9, 0.5), Duration::from_millis(875));
+        for _ in 0..1000 {
+            let f = rand_fraction();
+            assert!((0.0..1.0).contains(&f), "{f}");
+        }
     }
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The schema version this binary creates and reads.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// The schema version of the ingest file.
 pub const INGEST_VERSION: i64 = 3;
@@ -30,7 +30,7 @@ pub const INGEST_VERSION: i64 = 3;
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
 /// Forward steps: `MIGRATIONS[i]` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5, V6, V7, V8];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [V1, V2, V3, V4, V5, V6, V7, V8, V9];
 
 /// The ingest file's forward steps, as [`MIGRATIONS`].
 const INGEST_MIGRATIONS: [&str; INGEST_VERSION as usize] = [INGEST_V1, INGEST_V2, INGEST_V3];
@@ -190,6 +190,30 @@ ALTER TABLE sync_state ADD COLUMN inflight_first INTEGER;
 ALTER TABLE sync_state ADD COLUMN inflight_last INTEGER;
 ALTER TABLE sync_state ADD COLUMN inflight_digest TEXT;
 ALTER TABLE sync_state ADD COLUMN inflight_body BLOB;
+";
+
+/// Version 8 to 9: what hub sync ships of `sessions` and `export_archive`
+/// ([`crate::hub::sync`]). Their rows change (a session ends), so an id
+/// watermark cannot tell what is new: every insert and update appends the
+/// row's key to `hub_changes`, whose `seq` (AUTOINCREMENT: never reused,
+/// even after a delete) is the watermark of those targets. Deletes are not
+/// recorded: the hub keeps what it was sent. The sync fills the table
+/// with every existing row the first time it ships a kind.
+const V9: &str = "
+CREATE TABLE hub_changes (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  kind TEXT NOT NULL,
+  row_key TEXT NOT NULL
+);
+CREATE INDEX idx_hub_changes_kind ON hub_changes(kind, seq);
+CREATE TRIGGER hub_sessions_insert AFTER INSERT ON sessions
+BEGIN INSERT INTO hub_changes (kind, row_key) VALUES ('sessions', NEW.id); END;
+CREATE TRIGGER hub_sessions_update AFTER UPDATE ON sessions
+BEGIN INSERT INTO hub_changes (kind, row_key) VALUES ('sessions', NEW.id); END;
+CREATE TRIGGER hub_exports_insert AFTER INSERT ON export_archive
+BEGIN INSERT INTO hub_changes (kind, row_key) VALUES ('export_archive', NEW.id); END;
+CREATE TRIGGER hub_exports_update AFTER UPDATE ON export_archive
+BEGIN INSERT INTO hub_changes (kind, row_key) VALUES ('export_archive', NEW.id); END;
 ";
 
 /// The ingest file: `logs`' columns with only the unique uuid index (which
