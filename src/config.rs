@@ -77,11 +77,11 @@ pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// `server_hub.enabled` when unset.
 pub const DEFAULT_SERVER_HUB_ENABLED: bool = false;
 /// `server_hub.batch_size` when unset.
-pub const DEFAULT_SERVER_HUB_BATCH_SIZE: usize = 1000;
+pub const DEFAULT_SERVER_HUB_BATCH_SIZE: usize = 50_000;
 /// `server_hub.sync_interval` when unset.
-pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// `server_hub.batch_bytes` when unset: most bytes of one batch's body.
-pub const DEFAULT_SERVER_HUB_BATCH_BYTES: usize = 4 << 20;
+pub const DEFAULT_SERVER_HUB_BATCH_BYTES: usize = 32 << 20;
 /// `server_hub.database` when unset.
 pub const DEFAULT_HUB_DATABASE: &str = "codi";
 /// `server_hub.logs_table`, `sessions_table` and `exports_table` when unset.
@@ -1556,13 +1556,6 @@ fn resolve(
     }
     if let (true, Some(file)) = (server_hub.enabled, &server_hub.password_file) {
         check_password_file(file)?;
-    }
-    if enabled {
-        warnings.push(
-            "server_hub: only logs are shipped to the hub so far; sessions and export records \
-             are not yet"
-                .into(),
-        );
     }
 
     if let (Some(addr), Purpose::Daemon) = (admin.listen_on(), host.purpose) {

@@ -161,6 +161,10 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         db: db.clone(),
         storage: Mutex::new(None),
         admin: Mutex::new("off (admin.enabled = false)".into()),
+        hub: Mutex::new(match (&config.server_hub.enabled, &config.server_hub.url) {
+            (true, Some(url)) => format!("shipping to {url} as host {}", config.server_hub.host_id),
+            _ => "off (server_hub.enabled = false)".into(),
+        }),
     });
     let (writer_tx, mut writer) = spawn_writer(
         db,

@@ -6,7 +6,7 @@
 pub mod histogram;
 
 use crate::proto::ErrorCode;
-use histogram::{Histogram, Sharded, BATCH_BOUNDS, COMMIT_BOUNDS, IPC_BOUNDS};
+use histogram::{Histogram, Sharded, BATCH_BOUNDS, COMMIT_BOUNDS, IPC_BOUNDS, SYNC_BOUNDS};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -30,6 +30,9 @@ macro_rules! counters {
             pub commit_duration: Histogram,
             /// Log rows per committed batch.
             pub batch_rows: Histogram,
+            /// From a log's commit (its `created_at`) to the hub's 2xx for
+            /// the batch that held it (nanoseconds).
+            pub sync_latency: Histogram,
             /// `Error` answers sent, by code ([`ERROR_CODES`] order, then
             /// codes this version does not name).
             pub errors_sent: [AtomicU64; ERROR_CODES.len() + 1],
@@ -44,6 +47,7 @@ macro_rules! counters {
                     ipc_duration: Sharded::new(IPC_BOUNDS),
                     commit_duration: Histogram::new(COMMIT_BOUNDS),
                     batch_rows: Histogram::new(BATCH_BOUNDS),
+                    sync_latency: Histogram::new(SYNC_BOUNDS),
                     errors_sent: std::array::from_fn(|_| AtomicU64::new(0)),
                 }
             }
@@ -152,8 +156,8 @@ counters! {
     sync_rows,
     /// Batches the hub did not take (each retry counts).
     sync_failures,
-    /// Seconds between the newest log shipped and its shipping (0 once
-    /// caught up).
+    /// Gauge: age in seconds of the oldest log the hub does not have (0
+    /// when it has all).
     sync_lag_seconds,
     /// Export files archived (a new archive row without error).
     exports_archived,

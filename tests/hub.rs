@@ -249,7 +249,19 @@ fn every_log_reaches_the_hub_once_across_a_killed_daemon_and_a_restarted_hub() {
     hub.stop();
     sent += stream(&d, 2000, "hub down");
     sessions(&d, 20, "hub down");
-    std::thread::sleep(Duration::from_millis(1500));
+    // While it is away: the hub is degraded with the reason, and the lag
+    // grows.
+    let mut doc = serde_json::Value::Null;
+    let degraded = wait_until(Duration::from_secs(30), || {
+        doc = serde_json::from_slice(&d.http_get("/health").body).unwrap_or_default();
+        let lag = series(&d.http_get("/metrics").text(), "codi_sync_lag_seconds");
+        doc["components"]["hub"]["status"] == "degraded" && lag >= 2.0
+    });
+    assert!(degraded, "{doc}\n{}", d.stderr());
+    let reason = doc["components"]["hub"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.starts_with("batches to the hub fail: "), "{reason}");
     hub.restart();
     sent += stream(&d, 1000, "hub back");
 
@@ -266,6 +278,17 @@ fn every_log_reaches_the_hub_once_across_a_killed_daemon_and_a_restarted_hub() {
     hub.expect_ended(&host, 20, &d);
     let metrics = d.http_get("/metrics").text();
     assert!(series(&metrics, "codi_sync_rows_total") >= 1.0, "{metrics}");
+    assert!(
+        series(&metrics, "codi_sync_latency_seconds_count") >= local as f64 - 5000.0,
+        "every log shipped since the kill has its latency: {metrics}"
+    );
+    let healthy = wait_until(Duration::from_secs(10), || {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&d.http_get("/health").body).unwrap_or_default();
+        doc["components"]["hub"]["status"] != "degraded"
+            && series(&d.http_get("/metrics").text(), "codi_sync_lag_seconds") == 0.0
+    });
+    assert!(healthy, "caught up: the hub is well again and the lag is 0");
     assert!(
         series(&metrics, "codi_sync_failures_total") >= 1.0,
         "the hub was down"

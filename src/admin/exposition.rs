@@ -2,8 +2,7 @@
 //! encoded by the `prometheus-client` crate. Nothing is counted twice: one
 //! collector reads the daemon's own atomics, histograms and health at
 //! scrape time, and stats the database files, the filesystem and the
-//! process then. `codi_sync_lag_seconds` (the seed's hub lag) is absent on
-//! purpose: there is no hub sync yet, so there is no lag to report.
+//! process then. The hub figures (`codi_sync_*`) stay 0 without a hub.
 
 use super::procfs;
 use crate::health::report::{self, Sources};
@@ -277,6 +276,15 @@ impl Collector for DaemonCollector {
         )?;
         one(
             e,
+            "codi_sync_latency_seconds",
+            "From a log's commit to the hub's acknowledgment of the batch that held it.",
+            &HistogramValue {
+                snapshot: m.sync_latency.snapshot(),
+                scale: 1e-9,
+            },
+        )?;
+        one(
+            e,
             "codi_batch_rows",
             "Log rows per committed batch (group commit).",
             &HistogramValue {
@@ -393,7 +401,7 @@ impl Collector for DaemonCollector {
         gauge(
             e,
             "codi_sync_lag_seconds",
-            "Seconds between the newest log shipped to the hub and its shipping; 0 once caught up.",
+            "Age of the oldest log the hub does not have yet; 0 when it has all (grows while the hub is away).",
             int(get(&m.sync_lag_seconds)),
         )?;
         gauge(

@@ -60,6 +60,8 @@ pub struct Sources {
     pub storage: Mutex<Option<StorageSample>>,
     /// What the admin endpoint does (where it listens, or that it is off).
     pub admin: Mutex<String>,
+    /// Where hub sync ships to, or that it is off.
+    pub hub: Mutex<String>,
 }
 
 /// The health answer: the daemon's version and uptime and each component.
@@ -371,6 +373,19 @@ pub fn evaluate_for(src: &Sources, sees_all: bool) -> Report {
                 get(&m.admin_dropped)
             ),
         ),
+        component(
+            "hub",
+            &h.of_component("hub"),
+            format!(
+                "{}; {} batches with {} rows shipped, {} failed sends, oldest log not on the hub \
+                 {} s old",
+                src.hub.lock(),
+                get(&m.sync_batches),
+                get(&m.sync_rows),
+                get(&m.sync_failures),
+                get(&m.sync_lag_seconds)
+            ),
+        ),
     ];
     Report {
         version: Some(VERSION.into()),
@@ -399,6 +414,7 @@ pub(crate) mod tests {
             db: PathBuf::from("/nonexistent/codi.db"),
             storage: Mutex::new(None),
             admin: Mutex::new("off".into()),
+            hub: Mutex::new("off".into()),
         }
     }
 
@@ -413,7 +429,10 @@ pub(crate) mod tests {
         let names: Vec<&str> = r.components.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
-            ["ipc", "writer", "readers", "merger", "exports", "storage", "watchdog", "admin"]
+            [
+                "ipc", "writer", "readers", "merger", "exports", "storage", "watchdog", "admin",
+                "hub"
+            ]
         );
         assert!(r
             .components

@@ -23,9 +23,12 @@ pub struct Batch {
     pub body: Vec<u8>,
     /// SHA-256 of the body, hex.
     pub digest: String,
-    /// `created_at` of its last row (microseconds), for the sync lag; 0
-    /// for a batch of changes.
-    pub newest_created_at: i64,
+    /// `created_at` of each log in it (microseconds), for the sync's
+    /// latency and lag; empty for a batch of changes.
+    pub created_at: Vec<i64>,
+    /// Whether it was cut by a bound (rows, bytes, month) rather than by
+    /// running out of rows: more are waiting.
+    pub more: bool,
 }
 
 /// A kind of changing row shipped through `hub_changes`.
@@ -162,13 +165,16 @@ pub fn read(
         "SELECT id, uuid, timestamp, level, component, session_id, message, metadata, \
          created_at, uid FROM main.logs WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
     )?;
-    let mut rows = stmt.query(params![after, through, max_rows as i64])?;
+    let limit = i64::try_from(max_rows).unwrap_or(i64::MAX);
+    let mut rows = stmt.query(params![after, through, limit])?;
     let mut body = Vec::new();
-    let (mut first, mut last, mut count, mut newest, mut month) = (0, 0, 0, 0, None);
+    let mut created = Vec::new();
+    let (mut first, mut last, mut month, mut more) = (0, 0, None, false);
     while let Some(r) = rows.next()? {
         let created_at: i64 = r.get(8)?;
         let row_month = month_of(created_at);
         if *month.get_or_insert(row_month) != row_month {
+            more = true;
             break;
         }
         let log = HubLog {
@@ -185,28 +191,30 @@ pub fn read(
             uid: r.get(9)?,
         };
         let line = serde_json::to_vec(&log).expect("a log serialises");
-        if count > 0 && body.len() + line.len() + 1 > max_bytes {
+        if !created.is_empty() && body.len() + line.len() + 1 > max_bytes {
+            more = true;
             break;
         }
         body.extend_from_slice(&line);
         body.push(b'\n');
-        if count == 0 {
+        if created.is_empty() {
             first = log.id;
         }
         last = log.id;
-        newest = created_at;
-        count += 1;
+        created.push(created_at);
     }
-    if count == 0 {
+    if created.is_empty() {
         return Ok(None);
     }
+    more |= created.len() >= max_rows;
     let digest = hex(&Sha256::digest(&body));
     Ok(Some(Batch {
         first,
         last,
         body,
         digest,
-        newest_created_at: newest,
+        created_at: created,
+        more,
     }))
 }
 
@@ -237,6 +245,7 @@ pub fn read_changes(
     let (Some(&(first, _)), Some(&(mut last, _))) = (changes.first(), changes.last()) else {
         return Ok(None);
     };
+    let mut more = changes.len() >= max_rows;
     let mut body = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut month = None;
@@ -250,6 +259,7 @@ pub fn read_changes(
         let full = !body.is_empty() && body.len() + line.len() + 1 > max_bytes;
         if full || *month.get_or_insert(row_month) != row_month {
             last = seq - 1;
+            more = true;
             break;
         }
         body.extend_from_slice(&line);
@@ -261,7 +271,8 @@ pub fn read_changes(
         last,
         body,
         digest,
-        newest_created_at: 0,
+        created_at: Vec::new(),
+        more,
     }))
 }
 

@@ -32,7 +32,7 @@
 //! meaning for the seed's `synced` column: a log is synced when its id is
 //! at or below `last_log_id`.
 
-use super::batch::{self, ChangeKind};
+use super::batch::{self, Batch, ChangeKind};
 use crate::config::ServerHubConfig;
 use crate::fault;
 use crate::metrics::Metrics;
@@ -130,13 +130,19 @@ pub fn spawn_sync(
     Ok(SyncHandle { stop, thread })
 }
 
-/// The batch in flight: its last id (or seq) and the body sent.
-type InFlight = (i64, Vec<u8>);
+/// The record of the batch in flight: its range (ids or seqs), digest,
+/// and for changes its body.
+struct InFlight {
+    first: i64,
+    last: i64,
+    digest: String,
+    body: Option<Vec<u8>>,
+}
 
 /// What one step did.
 enum Progress {
-    /// A batch went: look for the next at once.
-    Sent,
+    /// A batch went; `more`: it was full, so the next may go at once.
+    Sent { more: bool },
     /// Nothing to send now.
     Idle,
 }
@@ -229,9 +235,12 @@ impl Sync {
                     }
                     failures = 0;
                     self.metrics.health.recover("hub");
+                    // A backlog goes in full batches back to back; otherwise
+                    // one batch per interval (few, large inserts: ClickHouse
+                    // makes a part of each).
                     match progress {
-                        Progress::Sent => Duration::ZERO,
-                        Progress::Idle => self.hub.sync_interval,
+                        Progress::Sent { more: true } => Duration::ZERO,
+                        Progress::Sent { more: false } | Progress::Idle => self.hub.sync_interval,
                     }
                 }
                 Err(e) => {
@@ -248,6 +257,7 @@ impl Sync {
                     wait
                 }
             };
+            self.update_lag();
             match self.stopped.recv_timeout(wait) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
@@ -255,12 +265,36 @@ impl Sync {
         }
     }
 
+    /// Sets the lag gauge: the age of the oldest log the hub does not
+    /// have (0 when it has all), so that it grows while the hub is away.
+    fn update_lag(&self) {
+        let oldest: rusqlite::Result<Option<i64>> = self
+            .conn
+            .query_row(
+                "SELECT l.created_at FROM main.logs l, main.sync_state s \
+                 WHERE s.target = ?1 AND l.id > s.last_log_id ORDER BY l.id LIMIT 1",
+                [LOGS],
+                |r| r.get(0),
+            )
+            .optional();
+        let lag_us = match oldest {
+            Ok(Some(created)) => now_us().saturating_sub(created).max(0),
+            Ok(None) => 0,
+            Err(e) => {
+                log::debug!("hub sync: cannot read the oldest unshipped log: {e}");
+                return;
+            }
+        };
+        Metrics::set(&self.metrics.sync_lag_seconds, (lag_us / 1_000_000) as u64);
+    }
+
     fn backoff(&self, failures: u32) -> Duration {
         let jitter = rand_fraction();
         backoff(self.hub.backoff_min, self.hub.backoff_max, failures, jitter)
     }
 
-    /// One batch of each target, if it has one: `Sent` if any went.
+    /// One batch of each target, if it has one: `Sent` if any went, with
+    /// `more` if any was full.
     fn round(&self) -> Result<Progress, String> {
         let sql = |e: rusqlite::Error| format!("the database: {e}");
         let salvaging: bool = self
@@ -276,8 +310,11 @@ impl Sync {
         }
         let mut progress = Progress::Idle;
         for target in TARGETS {
-            if let Progress::Sent = self.step(target)? {
-                progress = Progress::Sent;
+            if let Progress::Sent { more } = self.step(target)? {
+                let any_more = matches!(progress, Progress::Sent { more: true });
+                progress = Progress::Sent {
+                    more: more || any_more,
+                };
             }
         }
         Ok(progress)
@@ -287,77 +324,134 @@ impl Sync {
     fn step(&self, target: Target) -> Result<Progress, String> {
         let sql = |e: rusqlite::Error| format!("the database: {e}");
         let (mark, in_flight) = self.state(target).map_err(sql)?;
-        let host = self.hub.host_id.as_str();
-        // A batch in flight is re-sent as the same bytes, whatever happened
-        // to its rows since: the hub drops it if it took it before.
-        let (last, body, newest) = match in_flight {
-            Some((last, body)) => (last, body, None),
+        let batch = match in_flight {
+            Some(in_flight) => self.again(target, in_flight).map_err(sql)?,
             None => {
-                let formed = match target {
-                    Target::Logs => batch::read(
-                        &self.conn,
-                        host,
-                        mark,
-                        self.merge.durable_through(),
-                        self.hub.batch_size,
-                        self.hub.batch_bytes,
-                    ),
-                    Target::Changes(kind) => batch::read_changes(
-                        &self.conn,
-                        kind,
-                        host,
-                        mark,
-                        self.hub.batch_size,
-                        self.hub.batch_bytes,
-                    ),
-                }
-                .map_err(sql)?;
-                let Some(b) = formed else {
-                    if target == Target::Logs {
-                        Metrics::set(&self.metrics.sync_lag_seconds, 0);
-                    }
+                let Some(b) = self.form(target, mark).map_err(sql)? else {
                     return Ok(Progress::Idle);
                 };
                 if b.body.is_empty() {
                     // Every changed row is gone: nothing to send.
                     self.shipped(target, b.last).map_err(sql)?;
-                    return Ok(Progress::Sent);
+                    return Ok(Progress::Sent { more: b.more });
                 }
                 // Committed with synchronous = FULL, which also makes every
-                // change the batch was read from durable: nothing the hub
-                // is sent can be taken back by a power cut.
+                // row the batch was read from durable: nothing the hub is
+                // sent can be taken back by a power cut. A batch of logs is
+                // recorded by its range and digest (its rows do not change:
+                // the same range gives the same bytes again); a batch of
+                // changes by its body (its rows may change again).
+                let body = match target {
+                    Target::Logs => None,
+                    Target::Changes(_) => Some(&b.body),
+                };
                 self.conn
                     .execute(
                         "UPDATE sync_state SET inflight_first = ?2, inflight_last = ?3, \
                          inflight_digest = ?4, inflight_body = ?5, updated_at = ?6 \
                          WHERE target = ?1",
-                        params![target.name(), b.first, b.last, b.digest, b.body, now_us()],
+                        params![target.name(), b.first, b.last, b.digest, body, now_us()],
                     )
                     .map_err(sql)?;
-                let newest = (target == Target::Logs).then_some(b.newest_created_at);
-                (b.last, b.body, newest)
+                b
             }
         };
-        self.send(target.table(&self.hub), &body)?;
-        fault::point("hub-after-send");
-        self.shipped(target, last).map_err(sql)?;
-        Metrics::add(&self.metrics.sync_batches, 1);
-        Metrics::add(&self.metrics.sync_rows, batch::rows_in(&body) as u64);
-        if let Some(newest) = newest {
-            let lag_us = now_us().saturating_sub(newest).max(0);
-            Metrics::set(&self.metrics.sync_lag_seconds, (lag_us / 1_000_000) as u64);
+        if batch.body.is_empty() {
+            self.shipped(target, batch.last).map_err(sql)?;
+            return Ok(Progress::Sent { more: true });
         }
-        Ok(Progress::Sent)
+        self.send(target.table(&self.hub), &batch.body)?;
+        fault::point("hub-after-send");
+        self.shipped(target, batch.last).map_err(sql)?;
+        Metrics::add(&self.metrics.sync_batches, 1);
+        Metrics::add(&self.metrics.sync_rows, batch::rows_in(&batch.body) as u64);
+        let now = now_us();
+        for created in &batch.created_at {
+            let us = now.saturating_sub(*created).max(0) as u64;
+            self.metrics.sync_latency.record(us.saturating_mul(1000));
+        }
+        Ok(Progress::Sent { more: batch.more })
+    }
+
+    /// The next batch of `target` above `mark`, if there is one.
+    fn form(&self, target: Target, mark: i64) -> rusqlite::Result<Option<Batch>> {
+        let host = self.hub.host_id.as_str();
+        match target {
+            Target::Logs => batch::read(
+                &self.conn,
+                host,
+                mark,
+                self.merge.durable_through(),
+                self.hub.batch_size,
+                self.hub.batch_bytes,
+            ),
+            Target::Changes(kind) => batch::read_changes(
+                &self.conn,
+                kind,
+                host,
+                mark,
+                self.hub.batch_size,
+                self.hub.batch_bytes,
+            ),
+        }
+    }
+
+    /// The batch in flight, to send again: the recorded body, or for logs
+    /// the same range read again, which gives the same bytes unless the
+    /// size cap rotated some of its rows out since (then the rest is
+    /// sent: a new block, whose rows the hub's merges keep once).
+    fn again(&self, target: Target, in_flight: InFlight) -> rusqlite::Result<Batch> {
+        let InFlight {
+            first,
+            last,
+            digest,
+            body,
+        } = in_flight;
+        if let Some(body) = body {
+            return Ok(Batch {
+                first,
+                last,
+                body,
+                digest,
+                created_at: Vec::new(),
+                more: true,
+            });
+        }
+        let host = self.hub.host_id.as_str();
+        let read = batch::read(&self.conn, host, first - 1, last, usize::MAX, usize::MAX)?;
+        let mut b = read.unwrap_or(Batch {
+            first,
+            last,
+            body: Vec::new(),
+            digest: String::new(),
+            created_at: Vec::new(),
+            more: true,
+        });
+        if b.digest != digest {
+            log::warn!(
+                "hub sync: the {} batch in flight ({first}..={last}) lost rows since it was \
+                 first sent (the size cap rotated them out); sending what is left",
+                target.name()
+            );
+        }
+        (b.first, b.last, b.more) = (first, last, true);
+        Ok(b)
     }
 
     /// The watermark of `target` and its batch in flight, if any.
     fn state(&self, target: Target) -> rusqlite::Result<(i64, Option<InFlight>)> {
         self.conn.query_row(
-            "SELECT last_log_id, inflight_last, inflight_body FROM sync_state WHERE target = ?1",
+            "SELECT last_log_id, inflight_first, inflight_last, inflight_digest, inflight_body \
+             FROM sync_state WHERE target = ?1",
             [target.name()],
             |r| {
-                let in_flight = match (r.get(1)?, r.get(2)?) {
-                    (Some(last), Some(body)) => Some((last, body)),
+                let in_flight = match (r.get(1)?, r.get(2)?, r.get(3)?) {
+                    (Some(first), Some(last), Some(digest)) => Some(InFlight {
+                        first,
+                        last,
+                        digest,
+                        body: r.get(4)?,
+                    }),
                     _ => None,
                 };
                 Ok((r.get(0)?, in_flight))

@@ -200,6 +200,31 @@ pub const COMMIT_BOUNDS: &[u64] = &[
     10 * S,
 ];
 
+/// Bounds (nanoseconds) from a log's commit to the hub's acknowledgment.
+pub const SYNC_BOUNDS: &[u64] = &[
+    50 * MS,
+    100 * MS,
+    250 * MS,
+    500 * MS,
+    750 * MS,
+    S,
+    1500 * MS,
+    2 * S,
+    3 * S,
+    4 * S,
+    5 * S,
+    7500 * MS,
+    10 * S,
+    15 * S,
+    30 * S,
+    60 * S,
+    120 * S,
+    300 * S,
+    600 * S,
+    1800 * S,
+    3600 * S,
+];
+
 /// Bounds (rows) of one committed batch.
 pub const BATCH_BOUNDS: &[u64] = &[
     1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000,
@@ -236,7 +261,7 @@ mod tests {
 
     #[test]
     fn the_bound_tables_fit() {
-        for b in [IPC_BOUNDS, COMMIT_BOUNDS, BATCH_BOUNDS] {
+        for b in [IPC_BOUNDS, COMMIT_BOUNDS, BATCH_BOUNDS, SYNC_BOUNDS] {
             assert!(valid_bounds(b));
         }
     }
