@@ -64,6 +64,7 @@ fn render(c: &mut Criterion) {
         db: dir.path().join("codi.db"),
         storage: Mutex::new(None),
         admin: Mutex::new("bench".into()),
+        hub: Mutex::new("off".into()),
     });
     let registry = exposition::registry(sources);
     c.bench_function("metrics_render", |b| {
