@@ -112,6 +112,8 @@ counters! {
     /// Log rows rotated out because the database's filesystem was nearly
     /// full (with `storage.max_db_size_mb` set).
     logs_rotated_disk,
+    /// Of the rotated logs, those hub sync had not shipped yet.
+    logs_rotated_unshipped,
     /// Queries answered.
     queries,
     /// Queries refused because the answer pool was full.

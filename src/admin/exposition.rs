@@ -358,6 +358,12 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             e,
+            "codi_logs_rotated_unshipped",
+            "Of the rotated log rows, those the hub did not have yet: they never reach it.",
+            get(&m.logs_rotated_unshipped),
+        )?;
+        counter(
+            e,
             "codi_checkpoints",
             "WAL checkpoints run.",
             get(&m.checkpoints),

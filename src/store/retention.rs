@@ -292,6 +292,9 @@ pub struct Expired {
     pub rotated_cap: u64,
     /// Logs rotated out for a nearly full filesystem.
     pub rotated_disk: u64,
+    /// Of the logs rotated out, those the hub did not have yet (with hub
+    /// sync on): they never reach it.
+    pub rotated_unshipped: u64,
     /// The pass stopped on its time bound with work left.
     pub more: bool,
 }
@@ -318,6 +321,7 @@ impl Expired {
         self.pages_freed += other.pages_freed;
         self.rotated_cap += other.rotated_cap;
         self.rotated_disk += other.rotated_disk;
+        self.rotated_unshipped += other.rotated_unshipped;
     }
 }
 
@@ -482,6 +486,7 @@ impl Retention {
         Metrics::add(&metrics.sessions_timed_out, expired.timed_out);
         Metrics::add(&metrics.logs_rotated_cap, expired.rotated_cap);
         Metrics::add(&metrics.logs_rotated_disk, expired.rotated_disk);
+        Metrics::add(&metrics.logs_rotated_unshipped, expired.rotated_unshipped);
         self.unreported.add(&expired);
         if self.unreported.any() && self.last_report.elapsed() >= REPORT_INTERVAL {
             self.report();
@@ -521,6 +526,13 @@ impl Retention {
                 cap >> 20,
                 e.rotated_disk,
                 bytes(used)
+            );
+        }
+        if e.rotated_unshipped > 0 {
+            log::error!(
+                "rotation deleted {} log(s) the hub did not have yet: they will never reach it \
+                 (raise storage.max_db_size_mb, or bring the hub back sooner)",
+                e.rotated_unshipped
             );
         }
     }
@@ -651,14 +663,23 @@ impl Retention {
         };
         let mut after = 0;
         let mut stuck = false;
+        // Rows above hub sync's watermark that rotation deletes never reach
+        // the hub: counted apart.
+        let shipped = if self.policy.keep_unshipped {
+            crate::hub::sync::shipped_through(conn)?
+        } else {
+            i64::MAX
+        };
         loop {
             // Every row in the window is deleted: a cutoff past any
             // `created_at`. Hub sync's watermark does not bound it (see
             // the module's documentation).
-            let Some((end, n)) = expire_logs_batch(conn, i64::MAX, after)? else {
+            let Some(done) = expire_logs_counting(conn, i64::MAX, after, i64::MAX, shipped)? else {
                 stuck = true;
                 break;
             };
+            let (end, n) = (done.end, done.deleted);
+            e.rotated_unshipped += done.deleted_above as u64;
             after = end;
             match target.reason {
                 Reason::Cap => e.rotated_cap += n as u64,
@@ -877,6 +898,28 @@ fn expire_logs_batch_below(
     after: i64,
     keep_from: i64,
 ) -> rusqlite::Result<Option<(i64, usize)>> {
+    Ok(expire_logs_counting(conn, cutoff, after, keep_from, i64::MAX)?.map(|d| (d.end, d.deleted)))
+}
+
+/// One batch deleted by [`expire_logs_counting`].
+struct Deleted {
+    /// The window's last id.
+    end: i64,
+    /// Rows deleted.
+    deleted: usize,
+    /// Of them, rows with ids above the `count_above` asked for.
+    deleted_above: usize,
+}
+
+/// [`expire_logs_batch_below`], also counting the deleted rows with ids
+/// above `count_above` (in the same transaction, so exactly).
+fn expire_logs_counting(
+    conn: &mut Connection,
+    cutoff: i64,
+    after: i64,
+    keep_from: i64,
+    count_above: i64,
+) -> rusqlite::Result<Option<Deleted>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let below: i64 = tx
         .prepare_cached(DELETABLE_BELOW)?
@@ -891,11 +934,24 @@ fn expire_logs_batch_below(
     let Some(end) = end else {
         return Ok(None);
     };
+    let deleted_above = if count_above < end {
+        tx.prepare_cached(
+            "SELECT count(*) FROM main.logs WHERE id > max(?1, ?4) AND id <= ?2 AND created_at < ?3",
+        )?
+        .query_row(params![after, end, cutoff, count_above], |r| r.get::<_, i64>(0))?
+            as usize
+    } else {
+        0
+    };
     let deleted = tx
         .prepare_cached("DELETE FROM main.logs WHERE id > ?1 AND id <= ?2 AND created_at < ?3")?
         .execute(params![after, end, cutoff])?;
     tx.commit()?;
-    Ok(Some((end, deleted)))
+    Ok(Some(Deleted {
+        end,
+        deleted,
+        deleted_above,
+    }))
 }
 
 /// Deletes sessions that ended before `cutoff`, [`BATCH_ROWS`] per
@@ -1797,6 +1853,35 @@ mod tests {
         let first = ids[0];
         assert_eq!(ids, (first..=last).collect::<Vec<_>>());
         first
+    }
+
+    #[test]
+    fn rotation_counts_the_logs_the_hub_did_not_have() {
+        let (_dir, _path, mut conn) = store();
+        fill(&mut conn, 1, 6_000);
+        conn.execute(
+            "INSERT OR REPLACE INTO sync_state (target, last_log_id) VALUES ('logs', 1000)",
+            [],
+        )
+        .unwrap();
+        let cap = DbSize::of(&conn).unwrap().used / 2;
+        let mut r = Retention::new(
+            policy(None, None)
+                .with_hub_sync(true)
+                .with_cap(Some(SizeCap {
+                    max_bytes: cap,
+                    disk: DISK,
+                })),
+            Arc::new(ArchiveClaims::default()),
+        );
+        let e = rotate_all(&mut r, &mut conn);
+        let first = assert_a_suffix(&conn, 6_000);
+        assert_eq!(e.rotated_cap, first as u64 - 1);
+        assert_eq!(
+            e.rotated_unshipped,
+            first as u64 - 1 - 1000,
+            "every rotated id above the watermark: {e:?}"
+        );
     }
 
     #[test]
