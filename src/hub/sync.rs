@@ -26,12 +26,12 @@
 //! log is synced when its id is at or below `last_log_id`.
 
 use super::batch;
+use super::transport::{self, Transport};
 use crate::config::ServerHubConfig;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
 use crate::store::merger::MergeState;
 use crate::store::{schema, StoreError};
-use base64::Engine;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
@@ -41,10 +41,6 @@ use std::time::Duration;
 
 /// The `sync_state` target of logs.
 pub const LOGS: &str = "logs";
-/// How long connecting to the hub may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one request to the hub may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stop waits for a request under way before it leaves the
 /// thread behind (its batch is re-sent at the next start).
 const STOP_WAIT: Duration = Duration::from_secs(2);
@@ -103,24 +99,14 @@ pub fn spawn_sync(
         "INSERT OR IGNORE INTO sync_state (target, last_log_id, updated_at) VALUES (?1, 0, ?2)",
         params![LOGS, now_us()],
     )?;
-    let url = hub.url.clone().unwrap_or_default();
-    let endpoint = format!(
-        "{}/?insert_distributed_sync=1&query=INSERT%20INTO%20{}.{}%20FORMAT%20JSONEachRow",
-        url.trim_end_matches('/'),
-        hub.database,
-        hub.tables.logs
-    );
+    let transport = Transport::new(hub).map_err(StoreError::HubSetup)?;
     let (stop, stopped) = crossbeam_channel::bounded(0);
     let sync = Sync {
         conn,
         hub: hub.clone(),
-        endpoint,
+        transport,
         merge,
         metrics,
-        agent: ureq::AgentBuilder::new()
-            .timeout_connect(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .build(),
         stopped,
     };
     let thread = std::thread::Builder::new()
@@ -147,10 +133,9 @@ enum Progress {
 struct Sync {
     conn: Connection,
     hub: ServerHubConfig,
-    endpoint: String,
+    transport: Transport,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
-    agent: ureq::Agent,
     stopped: Receiver<()>,
 }
 
@@ -240,7 +225,8 @@ impl Sync {
                 (b.last, b.body, Some(b.newest_created_at))
             }
         };
-        self.send(&body)?;
+        let name = transport::batch_name(LOGS, last, &body);
+        self.transport.send(&self.hub.tables.logs, &name, &body)?;
         self.shipped(last).map_err(sql)?;
         Metrics::add(&self.metrics.sync_batches, 1);
         Metrics::add(&self.metrics.sync_rows, batch::rows_in(&body) as u64);
@@ -276,38 +262,6 @@ impl Sync {
             params![LOGS, last, now_us()],
         )?;
         Ok(())
-    }
-
-    /// POSTs `body`; `Ok` only on a 2xx answer.
-    fn send(&self, body: &[u8]) -> Result<(), String> {
-        let mut request = self
-            .agent
-            .post(&self.endpoint)
-            .set("Content-Type", "application/x-ndjson");
-        if let Some(user) = &self.hub.user {
-            let password = match &self.hub.password_file {
-                Some(file) => std::fs::read_to_string(file)
-                    .map_err(|e| format!("cannot read server_hub.password_file: {e}"))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-                None => String::new(),
-            };
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            request = request.set("Authorization", &format!("Basic {token}"));
-        }
-        match request.send_bytes(body) {
-            Ok(_) => Ok(()),
-            Err(ureq::Error::Status(code, answer)) => {
-                let text = answer.into_string().unwrap_or_default();
-                let text: String = crate::text::escape_controls(text.trim())
-                    .chars()
-                    .take(300)
-                    .collect();
-                Err(format!("the hub answered HTTP {code}: {text}"))
-            }
-            Err(e) => Err(format!("cannot reach the hub: {e}")),
-        }
     }
 }
 
