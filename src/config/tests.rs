@@ -452,7 +452,10 @@ fn the_hub_kind_and_ca_file_are_checked_and_an_https_url_is_fine() {
     assert!(e.contains("may be written by others (mode 646)"), "{e}");
     // Not looked at while the sync is off, as with password_file.
     let off = format!("[server_hub]\nca_file = \"{}\"\n", missing.display());
-    assert_eq!(plain(&off).server_hub.ca_file.as_deref(), Some(missing.as_path()));
+    assert_eq!(
+        plain(&off).server_hub.ca_file.as_deref(),
+        Some(missing.as_path())
+    );
 }
 
 #[test]

@@ -339,6 +339,17 @@ pub fn evaluate_for(src: &Sources, sees_all: bool) -> Report {
             ),
         ),
         component(
+            "hub",
+            &h.of_component("hub"),
+            format!(
+                "{} batches ({} logs) acknowledged by the hub, {} sends failed; lag {} s",
+                get(&m.sync_batches),
+                get(&m.sync_rows),
+                get(&m.sync_failures),
+                get(&m.sync_lag_seconds)
+            ),
+        ),
+        component(
             "storage",
             &h.of_component("storage"),
             match storage {
@@ -413,7 +424,10 @@ pub(crate) mod tests {
         let names: Vec<&str> = r.components.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
-            ["ipc", "writer", "readers", "merger", "exports", "storage", "watchdog", "admin"]
+            [
+                "ipc", "writer", "readers", "merger", "exports", "hub", "storage", "watchdog",
+                "admin"
+            ]
         );
         assert!(r
             .components

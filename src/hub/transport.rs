@@ -256,7 +256,10 @@ mod tests {
     fn a_batch_name_is_stable_for_a_body_and_differs_for_another() {
         let a = batch_name("logs", 700, b"{\"id\":1}\n");
         assert_eq!(a, batch_name("logs", 700, b"{\"id\":1}\n"));
-        assert!(a.starts_with("logs-700-") && a.len() == "logs-700-".len() + 16, "{a}");
+        assert!(
+            a.starts_with("logs-700-") && a.len() == "logs-700-".len() + 16,
+            "{a}"
+        );
         assert_ne!(a, batch_name("logs", 700, b"{\"id\":2}\n"));
         assert_ne!(a, batch_name("sessions", 700, b"{\"id\":1}\n"));
     }
@@ -274,15 +277,13 @@ mod tests {
 
         let err = |path: &Path| trust_roots(path).unwrap_err();
         let e = err(&dir.path().join("missing.pem"));
-        assert!(e.starts_with("server_hub.ca_file `") && e.contains("missing.pem"), "{e}");
+        assert!(
+            e.starts_with("server_hub.ca_file `") && e.contains("missing.pem"),
+            "{e}"
+        );
         let e = err(&write(dir.path(), "empty.pem", "", 0o644));
         assert!(e.contains("holds no PEM certificate"), "{e}");
-        let e = err(&write(
-            dir.path(),
-            "key.pem",
-            &key.serialize_pem(),
-            0o600,
-        ));
+        let e = err(&write(dir.path(), "key.pem", &key.serialize_pem(), 0o600));
         assert!(e.contains("holds no PEM certificate"), "{e}");
         let e = err(&write(
             dir.path(),
