@@ -391,6 +391,10 @@ pub struct RawServerHub {
     /// instead of the built-in web roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<String>,
+    /// The `Content-Type` of a batch: `"application/x-ndjson"` or
+    /// `"application/json"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// `[admin]` as written.
@@ -629,7 +633,14 @@ pub struct ServerHubConfig {
     /// The PEM file of CA certificates trusted for an `https://` hub
     /// instead of the built-in web roots; `None`: those roots.
     pub ca_file: Option<PathBuf>,
+    /// The `Content-Type` a batch is sent with (one of
+    /// [`HUB_CONTENT_TYPES`]).
+    pub content_type: &'static str,
 }
+
+/// The values `server_hub.content_type` may take, the default first:
+/// Fluent Bit's `http` input takes only `application/json`.
+pub const HUB_CONTENT_TYPES: [&str; 2] = ["application/x-ndjson", "application/json"];
 
 /// What the hub is (`server_hub.kind`), hence how a batch is sent
 /// (docs/HUB.md).
@@ -845,6 +856,7 @@ impl Config {
                     .ca_file
                     .as_ref()
                     .map(|p| p.to_string_lossy().into_owned()),
+                content_type: Some(self.server_hub.content_type.into()),
             }),
             admin: Some(RawAdmin {
                 enabled: Some(self.admin.enabled),
@@ -1596,6 +1608,20 @@ fn resolve(
             }
         },
         ca_file: non_empty(h.ca_file).map(PathBuf::from),
+        content_type: match h.content_type.as_deref() {
+            None => HUB_CONTENT_TYPES[0],
+            Some(t) => match HUB_CONTENT_TYPES.iter().find(|c| **c == t) {
+                Some(c) => c,
+                None => {
+                    return invalid(format!(
+                        "server_hub.content_type `{}` must be \"{}\" or \"{}\"",
+                        crate::text::escape_controls(t),
+                        HUB_CONTENT_TYPES[0],
+                        HUB_CONTENT_TYPES[1]
+                    ))
+                }
+            },
+        },
     };
     if server_hub.backoff_min > server_hub.backoff_max {
         return invalid(format!(

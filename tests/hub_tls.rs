@@ -410,7 +410,10 @@ fn a_batch_not_answered_2xx_is_sent_again_byte_identical_before_the_next() {
     sandbox.write_config(&hub_config(
         receiver.addr,
         &host,
-        &format!("ca_file = \"{}\"\n", ca.display()),
+        &format!(
+            "ca_file = \"{}\"\ncontent_type = \"application/json\"\n",
+            ca.display()
+        ),
     ));
     let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
     let mut sent = stream(&d, 500, "first");
@@ -442,6 +445,9 @@ fn a_batch_not_answered_2xx_is_sent_again_byte_identical_before_the_next() {
     let requests = receiver.requests();
     let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
     assert_eq!(&statuses[..4], &[500, 307, 503, 200], "{statuses:?}");
+    assert!(requests
+        .iter()
+        .all(|r| r.headers.get("content-type").map(String::as_str) == Some("application/json")));
     for r in &requests[1..4] {
         assert_eq!(r.body, requests[0].body, "re-sent byte-identical");
         assert_eq!(

@@ -381,6 +381,20 @@ fn the_hub_kind_and_ca_file_are_checked_and_an_https_url_is_fine() {
         Some("https://logs.example:8443/ingest")
     );
     assert!(c.to_toml().contains("kind = \"ndjson\""));
+    assert_eq!(c.server_hub.content_type, "application/x-ndjson");
+    let c = plain(&format!(
+        "{base}kind = \"ndjson\"\nurl = \"http://h\"\ncontent_type = \"application/json\"\n"
+    ));
+    assert_eq!(c.server_hub.content_type, "application/json");
+    let e = err(
+        &format!("{base}url = \"http://h\"\ncontent_type = \"text/plain\"\n"),
+        &o,
+        &env,
+    );
+    assert!(
+        e.starts_with("server_hub.content_type `text/plain` must be"),
+        "{e}"
+    );
     let e = err(
         &format!("{base}kind = \"kafka\"\nurl = \"http://h\"\n"),
         &o,
@@ -1262,6 +1276,7 @@ mod properties {
                 ("backoff_max", Kind::Duration),
                 ("kind", Kind::Str),
                 ("ca_file", Kind::Str),
+                ("content_type", Kind::Str),
             ],
         ),
         (

@@ -68,6 +68,7 @@ pub struct Transport {
     agent: ureq::Agent,
     target: Target,
     host_id: String,
+    content_type: &'static str,
     user: Option<String>,
     password_file: Option<PathBuf>,
 }
@@ -96,6 +97,7 @@ impl Transport {
             agent: builder.build(),
             target,
             host_id: hub.host_id.clone(),
+            content_type: hub.content_type,
             user: hub.user.clone(),
             password_file: hub.password_file.clone(),
         })
@@ -123,7 +125,7 @@ impl Transport {
                 .set("X-Codi-Host", &self.host_id)
                 .set("X-Codi-Batch", batch_name),
         };
-        let mut request = request.set("Content-Type", "application/x-ndjson");
+        let mut request = request.set("Content-Type", self.content_type);
         if let Some(user) = &self.user {
             let password = match &self.password_file {
                 Some(file) => std::fs::read_to_string(file)
