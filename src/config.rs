@@ -384,6 +384,17 @@ pub struct RawServerHub {
     /// Humantime duration: the longest wait between retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff_max: Option<String>,
+    /// What the hub is: `"clickhouse"` or `"ndjson"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// A PEM file of the CA certificates trusted for an `https://` hub,
+    /// instead of the built-in web roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// The `Content-Type` of a batch: `"application/x-ndjson"` or
+    /// `"application/json"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// `[admin]` as written.
@@ -617,6 +628,39 @@ pub struct ServerHubConfig {
     pub backoff_min: Duration,
     /// The longest wait between retries.
     pub backoff_max: Duration,
+    /// What the hub is, hence how a batch is sent.
+    pub kind: HubKind,
+    /// The PEM file of CA certificates trusted for an `https://` hub
+    /// instead of the built-in web roots; `None`: those roots.
+    pub ca_file: Option<PathBuf>,
+    /// The `Content-Type` a batch is sent with (one of
+    /// [`HUB_CONTENT_TYPES`]).
+    pub content_type: &'static str,
+}
+
+/// The values `server_hub.content_type` may take, the default first:
+/// Fluent Bit's `http` input takes only `application/json`.
+pub const HUB_CONTENT_TYPES: [&str; 2] = ["application/x-ndjson", "application/json"];
+
+/// What the hub is (`server_hub.kind`), hence how a batch is sent
+/// (docs/HUB.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubKind {
+    /// ClickHouse's HTTP interface: an `INSERT ... FORMAT JSONEachRow`.
+    ClickHouse,
+    /// A generic receiver of NDJSON over HTTP (Vector, Fluent Bit): the
+    /// same body POSTed to the URL as written, with `X-Codi-*` headers.
+    Ndjson,
+}
+
+impl HubKind {
+    /// The name `server_hub.kind` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            HubKind::ClickHouse => "clickhouse",
+            HubKind::Ndjson => "ndjson",
+        }
+    }
 }
 
 /// The hub's table names, one per kind of row shipped.
@@ -806,6 +850,13 @@ impl Config {
                 host_id: Some(self.server_hub.host_id.clone()),
                 backoff_min: Some(format_duration(self.server_hub.backoff_min)),
                 backoff_max: Some(format_duration(self.server_hub.backoff_max)),
+                kind: Some(self.server_hub.kind.name().into()),
+                ca_file: self
+                    .server_hub
+                    .ca_file
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+                content_type: Some(self.server_hub.content_type.into()),
             }),
             admin: Some(RawAdmin {
                 enabled: Some(self.admin.enabled),
@@ -1546,6 +1597,31 @@ fn resolve(
             DEFAULT_HUB_BACKOFF_MAX,
             SECOND..=DAY,
         )?,
+        kind: match h.kind.as_deref() {
+            None | Some("clickhouse") => HubKind::ClickHouse,
+            Some("ndjson") => HubKind::Ndjson,
+            Some(other) => {
+                return invalid(format!(
+                    "server_hub.kind `{}` must be \"clickhouse\" or \"ndjson\"",
+                    crate::text::escape_controls(other)
+                ))
+            }
+        },
+        ca_file: non_empty(h.ca_file).map(PathBuf::from),
+        content_type: match h.content_type.as_deref() {
+            None => HUB_CONTENT_TYPES[0],
+            Some(t) => match HUB_CONTENT_TYPES.iter().find(|c| **c == t) {
+                Some(c) => c,
+                None => {
+                    return invalid(format!(
+                        "server_hub.content_type `{}` must be \"{}\" or \"{}\"",
+                        crate::text::escape_controls(t),
+                        HUB_CONTENT_TYPES[0],
+                        HUB_CONTENT_TYPES[1]
+                    ))
+                }
+            },
+        },
     };
     if server_hub.backoff_min > server_hub.backoff_max {
         return invalid(format!(
@@ -1556,6 +1632,32 @@ fn resolve(
     }
     if let (true, Some(file)) = (server_hub.enabled, &server_hub.password_file) {
         check_password_file(file)?;
+    }
+    if let (true, Some(file)) = (server_hub.enabled, &server_hub.ca_file) {
+        crate::hub::transport::trust_roots(file).map_err(ConfigError::Invalid)?;
+        if server_hub
+            .url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("http://"))
+        {
+            warnings.push(format!(
+                "server_hub.ca_file `{}` is not used: server_hub.url is http://, not https://",
+                file.display()
+            ));
+        }
+    }
+    // Sent in the X-Codi-Host header, which takes printable ASCII only.
+    if server_hub.kind == HubKind::Ndjson
+        && !server_hub
+            .host_id
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b))
+    {
+        return invalid(
+            "server_hub.host_id must be printable ASCII with server_hub.kind = \"ndjson\" \
+             (it is sent in the X-Codi-Host header)"
+                .into(),
+        );
     }
 
     if let (Some(addr), Purpose::Daemon) = (admin.listen_on(), host.purpose) {

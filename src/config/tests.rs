@@ -361,6 +361,118 @@ fn the_hub_keys_have_defaults_bounds_and_a_private_password_file() {
 }
 
 #[test]
+fn the_hub_kind_and_ca_file_are_checked_and_an_https_url_is_fine() {
+    use std::os::unix::fs::PermissionsExt;
+    let o = Overrides::default();
+    let env = Env::new(&[]);
+    let c = plain("");
+    assert_eq!(
+        (c.server_hub.kind, &c.server_hub.ca_file),
+        (HubKind::ClickHouse, &None)
+    );
+    let base = "[server_hub]\nenabled = true\nhost_id = \"web-1\"\n";
+
+    let c = plain(&format!(
+        "{base}kind = \"ndjson\"\nurl = \"https://logs.example:8443/ingest\"\n"
+    ));
+    assert_eq!(c.server_hub.kind, HubKind::Ndjson);
+    assert_eq!(
+        c.server_hub.url.as_deref(),
+        Some("https://logs.example:8443/ingest")
+    );
+    assert!(c.to_toml().contains("kind = \"ndjson\""));
+    assert_eq!(c.server_hub.content_type, "application/x-ndjson");
+    let c = plain(&format!(
+        "{base}kind = \"ndjson\"\nurl = \"http://h\"\ncontent_type = \"application/json\"\n"
+    ));
+    assert_eq!(c.server_hub.content_type, "application/json");
+    let e = err(
+        &format!("{base}url = \"http://h\"\ncontent_type = \"text/plain\"\n"),
+        &o,
+        &env,
+    );
+    assert!(
+        e.starts_with("server_hub.content_type `text/plain` must be"),
+        "{e}"
+    );
+    let e = err(
+        &format!("{base}kind = \"kafka\"\nurl = \"http://h\"\n"),
+        &o,
+        &env,
+    );
+    assert_eq!(
+        e,
+        "server_hub.kind `kafka` must be \"clickhouse\" or \"ndjson\""
+    );
+    let e = err(
+        "[server_hub]\nenabled = true\nkind = \"ndjson\"\nurl = \"http://h\"\nhost_id = \"wéb\"\n",
+        &o,
+        &env,
+    );
+    assert!(
+        e.starts_with("server_hub.host_id must be printable ASCII"),
+        "{e}"
+    );
+    // Credentials or a query stay refused in an https URL too.
+    let e = err(
+        &format!("{base}url = \"https://u:secret@hub/\"\n"),
+        &o,
+        &env,
+    );
+    assert!(e.starts_with("server_hub.url must not hold"), "{e}");
+    let e = err(&format!("{base}url = \"https://hub/?a=b\"\n"), &o, &env);
+    assert!(e.starts_with("server_hub.url must not hold"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["hub.test".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, cert.pem()).unwrap();
+    std::fs::set_permissions(&ca, PermissionsExt::from_mode(0o644)).unwrap();
+    let with_ca = |url: &str, file: &Path| {
+        format!("{base}url = \"{url}\"\nca_file = \"{}\"\n", file.display())
+    };
+    let c = plain(&with_ca("https://hub.test:8443", &ca));
+    assert_eq!(c.server_hub.ca_file.as_deref(), Some(ca.as_path()));
+    assert!(c.warnings.is_empty() || !c.warnings.iter().any(|w| w.contains("ca_file")));
+    let c = plain(&with_ca("http://hub.test:8123", &ca));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("ca_file") && w.contains("not used")),
+        "{:?}",
+        c.warnings
+    );
+
+    let missing = dir.path().join("nope.pem");
+    let e = err(&with_ca("https://h", &missing), &o, &env);
+    assert!(
+        e.starts_with(&format!("server_hub.ca_file `{}`: ", missing.display())),
+        "{e}"
+    );
+    let key_only = dir.path().join("key.pem");
+    std::fs::write(&key_only, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_only, PermissionsExt::from_mode(0o600)).unwrap();
+    let e = err(&with_ca("https://h", &key_only), &o, &env);
+    assert!(
+        e.starts_with("server_hub.ca_file `") && e.contains("holds no PEM certificate"),
+        "{e}"
+    );
+    std::fs::set_permissions(&ca, PermissionsExt::from_mode(0o646)).unwrap();
+    let e = err(&with_ca("https://h", &ca), &o, &env);
+    assert!(e.contains("may be written by others (mode 646)"), "{e}");
+    // Not looked at while the sync is off, as with password_file.
+    let off = format!("[server_hub]\nca_file = \"{}\"\n", missing.display());
+    assert_eq!(
+        plain(&off).server_hub.ca_file.as_deref(),
+        Some(missing.as_path())
+    );
+}
+
+#[test]
 fn workers_zero_means_cores() {
     let c = plain("[monitor]\nworkers = 0\n");
     let cores = std::thread::available_parallelism().unwrap().get();
@@ -1154,6 +1266,9 @@ mod properties {
                 ("host_id", Kind::Str),
                 ("backoff_min", Kind::Duration),
                 ("backoff_max", Kind::Duration),
+                ("kind", Kind::Str),
+                ("ca_file", Kind::Str),
+                ("content_type", Kind::Str),
             ],
         ),
         (

@@ -33,13 +33,13 @@
 //! at or below `last_log_id`.
 
 use super::batch::{self, Batch, ChangeKind};
+use super::transport::{self, Transport};
 use crate::config::ServerHubConfig;
 use crate::fault;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
 use crate::store::merger::MergeState;
 use crate::store::{schema, StoreError};
-use base64::Engine;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
@@ -49,10 +49,6 @@ use std::time::Duration;
 
 /// The `sync_state` target of logs.
 pub const LOGS: &str = "logs";
-/// How long connecting to the hub may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one request to the hub may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stop waits for a request under way before it leaves the
 /// thread behind (its batch is re-sent at the next start).
 const STOP_WAIT: Duration = Duration::from_secs(2);
@@ -108,16 +104,14 @@ pub fn spawn_sync(
     // power cut: one sync per batch.
     conn.pragma_update(None, "synchronous", "FULL")?;
     prepare_targets(&mut conn)?;
+    let transport = Transport::new(hub).map_err(StoreError::HubSetup)?;
     let (stop, stopped) = crossbeam_channel::bounded(0);
     let sync = Sync {
         conn,
         hub: hub.clone(),
+        transport,
         merge,
         metrics,
-        agent: ureq::AgentBuilder::new()
-            .timeout_connect(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .build(),
         stopped,
     };
     let thread = std::thread::Builder::new()
@@ -218,9 +212,9 @@ pub fn forget_changes(db: &Path) -> Result<(), StoreError> {
 struct Sync {
     conn: Connection,
     hub: ServerHubConfig,
+    transport: Transport,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
-    agent: ureq::Agent,
     stopped: Receiver<()>,
 }
 
@@ -360,7 +354,9 @@ impl Sync {
             self.shipped(target, batch.last).map_err(sql)?;
             return Ok(Progress::Sent { more: true });
         }
-        self.send(target.table(&self.hub), &batch.body)?;
+        let name = transport::batch_name(target.name(), batch.last, &batch.digest);
+        self.transport
+            .send(target.table(&self.hub), &name, &batch.body)?;
         fault::point("hub-after-send");
         self.shipped(target, batch.last).map_err(sql)?;
         Metrics::add(&self.metrics.sync_batches, 1);
@@ -477,48 +473,6 @@ impl Sync {
             )?;
         }
         tx.commit()
-    }
-
-    /// POSTs `body` into the hub's `table`; `Ok` only on a 2xx answer.
-    fn send(&self, table: &str, body: &[u8]) -> Result<(), String> {
-        let endpoint = format!(
-            "{}/?insert_distributed_sync=1&query=INSERT%20INTO%20{}.{}%20FORMAT%20JSONEachRow",
-            self.hub
-                .url
-                .as_deref()
-                .unwrap_or_default()
-                .trim_end_matches('/'),
-            self.hub.database,
-            table
-        );
-        let mut request = self
-            .agent
-            .post(&endpoint)
-            .set("Content-Type", "application/x-ndjson");
-        if let Some(user) = &self.hub.user {
-            let password = match &self.hub.password_file {
-                Some(file) => std::fs::read_to_string(file)
-                    .map_err(|e| format!("cannot read server_hub.password_file: {e}"))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-                None => String::new(),
-            };
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            request = request.set("Authorization", &format!("Basic {token}"));
-        }
-        match request.send_bytes(body) {
-            Ok(_) => Ok(()),
-            Err(ureq::Error::Status(code, answer)) => {
-                let text = answer.into_string().unwrap_or_default();
-                let text: String = crate::text::escape_controls(text.trim())
-                    .chars()
-                    .take(300)
-                    .collect();
-                Err(format!("the hub answered HTTP {code}: {text}"))
-            }
-            Err(e) => Err(format!("cannot reach the hub: {e}")),
-        }
     }
 }
 

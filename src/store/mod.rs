@@ -120,6 +120,9 @@ pub enum StoreError {
     /// A query filter that cannot be run.
     #[error("invalid filter: {0}")]
     InvalidFilter(String),
+    /// The hub sync cannot be set up (`server_hub.ca_file` unreadable).
+    #[error("{0}")]
+    HubSetup(String),
     /// A storage thread could not be started.
     #[error("cannot start thread `{name}`: {source}")]
     Spawn {
