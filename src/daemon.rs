@@ -14,6 +14,7 @@ use crate::export::{spawn_watcher, ExportSettings};
 use crate::health::report::{HealthSettings, Sources};
 use crate::health::watchdog::{spawn_watchdog, DiskThresholds};
 use crate::health::Severity;
+use crate::hub::sync::{LiveTuning, Tuning};
 use crate::io::answers::answer_pool_bytes;
 use crate::io::event_loop::{Acceptor, EventLoop, LoopLimits, Peer, WAKER};
 use crate::io::listener::{bind_tcp, bind_unix, ListenError, UnixEndpoint};
@@ -182,10 +183,13 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             }
         }
     });
+    let hub_tuning: LiveTuning =
+        Arc::new(parking_lot::RwLock::new(Tuning::from(&config.server_hub)));
     let hub_sync = if config.server_hub.enabled {
         match crate::hub::sync::spawn_sync(
             db,
             &config.server_hub,
+            Arc::clone(&hub_tuning),
             writer.merge_state(),
             Arc::clone(&metrics),
         ) {
@@ -330,7 +334,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
                 for signal in signals.forever() {
                     if signal == SIGHUP {
                         notifier.reloading();
-                        let outcome = if reload(&config, &overrides, &live) {
+                        let outcome = if reload(&config, &overrides, &live, &hub_tuning) {
                             "configuration reloaded"
                         } else {
                             "reload refused, running configuration kept (see the log)"
@@ -546,7 +550,12 @@ fn apply_live(live: &LiveSettings, config: &Config) {
 
 /// Re-reads the configuration; applies what can change live and names what
 /// needs a restart. False if the new configuration was refused.
-fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool {
+fn reload(
+    running: &Config,
+    overrides: &Overrides,
+    live: &LiveSettings,
+    hub_tuning: &LiveTuning,
+) -> bool {
     let new = match Config::load(overrides) {
         Ok(new) => new,
         Err(e) => {
@@ -566,6 +575,7 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool 
     }
     *live.access.write() = access;
     apply_live(live, &new);
+    *hub_tuning.write() = Tuning::from(&new.server_hub);
     macro_rules! changed_keys {
         ($($section:ident . $field:ident),* $(,)?) => {
             [$((
@@ -595,6 +605,16 @@ fn reload(running: &Config, overrides: &Overrides, live: &LiveSettings) -> bool 
         health.disk_min_free_mb,
         health.disk_min_free_percent,
         health.failing_for,
+        server_hub.enabled,
+        server_hub.url,
+        server_hub.kind,
+        server_hub.ca_file,
+        server_hub.content_type,
+        server_hub.database,
+        server_hub.tables,
+        server_hub.user,
+        server_hub.password_file,
+        server_hub.host_id,
     ]
     .into_iter()
     .filter_map(|(changed, key)| changed.then_some(key))

@@ -480,3 +480,69 @@ fn a_batch_not_answered_2xx_is_sent_again_byte_identical_before_the_next() {
         "{metrics}"
     );
 }
+
+/// SIGHUP applies a new batch size and interval to the running sync, and
+/// names the hub keys that take a restart (here `host_id`, which must not
+/// change under a batch in flight).
+#[test]
+fn a_reload_retunes_the_sync_and_names_what_takes_a_restart() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(&pki, &[]);
+    let sandbox = Sandbox::new();
+    let ca = pki.write_ca(sandbox.path());
+    let host = format!("reload-{}", std::process::id());
+    let config = hub_config(
+        receiver.addr,
+        &host,
+        &format!("ca_file = \"{}\"\n", ca.display()),
+    );
+    sandbox.write_config(&config);
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    let total = |r: &Receiver| -> usize { r.requests().iter().map(|q| rows(&q.body).len()).sum() };
+    stream(&d, 1000, "before");
+    assert!(wait_until(Duration::from_secs(60), || total(&receiver) >= 1000));
+    let before = receiver.requests().len();
+    assert!(
+        receiver
+            .requests()
+            .iter()
+            .all(|q| rows(&q.body).len() <= 300),
+        "batch_size 300"
+    );
+
+    let retuned = config
+        .replace("batch_size = 300", "batch_size = 5000")
+        .replace("sync_interval = \"100ms\"", "sync_interval = \"3s\"")
+        .replace(&format!("host_id = \"{host}\""), "host_id = \"another\"");
+    sandbox.write_config(&retuned);
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .stderr()
+            .contains("configuration reloaded")),
+        "{}",
+        d.stderr()
+    );
+    assert!(
+        d.stderr()
+            .contains("changed but not applied until restart: server_hub.host_id"),
+        "{}",
+        d.stderr()
+    );
+    // Two thousand logs within the new 3 s interval go in larger batches.
+    stream(&d, 2000, "after");
+    assert!(wait_until(Duration::from_secs(60), || total(&receiver) >= 3000));
+    let after = &receiver.requests()[before..];
+    let largest = after.iter().map(|q| rows(&q.body).len()).max().unwrap();
+    assert!(
+        largest > 300,
+        "the new batch_size applies: {largest} rows at most"
+    );
+    for q in after {
+        assert_eq!(
+            q.headers.get("x-codi-host").map(String::as_str),
+            Some(host.as_str()),
+            "host_id needs a restart"
+        );
+    }
+}

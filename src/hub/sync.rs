@@ -66,6 +66,39 @@ pub fn shipped_through(conn: &Connection) -> rusqlite::Result<i64> {
         .unwrap_or(0))
 }
 
+/// What a reload (SIGHUP) may change while the sync runs: how batches are
+/// cut and paced. The rest of `[server_hub]` (where, as whom, into which
+/// tables) takes a restart, so that a batch in flight always goes again
+/// to the hub it was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// `server_hub.batch_size`.
+    pub batch_size: usize,
+    /// `server_hub.batch_bytes`.
+    pub batch_bytes: usize,
+    /// `server_hub.sync_interval`.
+    pub sync_interval: Duration,
+    /// `server_hub.backoff_min`.
+    pub backoff_min: Duration,
+    /// `server_hub.backoff_max`.
+    pub backoff_max: Duration,
+}
+
+impl From<&ServerHubConfig> for Tuning {
+    fn from(hub: &ServerHubConfig) -> Self {
+        Tuning {
+            batch_size: hub.batch_size,
+            batch_bytes: hub.batch_bytes,
+            sync_interval: hub.sync_interval,
+            backoff_min: hub.backoff_min,
+            backoff_max: hub.backoff_max,
+        }
+    }
+}
+
+/// The tuning the sync thread reads at each round, which a reload replaces.
+pub type LiveTuning = Arc<parking_lot::RwLock<Tuning>>;
+
 /// The running sync thread.
 #[derive(Debug)]
 pub struct SyncHandle {
@@ -92,10 +125,12 @@ impl SyncHandle {
 }
 
 /// Starts the sync thread for the store at `db` with `hub` (which must
-/// have a URL), reading the durable mark from `merge`.
+/// have a URL), reading the durable mark from `merge` and its tuning from
+/// `tuning`.
 pub fn spawn_sync(
     db: &Path,
     hub: &ServerHubConfig,
+    tuning: LiveTuning,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
 ) -> Result<SyncHandle, StoreError> {
@@ -110,6 +145,7 @@ pub fn spawn_sync(
         conn,
         hub: hub.clone(),
         transport,
+        tuning,
         merge,
         metrics,
         stopped,
@@ -213,6 +249,7 @@ struct Sync {
     conn: Connection,
     hub: ServerHubConfig,
     transport: Transport,
+    tuning: LiveTuning,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
     stopped: Receiver<()>,
@@ -234,7 +271,9 @@ impl Sync {
                     // makes a part of each).
                     match progress {
                         Progress::Sent { more: true } => Duration::ZERO,
-                        Progress::Sent { more: false } | Progress::Idle => self.hub.sync_interval,
+                        Progress::Sent { more: false } | Progress::Idle => {
+                            self.tuning.read().sync_interval
+                        }
                     }
                 }
                 Err(e) => {
@@ -284,7 +323,8 @@ impl Sync {
 
     fn backoff(&self, failures: u32) -> Duration {
         let jitter = rand_fraction();
-        backoff(self.hub.backoff_min, self.hub.backoff_max, failures, jitter)
+        let t = *self.tuning.read();
+        backoff(t.backoff_min, t.backoff_max, failures, jitter)
     }
 
     /// One batch of each target, if it has one: `Sent` if any went, with
@@ -372,23 +412,19 @@ impl Sync {
     /// The next batch of `target` above `mark`, if there is one.
     fn form(&self, target: Target, mark: i64) -> rusqlite::Result<Option<Batch>> {
         let host = self.hub.host_id.as_str();
+        let t = *self.tuning.read();
         match target {
             Target::Logs => batch::read(
                 &self.conn,
                 host,
                 mark,
                 self.merge.durable_through(),
-                self.hub.batch_size,
-                self.hub.batch_bytes,
+                t.batch_size,
+                t.batch_bytes,
             ),
-            Target::Changes(kind) => batch::read_changes(
-                &self.conn,
-                kind,
-                host,
-                mark,
-                self.hub.batch_size,
-                self.hub.batch_bytes,
-            ),
+            Target::Changes(kind) => {
+                batch::read_changes(&self.conn, kind, host, mark, t.batch_size, t.batch_bytes)
+            }
         }
     }
 
