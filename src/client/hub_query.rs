@@ -47,6 +47,10 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// under [`QUERY_TIMEOUT`] so that the hub says why it stopped.
 const HUB_TIME_LIMIT_SECS: u64 = 55;
 
+/// Longest URL of a query, the query in it (ClickHouse 18.16 answers a
+/// longer request line with an empty HTTP 400).
+pub const MAX_URL_BYTES: usize = 16_000;
+
 /// Most characters of a hub's error text shown.
 const MAX_ERROR_CHARS: usize = 300;
 
@@ -340,6 +344,21 @@ impl HubClient {
             .query("max_result_rows", &rows.max(1).to_string())
             .query("result_overflow_mode", "throw")
             .query("output_format_json_quote_64bit_integers", "0");
+        // `query` leaves a URL it cannot parse as it was, without the query.
+        if let Err(e) = request.request_url() {
+            return Err(HubQueryError::Config(format!(
+                "the hub URL `{}` is not usable: {}",
+                escape_controls(&self.target.url),
+                shorten(&e.to_string())
+            )));
+        }
+        if request.url().len() > MAX_URL_BYTES {
+            return Err(HubQueryError::Config(format!(
+                "the filters make a hub query of {} bytes; the hub takes at most \
+                 {MAX_URL_BYTES} (shorten --contains)",
+                request.url().len()
+            )));
+        }
         if let Some(auth) = &self.target.auth {
             request = request.set("Authorization", auth);
         }

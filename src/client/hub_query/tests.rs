@@ -390,3 +390,21 @@ fn no_hub_listening_is_unreachable() {
     assert!(matches!(e, HubQueryError::Unreachable { .. }), "{e}");
     assert!(!e.to_string().contains("query="), "no query in it: {e}");
 }
+
+#[test]
+fn a_query_too_long_for_the_hub_is_refused_before_sending() {
+    // Nothing listens there: an attempt to send would be Unreachable.
+    let f = HubFilter {
+        contains: Some("é".repeat(3000)),
+        ..HubFilter::default()
+    };
+    let e = client("http://127.0.0.1:9", Duration::from_secs(5))
+        .query_logs(&f, 10)
+        .unwrap_err();
+    assert!(matches!(e, HubQueryError::Config(_)), "{e}");
+    assert!(e.to_string().contains("shorten --contains"), "{e}");
+    let e = client("http://127.0.0.1:99999", Duration::from_secs(5))
+        .query_logs(&HubFilter::default(), 10)
+        .unwrap_err();
+    assert!(e.to_string().contains("is not usable"), "{e}");
+}
