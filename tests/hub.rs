@@ -8,97 +8,10 @@
 mod common;
 
 use codi_monitor::proto::{LogLevel, Message, Payload};
+use common::hub::Hub;
 use common::*;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A test hub in its own directory; stopped when dropped.
-struct Hub {
-    dir: PathBuf,
-    url: String,
-}
-
-impl Hub {
-    fn script() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hub")
-    }
-
-    fn run(args: &[&str]) {
-        let out = Command::new("bash")
-            .arg(Self::script())
-            .args(args)
-            .output()
-            .expect("run scripts/hub");
-        assert!(
-            out.status.success(),
-            "scripts/hub {args:?}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn start(dir: &Path) -> Hub {
-        let d = dir.to_str().unwrap();
-        Self::run(&["start", d]);
-        Self::run(&["schema", d]);
-        let url = std::fs::read_to_string(dir.join("url"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        Hub {
-            dir: dir.to_owned(),
-            url,
-        }
-    }
-
-    fn stop(&self) {
-        Self::run(&["stop", self.dir.to_str().unwrap()]);
-    }
-
-    fn restart(&self) {
-        Self::run(&["start", self.dir.to_str().unwrap()]);
-    }
-
-    /// `SELECT count(), uniqExact(host_id, id)` of `host`'s logs through
-    /// the Distributed table, with `FINAL` (duplicates by key merged away)
-    /// or without (every row stored: a re-sent batch the hub did not drop
-    /// shows here).
-    fn counts(&self, host: &str, fin: bool) -> Option<(u64, u64)> {
-        let addr: SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
-        let fin = if fin { "%20FINAL" } else { "" };
-        let query = format!(
-            "SELECT%20count(),%20uniqExact(host_id,%20id)%20FROM%20codi.logs{fin}%20WHERE%20host_id%20=%20'{host}'%20FORMAT%20TSV"
-        );
-        // HTTP/1.0: the answer comes whole, not in chunks.
-        let request = format!("GET /?query={query} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-        let r = match http_request(addr, request.as_bytes()) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("hub query: {e}");
-                return None;
-            }
-        };
-        if r.status != 200 {
-            eprintln!("hub query: HTTP {}: {}", r.status, r.text());
-            return None;
-        }
-        let text = String::from_utf8_lossy(&r.body).into_owned();
-        let mut it = text.split_whitespace().map(|n| n.parse().ok());
-        Some((it.next()??, it.next()??))
-    }
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(Self::script())
-            .args(["stop", self.dir.to_str().unwrap()])
-            .output();
-    }
-}
 
 /// Sends `n` logs in acknowledged batches of 100; how many were accepted.
 fn stream(d: &Daemon, n: usize, tag: &str) -> usize {
