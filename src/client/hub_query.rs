@@ -292,8 +292,6 @@ pub struct HubAnswer {
     pub total: u64,
     /// The answer reached [`MAX_ANSWER_BYTES`]: older matches were left out.
     pub cut_short: bool,
-    /// Rows shown cut (see [`logs_sql`]).
-    pub rows_cut: usize,
 }
 
 /// A connection to the hub for queries.
@@ -324,7 +322,6 @@ impl HubClient {
         if limit > 0 {
             let body = self.get(&logs_sql(&self.target.table, f, limit), limit)?;
             let (logs, cut_short) = read_logs(body, limit as usize, MAX_ANSWER_BYTES)?;
-            answer.rows_cut = logs.iter().filter(|l| is_cut(&l.log)).count();
             answer.logs = logs;
             answer.cut_short = cut_short;
         }
@@ -498,12 +495,6 @@ fn cut(log: &mut StoredLog, stored: usize) {
         metadata::TRUNCATED_KEY.into(),
         rmpv::Value::from(stored as u64),
     )]));
-}
-
-/// True for a log in the cut form.
-fn is_cut(log: &StoredLog) -> bool {
-    matches!(&log.metadata, Some(rmpv::Value::Map(m))
-        if m.len() == 1 && m[0].0.as_str() == Some(metadata::TRUNCATED_KEY))
 }
 
 fn truncate_at_char(text: &mut String, max: usize) {
