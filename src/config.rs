@@ -1013,24 +1013,82 @@ fn host_id(value: Option<String>) -> Result<String, ConfigError> {
     }
 }
 
-/// Refuses a password file that cannot be read, is empty, or that users
-/// other than its owner may read (the password would not be secret).
-fn check_password_file(path: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    let shown = path.display();
-    let meta = std::fs::metadata(path)
-        .or_else(|e| invalid(format!("server_hub.password_file `{shown}`: {e}")))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+/// Longest password file read, in bytes.
+const MAX_PASSWORD_FILE_LEN: u64 = 4096;
+
+/// Checks a hub URL as `server_hub.url` (named `key` in errors) must be:
+/// `http://` or `https://`, and no user, password, query or fragment in it
+/// (they would be logged with it: `server_hub.user` and `password_file`
+/// keep credentials out).
+pub fn check_hub_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
         return invalid(format!(
-            "server_hub.password_file `{shown}` may be read by others (mode {:o}): chmod 600 it",
-            meta.permissions().mode() & 0o777
+            "{key} `{}` must start with http:// or https://",
+            crate::text::escape_controls(url)
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains('@') || rest.contains('?') || rest.contains('#') {
+        return invalid(format!(
+            "{key} must not hold a user, a password or a query: set the user and the \
+             password file instead"
         ));
     }
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => Ok(()),
-        Ok(_) => invalid(format!("server_hub.password_file `{shown}` is empty")),
-        Err(e) => invalid(format!("server_hub.password_file `{shown}`: {e}")),
+    if authority.is_empty() || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return invalid(format!(
+            "{key} `{}` names no host, or holds spaces or controls",
+            crate::text::escape_controls(url)
+        ));
     }
+    Ok(())
+}
+
+/// Reads the hub password from `path` (trailing line ends removed),
+/// refusing a file that is not a regular file, is empty or longer than
+/// 4 KiB, or that users other than its owner may read (the password would
+/// not be secret). The mode is checked on the opened file, so the file
+/// read is the file checked. Errors name the file, never its content.
+pub fn read_password_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let fail = |e: io::Error| ConfigError::Invalid(format!("password file `{shown}`: {e}"));
+    let file = fs::File::open(path).map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    if !meta.is_file() {
+        return invalid(format!("password file `{shown}` is not a regular file"));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return invalid(format!(
+            "password file `{shown}` may be read by others (mode {:o}): chmod 600 it",
+            mode & 0o777
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_PASSWORD_FILE_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(fail)?;
+    if text.len() as u64 > MAX_PASSWORD_FILE_LEN {
+        return invalid(format!(
+            "password file `{shown}` is longer than {MAX_PASSWORD_FILE_LEN} bytes"
+        ));
+    }
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.trim().is_empty() {
+        return invalid(format!("password file `{shown}` is empty"));
+    }
+    Ok(password.to_owned())
+}
+
+/// Refuses a `server_hub.password_file` that [`read_password_file`] refuses.
+fn check_password_file(path: &Path) -> Result<(), ConfigError> {
+    read_password_file(path)
+        .map(drop)
+        .map_err(|e| ConfigError::Invalid(format!("server_hub.{e}")))
 }
 
 fn non_empty(s: Option<String>) -> Option<String> {
@@ -1515,32 +1573,11 @@ fn resolve(
     let enabled = h.enabled.unwrap_or(DEFAULT_SERVER_HUB_ENABLED);
     let url = non_empty(h.url);
     match &url {
-        Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
-            return invalid(format!(
-                "server_hub.url `{u}` must start with http:// or https://"
-            ))
-        }
-        // Credentials in the URL would be logged with it: user and
-        // password_file keep them out.
-        Some(u)
-            if u.split("://").nth(1).is_some_and(|rest| {
-                rest.split('/')
-                    .next()
-                    .is_some_and(|authority| authority.contains('@'))
-                    || rest.contains('?')
-                    || rest.contains('#')
-            }) =>
-        {
-            return invalid(
-                "server_hub.url must not hold a user, a password or a query: set \
-                 server_hub.user and server_hub.password_file instead"
-                    .into(),
-            )
-        }
+        Some(u) => check_hub_url("server_hub.url", u)?,
         None if enabled => {
             return invalid("server_hub.enabled is true but server_hub.url is not set".into())
         }
-        _ => {}
+        None => {}
     }
     let server_hub = ServerHubConfig {
         enabled,
@@ -1630,7 +1667,10 @@ fn resolve(
             format_duration(server_hub.backoff_max)
         ));
     }
-    if let (true, Some(file)) = (server_hub.enabled, &server_hub.password_file) {
+    // Only the daemon reads it to sync; it is usually not codi2's to read.
+    if let (true, Some(file), Purpose::Daemon) =
+        (server_hub.enabled, &server_hub.password_file, host.purpose)
+    {
         check_password_file(file)?;
     }
     if let (true, Some(file)) = (server_hub.enabled, &server_hub.ca_file) {

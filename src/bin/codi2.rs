@@ -19,12 +19,15 @@
 use argh::FromArgs;
 use codi_monitor::client::discover::{self, Explicit};
 use codi_monitor::client::follow::{Cursor, Step};
+use codi_monitor::client::hub_query::{
+    self, HubClient, HubFilter, HubLog, HubQueryError, HubTarget,
+};
 use codi_monitor::client::input::{self, LineDefaults};
 use codi_monitor::client::output;
 use codi_monitor::client::stream;
 use codi_monitor::client::{Client, ClientError, ClientOptions, RetryPolicy};
 use codi_monitor::config::paths;
-use codi_monitor::config::{Config, Overrides};
+use codi_monitor::config::{read_password_file, Config, Overrides};
 use codi_monitor::fsperm::{self, TrustedUsers};
 use codi_monitor::health::report::Report;
 use codi_monitor::proto::{
@@ -180,6 +183,23 @@ struct LogsCmd {
     /// one JSON object per line
     #[argh(switch)]
     json: bool,
+    /// query the ClickHouse hub, every host's logs, instead of this host's
+    /// (docs/HUB.md); adds each log's host to the output
+    #[argh(switch)]
+    hub: bool,
+    /// with --hub: only logs of this host (its server_hub.host_id)
+    #[argh(option)]
+    host: Option<String>,
+    /// with --hub: the hub's URL (default $CODI_HUB_URL, else server_hub.url)
+    #[argh(option)]
+    hub_url: Option<String>,
+    /// with --hub: the hub user (default $CODI_HUB_USER, else server_hub.user)
+    #[argh(option)]
+    hub_user: Option<String>,
+    /// with --hub: file holding the hub user's password, mode 0600 (default
+    /// $CODI_HUB_PASSWORD_FILE, else server_hub.password_file)
+    #[argh(option)]
+    hub_password_file: Option<PathBuf>,
 }
 
 #[derive(FromArgs)]
@@ -428,6 +448,7 @@ fn run(cli: Cli) -> Result<(), Exit> {
         notice,
     };
     match cli.command {
+        Command::Logs(cmd) if cmd.hub => hub_logs(cmd, &config, cli.timeout),
         Command::Log(cmd) => log(cmd, opts),
         Command::Session(cmd) => session(cmd, opts),
         Command::Logs(cmd) => logs(cmd, opts),
@@ -592,6 +613,15 @@ fn query(
 }
 
 fn logs(cmd: LogsCmd, opts: ClientOptions) -> Result<(), Exit> {
+    let hub_only = [
+        ("--host", cmd.host.is_some()),
+        ("--hub-url", cmd.hub_url.is_some()),
+        ("--hub-user", cmd.hub_user.is_some()),
+        ("--hub-password-file", cmd.hub_password_file.is_some()),
+    ];
+    if let Some((flag, _)) = hub_only.iter().find(|(_, given)| *given) {
+        return Err(Exit::usage(format!("{flag} needs --hub")));
+    }
     let now = Timestamp::now();
     let time = |t: &Option<String>| -> Result<Option<Timestamp>, Exit> {
         t.as_deref()
@@ -689,6 +719,125 @@ fn logs(cmd: LogsCmd, opts: ClientOptions) -> Result<(), Exit> {
     }
 }
 
+/// A hub setting: the flag, else the environment variable `env`, else the
+/// config's value; an empty flag or variable counts as unset.
+fn hub_setting(flag: Option<String>, env: &str, config: Option<&str>) -> Option<String> {
+    flag.map(undash)
+        .filter(|v| !v.is_empty())
+        .or_else(|| paths::process_env(env).filter(|v| !v.is_empty()))
+        .or_else(|| config.map(str::to_owned))
+}
+
+impl From<HubQueryError> for Exit {
+    fn from(e: HubQueryError) -> Exit {
+        let code = match &e {
+            HubQueryError::Config(_) => 1,
+            HubQueryError::Refused { .. } => 2,
+            HubQueryError::Unreachable { .. } => 3,
+            HubQueryError::BadAnswer(_) => 4,
+        };
+        Exit {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// `codi2 logs --hub`: the same filters and output as [`logs`], over every
+/// host's logs on the hub, with each log's host.
+fn hub_logs(cmd: LogsCmd, config: &Config, connect: Duration) -> Result<(), Exit> {
+    if cmd.follow {
+        return Err(Exit::usage(
+            "--follow does not work with --hub (hosts ship their logs in batches, \
+             seconds apart); run the query again, or use --since",
+        ));
+    }
+    if cmd.user.is_some() {
+        return Err(Exit::usage(
+            "--user does not work with --hub: a uid names different users on different \
+             hosts; use --host",
+        ));
+    }
+    let now = Timestamp::now();
+    let time = |t: &Option<String>| -> Result<Option<Timestamp>, Exit> {
+        t.as_deref()
+            .map(|t| input::parse_time(t, now).map_err(Exit::usage))
+            .transpose()
+    };
+    let filter = HubFilter {
+        min_level: cmd.level,
+        component: cmd.component.map(undash),
+        session_id: cmd.session.map(undash),
+        since: time(&cmd.since)?,
+        until: time(&cmd.until)?,
+        contains: cmd.contains.map(undash),
+        host: cmd.host.map(undash),
+    };
+    let hub = &config.server_hub;
+    let url =
+        hub_setting(cmd.hub_url, hub_query::ENV_HUB_URL, hub.url.as_deref()).ok_or_else(|| {
+            Exit::usage(format!(
+                "no hub to ask: set server_hub.url in the config, {} or --hub-url",
+                hub_query::ENV_HUB_URL
+            ))
+        })?;
+    let user = hub_setting(cmd.hub_user, hub_query::ENV_HUB_USER, hub.user.as_deref());
+    let password_file = hub_setting(
+        cmd.hub_password_file.map(|p| p.display().to_string()),
+        hub_query::ENV_HUB_PASSWORD_FILE,
+        hub.password_file.as_deref().and_then(|p| p.to_str()),
+    );
+    let password = password_file
+        .map(|file| read_password_file(std::path::Path::new(&file)))
+        .transpose()
+        .map_err(|e| Exit::usage(e.to_string()))?;
+    let target = HubTarget::new(
+        &url,
+        &hub.database,
+        &hub.tables.logs,
+        user.as_deref(),
+        password.as_deref(),
+    )?;
+    let tls = hub
+        .ca_file
+        .as_deref()
+        .map(codi_monitor::hub::transport::tls_config)
+        .transpose()
+        .map_err(Exit::usage)?;
+    let client = HubClient::new(target, connect, hub_query::QUERY_TIMEOUT, tls);
+    let answer = client.query_logs(&filter, cmd.limit)?;
+
+    let stdout = io::stdout();
+    let tty = stdout.is_terminal();
+    let mut out = Printer {
+        out: io::BufWriter::new(stdout.lock()),
+        json: cmd.json,
+        colour: tty && paths::process_env("NO_COLOR").is_none(),
+        names: HashMap::new(),
+    };
+    if cmd.limit == 0 {
+        out.line(&format!("{} matching logs", answer.total))?;
+        return out.flush();
+    }
+    if tty && !cmd.json && !answer.logs.is_empty() {
+        out.line(&output::hub_table_header())?;
+    }
+    out.hub_rows(&answer.logs)?;
+    let shown = answer.logs.len() as u64;
+    if answer.total > shown {
+        let hint = if answer.cut_short || shown < cmd.limit.min(MAX_QUERY_LIMIT) {
+            "older ones did not fit in one answer; narrow the filter or use --until"
+        } else {
+            "see --limit"
+        };
+        eprintln!(
+            "codi2: showing the newest {shown} of {} matching logs ({hint})",
+            answer.total
+        );
+    }
+    out.flush()
+}
+
 /// Writes logs to stdout as a table or JSON lines.
 struct Printer<W: Write> {
     out: W,
@@ -716,6 +865,21 @@ impl<W: Write> Printer<W> {
                         .clone()
                 });
                 output::table_row(e, &user, self.colour)
+            };
+            self.line(&line)?;
+        }
+        Ok(())
+    }
+
+    /// Hub logs: the host added; the user column shows the uid, since a
+    /// name looked up here may not be whom the uid names on the log's host.
+    fn hub_rows(&mut self, entries: &[HubLog]) -> Result<(), Exit> {
+        for e in entries {
+            let line = if self.json {
+                output::hub_json_row(&e.log, &e.host)
+            } else {
+                let user = output::user_cell(e.log.uid, |_| None);
+                output::hub_table_row(&e.log, &e.host, &user, self.colour)
             };
             self.line(&line)?;
         }

@@ -16,6 +16,7 @@
 pub mod conn;
 pub mod discover;
 pub mod follow;
+pub mod hub_query;
 pub mod input;
 pub mod output;
 pub mod peer;

@@ -23,10 +23,29 @@ const SESSION_WIDTH: usize = 12;
 /// Width of the user column.
 const USER_WIDTH: usize = 8;
 
+/// Width of the host column of a hub query (a longer host id, such as a
+/// 32-digit machine id, pushes the row right).
+const HOST_WIDTH: usize = 12;
+
 /// The header of the table, aligned with [`table_row`].
 pub fn table_header() -> String {
+    header(false)
+}
+
+/// The header of a hub query's table (`codi2 logs --hub`), aligned with
+/// [`hub_table_row`]: [`table_header`] with a `HOST` column after `TIME`.
+pub fn hub_table_header() -> String {
+    header(true)
+}
+
+fn header(with_host: bool) -> String {
+    let host = if with_host {
+        format!("{:<HOST_WIDTH$}  ", "HOST")
+    } else {
+        String::new()
+    };
     format!(
-        "{:<24}  {:<5}  {:<USER_WIDTH$}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  MESSAGE",
+        "{:<24}  {host}{:<5}  {:<USER_WIDTH$}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  MESSAGE",
         "TIME", "LEVEL", "USER", "COMPONENT", "SESSION"
     )
 }
@@ -72,14 +91,28 @@ pub fn metadata_json(value: &rmpv::Value) -> String {
 /// [`escape_controls`]); the level is coloured with ANSI escapes when
 /// `colour_on`; `user` is the writer as [`user_cell`] shows it.
 pub fn table_row(log: &StoredLog, user: &str, colour_on: bool) -> String {
+    row(log, None, user, colour_on)
+}
+
+/// One row of a hub query's table: [`table_row`] with the log's host (its
+/// `server_hub.host_id`, controls escaped) after the time.
+pub fn hub_table_row(log: &StoredLog, host: &str, user: &str, colour_on: bool) -> String {
+    row(log, Some(host), user, colour_on)
+}
+
+fn row(log: &StoredLog, host: Option<&str>, user: &str, colour_on: bool) -> String {
     let level = format!("{:<5}", log.level.as_str().to_ascii_uppercase());
     let level = if colour_on {
         format!("{}{level}\x1b[0m", colour(log.level))
     } else {
         level
     };
+    let host = match host {
+        Some(h) => format!("{:<HOST_WIDTH$}  ", escape_controls(h)),
+        None => String::new(),
+    };
     let mut row = format!(
-        "{:<24}  {level}  {:<USER_WIDTH$}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  {}",
+        "{:<24}  {host}{level}  {:<USER_WIDTH$}  {:<COMPONENT_WIDTH$}  {:<SESSION_WIDTH$}  {}",
         short_time(log.timestamp),
         escape_controls(user),
         escape_controls(&log.component),
@@ -95,11 +128,25 @@ pub fn table_row(log: &StoredLog, user: &str, colour_on: bool) -> String {
 
 /// One log as a single-line JSON object with the exact stored values.
 pub fn json_row(log: &StoredLog) -> String {
+    json_object(log, None)
+}
+
+/// One log of a hub query as [`json_row`] shows it, plus `"host"` (its
+/// `server_hub.host_id`).
+pub fn hub_json_row(log: &StoredLog, host: &str) -> String {
+    json_object(log, Some(host))
+}
+
+fn json_object(log: &StoredLog, host: Option<&str>) -> String {
     let meta = match &log.metadata {
         Some(m) => serde_json::from_str(&metadata_json(m)).unwrap_or(serde_json::Value::Null),
         None => serde_json::Value::Null,
     };
-    let row = serde_json::json!({
+    let mut row = serde_json::Map::new();
+    if let Some(host) = host {
+        row.insert("host".into(), host.into());
+    }
+    let fields = serde_json::json!({
         "id": log.id,
         "uuid": log.uuid.to_string(),
         "timestamp": log.timestamp.to_rfc3339(),
@@ -109,8 +156,11 @@ pub fn json_row(log: &StoredLog) -> String {
         "message": log.message,
         "metadata": meta,
         "uid": log.uid,
-    })
-    .to_string();
+    });
+    if let serde_json::Value::Object(fields) = fields {
+        row.extend(fields);
+    }
+    let row = serde_json::Value::Object(row).to_string();
     json_escape_unsafe(&row).into_owned()
 }
 
@@ -225,6 +275,31 @@ mod tests {
             table_row(&stored(None), "-", false),
             "2026-11-26T22:34:56.123Z  WARN   -         build         -             disk low"
         );
+    }
+
+    #[test]
+    fn hub_rows_add_the_host_after_the_time_and_in_json() {
+        let row = hub_table_row(&stored(None), "web-1\n", "1000", false);
+        assert_eq!(
+            row,
+            "2026-11-26T22:34:56.123Z  web-1\\n       WARN   1000      build         -             disk low"
+        );
+        let header = hub_table_header();
+        assert_eq!(header.find("HOST"), row.find("web-1"));
+        assert_eq!(header.find("LEVEL"), row.find("WARN"));
+        assert_eq!(header.find("MESSAGE"), row.find("disk low"));
+        assert_eq!(
+            table_header(),
+            header.replacen("HOST          ", "", 1),
+            "the same columns as a local table"
+        );
+        let local: serde_json::Value = serde_json::from_str(&json_row(&stored(None))).unwrap();
+        let row = hub_json_row(&stored(None), "web\u{202e}1");
+        assert!(!row.chars().any(crate::text::is_unsafe), "{row:?}");
+        let mut hub: serde_json::Value = serde_json::from_str(&row).unwrap();
+        assert_eq!(hub["host"], "web\u{202e}1");
+        hub.as_object_mut().unwrap().remove("host");
+        assert_eq!(hub, local, "otherwise the local JSON");
     }
 
     #[test]

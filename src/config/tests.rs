@@ -358,6 +358,66 @@ fn the_hub_keys_have_defaults_bounds_and_a_private_password_file() {
     std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o600)).unwrap();
     let e = err(&text, &o, &env);
     assert!(e.ends_with("is empty"), "{e}");
+    // codi2 loads the same file without reading the daemon's password.
+    std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o644)).unwrap();
+    let c = resolve_as(&text, &o, &env, Purpose::Client).unwrap();
+    assert_eq!(
+        c.server_hub.password_file.as_deref(),
+        Some(secret.as_path())
+    );
+}
+
+#[test]
+fn a_password_file_is_read_only_when_private_regular_and_small() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    let mode = |m| std::fs::set_permissions(&file, PermissionsExt::from_mode(m)).unwrap();
+    std::fs::write(&file, "s3cret\r\n").unwrap();
+    mode(0o600);
+    assert_eq!(read_password_file(&file).unwrap(), "s3cret");
+    mode(0o640);
+    let e = read_password_file(&file).unwrap_err().to_string();
+    assert!(e.contains("may be read by others (mode 640)"), "{e}");
+    assert!(!e.contains("s3cret"), "{e}");
+    std::fs::write(&file, "x".repeat(4097)).unwrap();
+    mode(0o600);
+    let e = read_password_file(&file).unwrap_err().to_string();
+    assert!(e.contains("longer than 4096 bytes"), "{e}");
+    std::fs::write(&file, " \n").unwrap();
+    assert!(read_password_file(&file)
+        .unwrap_err()
+        .to_string()
+        .ends_with("is empty"));
+    let e = read_password_file(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("not a regular file") || e.contains("may be read"),
+        "{e}"
+    );
+    let e = read_password_file(&dir.path().join("none"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("No such file"), "{e}");
+}
+
+#[test]
+fn a_hub_url_is_http_with_a_host_and_no_credentials() {
+    for ok in ["http://127.0.0.1:8123", "https://hub.example/ch/"] {
+        check_hub_url("--hub-url", ok).unwrap();
+    }
+    for (bad, why) in [
+        ("ftp://x", "must start with http://"),
+        ("hub:8123", "must start with http://"),
+        ("http://", "names no host"),
+        ("http://h\n/", "names no host"),
+        ("http://a b/", "names no host"),
+        ("http://u:pw@h/", "must not hold a user"),
+        ("http://h/?user=x", "must not hold a user"),
+    ] {
+        let e = check_hub_url("--hub-url", bad).unwrap_err().to_string();
+        assert!(e.starts_with("--hub-url") && e.contains(why), "{bad}: {e}");
+        assert!(!e.contains("pw@"), "{e}");
+    }
 }
 
 #[test]

@@ -82,7 +82,7 @@ impl Transport {
             .timeout(REQUEST_TIMEOUT)
             .redirects(0);
         if let Some(file) = &hub.ca_file {
-            builder = builder.tls_config(Arc::new(client_config(trust_roots(file)?)));
+            builder = builder.tls_config(tls_config(file)?);
         }
         let url = hub.url.clone().unwrap_or_default();
         let target = match hub.kind {
@@ -225,6 +225,13 @@ pub fn trust_roots(path: &Path) -> Result<RootCertStore, String> {
 
 /// A rustls client configuration trusting only `roots`: *ring* (as ureq
 /// uses it), TLS 1.2 and 1.3, no client certificate.
+/// The TLS client configuration that trusts only the certificates of the
+/// PEM file `ca_file` (see [`trust_roots`]): the daemon's and `codi2 logs
+/// --hub`'s, so both check a hub's certificate alike.
+pub fn tls_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    Ok(Arc::new(client_config(trust_roots(ca_file)?)))
+}
+
 // rustls 0.23.48 deprecates *ring*'s provider for lacking post-quantum key
 // exchange; ureq 2's own configuration (the one used without a ca_file) is
 // *ring*'s, and aws-lc-rs would be a second, C-built crypto library.

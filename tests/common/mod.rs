@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use uuid::Uuid;
 
+pub mod hub;
 #[path = "../../src/store/power_cut.rs"]
 pub mod power_cut;
 
@@ -71,6 +72,9 @@ const ISOLATED_ENV: &[&str] = &[
     "CODI_SESSION",
     "CODI_SOCKET",
     "CODI_MONITOR_SOCKET",
+    "CODI_HUB_URL",
+    "CODI_HUB_USER",
+    "CODI_HUB_PASSWORD_FILE",
     // Set when the tests themselves run under systemd: a test daemon must
     // neither notify the real service manager nor log in journal style.
     "NOTIFY_SOCKET",
