@@ -151,6 +151,9 @@ impl Hub {
             Some((want, want)),
             "each of {table} once on the hub"
         );
+        if table == "sessions" {
+            return;
+        }
         let unmerged = self.counts(table, host, false);
         if unmerged != Some((want, want)) {
             let twice = self.query(&format!(
