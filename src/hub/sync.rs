@@ -16,7 +16,10 @@
 //!    `insert_distributed_sync = 1`, so a 2xx means it is in a replicated
 //!    table; after a failure, or a restart, the recorded body is sent
 //!    again, byte for byte (whatever retention or rotation did to its rows
-//!    since), which the hub's block deduplication drops as a repeat.
+//!    since), which the hub's block deduplication drops as a repeat;
+//!    unless it is over `batch_size` or `batch_bytes` as they are now
+//!    (lowered since, because the hub refuses bodies that large): then it
+//!    is cut again to them rather than refused for ever.
 //! 4. On 2xx the watermark moves to the batch's last id and the record is
 //!    cleared, in one transaction.
 //!
@@ -318,9 +321,30 @@ impl Sync {
     fn step(&self, target: Target) -> Result<Progress, String> {
         let sql = |e: rusqlite::Error| format!("the database: {e}");
         let (mark, in_flight) = self.state(target).map_err(sql)?;
-        let batch = match in_flight {
-            Some(in_flight) => self.again(target, in_flight).map_err(sql)?,
-            None => {
+        let again = match in_flight {
+            Some(in_flight) => Some(self.again(target, in_flight).map_err(sql)?),
+            None => None,
+        };
+        let batch = match again {
+            Some(b) if self.within_bounds(&b) => b,
+            stale => {
+                if let Some(b) = stale {
+                    // batch_size or batch_bytes was lowered since it was
+                    // first sent (perhaps because the hub refuses a body
+                    // that large): sent as it is it would fail for ever.
+                    // The rows go again in batches of the new bounds, so
+                    // the hub may hold some twice until its merges.
+                    log::warn!(
+                        "hub sync: the {} batch in flight ({}..={}, {} rows, {} bytes) is over \
+                         server_hub.batch_size or batch_bytes; it is cut again to them (the hub \
+                         may keep some of its rows twice until its merges)",
+                        target.name(),
+                        b.first,
+                        b.last,
+                        batch::rows_in(&b.body),
+                        b.body.len()
+                    );
+                }
                 let Some(b) = self.form(target, mark).map_err(sql)? else {
                     return Ok(Progress::Idle);
                 };
@@ -367,6 +391,13 @@ impl Sync {
             self.metrics.sync_latency.record(us.saturating_mul(1000));
         }
         Ok(Progress::Sent { more: batch.more })
+    }
+
+    /// Whether `b` keeps to the bounds now configured (a batch of one row
+    /// always does).
+    fn within_bounds(&self, b: &Batch) -> bool {
+        let rows = batch::rows_in(&b.body);
+        rows <= 1 || (rows <= self.hub.batch_size && b.body.len() <= self.hub.batch_bytes)
     }
 
     /// The next batch of `target` above `mark`, if there is one.
@@ -499,6 +530,121 @@ fn now_us() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::wal::DurableMark;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    /// A plain-HTTP receiver answering `script` in order (200 once used
+    /// up) and recording every body it gets.
+    fn receiver(script: Vec<u16>) -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/in", listener.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&bodies);
+        std::thread::spawn(move || {
+            let mut script = script.into_iter();
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let mut reader = BufReader::new(stream);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                seen.lock().unwrap().push(body);
+                let status = script.next().unwrap_or(200);
+                let _ = write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        (url, bodies)
+    }
+
+    fn sync(db: &Path, url: &str, batch_size: usize, batch_bytes: usize) -> Sync {
+        let text = format!(
+            "[server_hub]\nenabled = true\nkind = \"ndjson\"\nurl = \"{url}\"\n\
+             host_id = \"h\"\nbatch_size = {batch_size}\n"
+        );
+        // Below the smallest batch_bytes a configuration may set, to keep
+        // the test's bodies small.
+        let mut config =
+            crate::config::Config::from_toml_str(&text, &crate::config::Overrides::default())
+                .unwrap();
+        config.server_hub.batch_bytes = batch_bytes;
+        let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE).unwrap();
+        prepare_targets(&mut conn).unwrap();
+        let merge = MergeState::new(0, 0, uuid::Uuid::nil());
+        merge.made_durable(i64::MAX);
+        Sync {
+            conn,
+            transport: Transport::new(&config.server_hub).unwrap(),
+            hub: config.server_hub,
+            merge: Arc::new(merge),
+            metrics: Arc::new(Metrics::default()),
+            stopped: crossbeam_channel::bounded(0).1,
+        }
+    }
+
+    #[test]
+    fn a_batch_in_flight_over_bounds_lowered_since_is_cut_again() {
+        // A receiver refused a batch of 20 logs (too large for it, say);
+        // the operator lowers batch_size to 5 and restarts: what goes next
+        // must hold 5, or the batch is refused for ever.
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("codi.db");
+        let conn = schema::open_rw(&db, 1).unwrap();
+        for id in 1..=20 {
+            conn.execute(
+                "INSERT INTO logs (id, uuid, timestamp, level, component, message, created_at) \
+                 VALUES (?1, ?2, ?3, 'info', 'c', 'm', ?3)",
+                params![
+                    id,
+                    uuid::Uuid::from_u128(id as u128).as_bytes().to_vec(),
+                    1_764_700_000_000_000i64 + id
+                ],
+            )
+            .unwrap();
+        }
+        let (url, bodies) = receiver(vec![413]);
+        assert!(sync(&db, &url, 100, 1 << 20).step(Target::Logs).is_err());
+        assert_eq!(batch::rows_in(&bodies.lock().unwrap()[0]), 20);
+        let lowered = sync(&db, &url, 5, 1 << 20);
+        assert!(matches!(
+            lowered.step(Target::Logs),
+            Ok(Progress::Sent { more: true })
+        ));
+        assert_eq!(batch::rows_in(&bodies.lock().unwrap()[1]), 5);
+        assert_eq!(shipped_through(&lowered.conn).unwrap(), 5);
+        // So with batch_bytes.
+        let (url, bodies) = receiver(vec![413]);
+        assert!(sync(&db, &url, 100, 1 << 20).step(Target::Logs).is_err());
+        let line = bodies.lock().unwrap()[0].len() / 15;
+        let lowered = sync(&db, &url, 100, 3 * line + 1);
+        lowered.step(Target::Logs).unwrap();
+        assert_eq!(batch::rows_in(&bodies.lock().unwrap()[1]), 3);
+        // A batch within the bounds goes again as it was.
+        let (url, bodies) = receiver(vec![500]);
+        assert!(sync(&db, &url, 4, 1 << 20).step(Target::Logs).is_err());
+        sync(&db, &url, 6, 1 << 20).step(Target::Logs).unwrap();
+        let bodies = bodies.lock().unwrap();
+        assert_eq!(bodies[0], bodies[1]);
+        assert_eq!(batch::rows_in(&bodies[1]), 4);
+    }
 
     #[test]
     fn the_backoff_doubles_from_the_first_failure_up_to_its_bound() {
