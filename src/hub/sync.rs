@@ -198,7 +198,8 @@ fn prepare_targets(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// Forgets what was recorded for shipping sessions and export records:
 /// run at a start with the hub off, so that `hub_changes` does not grow
-/// without a sync to empty it. When the hub is turned on again, every row
+/// without a sync to empty it (each retention pass then empties it of
+/// what the triggers record during the run). When the hub is turned on again, every row
 /// is shipped afresh (the hub keeps one row per key).
 pub fn forget_changes(db: &Path) -> Result<(), StoreError> {
     let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;

@@ -145,7 +145,8 @@ pub struct RetentionPolicy {
     /// full filesystem; `None` never does.
     pub cap: Option<SizeCap>,
     /// Hub sync is on: age retention keeps every log above the hub's
-    /// watermark (not yet shipped); rotation does not.
+    /// watermark (not yet shipped); rotation does not. Off, each pass
+    /// empties `hub_changes`.
     pub keep_unshipped: bool,
 }
 
@@ -573,6 +574,9 @@ impl Retention {
             e.files = files;
             e.more |= more;
         }
+        if !self.policy.keep_unshipped {
+            e.more |= forget_hub_changes(conn, deadline)?;
+        }
         self.rotate(conn, deadline, &mut e)?;
         let (pages, more) = vacuum_steps(conn, deadline)?;
         e.pages_freed = pages;
@@ -985,6 +989,30 @@ fn expire_sessions(
         }
         if Instant::now() >= deadline {
             return Ok((deleted, true));
+        }
+    }
+}
+
+/// With hub sync off: deletes what the triggers recorded in
+/// `hub_changes` since the start cleared it (nothing would ever ship and
+/// delete it; a long run with churning sessions grew it without bound),
+/// [`BATCH_ROWS`] per transaction until none is left or `deadline` passes;
+/// `true` if some are left. Turned on again, the sync ships every row.
+fn forget_hub_changes(conn: &mut Connection, deadline: Instant) -> rusqlite::Result<bool> {
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx
+            .prepare_cached(
+                "DELETE FROM main.hub_changes WHERE seq IN \
+                 (SELECT seq FROM main.hub_changes ORDER BY seq LIMIT ?1)",
+            )?
+            .execute([BATCH_ROWS as i64])?;
+        tx.commit()?;
+        if n < BATCH_ROWS {
+            return Ok(false);
+        }
+        if Instant::now() >= deadline {
+            return Ok(true);
         }
     }
 }
@@ -1537,6 +1565,36 @@ mod tests {
         let e = r.pass(&mut conn, &state, NOW, later()).unwrap();
         assert_eq!(e.timed_out, 0, "{e:?}");
         assert_eq!(ended(&conn, "waiting"), Some((None, None)));
+    }
+
+    #[test]
+    fn with_hub_sync_off_a_pass_empties_hub_changes_and_on_keeps_them() {
+        let (_dir, _path, mut conn) = store();
+        let n = BATCH_ROWS as i64 * 2 + 5;
+        for i in 0..n {
+            session(&conn, &format!("s{i}"), NOW, None);
+        }
+        let changes = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT count(*) FROM hub_changes", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(changes(&conn), n);
+        let state = MergeState::new(0, 0, Uuid::nil());
+        let claims = Arc::new(ArchiveClaims::default());
+        let on = RetentionPolicy {
+            keep_unshipped: true,
+            ..policy(None, Some(Duration::from_secs(3600)))
+        };
+        Retention::new(on, Arc::clone(&claims))
+            .pass(&mut conn, &state, NOW, later())
+            .unwrap();
+        assert_eq!(changes(&conn), n, "the sync has yet to ship them");
+        let off = policy(None, Some(Duration::from_secs(3600)));
+        let e = Retention::new(off, claims)
+            .pass(&mut conn, &state, NOW, later())
+            .unwrap();
+        assert!(!e.more, "{e:?}");
+        assert_eq!(changes(&conn), 0);
     }
 
     #[test]
