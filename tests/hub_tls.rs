@@ -96,6 +96,9 @@ struct Shared {
     requests: Mutex<Vec<Request>>,
     /// Statuses to answer, in order; 200 once they are used up.
     script: Mutex<VecDeque<u16>>,
+    /// Batches for this `X-Codi-Table` are answered 500, whatever the
+    /// script says.
+    refuse_table: Mutex<Option<String>>,
     handshake_failures: AtomicUsize,
     stop: AtomicBool,
 }
@@ -224,7 +227,13 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, s: &Shared) {
         }
         request.body = buf[head_len..head_len + len].to_vec();
         buf.drain(..head_len + len);
-        let status = s.script.lock().unwrap().pop_front().unwrap_or(200);
+        let refused = s.refuse_table.lock().unwrap().as_deref().is_some()
+            && request.headers.get("x-codi-table") == s.refuse_table.lock().unwrap().as_ref();
+        let status = if refused {
+            500
+        } else {
+            s.script.lock().unwrap().pop_front().unwrap_or(200)
+        };
         request.status = status;
         s.requests.lock().unwrap().push(request);
         let text = if status == 200 { "ok" } else { "try again" };
@@ -545,4 +554,59 @@ fn a_reload_retunes_the_sync_and_names_what_takes_a_restart() {
             "host_id needs a restart"
         );
     }
+}
+
+/// A hub that refuses one table's batches holds up only that table: logs
+/// go on at their own pace while sessions back off, and `/health` names
+/// the failing target.
+#[test]
+fn a_refused_target_backs_off_alone() {
+    let pki = Pki::new();
+    let receiver = Receiver::start(&pki, &[]);
+    *receiver.shared.refuse_table.lock().unwrap() = Some("sessions".into());
+    let sandbox = Sandbox::new();
+    let ca = pki.write_ca(sandbox.path());
+    let host = format!("alone-{}", std::process::id());
+    // A long first backoff: with one backoff for all, logs would wait 5 s
+    // and then 10 s behind the refused sessions.
+    let config = hub_config(
+        receiver.addr,
+        &host,
+        &format!("ca_file = \"{}\"\n", ca.display()),
+    )
+    .replace("backoff_min = \"100ms\"", "backoff_min = \"5s\"")
+    .replace("backoff_max = \"1s\"", "backoff_max = \"1m\"");
+    sandbox.write_config(&config);
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    d.unix()
+        .expect_accepted(&Message::new(Payload::SessionStart {
+            session_id: "refused".into(),
+            identity: "hub-test".into(),
+            agent_type: None,
+            workspace: None,
+        }));
+    let refused = |r: &Receiver| r.requests().iter().filter(|q| q.status == 500).count();
+    assert!(wait_until(Duration::from_secs(10), || refused(&receiver) >= 1));
+    let logs = |r: &Receiver| -> usize {
+        r.requests()
+            .iter()
+            .filter(|q| q.status == 200)
+            .map(|q| rows(&q.body).len())
+            .sum()
+    };
+    for wave in 0..4 {
+        stream(&d, 250, &format!("wave {wave}"));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        wait_until(Duration::from_secs(4), || logs(&receiver) >= 1000),
+        "logs held up behind the refused sessions: {} of 1000 arrived\n{}",
+        logs(&receiver),
+        d.stderr()
+    );
+    let hub = hub_health(&d);
+    assert_eq!(hub["status"], "degraded", "{hub}");
+    let reason = hub["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("sessions: "), "{reason}");
+    assert!(!reason.contains("logs: "), "{reason}");
 }

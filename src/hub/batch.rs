@@ -171,7 +171,7 @@ pub fn read(
     let mut created = Vec::new();
     let (mut first, mut last, mut month, mut more) = (0, 0, None, false);
     while let Some(r) = rows.next()? {
-        let created_at: i64 = r.get(8)?;
+        let created_at = int(r, 8)?.unwrap_or_default();
         let row_month = month_of(created_at);
         if *month.get_or_insert(row_month) != row_month {
             more = true;
@@ -181,14 +181,14 @@ pub fn read(
             host_id,
             id: r.get(0)?,
             uuid: uuid_text(r, 1)?,
-            timestamp: r.get(2)?,
+            timestamp: int(r, 2)?.unwrap_or_default(),
             level: text(r, 3)?.unwrap_or_default(),
             component: text(r, 4)?.unwrap_or_default(),
             session_id: text(r, 5)?,
             message: text(r, 6)?.unwrap_or_default(),
             metadata: text(r, 7)?,
             created_at,
-            uid: r.get(9)?,
+            uid: int(r, 9)?,
         };
         let line = serde_json::to_vec(&log).expect("a log serialises");
         if !created.is_empty() && body.len() + line.len() + 1 > max_bytes {
@@ -412,6 +412,49 @@ mod tests {
         );
         assert_eq!(a.digest.len(), 64);
         assert_eq!(rows_in(&a.body), 5, "a newline in a message is escaped");
+    }
+
+    #[test]
+    fn odd_values_give_one_valid_line_per_row_and_never_stop_the_batch() {
+        // What a salvage from a damaged file, or a hostile client, may leave:
+        // NUL and controls, bytes that are not UTF-8, a megabyte of text,
+        // text where an integer belongs, a real uid, a blob uuid too short.
+        let (_dir, conn) = store();
+        let day = 1_764_700_000_000_000i64;
+        let huge = "\u{2028}\"'\\".repeat(300_000);
+        conn.execute(
+            "INSERT INTO logs (id, uuid, timestamp, level, component, session_id, message, \
+             metadata, created_at, uid) VALUES (1, x'0102', 'soon', ?1, x'ff00fe0a', \
+             'a\nb', ?2, x'c328', ?3, 1.5)",
+            params!["lvl\0\r\n", huge, day],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO logs (id, uuid, timestamp, level, component, message, created_at) \
+             VALUES (2, x'00', 1, 'info', 'c', 'm', ?1)",
+            [format!(" {}", day + 2)],
+        )
+        .unwrap();
+        insert(&conn, 3, day + 3, "after");
+        let b = read(&conn, "h", 0, 3, 100, 64 << 20).unwrap().unwrap();
+        assert_eq!(rows_in(&b.body), 3);
+        let text = std::str::from_utf8(&b.body).expect("UTF-8");
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows[0]["level"], "lvl\0\r\n");
+        assert_eq!(rows[0]["component"], "\u{fffd}\0\u{fffd}\n");
+        assert_eq!(rows[0]["message"].as_str().unwrap().len(), huge.len());
+        assert_eq!(rows[0]["timestamp"], 0);
+        assert_eq!(rows[0]["uid"], 1);
+        assert_eq!(rows[1]["created_at"], day + 2);
+        assert_eq!(rows[2]["message"], "after");
+        conn.execute("UPDATE logs SET created_at = 'yesterday' WHERE id = 3", [])
+            .unwrap();
+        let b = read(&conn, "h", 2, 3, 100, 64 << 20).unwrap().unwrap();
+        assert!(b.body.starts_with(b"{\"host_id\":\"h\",\"id\":3,"));
+        assert_eq!(b.created_at, [0]);
     }
 
     #[test]

@@ -16,7 +16,10 @@
 //!    `insert_distributed_sync = 1`, so a 2xx means it is in a replicated
 //!    table; after a failure, or a restart, the recorded body is sent
 //!    again, byte for byte (whatever retention or rotation did to its rows
-//!    since), which the hub's block deduplication drops as a repeat.
+//!    since), which the hub's block deduplication drops as a repeat;
+//!    unless it is over `batch_size` or `batch_bytes` as they are now
+//!    (lowered since, because the hub refuses bodies that large): then it
+//!    is cut again to them rather than refused for ever.
 //! 4. On 2xx the watermark moves to the batch's last id and the record is
 //!    cleared, in one transaction.
 //!
@@ -45,7 +48,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The `sync_state` target of logs.
 pub const LOGS: &str = "logs";
@@ -169,6 +172,13 @@ struct InFlight {
     body: Option<Vec<u8>>,
 }
 
+/// A target whose last batch failed: when to try again, and why.
+struct Failing {
+    failures: u32,
+    retry_at: Instant,
+    error: String,
+}
+
 /// What one step did.
 enum Progress {
     /// A batch went; `more`: it was full, so the next may go at once.
@@ -231,7 +241,8 @@ fn prepare_targets(conn: &mut Connection) -> rusqlite::Result<()> {
 
 /// Forgets what was recorded for shipping sessions and export records:
 /// run at a start with the hub off, so that `hub_changes` does not grow
-/// without a sync to empty it. When the hub is turned on again, every row
+/// without a sync to empty it (each retention pass then empties it of
+/// what the triggers record during the run). When the hub is turned on again, every row
 /// is shipped afresh (the hub keeps one row per key).
 pub fn forget_changes(db: &Path) -> Result<(), StoreError> {
     let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
@@ -257,45 +268,89 @@ struct Sync {
 
 impl Sync {
     fn run(self) {
-        let mut failures: u32 = 0;
+        // Each target fails and backs off on its own: a hub that refuses
+        // one table's batches does not hold up the others.
+        let mut failing: [Option<Failing>; TARGETS.len()] = Default::default();
         loop {
-            let wait = match self.round() {
-                Ok(progress) => {
-                    if failures > 0 {
-                        log::info!("the hub takes batches again after {failures} failures");
-                    }
-                    failures = 0;
-                    self.metrics.health.recover("hub");
-                    // A backlog goes in full batches back to back; otherwise
-                    // one batch per interval (few, large inserts: ClickHouse
-                    // makes a part of each).
-                    match progress {
-                        Progress::Sent { more: true } => Duration::ZERO,
-                        Progress::Sent { more: false } | Progress::Idle => {
-                            self.tuning.read().sync_interval
+            let now = Instant::now();
+            let mut wait = self.tuning.read().sync_interval;
+            match self.salvaging() {
+                Ok(true) => {}
+                Ok(false) => {
+                    for (i, target) in TARGETS.into_iter().enumerate() {
+                        if failing[i].as_ref().is_some_and(|f| now < f.retry_at) {
+                            continue;
+                        }
+                        match self.step(target) {
+                            // A backlog goes in full batches back to back;
+                            // otherwise one batch per interval (few, large
+                            // inserts: ClickHouse makes a part of each).
+                            Ok(progress) => {
+                                if let Some(f) = failing[i].take() {
+                                    log::info!(
+                                        "the hub takes {} batches again after {} failures",
+                                        target.name(),
+                                        f.failures
+                                    );
+                                }
+                                if let Progress::Sent { more: true } = progress {
+                                    wait = Duration::ZERO;
+                                }
+                            }
+                            Err(e) => {
+                                let failures = failing[i].as_ref().map_or(0, |f| f.failures) + 1;
+                                let backoff = self.backoff(failures);
+                                Metrics::add(&self.metrics.sync_failures, 1);
+                                log::warn!(
+                                    "hub sync of {} to {} failed ({failures} in a row; retrying \
+                                     in {backoff:?}): {e}",
+                                    target.name(),
+                                    self.hub.url.as_deref().unwrap_or("")
+                                );
+                                failing[i] = Some(Failing {
+                                    failures,
+                                    retry_at: Instant::now() + backoff,
+                                    error: e,
+                                });
+                            }
                         }
                     }
                 }
-                Err(e) => {
-                    failures = failures.saturating_add(1);
-                    Metrics::add(&self.metrics.sync_failures, 1);
-                    let wait = self.backoff(failures);
-                    log::warn!(
-                        "hub sync to {} failed ({failures} in a row; retrying in {wait:?}): {e}",
-                        self.hub.url.as_deref().unwrap_or("")
-                    );
-                    self.metrics
-                        .health
-                        .fail("hub", format!("batches to the hub fail: {e}"));
-                    wait
-                }
-            };
+                Err(e) => log::warn!("hub sync: the database: {e}"),
+            }
+            let troubles: Vec<String> = TARGETS
+                .iter()
+                .zip(&failing)
+                .filter_map(|(t, f)| Some(format!("{}: {}", t.name(), f.as_ref()?.error)))
+                .collect();
+            if troubles.is_empty() {
+                self.metrics.health.recover("hub");
+            } else {
+                self.metrics.health.fail(
+                    "hub",
+                    format!("batches to the hub fail: {}", troubles.join("; ")),
+                );
+            }
+            let now = Instant::now();
+            for f in failing.iter().flatten() {
+                wait = wait.min(f.retry_at.saturating_duration_since(now));
+            }
             self.update_lag();
             match self.stopped.recv_timeout(wait) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
         }
+    }
+
+    /// Whether a damaged file's rows are being salvaged (they may come
+    /// back below a watermark: the sync waits).
+    fn salvaging(&self) -> rusqlite::Result<bool> {
+        self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM recoveries WHERE state IN ('moving', 'pending'))",
+            [],
+            |r| r.get(0),
+        )
     }
 
     /// Sets the lag gauge: the age of the oldest log the hub does not
@@ -327,40 +382,34 @@ impl Sync {
         backoff(t.backoff_min, t.backoff_max, failures, jitter)
     }
 
-    /// One batch of each target, if it has one: `Sent` if any went, with
-    /// `more` if any was full.
-    fn round(&self) -> Result<Progress, String> {
-        let sql = |e: rusqlite::Error| format!("the database: {e}");
-        let salvaging: bool = self
-            .conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM recoveries WHERE state IN ('moving', 'pending'))",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(sql)?;
-        if salvaging {
-            return Ok(Progress::Idle);
-        }
-        let mut progress = Progress::Idle;
-        for target in TARGETS {
-            if let Progress::Sent { more } = self.step(target)? {
-                let any_more = matches!(progress, Progress::Sent { more: true });
-                progress = Progress::Sent {
-                    more: more || any_more,
-                };
-            }
-        }
-        Ok(progress)
-    }
-
     /// Ships the batch of `target` in flight, or its next one.
     fn step(&self, target: Target) -> Result<Progress, String> {
         let sql = |e: rusqlite::Error| format!("the database: {e}");
         let (mark, in_flight) = self.state(target).map_err(sql)?;
-        let batch = match in_flight {
-            Some(in_flight) => self.again(target, in_flight).map_err(sql)?,
-            None => {
+        let again = match in_flight {
+            Some(in_flight) => Some(self.again(target, in_flight).map_err(sql)?),
+            None => None,
+        };
+        let batch = match again {
+            Some(b) if self.within_bounds(&b) => b,
+            stale => {
+                if let Some(b) = stale {
+                    // batch_size or batch_bytes was lowered since it was
+                    // first sent (perhaps because the hub refuses a body
+                    // that large): sent as it is it would fail for ever.
+                    // The rows go again in batches of the new bounds, so
+                    // the hub may hold some twice until its merges.
+                    log::warn!(
+                        "hub sync: the {} batch in flight ({}..={}, {} rows, {} bytes) is over \
+                         server_hub.batch_size or batch_bytes; it is cut again to them (the hub \
+                         may keep some of its rows twice until its merges)",
+                        target.name(),
+                        b.first,
+                        b.last,
+                        batch::rows_in(&b.body),
+                        b.body.len()
+                    );
+                }
                 let Some(b) = self.form(target, mark).map_err(sql)? else {
                     return Ok(Progress::Idle);
                 };
@@ -407,6 +456,14 @@ impl Sync {
             self.metrics.sync_latency.record(us.saturating_mul(1000));
         }
         Ok(Progress::Sent { more: batch.more })
+    }
+
+    /// Whether `b` keeps to the bounds now configured (a batch of one row
+    /// always does).
+    fn within_bounds(&self, b: &Batch) -> bool {
+        let rows = batch::rows_in(&b.body);
+        let t = *self.tuning.read();
+        rows <= 1 || (rows <= t.batch_size && b.body.len() <= t.batch_bytes)
     }
 
     /// The next batch of `target` above `mark`, if there is one.
@@ -461,8 +518,9 @@ impl Sync {
         });
         if b.digest != digest {
             log::warn!(
-                "hub sync: the {} batch in flight ({first}..={last}) lost rows since it was \
-                 first sent (the size cap rotated them out); sending what is left",
+                "hub sync: the {} batch in flight ({first}..={last}) reads differently than \
+                 when it was first sent (rows rotated out by the size cap or lost to a damaged \
+                 file, or server_hub.host_id changed); sending it as it is now, a new block",
                 target.name()
             );
         }
@@ -535,6 +593,122 @@ fn now_us() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::wal::DurableMark;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    /// A plain-HTTP receiver answering `script` in order (200 once used
+    /// up) and recording every body it gets.
+    fn receiver(script: Vec<u16>) -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/in", listener.local_addr().unwrap());
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&bodies);
+        std::thread::spawn(move || {
+            let mut script = script.into_iter();
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let mut reader = BufReader::new(stream);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                seen.lock().unwrap().push(body);
+                let status = script.next().unwrap_or(200);
+                let _ = write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        (url, bodies)
+    }
+
+    fn sync(db: &Path, url: &str, batch_size: usize, batch_bytes: usize) -> Sync {
+        let text = format!(
+            "[server_hub]\nenabled = true\nkind = \"ndjson\"\nurl = \"{url}\"\n\
+             host_id = \"h\"\nbatch_size = {batch_size}\n"
+        );
+        // Below the smallest batch_bytes a configuration may set, to keep
+        // the test's bodies small.
+        let mut config =
+            crate::config::Config::from_toml_str(&text, &crate::config::Overrides::default())
+                .unwrap();
+        config.server_hub.batch_bytes = batch_bytes;
+        let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE).unwrap();
+        prepare_targets(&mut conn).unwrap();
+        let merge = MergeState::new(0, 0, uuid::Uuid::nil());
+        merge.made_durable(i64::MAX);
+        Sync {
+            conn,
+            transport: Transport::new(&config.server_hub).unwrap(),
+            tuning: Arc::new(parking_lot::RwLock::new(Tuning::from(&config.server_hub))),
+            hub: config.server_hub,
+            merge: Arc::new(merge),
+            metrics: Arc::new(Metrics::default()),
+            stopped: crossbeam_channel::bounded(0).1,
+        }
+    }
+
+    #[test]
+    fn a_batch_in_flight_over_bounds_lowered_since_is_cut_again() {
+        // A receiver refused a batch of 20 logs (too large for it, say);
+        // the operator lowers batch_size to 5 and restarts: what goes next
+        // must hold 5, or the batch is refused for ever.
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("codi.db");
+        let conn = schema::open_rw(&db, 1).unwrap();
+        for id in 1..=20 {
+            conn.execute(
+                "INSERT INTO logs (id, uuid, timestamp, level, component, message, created_at) \
+                 VALUES (?1, ?2, ?3, 'info', 'c', 'm', ?3)",
+                params![
+                    id,
+                    uuid::Uuid::from_u128(id as u128).as_bytes().to_vec(),
+                    1_764_700_000_000_000i64 + id
+                ],
+            )
+            .unwrap();
+        }
+        let (url, bodies) = receiver(vec![413]);
+        assert!(sync(&db, &url, 100, 1 << 20).step(Target::Logs).is_err());
+        assert_eq!(batch::rows_in(&bodies.lock().unwrap()[0]), 20);
+        let lowered = sync(&db, &url, 5, 1 << 20);
+        assert!(matches!(
+            lowered.step(Target::Logs),
+            Ok(Progress::Sent { more: true })
+        ));
+        assert_eq!(batch::rows_in(&bodies.lock().unwrap()[1]), 5);
+        assert_eq!(shipped_through(&lowered.conn).unwrap(), 5);
+        // So with batch_bytes.
+        let (url, bodies) = receiver(vec![413]);
+        assert!(sync(&db, &url, 100, 1 << 20).step(Target::Logs).is_err());
+        let line = bodies.lock().unwrap()[0].len() / 15;
+        let lowered = sync(&db, &url, 100, 3 * line + 1);
+        lowered.step(Target::Logs).unwrap();
+        assert_eq!(batch::rows_in(&bodies.lock().unwrap()[1]), 3);
+        // A batch within the bounds goes again as it was.
+        let (url, bodies) = receiver(vec![500]);
+        assert!(sync(&db, &url, 4, 1 << 20).step(Target::Logs).is_err());
+        sync(&db, &url, 6, 1 << 20).step(Target::Logs).unwrap();
+        let bodies = bodies.lock().unwrap();
+        assert_eq!(bodies[0], bodies[1]);
+        assert_eq!(batch::rows_in(&bodies[1]), 4);
+    }
 
     #[test]
     fn the_backoff_doubles_from_the_first_failure_up_to_its_bound() {

@@ -31,8 +31,14 @@ use std::time::Duration;
 
 /// How long connecting to the hub (TCP and TLS handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long one request to the hub may take.
+/// How long one request to the hub may take, besides the body's upload
+/// at [`MIN_UPLOAD_RATE`].
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slowest upload a request allows for (bytes per second): a full
+/// batch (`batch_bytes`, 32 MiB by default) may take 32 s more. With one
+/// bound for every body, a batch too large to upload in it would be
+/// re-sent, and time out, for ever.
+const MIN_UPLOAD_RATE: u64 = 1 << 20;
 /// Most bytes of an error answer kept for the log (a hostile hub cannot
 /// make the daemon hold more).
 const MAX_ERROR_BODY: u64 = 4096;
@@ -124,7 +130,9 @@ impl Transport {
                 .set("X-Codi-Host", &self.host_id)
                 .set("X-Codi-Batch", batch_name),
         };
-        let mut request = request.set("Content-Type", self.content_type);
+        let mut request = request
+            .set("Content-Type", self.content_type)
+            .timeout(request_timeout(body.len()));
         if let Some(user) = &self.user {
             let password = match &self.password_file {
                 Some(file) => std::fs::read_to_string(file)
@@ -164,6 +172,11 @@ impl Transport {
             Err(e) => Err(format!("cannot reach the hub: {e}")),
         }
     }
+}
+
+/// How long the request sending a body of `len` bytes may take.
+fn request_timeout(len: usize) -> Duration {
+    REQUEST_TIMEOUT + Duration::from_secs_f64(len as f64 / MIN_UPLOAD_RATE as f64)
 }
 
 /// The stable name of a batch of `target` (`logs`, ...) ending at id (or
@@ -320,6 +333,15 @@ mod tests {
         assert!(e.contains("may be written by others"), "{e}");
         let e = err(dir.path());
         assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_large_body_has_time_to_upload() {
+        assert_eq!(request_timeout(0), REQUEST_TIMEOUT);
+        assert_eq!(
+            request_timeout(32 << 20),
+            REQUEST_TIMEOUT + Duration::from_secs(32)
+        );
     }
 
     #[test]

@@ -672,6 +672,15 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
         // So is hub sync's watermark and batch in flight: the hub has what
         // it acknowledged, and a re-send must be the same bytes.
         let sync_state = read_sync_state(db);
+        // hub_changes' seqs are the watermark of sessions and export
+        // records: the fresh file's must start above the carried one (and
+        // the batch in flight), or the salvaged rows' changes, and every
+        // later one up to there, fall below it and are never shipped.
+        let changes_floor = read_i64(
+            db,
+            "SELECT seq FROM sqlite_sequence WHERE name = 'hub_changes'",
+        )
+        .unwrap_or(0);
         build_aside(&with_suffix(db, ".new"), FileKind::Main, |conn| {
             for r in &earlier {
                 carry_over(conn, r)?;
@@ -687,6 +696,12 @@ pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreErr
             conn.execute(
                 "INSERT INTO sqlite_sequence (name, seq) VALUES ('export_archive', ?1)",
                 [export_floor],
+            )?;
+            conn.execute(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT 'hub_changes', \
+                 max(coalesce(max(last_log_id), 0), coalesce(max(inflight_last), 0), ?2, 0) \
+                 FROM sync_state WHERE target <> ?1",
+                rusqlite::params![crate::hub::sync::LOGS, changes_floor],
             )?;
             record(conn)
         })?;

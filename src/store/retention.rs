@@ -145,7 +145,8 @@ pub struct RetentionPolicy {
     /// full filesystem; `None` never does.
     pub cap: Option<SizeCap>,
     /// Hub sync is on: age retention keeps every log above the hub's
-    /// watermark (not yet shipped); rotation does not.
+    /// watermark (not yet shipped); rotation does not. Off, each pass
+    /// empties `hub_changes`.
     pub keep_unshipped: bool,
 }
 
@@ -563,15 +564,25 @@ impl Retention {
             let (logs, more) = expire_logs(conn, cutoff, keep_from, deadline)?;
             e.logs = logs;
             e.more |= more;
-            let (sessions, more) = expire_sessions(conn, cutoff, deadline)?;
+            let keep_pending = self.policy.keep_unshipped;
+            let (sessions, more) = expire_sessions(conn, cutoff, keep_pending, deadline)?;
             e.sessions = sessions;
             e.more |= more;
             let archive = self.archive_root();
-            let (exports, files, more) =
-                expire_exports(conn, cutoff, archive.as_ref(), &self.claims, deadline)?;
+            let (exports, files, more) = expire_exports(
+                conn,
+                cutoff,
+                archive.as_ref(),
+                &self.claims,
+                keep_pending,
+                deadline,
+            )?;
             e.exports = exports;
             e.files = files;
             e.more |= more;
+        }
+        if !self.policy.keep_unshipped {
+            e.more |= forget_hub_changes(conn, deadline)?;
         }
         self.rotate(conn, deadline, &mut e)?;
         let (pages, more) = vacuum_steps(conn, deadline)?;
@@ -954,13 +965,28 @@ fn expire_logs_counting(
     }))
 }
 
-/// Deletes sessions that ended before `cutoff`, [`BATCH_ROWS`] per
-/// transaction, until none is left or `deadline` passes.
+/// An export row with no change waiting in `hub_changes`: one the hub has.
+/// With hub sync on, age retention deletes only such rows, as it keeps
+/// unshipped logs.
+const NOT_PENDING: &str = "AND NOT EXISTS (SELECT 1 FROM hub_changes c \
+    WHERE c.kind = 'export_archive' AND c.row_key = CAST(export_archive.id AS TEXT))";
+
+/// Deletes sessions that ended before `cutoff` (with `keep_pending`, only
+/// those with no change waiting for the hub in `hub_changes`),
+/// [`BATCH_ROWS`] per transaction, until none is left or `deadline`
+/// passes.
 fn expire_sessions(
     conn: &mut Connection,
     cutoff: i64,
+    keep_pending: bool,
     deadline: Instant,
 ) -> rusqlite::Result<(u64, bool)> {
+    let pending = if keep_pending {
+        "AND NOT EXISTS (SELECT 1 FROM hub_changes c WHERE c.kind = 'sessions' \
+         AND c.row_key = sessions.id)"
+    } else {
+        ""
+    };
     let any: bool = conn
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?1)",
@@ -973,10 +999,11 @@ fn expire_sessions(
     loop {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let n = tx
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
-                 WHERE ended_at IS NOT NULL AND ended_at < ?1 ORDER BY ended_at LIMIT ?2)",
-            )?
+                 WHERE ended_at IS NOT NULL AND ended_at < ?1 {pending} \
+                 ORDER BY ended_at LIMIT ?2)"
+            ))?
             .execute(params![cutoff, BATCH_ROWS as i64])?;
         tx.commit()?;
         deleted += n as u64;
@@ -985,6 +1012,30 @@ fn expire_sessions(
         }
         if Instant::now() >= deadline {
             return Ok((deleted, true));
+        }
+    }
+}
+
+/// With hub sync off: deletes what the triggers recorded in
+/// `hub_changes` since the start cleared it (nothing would ever ship and
+/// delete it; a long run with churning sessions grew it without bound),
+/// [`BATCH_ROWS`] per transaction until none is left or `deadline` passes;
+/// `true` if some are left. Turned on again, the sync ships every row.
+fn forget_hub_changes(conn: &mut Connection, deadline: Instant) -> rusqlite::Result<bool> {
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx
+            .prepare_cached(
+                "DELETE FROM main.hub_changes WHERE seq IN \
+                 (SELECT seq FROM main.hub_changes ORDER BY seq LIMIT ?1)",
+            )?
+            .execute([BATCH_ROWS as i64])?;
+        tx.commit()?;
+        if n < BATCH_ROWS {
+            return Ok(false);
+        }
+        if Instant::now() >= deadline {
+            return Ok(true);
         }
     }
 }
@@ -1011,15 +1062,17 @@ impl ArchiveRoot {
     }
 }
 
-/// Deletes export rows archived before `cutoff`, in id order,
-/// [`BATCH_ROWS`] per transaction, with the archive files no remaining row
-/// references (inside `archive` only; none without it). Rows deleted,
+/// Deletes export rows archived before `cutoff` (with `keep_pending`, only
+/// those the hub has: [`NOT_PENDING`]), in id order, [`BATCH_ROWS`] per
+/// transaction, with the archive files no remaining row references
+/// (inside `archive` only; none without it). Rows deleted,
 /// files deleted, and whether it stopped on `deadline`.
 pub fn expire_exports(
     conn: &mut Connection,
     cutoff: i64,
     archive: Option<&ArchiveRoot>,
     claims: &ArchiveClaims,
+    keep_pending: bool,
     deadline: Instant,
 ) -> rusqlite::Result<(u64, u64, bool)> {
     // While a damaged main database's records are being salvaged, a recent
@@ -1047,7 +1100,8 @@ pub fn expire_exports(
     let mut after = 0;
     loop {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let batch = expire_exports_batch(&tx, cutoff, after, archive, claims)?;
+        let pending = if keep_pending { NOT_PENDING } else { "" };
+        let batch = expire_exports_batch(&tx, cutoff, after, archive, claims, pending)?;
         tx.commit()?;
         match batch {
             None | Some((_, 0, _)) => return Ok((rows, files, false)),
@@ -1076,6 +1130,7 @@ fn expire_exports_batch(
     after: i64,
     archive: Option<&ArchiveRoot>,
     claims: &ArchiveClaims,
+    pending: &str,
 ) -> rusqlite::Result<Option<(i64, u64, u64)>> {
     let end: Option<i64> = tx
         .prepare_cached(
@@ -1089,13 +1144,15 @@ fn expire_exports_batch(
     let files: HashSet<(String, Option<String>)> = tx
         .prepare_cached(&format!(
             "SELECT DISTINCT archive_path, content_hash FROM export_archive \
-             WHERE id > ?1 AND id <= ?2 AND {ARCHIVED_AT} < ?3 AND archive_path <> ''"
+             WHERE id > ?1 AND id <= ?2 AND {ARCHIVED_AT} < ?3 AND archive_path <> '' \
+             {pending}"
         ))?
         .query_map(params![after, end, cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     let rows = tx
         .prepare_cached(&format!(
-            "DELETE FROM export_archive WHERE id > ?1 AND id <= ?2 AND {ARCHIVED_AT} < ?3"
+            "DELETE FROM export_archive WHERE id > ?1 AND id <= ?2 AND {ARCHIVED_AT} < ?3 \
+             {pending}"
         ))?
         .execute(params![after, end, cutoff])? as u64;
     let mut still_used = tx.prepare_cached(
@@ -1540,6 +1597,67 @@ mod tests {
     }
 
     #[test]
+    fn with_hub_sync_age_retention_keeps_sessions_and_exports_the_hub_lacks() {
+        let (_dir, _path, mut conn) = store();
+        session(&conn, "shipped", OLD - DAY_US, Some(OLD));
+        session(&conn, "unshipped", OLD - DAY_US, Some(OLD));
+        export_row(&conn, "", "aa", OLD);
+        export_row(&conn, "", "bb", OLD);
+        // The hub has "shipped" and export 1; the rest wait in hub_changes.
+        conn.execute(
+            "DELETE FROM hub_changes WHERE (kind = 'sessions' AND row_key = 'shipped') \
+             OR (kind = 'export_archive' AND row_key = '1')",
+            [],
+        )
+        .unwrap();
+        let state = MergeState::new(0, 0, Uuid::nil());
+        let on = RetentionPolicy {
+            keep_unshipped: true,
+            ..policy(Some(30), None)
+        };
+        let e = Retention::new(on, Arc::new(ArchiveClaims::default()))
+            .pass(&mut conn, &state, NOW, later())
+            .unwrap();
+        assert_eq!((e.sessions, e.exports), (1, 1), "{e:?}");
+        assert!(ended(&conn, "shipped").is_none());
+        assert!(ended(&conn, "unshipped").is_some(), "the hub lacks it");
+        let left: i64 = conn
+            .query_row("SELECT id FROM export_archive", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 2, "the export the hub lacks");
+    }
+
+    #[test]
+    fn with_hub_sync_off_a_pass_empties_hub_changes_and_on_keeps_them() {
+        let (_dir, _path, mut conn) = store();
+        let n = BATCH_ROWS as i64 * 2 + 5;
+        for i in 0..n {
+            session(&conn, &format!("s{i}"), NOW, None);
+        }
+        let changes = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT count(*) FROM hub_changes", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(changes(&conn), n);
+        let state = MergeState::new(0, 0, Uuid::nil());
+        let claims = Arc::new(ArchiveClaims::default());
+        let on = RetentionPolicy {
+            keep_unshipped: true,
+            ..policy(None, Some(Duration::from_secs(3600)))
+        };
+        Retention::new(on, Arc::clone(&claims))
+            .pass(&mut conn, &state, NOW, later())
+            .unwrap();
+        assert_eq!(changes(&conn), n, "the sync has yet to ship them");
+        let off = policy(None, Some(Duration::from_secs(3600)));
+        let e = Retention::new(off, claims)
+            .pass(&mut conn, &state, NOW, later())
+            .unwrap();
+        assert!(!e.more, "{e:?}");
+        assert_eq!(changes(&conn), 0);
+    }
+
+    #[test]
     fn session_expiry_goes_on_after_many_active_sessions() {
         let (_dir, _path, mut conn) = store();
         let n = SESSION_BATCH as i64 * 3;
@@ -1632,8 +1750,15 @@ mod tests {
         .unwrap();
         let claims = ArchiveClaims::default();
         claims.lock().claim(&claimed);
-        let (rows, files, more) =
-            expire_exports(&mut conn, CUTOFF, Some(&archive.root), &claims, later()).unwrap();
+        let (rows, files, more) = expire_exports(
+            &mut conn,
+            CUTOFF,
+            Some(&archive.root),
+            &claims,
+            false,
+            later(),
+        )
+        .unwrap();
         assert_eq!((rows, files, more), (4, 1, false));
         assert_eq!(export_rows(&conn), 1);
         assert!(!Path::new(&orphan).exists());
@@ -1672,8 +1797,15 @@ mod tests {
         export_row(&conn, &precious.to_string_lossy(), "cc", OLD);
         insert_log(&conn, 1, None, NEW);
         let claims = ArchiveClaims::default();
-        let (rows, files, _) =
-            expire_exports(&mut conn, CUTOFF, Some(&archive.root), &claims, later()).unwrap();
+        let (rows, files, _) = expire_exports(
+            &mut conn,
+            CUTOFF,
+            Some(&archive.root),
+            &claims,
+            false,
+            later(),
+        )
+        .unwrap();
         assert_eq!((rows, files), (3, 0));
         assert_eq!(fs::read(&precious).unwrap(), b"keep me");
         assert!(fs::symlink_metadata(&file_link).unwrap().is_symlink());

@@ -196,7 +196,8 @@ ALTER TABLE sync_state ADD COLUMN inflight_body BLOB;
 /// ([`crate::hub::sync`]). Their rows change (a session ends), so an id
 /// watermark cannot tell what is new: every insert and update appends the
 /// row's key to `hub_changes`, whose `seq` (AUTOINCREMENT: never reused,
-/// even after a delete) is the watermark of those targets. Deletes are not
+/// even after a delete) is the watermark of those targets; age retention
+/// keeps a row with a change still there (by `row_key`). Deletes are not
 /// recorded: the hub keeps what it was sent. The sync fills the table
 /// with every existing row the first time it ships a kind.
 const V9: &str = "
@@ -206,6 +207,7 @@ CREATE TABLE hub_changes (
   row_key TEXT NOT NULL
 );
 CREATE INDEX idx_hub_changes_kind ON hub_changes(kind, seq);
+CREATE INDEX idx_hub_changes_key ON hub_changes(kind, row_key);
 CREATE TRIGGER hub_sessions_insert AFTER INSERT ON sessions
 BEGIN INSERT INTO hub_changes (kind, row_key) VALUES ('sessions', NEW.id); END;
 CREATE TRIGGER hub_sessions_update AFTER UPDATE ON sessions

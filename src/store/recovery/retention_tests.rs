@@ -136,7 +136,7 @@ fn retention_between_salvage_steps_keeps_an_archive_file_a_later_row_shares() {
     let claims = ArchiveClaims::default();
     salvage_with(&db, &mut |conn| {
         let far = Instant::now() + Duration::from_secs(60);
-        retention::expire_exports(conn, now - DAY_US, Some(&root), &claims, far).unwrap();
+        retention::expire_exports(conn, now - DAY_US, Some(&root), &claims, false, far).unwrap();
     });
     assert_eq!(
         count(

@@ -312,3 +312,69 @@ fn acknowledging_a_store_from_before_recoveries_acknowledges_none() {
         .unwrap();
     assert_eq!(acknowledge(&conn).unwrap(), 0);
 }
+
+#[test]
+fn changes_after_a_recovery_are_above_the_carried_hub_watermark() {
+    // The hub has every session change up to seq 30 (and a batch of 31..=35
+    // in flight); the main database is damaged and replaced. The salvaged
+    // sessions, and any recorded later, must get seqs above both, or the
+    // sync skips them for good.
+    let dir = tempfile::tempdir().unwrap();
+    let db = store(dir.path(), "data", 1, 10, 0);
+    {
+        let conn = schema::open_rw(&db, 1).unwrap();
+        for n in 0..5 {
+            conn.execute(
+                "INSERT INTO sessions (id, identity, started_at, recorded_at) \
+                 VALUES (?1, 'me', 1, 1)",
+                [format!("s{n}")],
+            )
+            .unwrap();
+            for end in 0..6 {
+                conn.execute(
+                    "UPDATE sessions SET ended_at = ?2 WHERE id = ?1",
+                    rusqlite::params![format!("s{n}"), end],
+                )
+                .unwrap();
+            }
+        }
+        conn.execute("DELETE FROM hub_changes WHERE seq <= 30", [])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO sync_state (target, last_log_id, inflight_first, inflight_last, \
+             inflight_digest, inflight_body) VALUES ('sessions', 30, 31, 35, 'd', x'7b7d0a')",
+            [],
+        )
+        .unwrap();
+    }
+    full_set_aside(&db);
+    restart_and_salvage(&db);
+    let conn = schema::open_rw(&db, 1).unwrap();
+    conn.execute(
+        "INSERT INTO sessions (id, identity, started_at, recorded_at) VALUES ('new', 'me', 1, 1)",
+        [],
+    )
+    .unwrap();
+    let keys: Vec<String> = conn
+        .prepare(
+            "SELECT row_key FROM hub_changes WHERE kind = 'sessions' AND seq > 35 ORDER BY seq",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(
+        keys,
+        ["s0", "s1", "s2", "s3", "s4", "new"],
+        "changes at or below the watermark"
+    );
+    let below: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM hub_changes WHERE seq <= 35",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(below, 0);
+}
