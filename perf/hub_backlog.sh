@@ -31,6 +31,7 @@ perf_preamble "backlog=${BACKLOG_RATE}/s x ${BACKLOG_SECONDS}s, then rate=$RATE 
 
 work=$(mktemp -d)
 hub_dir=$(mktemp -d)
+chmod 755 "$hub_dir" # scripts/hub runs the servers as the clickhouse user when root
 pid=
 cleanup() {
     [[ -n $pid ]] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null

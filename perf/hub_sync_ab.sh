@@ -14,7 +14,8 @@
 #   perf/hub_sync_ab.sh            # RATES="10000 100000", 2 rounds of 20 s
 #
 # Environment: BIN (default target/release), RATES ("10000 100000"),
-# ROUNDS (2), DURATION (20), CLIENTS (1000), RESULTS_DIR (default
+# ROUNDS (2), DURATION (20), CLIENTS (1000), HUB_EXTRA (more [server_hub]
+# lines for B, e.g. 'batch_size = 100000'), RESULTS_DIR (default
 # perf/results/hub-sync-<UTC stamp>). The window is 1 answer in flight per
 # client at 10,000/s and 8 above (as issue 14's table).
 set -euo pipefail
@@ -25,13 +26,15 @@ RATES=${RATES:-10000 100000}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-20}
 CLIENTS=${CLIENTS:-1000}
+HUB_EXTRA=${HUB_EXTRA:-}
 OUT=${RESULTS_DIR:-$ROOT/perf/results/hub-sync-$(date -u +%Y%m%dT%H%M%SZ)}
 # shellcheck source=perf/common.sh
 source "$ROOT/perf/common.sh"
-perf_preamble "rates=$RATES rounds=$ROUNDS duration=$DURATION clients=$CLIENTS"
+perf_preamble "rates=$RATES rounds=$ROUNDS duration=$DURATION clients=$CLIENTS hub_extra=${HUB_EXTRA//$'\n'/; }"
 
 work=$(mktemp -d)
 hub_dir=$(mktemp -d)
+chmod 755 "$hub_dir" # scripts/hub runs the servers as the clickhouse user when root
 cleanup() {
     "$ROOT/scripts/hub" stop "$hub_dir" >/dev/null 2>&1 || true
     rm -rf "$work" "$hub_dir"
@@ -56,8 +59,8 @@ run_one() { # name rate window sync(0|1)
     local host="perf-$1-$$"
     mkdir -p "$dir"
     if ((sync)); then
-        printf '[server_hub]\nenabled = true\nurl = "%s"\nhost_id = "%s"\n' "$hub_url" "$host" \
-            >"$dir/monitor.toml"
+        printf '[server_hub]\nenabled = true\nurl = "%s"\nhost_id = "%s"\n%s\n' "$hub_url" "$host" \
+            "$HUB_EXTRA" >"$dir/monitor.toml"
     else
         printf '[server_hub]\nenabled = false\n' >"$dir/monitor.toml"
     fi

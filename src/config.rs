@@ -77,7 +77,7 @@ pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// `server_hub.enabled` when unset.
 pub const DEFAULT_SERVER_HUB_ENABLED: bool = false;
 /// `server_hub.batch_size` when unset.
-pub const DEFAULT_SERVER_HUB_BATCH_SIZE: usize = 50_000;
+pub const DEFAULT_SERVER_HUB_BATCH_SIZE: usize = 100_000;
 /// `server_hub.sync_interval` when unset.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// `server_hub.batch_bytes` when unset: most bytes of one batch's body.

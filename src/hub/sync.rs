@@ -6,12 +6,16 @@
 //! in flight (its id range and digest), never a per-row update:
 //!
 //! 1. A batch is formed from the ids above the watermark up to the
-//!    merger's durable mark ([`MergeState::durable_through`]): only rows
-//!    on disk in `logs`, which a power cut cannot take back, so no id the
-//!    hub holds is ever given to another log (the model test's watermark
-//!    rule, `store::model_tests`).
-//! 2. Its id range, body and digest are committed (`synchronous = FULL`)
-//!    before it is sent.
+//!    merger's merged mark ([`MergeState::merged_through`]): rows in
+//!    `logs`, every id below it filled.
+//! 2. Its id range and digest are committed (`synchronous = FULL`) before
+//!    it is sent. That commit syncs the main database's WAL, and with it
+//!    every frame committed before it by any connection: the rows the
+//!    batch was read from are on disk before the hub sees them, so a power
+//!    cut cannot take them back and give their ids to other logs (the
+//!    model test's watermark rule and its `Ship` step, `store::model_tests`;
+//!    waiting for a checkpoint's durable mark instead cost 2-3 s of
+//!    latency at 100,000 logs/s, docs/PERFORMANCE.md).
 //! 3. It is sent to the hub's `Distributed` table with
 //!    `insert_distributed_sync = 1`, so a 2xx means it is in a replicated
 //!    table; after a failure, or a restart, the recorded body is sent
@@ -128,7 +132,7 @@ impl SyncHandle {
 }
 
 /// Starts the sync thread for the store at `db` with `hub` (which must
-/// have a URL), reading the durable mark from `merge` and its tuning from
+/// have a URL), reading the merged mark from `merge` and its tuning from
 /// `tuning`.
 pub fn spawn_sync(
     db: &Path,
@@ -475,7 +479,7 @@ impl Sync {
                 &self.conn,
                 host,
                 mark,
-                self.merge.durable_through(),
+                self.merge.merged_through(),
                 t.batch_size,
                 t.batch_bytes,
             ),

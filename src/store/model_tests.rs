@@ -75,6 +75,11 @@ enum Op {
     /// The power goes: each file keeps what its checkpoints copied; the
     /// daemon starts on what is left.
     PowerCut,
+    /// Hub sync forms a batch: it reads the merged mark and the rows up to
+    /// it, then commits the record of the batch in flight with
+    /// `synchronous = FULL` on its own connection, which syncs the main
+    /// database's WAL; only then would the batch be sent.
+    Ship,
 }
 
 /// What a crash interrupts.
@@ -112,6 +117,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(during, rows)| Op::Crash { during, rows }),
         1 => Just(Op::Restart),
         1 => Just(Op::PowerCut),
+        2 => Just(Op::Ship),
     ]
 }
 
@@ -157,6 +163,9 @@ struct Model {
     ingest_durable: u64,
     /// Every commit to the main database up to this step is on disk.
     main_durable: u64,
+    /// The main database's WAL index right after hub sync's last
+    /// `synchronous = FULL` commit: the frames up to it survive a power cut.
+    main_synced: Option<WalIndex>,
 }
 
 impl Model {
@@ -200,6 +209,8 @@ struct Daemon {
     indexed: Connection,
     /// The merger's.
     main: Connection,
+    /// Hub sync's, at `synchronous = FULL`.
+    sync: Connection,
     /// The checkpointers'.
     main_checkpointer: Connection,
     ingest_checkpointer: Connection,
@@ -232,7 +243,11 @@ impl Daemon {
             conn.busy_timeout(LOCK_WAIT).unwrap();
             conn
         };
+        let sync = schema::open_rw(path, 1).unwrap();
+        sync.pragma_update(None, "synchronous", "FULL").unwrap();
+        sync.busy_timeout(LOCK_WAIT).unwrap();
         Daemon {
+            sync,
             main_checkpointer: checkpointer(path),
             ingest_checkpointer: checkpointer(&schema::ingest_path(path)),
             body: IngestBody::new(Arc::clone(&state), pending, last_own_id, MAX_PENDING_ROWS),
@@ -578,6 +593,30 @@ fn run(ops: &[Op]) {
                 model.blind.clear();
                 daemon = Some(Daemon::start(&files.path));
             }
+            Op::Ship => {
+                let through = d.state.merged_through();
+                let shipped: Vec<(i64, Uuid)> = files
+                    .indexed()
+                    .into_iter()
+                    .filter(|&(id, _)| id <= through)
+                    .collect();
+                d.sync
+                    .execute(
+                        "INSERT OR REPLACE INTO sync_state (target, last_log_id, updated_at) \
+                         VALUES ('model', 0, ?1)",
+                        [now as i64],
+                    )
+                    .unwrap();
+                model.main_synced = WalIndex::read(&files.path);
+                model.main_durable = now;
+                // The batch may now go: these ids are the hub's.
+                if let Some(&(newest, _)) = shipped.last() {
+                    model.logs_mark = model.logs_mark.max(newest);
+                }
+                for (id, uuid) in shipped {
+                    model.in_logs.entry(id).or_insert(uuid);
+                }
+            }
             Op::PowerCut => {
                 files.release_reader();
                 // Copied while the daemon's connections are still open, as
@@ -704,10 +743,13 @@ fn power_cut(files: &mut Files, model: &mut Model, now: u64) {
     let ingest = schema::ingest_path(&files.path);
     files.generation += 1;
     let dir = files.root.path().join(files.generation.to_string());
-    power_cut::copy_cut(&[&files.path, &ingest], &dir);
+    power_cut::copy_cut_synced(&[(&files.path, model.main_synced), (&ingest, None)], &dir);
     files.path = dir.join(files.path.file_name().unwrap());
     files.bystander = schema::open_ro(&files.path).unwrap();
     let seen: HashSet<Uuid> = files.visible().into_iter().map(|(_, u)| u).collect();
+    // What survived is on disk: the frames the read just recovered from
+    // the cut WAL stay through the next cut, as synced ones.
+    model.main_synced = WalIndex::read(&files.path);
     let acked: Vec<(Uuid, Place)> = model.acked.iter().map(|(u, p)| (*u, *p)).collect();
     for (uuid, place) in acked {
         if seen.contains(&uuid) {
@@ -734,6 +776,34 @@ fn cases() -> u32 {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(48)
+}
+
+/// A row hub sync has read and made durable with its own `synchronous =
+/// FULL` commit survives a power cut without any checkpoint, so the sync
+/// may ship up to the merged mark (rows in `logs`), not only up to the
+/// checkpointed one; the emulated cut would lose the row (and this test
+/// fail) if that commit did not sync the frames before it.
+#[test]
+fn a_row_the_sync_made_durable_keeps_its_id_through_a_power_cut() {
+    let direct = || Op::Direct {
+        rows: 1,
+        resend: None,
+    };
+    run(&[direct(), Op::Ship, Op::PowerCut, direct()]);
+    run(&[direct(), Op::Ship, Op::PowerCut, Op::PowerCut, direct()]);
+    run(&[
+        direct(),
+        Op::Ingest {
+            rows: 2,
+            resend: None,
+            delete: 0,
+        },
+        Op::Merge { max_rows: 8 },
+        Op::Ship,
+        direct(),
+        Op::PowerCut,
+        direct(),
+    ]);
 }
 
 /// The case the watermark check found when its mark ignored durability: a

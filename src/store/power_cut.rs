@@ -1,10 +1,12 @@
 //! Test support: what a power cut can leave of an SQLite file in WAL mode
-//! at `synchronous=NORMAL`, emulated on a copy. Nothing syncs a commit;
-//! a checkpoint syncs the WAL before it copies frames into the database
-//! file and records how far it got (`nBackfill`), so of each WAL only the
-//! frames up to that are sure to be on disk. The copy keeps exactly
-//! those, followed by a torn frame of garbage, and leaves the `-shm` file
-//! behind, as a reboot loses it.
+//! at `synchronous=NORMAL`, emulated on a copy. A commit at NORMAL syncs
+//! nothing; a checkpoint syncs the WAL before it copies frames into the
+//! database file and records how far it got (`nBackfill`), so of each WAL
+//! only the frames up to that are sure to be on disk, and those up to the
+//! last commit some connection made with `synchronous=FULL` (which syncs
+//! the whole WAL, every earlier connection's frames with its own: hub
+//! sync's). The copy keeps exactly those, followed by a torn frame of
+//! garbage, and leaves the `-shm` file behind, as a reboot loses it.
 //!
 //! Shared by the store's model test and the integration tests (which
 //! include this file by path), so it uses only `std` and `libc`.
@@ -98,10 +100,19 @@ fn with_suffix(file: &Path, suffix: &str) -> PathBuf {
 /// writes or checkpoints them (a checkpoint half-way leaves pages in the
 /// database file of frames the cut WAL lacks).
 pub fn copy_cut(files: &[&Path], to: &Path) {
+    let unsynced: Vec<(&Path, Option<WalIndex>)> = files.iter().map(|&f| (f, None)).collect();
+    copy_cut_synced(&unsynced, to);
+}
+
+/// [`copy_cut`], where each file may come with the WAL index read right
+/// after its last `synchronous=FULL` commit: the frames up to that commit
+/// are kept too, if the WAL has not started over since (if it has, a
+/// complete checkpoint copied them into the database file first).
+pub fn copy_cut_synced(files: &[(&Path, Option<WalIndex>)], to: &Path) {
     const WAL_HEADER: u64 = 32;
     const FRAME_HEADER: u64 = 24;
     fs::create_dir_all(to).unwrap();
-    for &file in files {
+    for &(file, synced) in files {
         let index = WalIndex::read(file);
         let name = file.file_name().unwrap();
         fs::copy(file, to.join(name)).unwrap();
@@ -116,7 +127,11 @@ pub fn copy_cut(files: &[&Path], to: &Path) {
             continue;
         };
         let frame = FRAME_HEADER + u64::from(index.page_size);
-        let kept = (WAL_HEADER + u64::from(index.backfilled) * frame).min(len);
+        let synced_frames = synced
+            .filter(|s| s.salt == index.salt)
+            .map_or(0, |s| s.max_frame);
+        let frames = index.backfilled.max(synced_frames);
+        let kept = (WAL_HEADER + u64::from(frames) * frame).min(len);
         let out = fs::OpenOptions::new().write(true).open(&copy).unwrap();
         out.set_len(kept).unwrap();
         // Half a frame of pseudo-random bytes: the frame the cut tore.
