@@ -81,7 +81,7 @@ pub const DEFAULT_SERVER_HUB_BATCH_SIZE: usize = 100_000;
 /// `server_hub.sync_interval` when unset.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// `server_hub.batch_bytes` when unset: most bytes of one batch's body.
-pub const DEFAULT_SERVER_HUB_BATCH_BYTES: usize = 32 << 20;
+pub const DEFAULT_SERVER_HUB_BATCH_BYTES: usize = 64 << 20;
 /// `server_hub.database` when unset.
 pub const DEFAULT_HUB_DATABASE: &str = "codi";
 /// `server_hub.logs_table`, `sessions_table` and `exports_table` when unset.

@@ -161,47 +161,46 @@ pub fn read(
     max_rows: usize,
     max_bytes: usize,
 ) -> rusqlite::Result<Option<Batch>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, uuid, timestamp, level, component, session_id, message, metadata, \
-         created_at, uid FROM main.logs WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
-    )?;
-    let limit = i64::try_from(max_rows).unwrap_or(i64::MAX);
-    let mut rows = stmt.query(params![after, through, limit])?;
     let mut body = Vec::new();
     let mut created = Vec::new();
     let (mut first, mut last, mut month, mut more) = (0, 0, None, false);
-    while let Some(r) = rows.next()? {
-        let created_at = int(r, 8)?.unwrap_or_default();
-        let row_month = month_of(created_at);
-        if *month.get_or_insert(row_month) != row_month {
-            more = true;
+    // Read in chunks, each its own short read transaction, and serialised
+    // after it ends: a long read would keep the writer from starting the
+    // WAL over (it grew past 1 GiB at 100,000 logs/s with one read per
+    // batch). Rows at or below `through` do not come and go between
+    // chunks (only retention may delete some, which a re-read sees too).
+    let mut cursor = after;
+    'chunks: loop {
+        let want = (max_rows - created.len()).min(READ_CHUNK);
+        if want == 0 {
             break;
         }
-        let log = HubLog {
-            host_id,
-            id: r.get(0)?,
-            uuid: uuid_text(r, 1)?,
-            timestamp: int(r, 2)?.unwrap_or_default(),
-            level: text(r, 3)?.unwrap_or_default(),
-            component: text(r, 4)?.unwrap_or_default(),
-            session_id: text(r, 5)?,
-            message: text(r, 6)?.unwrap_or_default(),
-            metadata: text(r, 7)?,
-            created_at,
-            uid: int(r, 9)?,
-        };
-        let line = serde_json::to_vec(&log).expect("a log serialises");
-        if !created.is_empty() && body.len() + line.len() + 1 > max_bytes {
-            more = true;
+        let chunk = read_chunk(conn, host_id, cursor, through, want)?;
+        let complete = chunk.len() == want;
+        for log in chunk {
+            let row_month = month_of(log.created_at);
+            if *month.get_or_insert(row_month) != row_month {
+                more = true;
+                break 'chunks;
+            }
+            let line = serde_json::to_vec(&log).expect("a log serialises");
+            if !created.is_empty() && body.len() + line.len() + 1 > max_bytes {
+                more = true;
+                break 'chunks;
+            }
+            grow_within(&mut body, line.len() + 1, max_bytes);
+            body.extend_from_slice(&line);
+            body.push(b'\n');
+            if created.is_empty() {
+                first = log.id;
+            }
+            last = log.id;
+            cursor = log.id;
+            created.push(log.created_at);
+        }
+        if !complete {
             break;
         }
-        body.extend_from_slice(&line);
-        body.push(b'\n');
-        if created.is_empty() {
-            first = log.id;
-        }
-        last = log.id;
-        created.push(created_at);
     }
     if created.is_empty() {
         return Ok(None);
@@ -338,6 +337,54 @@ fn row_line(
             .optional()
         }
     }
+}
+
+/// Makes room for `more` bytes in `body`, doubling its capacity as a
+/// `Vec` does but never past `max` (so a 64 MiB batch never holds a
+/// 128 MiB allocation).
+fn grow_within(body: &mut Vec<u8>, more: usize, max: usize) {
+    let need = body.len() + more;
+    if need > body.capacity() {
+        let target = (body.capacity() * 2).max(64 << 10).min(max).max(need);
+        body.reserve_exact(target - body.len());
+    }
+}
+
+/// Logs read per statement by [`read`].
+const READ_CHUNK: usize = 4096;
+
+/// Up to `limit` logs with ids in `(after, through]`, in id order, owned:
+/// the statement (and its read transaction) is done when this returns.
+fn read_chunk<'a>(
+    conn: &Connection,
+    host_id: &'a str,
+    after: i64,
+    through: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<HubLog<'a>>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, uuid, timestamp, level, component, session_id, message, metadata, \
+         created_at, uid FROM main.logs WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let logs = stmt
+        .query_map(params![after, through, limit], |r| {
+            Ok(HubLog {
+                host_id,
+                id: r.get(0)?,
+                uuid: uuid_text(r, 1)?,
+                timestamp: int(r, 2)?.unwrap_or_default(),
+                level: text(r, 3)?.unwrap_or_default(),
+                component: text(r, 4)?.unwrap_or_default(),
+                session_id: text(r, 5)?,
+                message: text(r, 6)?.unwrap_or_default(),
+                metadata: text(r, 7)?,
+                created_at: int(r, 8)?.unwrap_or_default(),
+                uid: int(r, 9)?,
+            })
+        })?
+        .collect();
+    logs
 }
 
 /// Rows in a body [`read`] made: one line each (a newline inside a value

@@ -45,7 +45,7 @@ use crate::config::ServerHubConfig;
 use crate::fault;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
-use crate::store::merger::MergeState;
+use crate::store::merger::{MergeState, SyncRequest, SyncWrite};
 use crate::store::{schema, StoreError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -56,6 +56,8 @@ use std::time::{Duration, Instant};
 
 /// The `sync_state` target of logs.
 pub const LOGS: &str = "logs";
+/// How long the sync waits for the merger to make one of its writes.
+const WRITE_WAIT: Duration = Duration::from_secs(30);
 /// How long a stop waits for a request under way before it leaves the
 /// thread behind (its batch is re-sent at the next start).
 const STOP_WAIT: Duration = Duration::from_secs(2);
@@ -133,11 +135,14 @@ impl SyncHandle {
 
 /// Starts the sync thread for the store at `db` with `hub` (which must
 /// have a URL), reading the merged mark from `merge` and its tuning from
-/// `tuning`.
+/// `tuning`; its writes go to the merger through `writes` (the writer's
+/// [`take_sync_link`](crate::store::writer::WriterHandle::take_sync_link)),
+/// or without it on its own connection.
 pub fn spawn_sync(
     db: &Path,
     hub: &ServerHubConfig,
     tuning: LiveTuning,
+    writes: Option<Sender<SyncRequest>>,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
 ) -> Result<SyncHandle, StoreError> {
@@ -153,6 +158,8 @@ pub fn spawn_sync(
         hub: hub.clone(),
         transport,
         tuning,
+        acked: std::cell::Cell::new(None),
+        writes,
         merge,
         metrics,
         stopped,
@@ -265,6 +272,13 @@ struct Sync {
     hub: ServerHubConfig,
     transport: Transport,
     tuning: LiveTuning,
+    /// A batch of logs the hub acknowledged whose watermark move is not
+    /// committed yet: it goes with the next batch's record (one write
+    /// transaction, one lock wait behind the merger, one sync per batch).
+    acked: std::cell::Cell<Option<i64>>,
+    /// Where writes go to the merger, the main database's owner; `None`:
+    /// on this thread's own connection (tests).
+    writes: Option<Sender<SyncRequest>>,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
     stopped: Receiver<()>,
@@ -277,7 +291,10 @@ impl Sync {
         let mut failing: [Option<Failing>; TARGETS.len()] = Default::default();
         loop {
             let now = Instant::now();
+            // One round per interval, start to start: a round that took a
+            // while (a large batch) waits only for the rest of it.
             let mut wait = self.tuning.read().sync_interval;
+            let round_started = now;
             match self.salvaging() {
                 Ok(true) => {}
                 Ok(false) => {
@@ -336,15 +353,30 @@ impl Sync {
                 );
             }
             let now = Instant::now();
+            wait = wait.saturating_sub(now.duration_since(round_started));
             for f in failing.iter().flatten() {
                 wait = wait.min(f.retry_at.saturating_duration_since(now));
             }
             self.update_lag();
             match self.stopped.recv_timeout(wait) {
                 Err(RecvTimeoutError::Timeout) => {}
-                _ => return,
+                _ => {
+                    if let Err(e) = self.flush_acked() {
+                        log::warn!("hub sync: cannot record the last batch the hub took (it goes again at the next start): {e}");
+                    }
+                    return;
+                }
             }
         }
+    }
+
+    /// Commits the watermark move of a batch of logs the hub acknowledged,
+    /// if one is waiting.
+    fn flush_acked(&self) -> Result<(), String> {
+        if let Some(last) = self.acked.take() {
+            self.shipped(Target::Logs, last)?;
+        }
+        Ok(())
     }
 
     /// Whether a damaged file's rows are being salvaged (they may come
@@ -389,7 +421,17 @@ impl Sync {
     /// Ships the batch of `target` in flight, or its next one.
     fn step(&self, target: Target) -> Result<Progress, String> {
         let sql = |e: rusqlite::Error| format!("the database: {e}");
-        let (mark, in_flight) = self.state(target).map_err(sql)?;
+        let (mut mark, mut in_flight) = self.state(target).map_err(sql)?;
+        // The recorded batch in flight is one the hub took already.
+        let acked = if target == Target::Logs {
+            self.acked.get()
+        } else {
+            None
+        };
+        if let Some(last) = acked {
+            mark = mark.max(last);
+            in_flight = None;
+        }
         let again = match in_flight {
             Some(in_flight) => Some(self.again(target, in_flight).map_err(sql)?),
             None => None,
@@ -414,12 +456,16 @@ impl Sync {
                         b.body.len()
                     );
                 }
+                let started = Instant::now();
                 let Some(b) = self.form(target, mark).map_err(sql)? else {
+                    self.flush_acked()?;
                     return Ok(Progress::Idle);
                 };
+                let formed = started.elapsed();
                 if b.body.is_empty() {
                     // Every changed row is gone: nothing to send.
-                    self.shipped(target, b.last).map_err(sql)?;
+                    self.flush_acked()?;
+                    self.shipped(target, b.last)?;
                     return Ok(Progress::Sent { more: b.more });
                 }
                 // Committed with synchronous = FULL, which also makes every
@@ -432,26 +478,57 @@ impl Sync {
                     Target::Logs => None,
                     Target::Changes(_) => Some(&b.body),
                 };
-                self.conn
-                    .execute(
-                        "UPDATE sync_state SET inflight_first = ?2, inflight_last = ?3, \
-                         inflight_digest = ?4, inflight_body = ?5, updated_at = ?6 \
-                         WHERE target = ?1",
-                        params![target.name(), b.first, b.last, b.digest, body, now_us()],
-                    )
-                    .map_err(sql)?;
+                // With the watermark move of the batch before it, if the hub
+                // took that one and it waits.
+                let record = (target.name(), b.first, b.last, b.digest.clone());
+                let body = body.cloned();
+                let before = acked.unwrap_or(0);
+                self.write(true, move |tx| {
+                    let (name, first, last, digest) = record;
+                    tx.execute(
+                        "UPDATE sync_state SET last_log_id = max(last_log_id, ?7), \
+                         inflight_first = ?2, inflight_last = ?3, inflight_digest = ?4, \
+                         inflight_body = ?5, updated_at = ?6 WHERE target = ?1",
+                        params![name, first, last, digest, body, now_us(), before],
+                    )?;
+                    Ok(())
+                })?;
+                if target == Target::Logs {
+                    self.acked.set(None);
+                }
+                log::debug!(
+                    "hub sync: {} batch {}..={} of {} rows, {} bytes: read in {formed:.0?}, \
+                     recorded in {:.0?}",
+                    target.name(),
+                    b.first,
+                    b.last,
+                    batch::rows_in(&b.body),
+                    b.body.len(),
+                    started.elapsed() - formed
+                );
                 b
             }
         };
         if batch.body.is_empty() {
-            self.shipped(target, batch.last).map_err(sql)?;
+            self.shipped(target, batch.last)?;
             return Ok(Progress::Sent { more: true });
         }
         let name = transport::batch_name(target.name(), batch.last, &batch.digest);
+        let sending = Instant::now();
         self.transport
             .send(target.table(&self.hub), &name, &batch.body)?;
+        let sent = sending.elapsed();
         fault::point("hub-after-send");
-        self.shipped(target, batch.last).map_err(sql)?;
+        if target == Target::Logs && batch.more {
+            // More wait: the watermark goes with the next batch's record.
+            self.acked.set(Some(batch.last));
+        } else {
+            self.shipped(target, batch.last)?;
+        }
+        log::debug!(
+            "hub sync: {name} sent in {sent:.0?}, watermark recorded in {:.0?}",
+            sending.elapsed() - sent
+        );
         Metrics::add(&self.metrics.sync_batches, 1);
         Metrics::add(&self.metrics.sync_rows, batch::rows_in(&batch.body) as u64);
         let now = now_us();
@@ -556,22 +633,57 @@ impl Sync {
     /// The hub has everything of `target` up to `last`: the watermark moves
     /// there, the batch in flight is done and (for changes) the shipped
     /// changes are dropped, in one transaction.
-    fn shipped(&self, target: Target, last: i64) -> rusqlite::Result<()> {
-        let tx = self.conn.unchecked_transaction()?;
-        tx.execute(
-            "UPDATE sync_state SET last_log_id = max(last_log_id, ?2), inflight_first = NULL, \
-             inflight_last = NULL, inflight_digest = NULL, inflight_body = NULL, updated_at = ?3 \
-             WHERE target = ?1",
-            params![target.name(), last, now_us()],
-        )?;
-        if let Target::Changes(kind) = target {
+    fn shipped(&self, target: Target, last: i64) -> Result<(), String> {
+        self.write(false, move |tx| {
             tx.execute(
-                "DELETE FROM hub_changes WHERE kind = ?1 AND seq <= ?2",
-                params![kind.name(), last],
+                "UPDATE sync_state SET last_log_id = max(last_log_id, ?2), inflight_first = NULL, \
+                 inflight_last = NULL, inflight_digest = NULL, inflight_body = NULL, \
+                 updated_at = ?3 WHERE target = ?1",
+                params![target.name(), last, now_us()],
             )?;
-        }
-        tx.commit()
+            if let Target::Changes(kind) = target {
+                tx.execute(
+                    "DELETE FROM hub_changes WHERE kind = ?1 AND seq <= ?2",
+                    params![kind.name(), last],
+                )?;
+            }
+            Ok(())
+        })
     }
+
+    /// Runs `apply` in one transaction, committed with `synchronous =
+    /// FULL` if `durable`: made by the merger between merges when linked
+    /// (it owns the main database's writes), else on this connection
+    /// (always FULL).
+    fn write(
+        &self,
+        durable: bool,
+        apply: impl FnOnce(&rusqlite::Transaction) -> rusqlite::Result<()> + Send + 'static,
+    ) -> Result<(), String> {
+        let Some(writes) = &self.writes else {
+            let tx = self.conn.unchecked_transaction().map_err(db_error)?;
+            apply(&tx).map_err(db_error)?;
+            return tx.commit().map_err(db_error);
+        };
+        let (answer, answered) = crossbeam_channel::bounded(1);
+        let write = SyncWrite {
+            durable,
+            apply: Box::new(apply),
+        };
+        writes
+            .send((write, answer))
+            .map_err(|_| "the merger has stopped".to_owned())?;
+        match answered.recv_timeout(WRITE_WAIT) {
+            Ok(done) => done.map_err(|e| format!("the database: {e}")),
+            Err(_) => Err(format!(
+                "the merger did not make the sync's write within {WRITE_WAIT:?}"
+            )),
+        }
+    }
+}
+
+fn db_error(e: rusqlite::Error) -> String {
+    format!("the database: {e}")
 }
 
 /// The wait after `failures` failures in a row: `min` doubled per failure
@@ -597,7 +709,6 @@ fn now_us() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::wal::DurableMark;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;
     use std::sync::Mutex;
@@ -655,12 +766,13 @@ mod tests {
         config.server_hub.batch_bytes = batch_bytes;
         let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE).unwrap();
         prepare_targets(&mut conn).unwrap();
-        let merge = MergeState::new(0, 0, uuid::Uuid::nil());
-        merge.made_durable(i64::MAX);
+        let merge = MergeState::new(i64::MAX, i64::MAX, uuid::Uuid::nil());
         Sync {
             conn,
             transport: Transport::new(&config.server_hub).unwrap(),
             tuning: Arc::new(parking_lot::RwLock::new(Tuning::from(&config.server_hub))),
+            acked: std::cell::Cell::new(None),
+            writes: None,
             hub: config.server_hub,
             merge: Arc::new(merge),
             metrics: Arc::new(Metrics::default()),
@@ -697,6 +809,10 @@ mod tests {
             Ok(Progress::Sent { more: true })
         ));
         assert_eq!(batch::rows_in(&bodies.lock().unwrap()[1]), 5);
+        // More wait: the watermark's move goes with the next record.
+        assert_eq!(lowered.acked.get(), Some(5));
+        assert_eq!(shipped_through(&lowered.conn).unwrap(), 0);
+        lowered.flush_acked().unwrap();
         assert_eq!(shipped_through(&lowered.conn).unwrap(), 5);
         // So with batch_bytes.
         let (url, bodies) = receiver(vec![413]);
@@ -705,6 +821,7 @@ mod tests {
         let lowered = sync(&db, &url, 100, 3 * line + 1);
         lowered.step(Target::Logs).unwrap();
         assert_eq!(batch::rows_in(&bodies.lock().unwrap()[1]), 3);
+        lowered.flush_acked().unwrap();
         // A batch within the bounds goes again as it was.
         let (url, bodies) = receiver(vec![500]);
         assert!(sync(&db, &url, 4, 1 << 20).step(Target::Logs).is_err());

@@ -16,8 +16,9 @@
 //!    transaction begins with every frame backfilled, which a busy writer
 //!    never sees; so once the WAL is past `restart_bytes` and the backlog
 //!    is small, the writer itself backfills the last few frames between two
-//!    batches (a short, bounded pause on its own thread), and its next
-//!    transaction restarts the WAL. Past `hard_limit_bytes` it does so
+//!    batches with a RESTART checkpoint that waits at most 10 ms for
+//!    readers to leave the WAL (a short, bounded pause on its own thread),
+//!    and its next transaction restarts the WAL. Past `hard_limit_bytes` it does so
 //!    whatever the backlog, and logs the pause;
 //! 3. `journal_size_limit` trims the WAL file back to `restart_bytes` when it
 //!    restarts; and when the daemon falls idle (nothing written since the
@@ -343,6 +344,24 @@ fn truncate_idle(conn: &Connection, state: &WalState, metrics: &Metrics) {
     }
 }
 
+/// The writer's own checkpoint between two batches: RESTART, which also
+/// waits (at most [`TRUNCATE_LOCK_WAIT`]) for readers still on the WAL's
+/// frames to finish, so that the next transaction can start the WAL over:
+/// a reader always on it (hub sync reading batch after batch) otherwise
+/// kept it from ever starting over (it grew past 1 GiB in 20 s at 100,000
+/// logs/s). Readers that begin meanwhile read the database file alone and
+/// are no obstacle. Its lock wait is restored afterwards.
+fn restart_briefly(
+    conn: &Connection,
+    mark: Option<&dyn DurableMark>,
+) -> rusqlite::Result<CheckpointResult> {
+    let wait: i64 = conn.pragma_query_value(None, "busy_timeout", |r| r.get(0))?;
+    conn.busy_timeout(TRUNCATE_LOCK_WAIT)?;
+    let result = checkpoint_marking(conn, "RESTART", mark);
+    conn.busy_timeout(Duration::from_millis(wait.max(0) as u64))?;
+    result
+}
+
 /// The writer's half of the policy.
 #[derive(Debug)]
 pub struct WalTrimmer {
@@ -380,7 +399,7 @@ impl WalTrimmer {
             return None;
         }
         let started = Instant::now();
-        match checkpoint_marking(conn, "PASSIVE", self.state.mark.as_deref()) {
+        match restart_briefly(conn, self.state.mark.as_deref()) {
             Ok(result) => {
                 // Until the checkpointer looks again, assume the restart took:
                 // the writer's next transaction starts the WAL over.

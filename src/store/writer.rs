@@ -84,6 +84,7 @@ pub struct WriterHandle {
     writer: JoinHandle<()>,
     main_wal: Arc<WalState>,
     salvage: Option<Sender<merger::SalvageRequest>>,
+    sync: Option<Sender<merger::SyncRequest>>,
     claims: Arc<ArchiveClaims>,
     merge: Arc<MergeState>,
 }
@@ -105,6 +106,12 @@ impl WriterHandle {
     /// go before it exits.
     pub fn take_salvage_link(&mut self) -> Option<Sender<merger::SalvageRequest>> {
         self.salvage.take()
+    }
+
+    /// Where hub sync's writes go to the merger (once: for the sync
+    /// thread, [`crate::hub::sync`]).
+    pub fn take_sync_link(&mut self) -> Option<Sender<merger::SyncRequest>> {
+        self.sync.take()
     }
 
     /// The archive paths the export watcher is about to record, which
@@ -168,6 +175,7 @@ pub fn spawn_writer(
     // `MergeState::durable_through`).
     let main_wal = Arc::new(WalState::marking(Arc::clone(&state) as Arc<dyn DurableMark>));
     let (salvage_tx, salvage_rx) = crossbeam_channel::bounded(1);
+    let (sync_tx, sync_rx) = crossbeam_channel::bounded(1);
     let claims = Arc::new(ArchiveClaims::default());
     let merger = merger::spawn_merger(
         main,
@@ -180,6 +188,7 @@ pub fn spawn_writer(
             retention: Retention::new(settings.retention.clone(), Arc::clone(&claims))
                 .with_free_space(Box::new(retention::DbFilesystem(db_path.to_owned()))),
             salvage: salvage_rx,
+            sync: sync_rx,
         },
     )?;
     let pulse = metrics
@@ -211,6 +220,7 @@ pub fn spawn_writer(
             writer,
             main_wal,
             salvage: Some(salvage_tx),
+            sync: Some(sync_tx),
             claims,
             merge: merge_for_handle,
         },
