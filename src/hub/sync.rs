@@ -458,13 +458,17 @@ impl Sync {
                 }
                 let started = Instant::now();
                 let Some(b) = self.form(target, mark).map_err(sql)? else {
-                    self.flush_acked()?;
+                    if target == Target::Logs {
+                        self.flush_acked()?;
+                    }
                     return Ok(Progress::Idle);
                 };
                 let formed = started.elapsed();
                 if b.body.is_empty() {
                     // Every changed row is gone: nothing to send.
-                    self.flush_acked()?;
+                    if target == Target::Logs {
+                        self.flush_acked()?;
+                    }
                     self.shipped(target, b.last)?;
                     return Ok(Progress::Sent { more: b.more });
                 }

@@ -87,7 +87,7 @@ impl MergeState {
     /// Every ingest row up to this id is in `logs` (perhaps only in its
     /// WAL: see [`durable_through`](Self::durable_through)).
     pub fn merged_through(&self) -> i64 {
-        self.merged_through.load(Ordering::Relaxed)
+        self.merged_through.load(Ordering::Acquire)
     }
 
     /// Every ingest row up to this id is in `logs` on disk and may be
@@ -168,6 +168,26 @@ impl std::fmt::Debug for SyncWrite {
     }
 }
 
+/// Runs `write` on `conn` in one transaction, committed at `synchronous =
+/// FULL` when it is durable (the connection's own setting is put back
+/// afterwards, whatever happened).
+fn apply_sync_write(conn: &mut Connection, write: SyncWrite) -> rusqlite::Result<()> {
+    let SyncWrite { durable, apply } = write;
+    let normal: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+    if durable {
+        conn.pragma_update(None, "synchronous", "FULL")?;
+    }
+    let done = conn
+        .transaction()
+        .and_then(|tx| apply(&tx).and_then(|()| tx.commit()));
+    if durable {
+        if let Err(e) = conn.pragma_update(None, "synchronous", normal) {
+            log::error!("the merger cannot set synchronous back to {normal}: {e}");
+        }
+    }
+    done
+}
+
 /// A [`SyncWrite`] and where to say how it went.
 pub type SyncRequest = (SyncWrite, Sender<Result<(), String>>);
 
@@ -221,7 +241,7 @@ pub(super) fn spawn_merger(
         sync,
     } = upkeep;
     wal::configure_writer(&conn, &policy)?;
-    let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&wal_state))?;
+    let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&wal_state))?.waiting_for_readers();
     let checkpointer = Checkpointer::spawn(
         db_path,
         "codi-checkpoint",
@@ -379,26 +399,7 @@ impl Merger {
 
     /// Makes one of hub sync's writes, at `synchronous = FULL` if it asks.
     fn sync_write(&mut self, write: SyncWrite) -> Result<(), String> {
-        let SyncWrite { durable, apply } = write;
-        let normal: i64 = self
-            .conn
-            .pragma_query_value(None, "synchronous", |r| r.get(0))
-            .map_err(|e| e.to_string())?;
-        if durable {
-            self.conn
-                .pragma_update(None, "synchronous", "FULL")
-                .map_err(|e| e.to_string())?;
-        }
-        let done = self
-            .conn
-            .transaction()
-            .and_then(|tx| apply(&tx).and_then(|()| tx.commit()));
-        if durable {
-            if let Err(e) = self.conn.pragma_update(None, "synchronous", normal) {
-                log::error!("the merger cannot set synchronous back to {normal}: {e}");
-            }
-        }
-        done.map_err(|e| e.to_string())?;
+        apply_sync_write(&mut self.conn, write).map_err(|e| e.to_string())?;
         if self.trimmer.after_commit(&self.conn).is_some() {
             Metrics::add(&self.acker.metrics.checkpoints, 1);
         }
@@ -487,4 +488,40 @@ pub(super) fn merge_once(
     });
     state.note_merged(merged.through, max_uuid);
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_durable_sync_write_commits_at_full_and_puts_normal_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::schema::open_rw(&dir.path().join("codi.db"), 1).unwrap();
+        let seen = |durable: bool, conn: &mut Connection| -> i64 {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let write = SyncWrite {
+                durable,
+                apply: Box::new(move |t: &Transaction| {
+                    let level: i64 = t.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+                    tx.send(level).unwrap();
+                    t.execute(
+                        "INSERT OR REPLACE INTO sync_state (target) VALUES ('t')",
+                        [],
+                    )?;
+                    Ok(())
+                }),
+            };
+            apply_sync_write(conn, write).unwrap();
+            rx.recv().unwrap()
+        };
+        let level = |conn: &Connection| -> i64 {
+            conn.pragma_query_value(None, "synchronous", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(level(&conn), 1, "the store's connections run at NORMAL");
+        assert_eq!(seen(true, &mut conn), 2, "FULL inside a durable write");
+        assert_eq!(level(&conn), 1, "put back");
+        assert_eq!(seen(false, &mut conn), 1, "NORMAL otherwise");
+    }
 }

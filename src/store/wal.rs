@@ -16,9 +16,11 @@
 //!    transaction begins with every frame backfilled, which a busy writer
 //!    never sees; so once the WAL is past `restart_bytes` and the backlog
 //!    is small, the writer itself backfills the last few frames between two
-//!    batches with a RESTART checkpoint that waits at most 10 ms for
-//!    readers to leave the WAL (a short, bounded pause on its own thread),
-//!    and its next transaction restarts the WAL. Past `hard_limit_bytes` it does so
+//!    batches (the merger, the main database's owner, with a RESTART
+//!    checkpoint that also waits at most 10 ms for readers to leave the
+//!    WAL: a short, bounded pause on its own thread, during which the
+//!    file's other writers wait too), and its next transaction restarts
+//!    the WAL. Past `hard_limit_bytes` it does so
 //!    whatever the backlog, and logs the pause;
 //! 3. `journal_size_limit` trims the WAL file back to `restart_bytes` when it
 //!    restarts; and when the daemon falls idle (nothing written since the
@@ -358,7 +360,9 @@ fn restart_briefly(
     let wait: i64 = conn.pragma_query_value(None, "busy_timeout", |r| r.get(0))?;
     conn.busy_timeout(TRUNCATE_LOCK_WAIT)?;
     let result = checkpoint_marking(conn, "RESTART", mark);
-    conn.busy_timeout(Duration::from_millis(wait.max(0) as u64))?;
+    if let Err(e) = conn.busy_timeout(Duration::from_millis(wait.max(0) as u64)) {
+        log::error!("cannot restore the writer's lock wait of {wait} ms: {e}");
+    }
     result
 }
 
@@ -368,6 +372,9 @@ pub struct WalTrimmer {
     policy: WalPolicy,
     page_size: u64,
     state: Arc<WalState>,
+    /// Backfill with a RESTART that waits briefly for readers
+    /// ([`restart_briefly`]) rather than a PASSIVE checkpoint.
+    wait_for_readers: bool,
 }
 
 impl WalTrimmer {
@@ -382,7 +389,19 @@ impl WalTrimmer {
             policy,
             page_size: page_size.max(512) as u64,
             state,
+            wait_for_readers: false,
         })
+    }
+
+    /// The same, backfilling with a RESTART that waits at most 10 ms for
+    /// readers to leave the WAL: for the one connection that owns a file's
+    /// writes (the merger's, of the main database). It holds the write
+    /// lock meanwhile, so the file's other writers (direct batches, the
+    /// export watcher) may wait that long too; the other trimmers stay
+    /// PASSIVE.
+    pub fn waiting_for_readers(mut self) -> Self {
+        self.wait_for_readers = true;
+        self
     }
 
     /// Called by the writer between batches: backfills the rest of the WAL
@@ -399,7 +418,12 @@ impl WalTrimmer {
             return None;
         }
         let started = Instant::now();
-        match restart_briefly(conn, self.state.mark.as_deref()) {
+        let done = if self.wait_for_readers {
+            restart_briefly(conn, self.state.mark.as_deref())
+        } else {
+            checkpoint_marking(conn, "PASSIVE", self.state.mark.as_deref())
+        };
+        match done {
             Ok(result) => {
                 // Until the checkpointer looks again, assume the restart took:
                 // the writer's next transaction starts the WAL over.
