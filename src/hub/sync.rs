@@ -146,11 +146,18 @@ pub fn spawn_sync(
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
 ) -> Result<SyncHandle, StoreError> {
-    let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-    // The record of the batch in flight and the watermark must survive a
-    // power cut: one sync per batch.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    prepare_targets(&mut conn)?;
+    let mut setup = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    setup.pragma_update(None, "synchronous", "FULL")?;
+    prepare_targets(&mut setup)?;
+    // With the merger making its writes, the thread only reads: a
+    // read-only connection. Without (tests), its own writes need FULL:
+    // the record of the batch in flight must survive a power cut.
+    let conn = if writes.is_some() {
+        drop(setup);
+        schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?
+    } else {
+        setup
+    };
     let transport = Transport::new(hub).map_err(StoreError::HubSetup)?;
     let (stop, stopped) = crossbeam_channel::bounded(0);
     let sync = Sync {
