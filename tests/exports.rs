@@ -17,9 +17,10 @@ use std::time::Duration;
 /// How long a test waits for an export to be archived (detection takes
 /// milliseconds; the margin is for loaded CI machines).
 const ARCHIVED_WITHIN: Duration = Duration::from_secs(20);
-/// How long a test waits to be sure something is *not* archived: longer
-/// than the daemon's settle time for files a scan finds.
-const QUIET: Duration = Duration::from_millis(2500);
+/// The daemon's settle time (`SETTLE` in src/export/mod.rs): a file a scan
+/// found still changing is looked at again this long after that scan, on a
+/// timer rather than in the order of inotify events.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// One `export_archive` row.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +77,45 @@ fn wait_rows(d: &Daemon, path: &Path, n: usize) -> Vec<Archived> {
     found
 }
 
+/// Waits until the watcher has handled everything that happened before
+/// this call, so that a test may then assert that something was *not*
+/// archived: a positive signal instead of a fixed sleep.
+///
+/// The watcher reads its one inotify queue in the kernel's order, archives
+/// the files it reports closed first in, first out, and commits their rows
+/// (archive or error) in that order, scans triggered by an event before the
+/// event's successors. So once sentinel `a`, written into the watched `dir`
+/// (its name must match `dir`'s patterns, `ext` its extension), has its
+/// row, every earlier event and the scans it caused have been handled. Those
+/// scans may have left files to a settle timer due within [`SETTLE`]; the
+/// watcher runs due timers in the same turn in which it reads an event and
+/// before it archives the event's file, so sentinel `b`, written [`SETTLE`]
+/// after `a`'s row appeared, gets its row only after those re-checks too.
+/// The sentinels' rows are told apart by [`is_sentinel`].
+fn barrier(d: &Daemon, dir: &Path, ext: &str) {
+    for name in ["a", "b"] {
+        let sentinel = dir.join(format!("sentinel-{name}.{ext}"));
+        // Content no other file has, so it is never deduplicated away.
+        fs::write(&sentinel, sentinel.display().to_string()).unwrap();
+        wait_rows(d, &sentinel, 1);
+        if name == "a" {
+            thread::sleep(SETTLE);
+        }
+    }
+}
+
+/// Whether `row` is one of [`barrier`]'s sentinels.
+fn is_sentinel(row: &Archived) -> bool {
+    Path::new(&row.original)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("sentinel-"))
+}
+
+/// Every row but the sentinels'.
+fn rows_but_sentinels(db: &Db) -> Vec<Archived> {
+    rows(db).into_iter().filter(|r| !is_sentinel(r)).collect()
+}
+
 fn start(c: &mut Client, path: &Path, recursive: bool, patterns: &[&str]) -> Message {
     c.call(Payload::StartMonitoring {
         path: path.display().to_string(),
@@ -128,8 +168,8 @@ fn archives_matching_files_in_late_subdirectories_once_and_skips_the_rest() {
 
     let top_rows = wait_rows(&d, &top, 1);
     let nested_rows = wait_rows(&d, &nested, 1);
-    thread::sleep(QUIET);
-    let all = rows(&d.db());
+    barrier(&d, &work, "md");
+    let all = rows_but_sentinels(&d.db());
     assert_eq!(all.len(), 2, "exactly the two exports, once each: {all:#?}");
     for (row, content) in [
         (&top_rows[0], &b"# report\n"[..]),
@@ -162,8 +202,11 @@ fn a_file_is_archived_only_once_it_is_closed() {
     let mut file = fs::File::create(&path).unwrap();
     file.write_all(b"{\"part\": 1,").unwrap();
     file.flush().unwrap();
-    thread::sleep(QUIET);
-    assert!(rows(&d.db()).is_empty(), "nothing while the file is open");
+    barrier(&d, &work, "json");
+    assert!(
+        rows_but_sentinels(&d.db()).is_empty(),
+        "nothing while the file is open"
+    );
     file.write_all(b" \"done\": true}").unwrap();
     drop(file);
     let got = wait_rows(&d, &path, 1);
@@ -225,7 +268,7 @@ fn watches_persist_and_a_restart_archives_what_appeared_meanwhile() {
     let after = work.join("after.md");
     fs::write(&after, b"after").unwrap();
     wait_rows(&d, &after, 1);
-    thread::sleep(QUIET);
+    barrier(&d, &work, "md");
     let befores = rows(&d.db())
         .into_iter()
         .filter(|r| r.original == before.display().to_string())
@@ -248,9 +291,16 @@ fn stop_monitoring_stops_and_unknown_paths_are_errors() {
         path: work.display().to_string(),
     }));
     assert!(list(&mut c).is_empty());
+    // A directory still watched, for the barrier's sentinels.
+    let beacon = workdir(&d, "beacon");
+    watch(&mut c, &beacon, &["*.md"]);
     fs::write(work.join("late.md"), b"late").unwrap();
-    thread::sleep(QUIET);
-    assert!(rows(&d.db()).is_empty());
+    barrier(&d, &beacon, "md");
+    let all = rows_but_sentinels(&d.db());
+    assert!(
+        all.is_empty(),
+        "nothing from the unwatched directory: {all:#?}"
+    );
     let again = c.call(Payload::StopMonitoring {
         path: work.display().to_string(),
     });
@@ -314,8 +364,8 @@ fn default_patterns_apply_and_the_archive_is_never_detected() {
     let export = data.join("export.txt");
     fs::write(&export, b"text").unwrap();
     wait_rows(&d, &export, 1);
-    thread::sleep(QUIET);
-    let all = rows(&d.db());
+    barrier(&d, &data, "txt");
+    let all = rows_but_sentinels(&d.db());
     assert_eq!(all.len(), 1, "the archive copy is not an export: {all:#?}");
 }
 
@@ -398,8 +448,12 @@ fn an_event_queue_overflow_is_rescanned_and_nothing_is_missed() {
     for f in &files {
         wait_rows(&d, f, 1);
     }
-    thread::sleep(QUIET);
-    assert_eq!(rows(&d.db()).len(), files.len(), "each file exactly once");
+    barrier(&d, &work, "md");
+    assert_eq!(
+        rows_but_sentinels(&d.db()).len(),
+        files.len(),
+        "each file exactly once"
+    );
     assert!(
         d.stderr().contains("overflowed"),
         "the overflow is reported: {}",
@@ -656,7 +710,7 @@ fn symlink_swaps_never_leave_the_tree(mode: &str) {
     fs::write(&canary, b"still watching").unwrap();
     wait_rows(&d, &canary, 1);
     wait_scans(&d, &mut c, 2);
-    thread::sleep(QUIET);
+    barrier(&d, &work, "md");
     for (path, content) in &secrets {
         assert_eq!(
             fs::read(path).unwrap_or_default(),
@@ -892,7 +946,7 @@ fn users_watch_only_their_own_directories_and_files() {
     let (ok, err) = as_nobody(&["watch", "remove", &mine.display().to_string()]);
     assert!(ok, "{err}");
     assert_eq!(list(&mut c).len(), 1);
-    thread::sleep(QUIET);
+    barrier(&d, &theirs, "md");
     assert_eq!(
         rows(&d.db())
             .iter()

@@ -148,6 +148,7 @@ mod tests {
     use crate::reply::{self, ReplyTo};
     use crate::store::standalone::StandaloneStore;
     use crate::store::{LogRow, WriteOp};
+    use crate::testing::recv;
     use uuid::Uuid;
 
     fn reply_to(seq: u64) -> ReplyTo {
@@ -217,7 +218,9 @@ mod tests {
             })
             .unwrap();
         }
-        let mut got: Vec<_> = (0..3).map(|_| completions.recv().unwrap()).collect();
+        let mut got: Vec<_> = (0..3)
+            .map(|_| recv(&completions, "reader completion"))
+            .collect();
         got.sort_by_key(|c| c.to.seq);
         // Each answer is an encoded frame that holds only its own size.
         let mut framed = 0;

@@ -944,6 +944,7 @@ mod tests {
     use crate::proto::{LogLevel, Payload};
     use crate::reply::{self, ReplyTo};
     use crate::store::LogRow;
+    use crate::testing::recv;
     use crossbeam_channel::Receiver;
     use uuid::Uuid;
 
@@ -1047,7 +1048,7 @@ mod tests {
         let j = job(seq, op, 1);
         let to = j.reply;
         tx.send(j).unwrap();
-        ack(&loops[to.worker].rx.recv().unwrap()).1
+        ack(&recv(&loops[to.worker].rx, "writer completion")).1
     }
 
     fn count_logs(path: &Path) -> i64 {
@@ -1119,7 +1120,7 @@ mod tests {
         }
         let mut got: Vec<Completion> = Vec::new();
         for (to, _) in &sent {
-            got.push(loops[to.worker].rx.recv().unwrap());
+            got.push(recv(&loops[to.worker].rx, "writer completion"));
         }
         got.sort_by_key(|c| c.to.seq);
         for (c, (to, id)) in got.iter().zip(&sent) {
@@ -1349,7 +1350,9 @@ mod tests {
             assert!(budget.try_acquire(10));
             tx.send(job(seq as u64 * 2, op, 10)).unwrap();
         }
-        let mut got: Vec<_> = (0..3).map(|_| loops[0].rx.recv().unwrap()).collect();
+        let mut got: Vec<_> = (0..3)
+            .map(|_| recv(&loops[0].rx, "writer completion"))
+            .collect();
         got.sort_by_key(|c| c.to.seq);
         let statuses: Vec<_> = got.iter().map(|c| ack(c).1).collect();
         assert_eq!(statuses[0], AckStatus::Accepted);
@@ -1361,7 +1364,10 @@ mod tests {
         assert_eq!(statuses[2], AckStatus::Accepted);
         // And it goes on serving later jobs.
         tx.send(job(8, logs(&[Uuid::now_v7()]), 0)).unwrap();
-        assert_eq!(ack(&loops[0].rx.recv().unwrap()).1, AckStatus::Accepted);
+        assert_eq!(
+            ack(&recv(&loops[0].rx, "writer completion")).1,
+            AckStatus::Accepted
+        );
         drop(tx);
         handle.join();
         assert_eq!(count_logs(&path), 4);
