@@ -612,6 +612,16 @@ fn query(
     }
 }
 
+/// Parses `--since`/`--until` values (RFC 3339, or a duration meaning
+/// that long before `now`).
+fn time_parser(now: Timestamp) -> impl Fn(&Option<String>) -> Result<Option<Timestamp>, Exit> {
+    move |t| {
+        t.as_deref()
+            .map(|t| input::parse_time(t, now).map_err(Exit::usage))
+            .transpose()
+    }
+}
+
 fn logs(cmd: LogsCmd, opts: ClientOptions) -> Result<(), Exit> {
     let hub_only = [
         ("--host", cmd.host.is_some()),
@@ -622,12 +632,7 @@ fn logs(cmd: LogsCmd, opts: ClientOptions) -> Result<(), Exit> {
     if let Some((flag, _)) = hub_only.iter().find(|(_, given)| *given) {
         return Err(Exit::usage(format!("{flag} needs --hub")));
     }
-    let now = Timestamp::now();
-    let time = |t: &Option<String>| -> Result<Option<Timestamp>, Exit> {
-        t.as_deref()
-            .map(|t| input::parse_time(t, now).map_err(Exit::usage))
-            .transpose()
-    };
+    let time = time_parser(Timestamp::now());
     let filter = LogFilter {
         min_level: cmd.level,
         component: cmd.component.map(undash),
@@ -758,12 +763,7 @@ fn hub_logs(cmd: LogsCmd, config: &Config, connect: Duration) -> Result<(), Exit
              hosts; use --host",
         ));
     }
-    let now = Timestamp::now();
-    let time = |t: &Option<String>| -> Result<Option<Timestamp>, Exit> {
-        t.as_deref()
-            .map(|t| input::parse_time(t, now).map_err(Exit::usage))
-            .transpose()
-    };
+    let time = time_parser(Timestamp::now());
     let filter = HubFilter {
         min_level: cmd.level,
         component: cmd.component.map(undash),
