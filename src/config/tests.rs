@@ -1,5 +1,12 @@
+use super::resolve::{load_from, resolve, Host, Purpose};
 use super::*;
+use log::LevelFilter;
 use std::collections::HashMap;
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A fake environment built from pairs.
 struct Env(HashMap<String, String>);
