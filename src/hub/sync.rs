@@ -116,7 +116,7 @@ pub struct SyncHandle {
 }
 
 impl SyncHandle {
-    /// Stops the thread: waits at most [`STOP_WAIT`] for a request under
+    /// Stops the thread: waits at most `STOP_WAIT` (2 s) for a request under
     /// way, then leaves it behind (its batch is recorded and goes again at
     /// the next start), so a slow hub cannot hold up the daemon's stop.
     pub fn stop(self) {

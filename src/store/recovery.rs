@@ -1094,7 +1094,7 @@ pub fn target_columns(conn: &Connection, table: &str) -> Vec<String> {
 /// Reads `columns` of every row of `table` it can, in rowid order, handing
 /// them to `sink` in steps of at most [`STEP_ROWS`] (stops when `sink`
 /// returns false). Where a read fails on a damaged page it looks for the
-/// next rowid it can read ([`next_readable`]) and goes on from there,
+/// next rowid it can read (`next_readable`) and goes on from there,
 /// counting the rowids passed over.
 pub fn scan_table(
     conn: &Connection,

@@ -31,7 +31,7 @@
 //!   descriptors that never follow a symbolic link, and its directories
 //!   are removed once empty;
 //! - with a size cap (`storage.max_db_size_mb`), rotates the oldest logs
-//!   out, whatever their age, under the same two rules (see [Rotation]);
+//!   out, whatever their age, under the same two rules (see "Rotation" below);
 //! - gives freed pages back to the filesystem with `incremental_vacuum`
 //!   in steps of [`VACUUM_STEP_PAGES`].
 //!
@@ -1063,7 +1063,7 @@ impl ArchiveRoot {
 }
 
 /// Deletes export rows archived before `cutoff` (with `keep_pending`, only
-/// those the hub has: [`NOT_PENDING`]), in id order, [`BATCH_ROWS`] per
+/// those the hub has: `NOT_PENDING`), in id order, [`BATCH_ROWS`] per
 /// transaction, with the archive files no remaining row references
 /// (inside `archive` only; none without it). Rows deleted,
 /// files deleted, and whether it stopped on `deadline`.
