@@ -2,9 +2,10 @@
 
 use codi_monitor::client::conn::Stream;
 use codi_monitor::proto::{
-    decode_message, encode_message, frame_body_len, AckStatus, ErrorCode, LogFields, LogLevel,
-    Message, Payload, Timestamp, HEADER_LEN,
+    decode_message, encode_message, frame_body_len, AckStatus, ErrorCode, LogFields, LogFilter,
+    LogLevel, Message, Payload, StoredLog, Timestamp, HEADER_LEN,
 };
+use rmpv::Value;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -250,4 +251,40 @@ pub fn assert_error(answer: &Message, code: ErrorCode) -> String {
         }
         other => panic!("expected Error {code}, got {other:?}"),
     }
+}
+
+/// A fixed instant (2023-11-14T22:13:20Z) the tests stamp messages from.
+pub const T0: i64 = 1_700_000_000_000_000;
+/// One second in protocol timestamps (microseconds).
+pub const SECOND: i64 = 1_000_000;
+
+/// The row uuid of entry `i` of a batch (SPEC: batch id plus `i`, wrapping).
+pub fn batch_entry(batch: Uuid, i: usize) -> Uuid {
+    Uuid::from_u128(batch.as_u128().wrapping_add(i as u128))
+}
+
+/// A `LogBatch` message of `entries`.
+pub fn batch(entries: Vec<LogFields>) -> Message {
+    Message::new(Payload::LogBatch { entries })
+}
+
+/// `levels` arrays around the integer 1.
+pub fn nested(levels: usize) -> Value {
+    (0..levels).fold(Value::from(1), |v, _| Value::Array(vec![v]))
+}
+
+/// The entries and total count of a `LogResults` answer; panics on anything else.
+pub fn results(answer: &Message) -> (&[StoredLog], u64) {
+    match &answer.payload {
+        Payload::LogResults {
+            entries,
+            total_count,
+        } => (entries, *total_count),
+        other => panic!("expected LogResults, got {other:?}"),
+    }
+}
+
+/// A `QueryLogs` request.
+pub fn query(filter: LogFilter, limit: u64) -> Message {
+    Message::new(Payload::QueryLogs { filter, limit })
 }
