@@ -1,0 +1,241 @@
+//! The writer thread's run loop: it takes whatever is queued as one batch,
+//! sends session changes to the merger, writes log batches straight into
+//! `logs` or into the ingest file, waits for a merger far behind, and at
+//! exit lets the merger finish before emptying and truncating the ingest
+//! file.
+
+use super::indexed::prefers_indexed;
+use super::{insert_indexed, Acker, IngestBody};
+use crate::heartbeat::Pulse;
+use crate::metrics::Metrics;
+use crate::proto::Timestamp;
+use crate::store::merger::{MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
+use crate::store::wal::{self, Checkpointer, WalTrimmer};
+use crate::store::{WriteJob, WriteOp};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rusqlite::Connection;
+use std::time::{Duration, Instant};
+
+/// How long the final checkpoint at shutdown waits for another connection's
+/// lock before leaving the WAL for the next start.
+pub(in crate::store) const FINAL_CHECKPOINT_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the writer waits for a merger that makes no progress at all
+/// before it stops waiting for it.
+const MERGER_STALL: Duration = Duration::from_secs(5);
+
+/// The writer thread's state: its connections, the merger and
+/// checkpointer it owns, and the batch being written.
+pub(super) struct Writer {
+    /// Beats when a transaction ends; idle while nothing is queued.
+    pub(super) pulse: Pulse,
+    pub(super) conn: Connection,
+    /// A read-write connection to the main database, for batches that go
+    /// straight into `logs`; it waits at most [`INDEXED_LOCK_WAIT`] for
+    /// the main database's lock.
+    ///
+    /// [`INDEXED_LOCK_WAIT`]: super::indexed::INDEXED_LOCK_WAIT
+    pub(super) indexed: Connection,
+    /// The main database's WAL policy after those commits.
+    pub(super) indexed_trimmer: WalTrimmer,
+    /// `merged_through` when the merger was last woken for a batch that
+    /// would have gone straight into `logs`: woken once per merge.
+    pub(super) woke_merger_at: Option<i64>,
+    /// Finished (after its final merge) before the final checkpoint.
+    pub(super) merger: Option<MergerHandle>,
+    /// Stopped before the final checkpoint.
+    pub(super) checkpointer: Option<Checkpointer>,
+    /// Restarts the WAL between batches when that is cheap.
+    pub(super) trimmer: WalTrimmer,
+    pub(super) body: IngestBody,
+    /// The merged id at which the merger was found stalled: not waited for
+    /// again until it moves.
+    pub(super) merger_stalled_at: Option<i64>,
+    pub(super) acker: Acker,
+    pub(super) batch_max_rows: usize,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, jobs: Receiver<WriteJob>) {
+        loop {
+            if jobs.is_empty() {
+                self.pulse.idle();
+            }
+            let Ok(first) = jobs.recv() else { break };
+            self.pulse.working();
+            let mut rows = first.op.row_count();
+            self.take(first);
+            while rows < self.batch_max_rows {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        rows += job.op.row_count();
+                        self.take(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            Metrics::set(&self.metrics().writer_queue_depth, jobs.len() as u64);
+            if self.acker.jobs.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            if self.commit_indexed() {
+                self.metrics().record_commit(started.elapsed(), rows);
+                continue;
+            }
+            self.wait_for_merger();
+            // Delete merged rows a little faster than they arrive.
+            self.body.delete_at_most(2 * rows + 1024);
+            let started = Instant::now();
+            if self.acker.commit_and_answer(&mut self.conn, &mut self.body) {
+                self.pulse.beat();
+            }
+            self.metrics().record_commit(started.elapsed(), rows);
+            if self.trimmer.after_commit(&self.conn).is_some() {
+                Metrics::add(&self.metrics().checkpoints, 1);
+            }
+            if self.body.state.unmerged() >= MERGE_MIN_ROWS {
+                self.send_to_merger(MergerMsg::Wake);
+            }
+        }
+        if let Some(merger) = self.merger.take() {
+            merger.finish();
+        }
+        self.delete_all_merged();
+        // Everything is committed; the final truncate must not hold up the
+        // exit behind a standalone codi2's lock.
+        wal::final_truncate(
+            &self.conn,
+            self.checkpointer.take(),
+            FINAL_CHECKPOINT_LOCK_WAIT,
+            "the ingest file",
+            &self.acker.metrics,
+            None,
+        );
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.acker.metrics
+    }
+
+    /// Commits and answers the queued batch straight into `logs` when that
+    /// costs less ([`prefers_indexed`]) and no ingest row awaits merging;
+    /// returns whether it did. Otherwise (or if that fails, e.g. on the
+    /// main database's lock) the batch goes to the ingest file.
+    fn commit_indexed(&mut self) -> bool {
+        if !prefers_indexed(&self.acker.jobs) {
+            return false;
+        }
+        let (through, _) = self.body.state.merged_mark();
+        if self.body.state.unmerged() > 0 {
+            // So that a later batch like this one may go straight in.
+            if self.woke_merger_at != Some(through) {
+                self.woke_merger_at = Some(through);
+                self.send_to_merger(MergerMsg::Wake);
+            }
+            return false;
+        }
+        let now_us = Timestamp::now().as_micros();
+        let written = insert_indexed(
+            &mut self.conn,
+            &mut self.indexed,
+            &self.acker.jobs,
+            &self.body.state,
+            now_us,
+        );
+        let outcomes = match written {
+            Ok(Some(written)) => written,
+            Ok(None) => return false,
+            Err(e) => {
+                // Busy is expected now and then (someone held the main
+                // database's lock past the wait); anything else is news.
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
+                    log::debug!("a batch goes to the ingest file: the main database is busy");
+                } else {
+                    log::warn!("a batch goes to the ingest file: writing it into the indexed table failed: {e}");
+                }
+                return false;
+            }
+        };
+        self.pulse.beat();
+        let metrics = &self.acker.metrics;
+        Metrics::add(&metrics.commits, 1);
+        Metrics::add(&metrics.indexed_commits, 1);
+        if self.indexed_trimmer.after_commit(&self.indexed).is_some() {
+            Metrics::add(&metrics.checkpoints, 1);
+        }
+        self.acker.outcomes = outcomes;
+        self.acker.answer();
+        true
+    }
+
+    /// Keeps a log job for this batch; hands a session change to the merger,
+    /// which owns the main database.
+    fn take(&mut self, job: WriteJob) {
+        match job.op {
+            WriteOp::Logs(_) => self.acker.jobs.push(job),
+            WriteOp::SessionStart { .. } | WriteOp::SessionEnd { .. } => {
+                self.send_to_merger(MergerMsg::Job(job))
+            }
+        }
+    }
+
+    fn send_to_merger(&mut self, msg: MergerMsg) {
+        let sent = match &self.merger {
+            Some(merger) => merger.tx.send(msg).map_err(|e| e.into_inner()),
+            None => Err(msg),
+        };
+        if let Err(MergerMsg::Job(job)) = sent {
+            log::error!("the merger thread is gone; rejecting a session change");
+            // Logs queued for this batch are not answered yet; keep them.
+            let queued = std::mem::take(&mut self.acker.jobs);
+            self.acker
+                .reject(job, "storage error: the merger thread is gone");
+            self.acker.jobs = queued;
+        }
+    }
+
+    /// Waits while the merger is far behind, so that the ingest file (and
+    /// what a query scans of it) stays bounded; the job queue then fills and
+    /// the event loops stop reading, which slows clients down. A merger that
+    /// makes no progress for [`MERGER_STALL`] (its database failing) is not
+    /// waited for: logs keep being acknowledged into the ingest file.
+    fn wait_for_merger(&mut self) {
+        let Some(merger) = &self.merger else { return };
+        let mut progress_at = Instant::now();
+        let mut through = self.body.state.merged_through();
+        if self.merger_stalled_at == Some(through) {
+            return;
+        }
+        self.merger_stalled_at = None;
+        while self.body.state.unmerged() > MAX_UNMERGED_ROWS {
+            if merger.tx.send(MergerMsg::Wake).is_err() {
+                return;
+            }
+            match merger.progress.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let now = self.body.state.merged_through();
+            if now > through {
+                (through, progress_at) = (now, Instant::now());
+                // Waiting for a merger that moves is progress too.
+                self.pulse.beat();
+            } else if progress_at.elapsed() >= MERGER_STALL {
+                log::error!(
+                    "the merger has moved no logs for {MERGER_STALL:?}; \
+                     the ingest file grows past {MAX_UNMERGED_ROWS} rows until it does"
+                );
+                self.merger_stalled_at = Some(through);
+                return;
+            }
+        }
+    }
+
+    /// After the final merge and the main database's final checkpoint:
+    /// empties the ingest table of merged rows that checkpoint made
+    /// durable (all of them, unless it was blocked).
+    fn delete_all_merged(&mut self) {
+        self.body.delete_all_durable(&mut self.conn);
+    }
+}
