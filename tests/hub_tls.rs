@@ -568,7 +568,8 @@ fn a_refused_target_backs_off_alone() {
     let ca = pki.write_ca(sandbox.path());
     let host = format!("alone-{}", std::process::id());
     // A long first backoff: with one backoff for all, logs would wait 5 s
-    // and then 10 s behind the refused sessions.
+    // and then 10 s behind the refused sessions (less a quarter of jitter
+    // at most), so 1,000 logs in batches of 300 would need well over 8 s.
     let config = hub_config(
         receiver.addr,
         &host,
@@ -599,7 +600,7 @@ fn a_refused_target_backs_off_alone() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(
-        wait_until(Duration::from_secs(4), || logs(&receiver) >= 1000),
+        wait_until(Duration::from_secs(8), || logs(&receiver) >= 1000),
         "logs held up behind the refused sessions: {} of 1000 arrived\n{}",
         logs(&receiver),
         d.stderr()
