@@ -31,6 +31,21 @@ pub struct Batch {
     pub more: bool,
 }
 
+impl Batch {
+    /// The batch of `body` over `first..=last`, its digest computed.
+    fn of(first: i64, last: i64, body: Vec<u8>, created_at: Vec<i64>, more: bool) -> Batch {
+        let digest = hex(&Sha256::digest(&body));
+        Batch {
+            first,
+            last,
+            body,
+            digest,
+            created_at,
+            more,
+        }
+    }
+}
+
 /// A kind of changing row shipped through `hub_changes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -206,15 +221,7 @@ pub fn read(
         return Ok(None);
     }
     more |= created.len() >= max_rows;
-    let digest = hex(&Sha256::digest(&body));
-    Ok(Some(Batch {
-        first,
-        last,
-        body,
-        digest,
-        created_at: created,
-        more,
-    }))
+    Ok(Some(Batch::of(first, last, body, created, more)))
 }
 
 /// Reads the changes of `kind` with seqs above `after` on `conn`, at most
@@ -264,15 +271,7 @@ pub fn read_changes(
         body.extend_from_slice(&line);
         body.push(b'\n');
     }
-    let digest = hex(&Sha256::digest(&body));
-    Ok(Some(Batch {
-        first,
-        last,
-        body,
-        digest,
-        created_at: Vec::new(),
-        more,
-    }))
+    Ok(Some(Batch::of(first, last, body, Vec::new(), more)))
 }
 
 /// The body line of row `key` of `kind` and the month it is filed under,
