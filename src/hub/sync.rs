@@ -726,6 +726,39 @@ mod tests {
 
     /// A plain-HTTP receiver answering `script` in order (200 once used
     /// up) and recording every body it gets.
+    #[test]
+    fn a_start_with_the_hub_off_forgets_changes_and_the_next_sync_records_every_row_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("codi.db");
+        let mut conn = schema::open_rw(&db, 1).unwrap();
+        prepare_targets(&mut conn).unwrap();
+        conn.execute(
+            "INSERT INTO sessions (id, identity, started_at, recorded_at) VALUES ('s', 'me', 1, 1)",
+            [],
+        )
+        .unwrap();
+        let count = |conn: &Connection, sql: &str| -> i64 {
+            conn.query_row(sql, [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(count(&conn, "SELECT count(*) FROM hub_changes"), 1);
+        forget_changes(&db).unwrap();
+        assert_eq!(count(&conn, "SELECT count(*) FROM hub_changes"), 0);
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM sync_state"),
+            1,
+            "only the logs' watermark is kept"
+        );
+        // Turned on again: the session is recorded as changed once more.
+        prepare_targets(&mut conn).unwrap();
+        assert_eq!(
+            count(
+                &conn,
+                "SELECT count(*) FROM hub_changes WHERE kind = 'sessions' AND row_key = 's'"
+            ),
+            1
+        );
+    }
+
     fn receiver(script: Vec<u16>) -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/in", listener.local_addr().unwrap());
