@@ -37,7 +37,7 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Stack of each event loop: decoding recurses once per nesting level of a
@@ -138,6 +138,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let writer_settings = WriterSettings {
         cache_size_mb: config.storage.cache_size_mb,
         batch_max_rows: config.storage.batch_max_rows,
+        commit_delay: Duration::from_micros(config.storage.commit_delay_us),
         retention: RetentionPolicy::new(
             config.storage.retention_days,
             config.general.session_timeout,
@@ -596,6 +597,7 @@ fn reload(
         storage.reader_threads,
         storage.cache_size_mb,
         storage.batch_max_rows,
+        storage.commit_delay_us,
         storage.inflight_bytes,
         storage.retention_days,
         storage.max_db_size_mb,

@@ -25,6 +25,9 @@ pub const MAX_DB_SIZE_MB: u64 = 16 << 20;
 pub const DEFAULT_READER_THREADS: usize = 2;
 /// `storage.batch_max_rows` when unset: most rows in one group commit.
 pub const DEFAULT_BATCH_MAX_ROWS: usize = 8192;
+/// `storage.commit_delay_us` when unset: the longest a small batch waits
+/// for more rows under steady load (group commit).
+pub const DEFAULT_COMMIT_DELAY_US: u64 = 2_000;
 /// `storage.inflight_bytes` when unset: bytes of accepted-but-unanswered
 /// requests across all connections.
 pub const DEFAULT_INFLIGHT_BYTES: usize = 64 * 1024 * 1024;

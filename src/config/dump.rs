@@ -26,6 +26,7 @@ impl Config {
                 max_db_size_mb: Some(self.storage.max_db_size_mb),
                 reader_threads: Some(self.storage.reader_threads),
                 batch_max_rows: Some(self.storage.batch_max_rows),
+                commit_delay_us: Some(self.storage.commit_delay_us),
                 inflight_bytes: Some(self.storage.inflight_bytes),
             }),
             monitor: Some(RawMonitor {

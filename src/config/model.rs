@@ -61,6 +61,9 @@ pub struct StorageConfig {
     pub reader_threads: usize,
     /// Most rows the writer puts in one transaction.
     pub batch_max_rows: usize,
+    /// Longest a small batch waits for more rows under steady load, in
+    /// microseconds; zero commits at once.
+    pub commit_delay_us: u64,
     /// Bytes of requests accepted but not yet answered, all connections.
     pub inflight_bytes: usize,
 }

@@ -68,6 +68,9 @@ pub struct RawStorage {
     /// Most rows per group commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_max_rows: Option<usize>,
+    /// Group-commit delay in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_delay_us: Option<u64>,
     /// Global in-flight byte budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inflight_bytes: Option<usize>,

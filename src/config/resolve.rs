@@ -221,6 +221,12 @@ pub(super) fn resolve(
             DEFAULT_BATCH_MAX_ROWS,
             1..=1_000_000,
         )?,
+        commit_delay_us: in_range(
+            "storage.commit_delay_us",
+            s.commit_delay_us,
+            DEFAULT_COMMIT_DELAY_US,
+            0..=10_000,
+        )?,
         inflight_bytes: in_range(
             "storage.inflight_bytes",
             s.inflight_bytes,

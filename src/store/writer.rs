@@ -4,17 +4,21 @@
 //! [`super::merger`]), which moves committed logs into the indexed table
 //! and applies session changes, and the ingest file's checkpointer.
 //!
-//! Group commit needs no timers: while a transaction commits, new jobs queue
-//! up, and the next transaction takes them all. One fsync thus covers many
-//! requests exactly when load is high.
+//! Group commit: while a transaction commits, new jobs queue up, and the
+//! next transaction takes them all, so one commit covers many requests when
+//! load is high. Under steady lighter load, when commits would carry a row
+//! or two each, the writer also pauses a bounded, adaptive moment before
+//! taking the next batch (`group`, `storage.commit_delay_us`).
 //!
 //! One file per part: `handle` (settings, [`spawn_writer`],
-//! [`WriterHandle`]), `thread` (the run loop), `body` (the transaction
+//! [`WriterHandle`]), `thread` (the run loop), `group` (when to pause for
+//! more rows), `body` (the transaction
 //! machinery every write thread shares), `ingest_body` (the writer's body
 //! for the ingest file), `indexed` (batches straight into `logs`) and
 //! `recover` (where the files stand at start-up).
 
 mod body;
+mod group;
 mod handle;
 mod indexed;
 mod ingest_body;

@@ -2,6 +2,7 @@
 //! every file and wires the writer, merger and checkpointer threads before
 //! any of them starts, and the [`WriterHandle`] that joins them.
 
+use super::group::GroupCommit;
 use super::indexed::INDEXED_LOCK_WAIT;
 use super::thread::Writer;
 use super::{recover, Acker, IngestBody, MAX_PENDING_ROWS};
@@ -17,6 +18,7 @@ use crossbeam_channel::Sender;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 /// Tuning of the writer and checkpointer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,9 @@ pub struct WriterSettings {
     pub cache_size_mb: u32,
     /// A transaction stops taking jobs once it holds this many log rows.
     pub batch_max_rows: usize,
+    /// Longest a small batch waits for more rows under steady load (see
+    /// the writer's group commit); zero commits at once.
+    pub commit_delay: Duration,
     /// Capacity of the job queue (jobs, not rows).
     pub queue_capacity: usize,
     /// How the WAL is checkpointed and kept small (see [`crate::store::wal`]).
@@ -38,6 +43,7 @@ impl Default for WriterSettings {
         WriterSettings {
             cache_size_mb: 64,
             batch_max_rows: 20_000,
+            commit_delay: Duration::from_micros(crate::config::DEFAULT_COMMIT_DELAY_US),
             queue_capacity: 65_536,
             wal: WalPolicy::default(),
             retention: RetentionPolicy::default(),
@@ -174,6 +180,7 @@ pub fn spawn_writer(
         merger_stalled_at: None,
         acker: Acker::new(replies, metrics, budget),
         batch_max_rows: settings.batch_max_rows.max(1),
+        group: GroupCommit::new(settings.commit_delay),
     };
     // If this spawn fails, the merger's and checkpointer's senders are
     // dropped with the closure and they exit on their own.

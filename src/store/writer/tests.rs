@@ -586,3 +586,41 @@ fn open_errors_surface_before_any_thread_starts() {
     .unwrap_err();
     assert!(matches!(err, StoreError::NotADirectory(_)), "{err}");
 }
+
+/// Sends `jobs` one-row jobs, one every 200 µs, and waits for every
+/// answer; returns the commits the writer made for them.
+fn commits_for_a_steady_stream(commit_delay: Duration, jobs: u64) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db");
+    let settings = WriterSettings {
+        commit_delay,
+        ..WriterSettings::default()
+    };
+    let (tx, handle, loops, metrics, budget) = start(&path, &settings);
+    for seq in 0..jobs {
+        assert!(budget.try_acquire(1));
+        tx.send(job(seq, logs(&[Uuid::now_v7()]), 1)).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    for seq in 0..jobs {
+        let answer = recv(&loops[seq as usize % 2].rx, "writer completion");
+        assert_eq!(ack(&answer).1, AckStatus::Accepted);
+    }
+    let commits = metrics.commits.load(std::sync::atomic::Ordering::Relaxed);
+    drop(tx);
+    handle.join();
+    assert_eq!(count_logs(&path), jobs as i64);
+    commits
+}
+
+#[test]
+fn a_steady_stream_of_small_jobs_shares_commits() {
+    let jobs = 400;
+    let commits = commits_for_a_steady_stream(Duration::from_millis(2), jobs);
+    // 2 ms at one job per 200 µs gathers about ten jobs per commit; the
+    // first commits, before load counts as steady, take one each.
+    assert!(
+        commits * 3 <= jobs,
+        "{commits} commits for {jobs} jobs arriving every 200 µs"
+    );
+}

@@ -4,6 +4,7 @@
 //! exit lets the merger finish before emptying and truncating the ingest
 //! file.
 
+use super::group::GroupCommit;
 use super::indexed::prefers_indexed;
 use super::{insert_indexed, Acker, IngestBody};
 use crate::heartbeat::Pulse;
@@ -12,7 +13,7 @@ use crate::proto::Timestamp;
 use crate::store::merger::{MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
 use crate::store::wal::{self, Checkpointer, WalTrimmer};
 use crate::store::{WriteJob, WriteOp};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use rusqlite::Connection;
 use std::time::{Duration, Instant};
 
@@ -53,33 +54,24 @@ pub(super) struct Writer {
     pub(super) merger_stalled_at: Option<i64>,
     pub(super) acker: Acker,
     pub(super) batch_max_rows: usize,
+    /// Whether a small batch waits a moment for more rows.
+    pub(super) group: GroupCommit,
 }
 
 impl Writer {
     pub(super) fn run(mut self, jobs: Receiver<WriteJob>) {
-        loop {
-            if jobs.is_empty() {
-                self.pulse.idle();
-            }
-            let Ok(first) = jobs.recv() else { break };
+        while let Some(first) = self.next_job(&jobs) {
             self.pulse.working();
             let mut rows = first.op.row_count();
             self.take(first);
-            while rows < self.batch_max_rows {
-                match jobs.try_recv() {
-                    Ok(job) => {
-                        rows += job.op.row_count();
-                        self.take(job);
-                    }
-                    Err(_) => break,
-                }
-            }
+            rows = self.take_queued(&jobs, rows);
             Metrics::set(&self.metrics().writer_queue_depth, jobs.len() as u64);
             if self.acker.jobs.is_empty() {
                 continue;
             }
             let started = Instant::now();
             if self.commit_indexed() {
+                self.group.committed(rows, Instant::now());
                 self.metrics().record_commit(started.elapsed(), rows);
                 continue;
             }
@@ -90,6 +82,7 @@ impl Writer {
             if self.acker.commit_and_answer(&mut self.conn, &mut self.body) {
                 self.pulse.beat();
             }
+            self.group.committed(rows, Instant::now());
             self.metrics().record_commit(started.elapsed(), rows);
             if self.trimmer.after_commit(&self.conn).is_some() {
                 Metrics::add(&self.metrics().checkpoints, 1);
@@ -112,6 +105,40 @@ impl Writer {
             &self.acker.metrics,
             None,
         );
+    }
+
+    /// The first job of the next batch, after the group-commit pause while
+    /// load is steady; `None` once every sender is gone.
+    fn next_job(&mut self, jobs: &Receiver<WriteJob>) -> Option<WriteJob> {
+        let pause = self.group.pause(jobs.len());
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+            match jobs.try_recv() {
+                Ok(job) => return Some(job),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+        if jobs.is_empty() {
+            self.pulse.idle();
+        }
+        jobs.recv().ok()
+    }
+
+    /// Takes queued jobs into the batch, which holds `rows` log rows,
+    /// until it holds [`Writer::batch_max_rows`] or the queue is empty;
+    /// returns the rows it holds then.
+    fn take_queued(&mut self, jobs: &Receiver<WriteJob>, mut rows: usize) -> usize {
+        while rows < self.batch_max_rows {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    rows += job.op.row_count();
+                    self.take(job);
+                }
+                Err(_) => break,
+            }
+        }
+        rows
     }
 
     fn metrics(&self) -> &Metrics {
