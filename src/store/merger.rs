@@ -10,8 +10,9 @@
 
 use super::ingest::{self, Merged};
 use super::retention::Retention;
+use super::tx::{spawn_named, Acker, JobResult, TxBody};
+use super::wal::FINAL_CHECKPOINT_LOCK_WAIT;
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
-use super::writer::{Acker, JobResult, TxBody, FINAL_CHECKPOINT_LOCK_WAIT};
 use super::{ops, StoreError, WriteJob, WriteOp};
 use crate::metrics::Metrics;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -262,7 +263,7 @@ pub(super) fn spawn_merger(
         woken: false,
         retention,
     };
-    let thread = super::writer::spawn_named("codi-merger", move || {
+    let thread = spawn_named("codi-merger", move || {
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
         merger.run(&rx, salvage, sync)
     })?;

@@ -19,6 +19,7 @@ pub mod retention;
 pub mod salvager;
 pub mod schema;
 pub mod standalone;
+mod tx;
 pub mod verify;
 pub mod wal;
 pub mod writer;

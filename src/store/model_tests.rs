@@ -22,7 +22,9 @@ use super::ingest::{self, IdAllocator, PendingUuids, ALL_LOGS};
 use super::merger::{self, MergeState, MERGE_MAX_ROWS};
 use super::power_cut::{self, WalIndex};
 use super::standalone::StandaloneStore;
-use super::writer::{self, IngestBody, TxBody, FINAL_CHECKPOINT_LOCK_WAIT, MAX_PENDING_ROWS};
+use super::tx::{self, TxBody};
+use super::wal::FINAL_CHECKPOINT_LOCK_WAIT;
+use super::writer::{self, IngestBody, MAX_PENDING_ROWS};
 use super::{ops, retention, schema, wal, LogRow, WriteJob, WriteOp};
 use crate::metrics::Metrics;
 use crate::proto::LogLevel;
@@ -262,7 +264,7 @@ impl Daemon {
     fn ingest_batch(&mut self, op: &WriteOp, delete: usize) {
         self.body.delete_at_most(delete);
         let mut out = Vec::new();
-        writer::write_batch(
+        tx::write_batch(
             &mut self.ingest,
             std::iter::once(op),
             1,

@@ -57,7 +57,7 @@ pub fn spawn_salvager(
         metrics,
         stopped,
     };
-    let thread = super::writer::spawn_named("codi-salvage", move || salvager.run())?;
+    let thread = super::tx::spawn_named("codi-salvage", move || salvager.run())?;
     Ok(SalvagerHandle { stop, thread })
 }
 

@@ -59,6 +59,10 @@ pub const IDLE_BEFORE_TRUNCATE: Duration = Duration::from_secs(1);
 /// next tick: it must never hold up a writer that has just woken.
 const TRUNCATE_LOCK_WAIT: Duration = Duration::from_millis(10);
 
+/// How long the final checkpoint at shutdown waits for another connection's
+/// lock before leaving the WAL for the next start.
+pub(in crate::store) const FINAL_CHECKPOINT_LOCK_WAIT: Duration = Duration::from_secs(1);
+
 /// Tuning of the checkpoint policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WalPolicy {

@@ -12,12 +12,11 @@
 //!
 //! One file per part: `handle` (settings, [`spawn_writer`],
 //! [`WriterHandle`]), `thread` (the run loop), `group` (when to pause for
-//! more rows), `body` (the transaction
-//! machinery every write thread shares), `ingest_body` (the writer's body
-//! for the ingest file), `indexed` (batches straight into `logs`) and
-//! `recover` (where the files stand at start-up).
+//! more rows), `ingest_body` (the writer's body for the ingest file),
+//! `indexed` (batches straight into `logs`) and `recover` (where the files
+//! stand at start-up). The transaction machinery it shares with the merger
+//! is [`super::tx`].
 
-mod body;
 mod group;
 mod handle;
 mod indexed;
@@ -27,15 +26,9 @@ mod thread;
 
 pub use handle::{spawn_writer, WriterHandle, WriterSettings};
 
-pub(super) use body::{Acker, JobResult, TxBody};
-// For the model test, which drives batches itself.
-#[cfg(test)]
-pub(super) use body::write_batch;
-pub(super) use handle::spawn_named;
 pub(super) use indexed::insert_indexed;
 pub(super) use ingest_body::{IngestBody, MAX_PENDING_ROWS};
 pub(super) use recover::recover;
-pub(super) use thread::FINAL_CHECKPOINT_LOCK_WAIT;
 
 #[cfg(test)]
 mod tests;

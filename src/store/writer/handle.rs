@@ -5,19 +5,20 @@
 use super::group::GroupCommit;
 use super::indexed::INDEXED_LOCK_WAIT;
 use super::thread::Writer;
-use super::{recover, Acker, IngestBody, MAX_PENDING_ROWS};
+use super::{recover, IngestBody, MAX_PENDING_ROWS};
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::reply::Replies;
 use crate::store::ingest;
 use crate::store::merger::{self, MergeState};
 use crate::store::retention::{self, ArchiveClaims, Retention, RetentionPolicy};
+use crate::store::tx::{spawn_named, Acker};
 use crate::store::wal::{self, Checkpointer, DurableMark, WalPolicy, WalState, WalTrimmer};
 use crate::store::{schema, StoreError, WriteJob};
 use crossbeam_channel::Sender;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Tuning of the writer and checkpointer.
@@ -199,18 +200,4 @@ pub fn spawn_writer(
             merge: merge_for_handle,
         },
     ))
-}
-
-/// Starts a thread named `name` running `f`.
-pub(in crate::store) fn spawn_named<F: FnOnce() + Send + 'static>(
-    name: &str,
-    f: F,
-) -> Result<JoinHandle<()>, StoreError> {
-    thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(f)
-        .map_err(|source| StoreError::Spawn {
-            name: name.to_owned(),
-            source,
-        })
 }

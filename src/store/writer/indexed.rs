@@ -2,9 +2,9 @@
 //! skips the ingest file and commits into the indexed table at once, when
 //! no ingest row awaits merging.
 
-use super::JobResult;
 use crate::store::ingest::{self, IdAllocator};
 use crate::store::merger::MergeState;
+use crate::store::tx::JobResult;
 use crate::store::{schema, LogRow, WriteJob, WriteOp};
 use rusqlite::{Connection, TransactionBehavior};
 use std::collections::HashSet;

@@ -2,10 +2,10 @@
 //! each transaction first deletes some rows the merger has moved and the
 //! main database has made durable.
 
-use super::{JobResult, TxBody};
 use crate::store::ingest::{self, IdAllocator, PendingUuids};
 use crate::store::merger::MergeState;
 use crate::store::ops::OpOutcome;
+use crate::store::tx::{JobResult, TxBody};
 use crate::store::WriteOp;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use std::sync::Arc;

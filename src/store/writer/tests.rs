@@ -1,4 +1,3 @@
-use super::body::BatchStats;
 use super::indexed::prefers_indexed;
 use super::*;
 use crate::budget::InflightBudget;
@@ -8,6 +7,7 @@ use crate::reply::{self, Completion, Replies, ReplyTo};
 use crate::store::ingest::PendingUuids;
 use crate::store::merger::MergeState;
 use crate::store::ops::OpOutcome;
+use crate::store::tx::{write_batch, BatchStats, JobResult, TxBody};
 use crate::store::wal::WalPolicy;
 use crate::store::{schema, LogRow, StoreError, WriteJob, WriteOp};
 use crate::testing::recv;

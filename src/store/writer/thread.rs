@@ -6,20 +6,17 @@
 
 use super::group::GroupCommit;
 use super::indexed::prefers_indexed;
-use super::{insert_indexed, Acker, IngestBody};
+use super::{insert_indexed, IngestBody};
 use crate::heartbeat::Pulse;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
 use crate::store::merger::{MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
+use crate::store::tx::Acker;
 use crate::store::wal::{self, Checkpointer, WalTrimmer};
 use crate::store::{WriteJob, WriteOp};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use rusqlite::Connection;
 use std::time::{Duration, Instant};
-
-/// How long the final checkpoint at shutdown waits for another connection's
-/// lock before leaving the WAL for the next start.
-pub(in crate::store) const FINAL_CHECKPOINT_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// How long the writer waits for a merger that makes no progress at all
 /// before it stops waiting for it.
@@ -100,7 +97,7 @@ impl Writer {
         wal::final_truncate(
             &self.conn,
             self.checkpointer.take(),
-            FINAL_CHECKPOINT_LOCK_WAIT,
+            wal::FINAL_CHECKPOINT_LOCK_WAIT,
             "the ingest file",
             &self.acker.metrics,
             None,

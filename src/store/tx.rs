@@ -1,16 +1,19 @@
-//! The transaction machinery every write thread shares: a [`TxBody`] says
-//! what one transaction does, [`write_batch`] runs a batch of ops through
-//! it (falling back to one transaction per op when one op fails), and the
-//! [`Acker`] answers each job with its outcome and frees its budget.
+//! The transaction machinery every write thread shares (the writer, the
+//! merger, the salvager): a [`TxBody`] says what one transaction does,
+//! [`write_batch`] runs a batch of ops through it (falling back to one
+//! transaction per op when one op fails), the [`Acker`] answers each job
+//! with its outcome and frees its budget, and [`spawn_named`] starts such
+//! a thread.
 
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, Message, Timestamp};
 use crate::reply::{Completion, Replies};
 use crate::store::ops::OpOutcome;
-use crate::store::{WriteJob, WriteOp};
+use crate::store::{StoreError, WriteJob, WriteOp};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use std::sync::Arc;
+use std::thread::{self, JoinHandle};
 
 /// The result of one job: its outcome, or the storage error that stopped it.
 pub(in crate::store) type JobResult = Result<OpOutcome, rusqlite::Error>;
@@ -179,7 +182,7 @@ pub(in crate::store) struct Acker {
     pub(in crate::store) budget: Arc<InflightBudget>,
     /// Jobs of the next batch.
     pub(in crate::store) jobs: Vec<WriteJob>,
-    pub(super) outcomes: Vec<JobResult>,
+    pub(in crate::store) outcomes: Vec<JobResult>,
     completions: Vec<Completion>,
 }
 
@@ -267,10 +270,24 @@ impl Acker {
     }
 
     /// Answers `job` with a rejection.
-    pub(super) fn reject(&mut self, job: WriteJob, reason: &str) {
+    pub(in crate::store) fn reject(&mut self, job: WriteJob, reason: &str) {
         self.jobs.push(job);
         self.outcomes
             .push(Ok(OpOutcome::Rejected(reason.to_owned())));
         self.answer();
     }
+}
+
+/// Starts a thread named `name` running `f`.
+pub(in crate::store) fn spawn_named<F: FnOnce() + Send + 'static>(
+    name: &str,
+    f: F,
+) -> Result<JoinHandle<()>, StoreError> {
+    thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .map_err(|source| StoreError::Spawn {
+            name: name.to_owned(),
+            source,
+        })
 }
