@@ -11,8 +11,7 @@
 use super::ingest::{self, Merged};
 use super::retention::Retention;
 use super::tx::{spawn_named, Acker, JobResult, TxBody};
-use super::wal::FINAL_CHECKPOINT_LOCK_WAIT;
-use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer};
+use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer, FINAL_CHECKPOINT_LOCK_WAIT};
 use super::{ops, StoreError, WriteJob, WriteOp};
 use crate::metrics::Metrics;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};

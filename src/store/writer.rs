@@ -15,7 +15,7 @@
 //! more rows), `ingest_body` (the writer's body for the ingest file),
 //! `indexed` (batches straight into `logs`) and `recover` (where the files
 //! stand at start-up). The transaction machinery it shares with the merger
-//! is [`super::tx`].
+//! and the salvager is in `store::tx`.
 
 mod group;
 mod handle;

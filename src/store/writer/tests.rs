@@ -587,7 +587,8 @@ fn open_errors_surface_before_any_thread_starts() {
     assert!(matches!(err, StoreError::NotADirectory(_)), "{err}");
 }
 
-/// Sends `jobs` one-row jobs, one every 200 µs, and waits for every
+/// Sends `jobs` one-row jobs on a schedule of one every 200 µs (a sender
+/// that falls behind sends the jobs it owes at once) and waits for every
 /// answer; returns the commits the writer made for them.
 fn commits_for_a_steady_stream(commit_delay: Duration, jobs: u64) -> u64 {
     let dir = tempfile::tempdir().unwrap();
@@ -597,10 +598,12 @@ fn commits_for_a_steady_stream(commit_delay: Duration, jobs: u64) -> u64 {
         ..WriterSettings::default()
     };
     let (tx, handle, loops, metrics, budget) = start(&path, &settings);
+    let start = Instant::now();
     for seq in 0..jobs {
+        let due = start + Duration::from_micros(200) * seq as u32;
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
         assert!(budget.try_acquire(1));
         tx.send(job(seq, logs(&[Uuid::now_v7()]), 1)).unwrap();
-        std::thread::sleep(Duration::from_micros(200));
     }
     for seq in 0..jobs {
         let answer = recv(&loops[seq as usize % 2].rx, "writer completion");
@@ -616,11 +619,17 @@ fn commits_for_a_steady_stream(commit_delay: Duration, jobs: u64) -> u64 {
 #[test]
 fn a_steady_stream_of_small_jobs_shares_commits() {
     let jobs = 400;
-    let commits = commits_for_a_steady_stream(Duration::from_millis(2), jobs);
+    let paused = commits_for_a_steady_stream(Duration::from_millis(2), jobs);
+    let unpaused = commits_for_a_steady_stream(Duration::ZERO, jobs);
     // 2 ms at one job per 200 µs gathers about ten jobs per commit; the
-    // first commits, before load counts as steady, take one each.
+    // first commits, before load counts as steady, take one each. Without
+    // the pause a commit takes only what queued while the last one ran.
     assert!(
-        commits * 3 <= jobs,
-        "{commits} commits for {jobs} jobs arriving every 200 µs"
+        paused * 3 <= jobs,
+        "{paused} commits for {jobs} jobs arriving every 200 µs"
+    );
+    assert!(
+        unpaused >= 2 * paused,
+        "{unpaused} commits without the pause against {paused} with it"
     );
 }

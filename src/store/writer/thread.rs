@@ -4,7 +4,7 @@
 //! exit lets the merger finish before emptying and truncating the ingest
 //! file.
 
-use super::group::GroupCommit;
+use super::group::{Batch, GroupCommit};
 use super::indexed::prefers_indexed;
 use super::{insert_indexed, IngestBody};
 use crate::heartbeat::Pulse;
@@ -57,18 +57,26 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) fn run(mut self, jobs: Receiver<WriteJob>) {
-        while let Some(first) = self.next_job(&jobs) {
+        while let Some((first, paused)) = self.next_job(&jobs) {
             self.pulse.working();
             let mut rows = first.op.row_count();
             self.take(first);
             rows = self.take_queued(&jobs, rows);
             Metrics::set(&self.metrics().writer_queue_depth, jobs.len() as u64);
             if self.acker.jobs.is_empty() {
+                // Only session changes, handed to the merger: progress too.
+                self.pulse.beat();
                 continue;
             }
+            let batch = Batch {
+                rows,
+                jobs: self.acker.jobs.len(),
+                paused,
+                full: rows >= self.batch_max_rows && !jobs.is_empty(),
+            };
             let started = Instant::now();
             if self.commit_indexed() {
-                self.group.committed(rows, Instant::now());
+                self.group.committed(batch, Instant::now());
                 self.metrics().record_commit(started.elapsed(), rows);
                 continue;
             }
@@ -79,7 +87,7 @@ impl Writer {
             if self.acker.commit_and_answer(&mut self.conn, &mut self.body) {
                 self.pulse.beat();
             }
-            self.group.committed(rows, Instant::now());
+            self.group.committed(batch, Instant::now());
             self.metrics().record_commit(started.elapsed(), rows);
             if self.trimmer.after_commit(&self.conn).is_some() {
                 Metrics::add(&self.metrics().checkpoints, 1);
@@ -105,13 +113,14 @@ impl Writer {
     }
 
     /// The first job of the next batch, after the group-commit pause while
-    /// load is steady; `None` once every sender is gone.
-    fn next_job(&mut self, jobs: &Receiver<WriteJob>) -> Option<WriteJob> {
-        let pause = self.group.pause(jobs.len());
+    /// load is steady, and whether it paused; `None` once every sender is
+    /// gone.
+    fn next_job(&mut self, jobs: &Receiver<WriteJob>) -> Option<(WriteJob, bool)> {
+        let pause = self.group.pause(jobs.len(), Instant::now());
         if !pause.is_zero() {
             std::thread::sleep(pause);
             match jobs.try_recv() {
-                Ok(job) => return Some(job),
+                Ok(job) => return Some((job, true)),
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => {}
             }
@@ -119,7 +128,7 @@ impl Writer {
         if jobs.is_empty() {
             self.pulse.idle();
         }
-        jobs.recv().ok()
+        jobs.recv().ok().map(|job| (job, false))
     }
 
     /// Takes queued jobs into the batch, which holds `rows` log rows,
