@@ -181,7 +181,7 @@ pub fn spawn_writer(
         merger_stalled_at: None,
         acker: Acker::new(replies, metrics, budget),
         batch_max_rows: settings.batch_max_rows.max(1),
-        group: GroupCommit::new(settings.commit_delay, settings.batch_max_rows.max(1)),
+        group: GroupCommit::new(settings.commit_delay, settings.batch_max_rows),
     };
     // If this spawn fails, the merger's and checkpointer's senders are
     // dropped with the closure and they exit on their own.
