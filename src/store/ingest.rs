@@ -48,6 +48,7 @@ use super::ops::OpOutcome;
 use super::LogRow;
 use rusqlite::{
     params, params_from_iter, CachedStatement, Connection, OptionalExtension, ToSql, Transaction,
+    TransactionBehavior,
 };
 use std::collections::{HashSet, VecDeque};
 use uuid::Uuid;
@@ -70,6 +71,27 @@ pub(super) const CREATE_ALL_LOGS: &str = "CREATE TEMP VIEW IF NOT EXISTS all_log
 const ID_MARKS: &str = "SELECT coalesce((SELECT max(id) FROM main.ingest_logs), 0), \
     max(coalesce((SELECT max(id) FROM store.logs), 0), \
     coalesce((SELECT merged_floor FROM main.ingest_meta), 0))";
+
+/// [`ID_MARKS`] seen from the merger's connection (the main database as
+/// `main`, the ingest file as `ingest`), for rows written straight into
+/// `logs`.
+const ID_MARKS_FROM_MAIN: &str = "SELECT coalesce((SELECT max(id) FROM ingest.ingest_logs), 0), \
+    max(coalesce((SELECT max(id) FROM main.logs), 0), \
+    coalesce((SELECT merged_floor FROM ingest.ingest_meta), 0))";
+
+/// Takes the ingest file's write lock on `conn` (the writer's connection)
+/// without starting a snapshot of the attached main database: a
+/// transaction that writes nothing, for as long as someone else hands out
+/// ids (rows straight into `logs`, [`IdAllocator::for_indexed`]). Holding
+/// no snapshot of the main database, it never keeps that database's WAL
+/// from starting over.
+pub fn lock_ids(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+    // A write statement takes the write lock of the files it names only
+    // (a BEGIN IMMEDIATE would also start a read of every attached file).
+    tx.execute("DELETE FROM main.ingest_logs WHERE 0", [])?;
+    Ok(tx)
+}
 
 /// [`ID_MARKS`] inside `tx`, the merged id raised to `merged_through` (the
 /// merger's mark can pass the largest id in `logs` when a chunk ended in
@@ -146,13 +168,17 @@ impl IdAllocator {
         })
     }
 
-    /// Ids for rows written straight into `logs`, read inside `tx` (an
-    /// ingest writer transaction, whose write lock keeps anyone else from
-    /// handing out ids until the rows are committed), or `None` while the
-    /// ingest file holds rows not yet merged: rows with larger ids in
-    /// `logs` would hide those from readers (the module's prefix rule).
+    /// Ids for rows written straight into `logs`, read inside `tx` (the
+    /// merger's write transaction of the main database, while the ingest
+    /// file's write lock is held by [`lock_ids`], so that nobody else hands
+    /// out ids until the rows are committed), or `None` while the ingest
+    /// file holds rows not yet merged: rows with larger ids in `logs` would
+    /// hide those from readers (the module's prefix rule).
     pub fn for_indexed(tx: &Transaction, merged_through: i64) -> rusqlite::Result<Option<Self>> {
-        let (newest_ingest, merged) = id_marks(tx, merged_through)?;
+        let (newest_ingest, merged): (i64, i64) = tx
+            .prepare_cached(ID_MARKS_FROM_MAIN)?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let merged = merged.max(merged_through);
         if newest_ingest > merged {
             return Ok(None);
         }
@@ -440,7 +466,7 @@ mod tests {
     use super::*;
     use crate::proto::LogLevel;
     use crate::store::schema;
-    use rusqlite::TransactionBehavior;
+    use std::time::Duration;
 
     fn row(uuid: Uuid, session: &str) -> LogRow {
         LogRow {
@@ -615,21 +641,58 @@ mod tests {
         crate::store::wal::checkpoint(&ing, "PASSIVE").unwrap();
     }
 
-    /// Writes `rows` straight into `logs` as the writer does: ids under the
-    /// ingest file's lock. `None` if the ingest file holds unmerged rows.
+    /// Writes `rows` straight into `logs` as the writer and the merger do:
+    /// ids handed out on the merger's connection under the ingest file's
+    /// lock. `None` if the ingest file holds unmerged rows.
     fn insert_indexed(
         main: &mut Connection,
         ing: &mut Connection,
         rows: &[LogRow],
     ) -> Option<(OpOutcome, i64)> {
-        let lock = ing
+        let _lock = lock_ids(ing).unwrap();
+        let tx = main
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .unwrap();
-        let mut ids = IdAllocator::for_indexed(&lock, 0).unwrap()?;
-        let tx = main.transaction().unwrap();
+        let mut ids = IdAllocator::for_indexed(&tx, 0).unwrap()?;
         let out = insert_rows_indexed(&tx, &mut ids, rows, 1).unwrap();
         tx.commit().unwrap();
         Some((out, ids.last()))
+    }
+
+    #[test]
+    fn the_id_lock_keeps_other_writers_out_and_holds_no_snapshot_of_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        let mut main = schema::open_rw(&path, 4).unwrap();
+        let mut ing = schema::open_ingest_rw(&path, 4).unwrap();
+        let rows: Vec<LogRow> = (0..2).map(|_| row(Uuid::now_v7(), "s")).collect();
+        insert_indexed(&mut main, &mut ing, &rows[..1]).unwrap();
+        let lock = lock_ids(&mut ing).unwrap();
+
+        let mut other = schema::open_ingest_rw(&path, 4).unwrap();
+        other.busy_timeout(Duration::ZERO).unwrap();
+        let busy = other
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap_err();
+        assert_eq!(
+            busy.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy)
+        );
+
+        // Rows committed into `logs` meanwhile, and the WAL can start over:
+        // the lock's holder reads nothing of the main database. (A BEGIN
+        // IMMEDIATE there would hold a snapshot, and the RESTART would be
+        // busy.)
+        let tx = main
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .unwrap();
+        let mut ids = IdAllocator::for_indexed(&tx, 0).unwrap().unwrap();
+        insert_rows_indexed(&tx, &mut ids, &rows[1..], 1).unwrap();
+        tx.commit().unwrap();
+        let restart = crate::store::wal::checkpoint(&main, "RESTART").unwrap();
+        assert!(!restart.busy, "{restart:?}");
+        assert_eq!(restart.backfilled, restart.log_frames);
+        drop(lock);
     }
 
     #[test]

@@ -3,11 +3,12 @@
 //! indexed `logs` table in large id-ordered chunks (see [`super::ingest`]
 //! for why), applies session changes, and runs the main database's WAL
 //! policy, and between merges runs retention and session expiry (see
-//! [`super::retention`]). It never holds the ingest file's write lock, so a long merge
-//! cannot delay an acknowledgment of the ingest file; a batch the writer
-//! sends straight into `logs` waits for it at most briefly, and is only
-//! sent while nothing awaits merging.
+//! [`super::retention`]). It also commits the batches the writer hands it
+//! to write straight into `logs` ([`super::direct`]), which are only sent
+//! while nothing awaits merging. It never holds the ingest file's write
+//! lock, so a long merge cannot delay an acknowledgment of the ingest file.
 
+use super::direct::{self, DirectBatch};
 use super::ingest::{self, Merged};
 use super::retention::Retention;
 use super::tx::{spawn_named, Acker, JobResult, TxBody};
@@ -138,6 +139,9 @@ pub enum MergerMsg {
     Job(WriteJob),
     /// Enough rows are waiting: merge now.
     Wake,
+    /// A batch to commit straight into `logs`, while the writer holds the
+    /// ingest file's write lock ([`super::direct`]).
+    Direct(DirectBatch),
 }
 
 /// A salvage step ([`super::recovery`]) for the merger to apply, and
@@ -342,15 +346,26 @@ impl Merger {
                 Ok(None) => continue,
                 Ok(Some(MergerMsg::Job(job))) => {
                     self.acker.jobs.push(job);
+                    let mut direct = None;
                     while let Ok(msg) = rx.try_recv() {
-                        if let MergerMsg::Job(job) = msg {
-                            self.acker.jobs.push(job);
+                        match msg {
+                            MergerMsg::Job(job) => self.acker.jobs.push(job),
+                            MergerMsg::Wake => self.woken = true,
+                            // The writer waits for it: after these, at once.
+                            MergerMsg::Direct(batch) => {
+                                direct = Some(batch);
+                                break;
+                            }
                         }
                     }
                     self.acker
                         .commit_and_answer(&mut self.conn, &mut SessionBody);
+                    if let Some(batch) = direct {
+                        self.commit_direct(batch);
+                    }
                 }
                 Ok(Some(MergerMsg::Wake)) => self.woken = true,
+                Ok(Some(MergerMsg::Direct(batch))) => self.commit_direct(batch),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -395,6 +410,16 @@ impl Merger {
             }
         }
         Ok(inserted)
+    }
+
+    /// Commits a batch the writer handed over straight into `logs`
+    /// ([`direct::commit_handed`]) and runs the WAL policy after it.
+    fn commit_direct(&mut self, batch: DirectBatch) {
+        if direct::commit_handed(&mut self.conn, &self.state, batch)
+            && self.trimmer.after_commit(&self.conn).is_some()
+        {
+            Metrics::add(&self.acker.metrics.checkpoints, 1);
+        }
     }
 
     /// Makes one of hub sync's writes, at `synchronous = FULL` if it asks.
@@ -478,8 +503,8 @@ pub(super) fn merge_once(
         tx.commit()?;
         (merged, max_uuid)
     } else {
-        // Nothing to move: the main database's write lock, which a batch
-        // bound straight for `logs` may be waiting for, is left alone.
+        // Nothing to move: no write transaction, so a `codi2` without a
+        // daemon waiting for the main database's lock is not held up.
         (None, ingest::logs_max_uuid(conn)?)
     };
     let merged = merged.unwrap_or(Merged {

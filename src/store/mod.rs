@@ -7,6 +7,7 @@
 //! daemon's writer and `codi2`'s standalone fallback cannot drift apart.
 
 pub mod backup;
+mod direct;
 pub mod ingest;
 pub mod lock;
 pub mod merger;

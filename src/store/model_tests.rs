@@ -18,6 +18,7 @@
 //! `CODI_MODEL_CASES` sets the number of random cases (default 48, a few
 //! seconds); failures shrink to a short sequence of steps.
 
+use super::direct;
 use super::ingest::{self, IdAllocator, PendingUuids, ALL_LOGS};
 use super::merger::{self, MergeState, MERGE_MAX_ROWS};
 use super::power_cut::{self, WalIndex};
@@ -207,9 +208,7 @@ const LOCK_WAIT: Duration = Duration::from_millis(50);
 struct Daemon {
     /// The writer's: the ingest file, with the main database attached.
     ingest: Connection,
-    /// The writer's second one, for batches straight into `logs`.
-    indexed: Connection,
-    /// The merger's.
+    /// The merger's (batches straight into `logs` included).
     main: Connection,
     /// Hub sync's, at `synchronous = FULL`.
     sync: Connection,
@@ -226,9 +225,8 @@ impl Daemon {
     fn start(path: &Path) -> Daemon {
         let policy = wal::WalPolicy::default();
         let main = schema::open_rw(path, 1).unwrap();
-        let indexed = schema::open_rw(path, 1).unwrap();
         let mut ingest = schema::open_ingest_rw(path, 1).unwrap();
-        for conn in [&main, &indexed, &ingest] {
+        for conn in [&main, &ingest] {
             wal::configure_writer(conn, &policy).unwrap();
             conn.busy_timeout(LOCK_WAIT).unwrap();
         }
@@ -255,7 +253,6 @@ impl Daemon {
             body: IngestBody::new(Arc::clone(&state), pending, last_own_id, MAX_PENDING_ROWS),
             state,
             ingest,
-            indexed,
             main,
         }
     }
@@ -477,9 +474,11 @@ fn run(ops: &[Op]) {
             Op::Direct { rows: n, resend } => {
                 let (batch, fresh) = rows(n, resend.and_then(|r| model.pick(r)));
                 let jobs = [job(WriteOp::Logs(batch))];
-                let written =
-                    writer::insert_indexed(&mut d.ingest, &mut d.indexed, &jobs, &d.state, 1)
-                        .unwrap();
+                // As `direct::hand_over` and the merger's
+                // `direct::commit_handed` do it, on one thread.
+                let lock = ingest::lock_ids(&mut d.ingest).unwrap();
+                let written = direct::commit(&mut d.main, &d.state, &jobs, 1).unwrap();
+                drop(lock);
                 let place = match written {
                     Some(outcomes) => {
                         assert!(matches!(outcomes[..], [Ok(ops::OpOutcome::Logs { .. })]));
@@ -674,16 +673,13 @@ fn crash_during(d: &mut Daemon, during: Stage, op: WriteOp) {
             ingest::merge_chunk(&tx, floor, MERGE_MAX_ROWS).unwrap();
         }
         Stage::DirectBatch => {
-            let lock = d
-                .ingest
+            let _lock = ingest::lock_ids(&mut d.ingest).unwrap();
+            let merged = d.state.merged_through();
+            let tx = d
+                .main
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .unwrap();
-            let merged = d.state.merged_through();
-            if let Some(mut ids) = IdAllocator::for_indexed(&lock, merged).unwrap() {
-                let tx = d
-                    .indexed
-                    .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .unwrap();
+            if let Some(mut ids) = IdAllocator::for_indexed(&tx, merged).unwrap() {
                 let WriteOp::Logs(rows) = &op else {
                     unreachable!()
                 };

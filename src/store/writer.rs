@@ -12,21 +12,20 @@
 //!
 //! One file per part: `handle` (settings, [`spawn_writer`],
 //! [`WriterHandle`]), `thread` (the run loop), `group` (when to pause for
-//! more rows), `ingest_body` (the writer's body for the ingest file),
-//! `indexed` (batches straight into `logs`) and `recover` (where the files
-//! stand at start-up). The transaction machinery it shares with the merger
+//! more rows), `ingest_body` (the writer's body for the ingest file) and
+//! `recover` (where the files stand at start-up). Batches straight into
+//! `logs` go through the merger, the main database's only writer
+//! (`store::direct`). The transaction machinery it shares with the merger
 //! and the salvager is in `store::tx`.
 
 mod group;
 mod handle;
-mod indexed;
 mod ingest_body;
 mod recover;
 mod thread;
 
 pub use handle::{spawn_writer, WriterHandle, WriterSettings};
 
-pub(super) use indexed::insert_indexed;
 pub(super) use ingest_body::{IngestBody, MAX_PENDING_ROWS};
 pub(super) use recover::recover;
 

@@ -3,7 +3,6 @@
 //! any of them starts, and the [`WriterHandle`] that joins them.
 
 use super::group::GroupCommit;
-use super::indexed::INDEXED_LOCK_WAIT;
 use super::thread::Writer;
 use super::{recover, IngestBody, MAX_PENDING_ROWS};
 use crate::budget::InflightBudget;
@@ -124,9 +123,6 @@ pub fn spawn_writer(
         // that none of them waits behind the one-time VACUUM.
         retention::convert_auto_vacuum(&main, db_path);
     }
-    let indexed = schema::open_rw(db_path, settings.cache_size_mb)?;
-    wal::configure_writer(&indexed, &settings.wal)?;
-    indexed.busy_timeout(INDEXED_LOCK_WAIT)?;
     let mut conn = schema::open_ingest_rw(db_path, settings.cache_size_mb)?;
     wal::configure_writer(&conn, &settings.wal)?;
     let (state, pending) = recover(&mut conn, ingest::logs_max_uuid(&main)?)?;
@@ -175,8 +171,6 @@ pub fn spawn_writer(
         trimmer,
         conn,
         body: IngestBody::new(state, pending, last_own_id, MAX_PENDING_ROWS),
-        indexed_trimmer: WalTrimmer::new(&indexed, settings.wal, Arc::clone(&main_wal))?,
-        indexed,
         woke_merger_at: None,
         merger_stalled_at: None,
         acker: Acker::new(replies, metrics, budget),

@@ -1,9 +1,9 @@
-use super::indexed::prefers_indexed;
 use super::*;
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::proto::{AckStatus, LogLevel, Payload};
 use crate::reply::{self, Completion, Replies, ReplyTo};
+use crate::store::direct::prefers_indexed;
 use crate::store::ingest::PendingUuids;
 use crate::store::merger::MergeState;
 use crate::store::ops::OpOutcome;
@@ -81,10 +81,9 @@ fn session_logs(session: Option<&str>, count: usize, len: usize) -> Vec<LogRow> 
         .collect()
 }
 
-/// Far above [`INDEXED_LOCK_WAIT`], far below the writer's own lock
-/// wait.
+/// Far above [`DIRECT_WAIT`], far below the writer's own lock wait.
 ///
-/// [`INDEXED_LOCK_WAIT`]: super::indexed::INDEXED_LOCK_WAIT
+/// [`DIRECT_WAIT`]: crate::store::direct::DIRECT_WAIT
 const WRITER_TEST_WAIT: Duration = Duration::from_secs(20);
 
 fn job(seq: u64, op: WriteOp, cost: usize) -> WriteJob {

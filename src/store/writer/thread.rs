@@ -5,11 +5,11 @@
 //! file.
 
 use super::group::{Batch, GroupCommit};
-use super::indexed::prefers_indexed;
-use super::{insert_indexed, IngestBody};
+use super::IngestBody;
 use crate::heartbeat::Pulse;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
+use crate::store::direct::{self, NotDirect};
 use crate::store::merger::{MergerHandle, MergerMsg, MAX_UNMERGED_ROWS, MERGE_MIN_ROWS};
 use crate::store::tx::Acker;
 use crate::store::wal::{self, Checkpointer, WalTrimmer};
@@ -27,15 +27,9 @@ const MERGER_STALL: Duration = Duration::from_secs(5);
 pub(super) struct Writer {
     /// Beats when a transaction ends; idle while nothing is queued.
     pub(super) pulse: Pulse,
+    /// The ingest file's read-write connection, the only one in the
+    /// daemon.
     pub(super) conn: Connection,
-    /// A read-write connection to the main database, for batches that go
-    /// straight into `logs`; it waits at most [`INDEXED_LOCK_WAIT`] for
-    /// the main database's lock.
-    ///
-    /// [`INDEXED_LOCK_WAIT`]: super::indexed::INDEXED_LOCK_WAIT
-    pub(super) indexed: Connection,
-    /// The main database's WAL policy after those commits.
-    pub(super) indexed_trimmer: WalTrimmer,
     /// `merged_through` when the merger was last woken for a batch that
     /// would have gone straight into `logs`: woken once per merge.
     pub(super) woke_merger_at: Option<i64>,
@@ -151,12 +145,13 @@ impl Writer {
         &self.acker.metrics
     }
 
-    /// Commits and answers the queued batch straight into `logs` when that
-    /// costs less ([`prefers_indexed`]) and no ingest row awaits merging;
-    /// returns whether it did. Otherwise (or if that fails, e.g. on the
-    /// main database's lock) the batch goes to the ingest file.
+    /// Commits and answers the queued batch straight into `logs`, through
+    /// the merger ([`direct::hand_over`]), when that costs less
+    /// ([`direct::prefers_indexed`]) and no ingest row awaits merging;
+    /// returns whether it did. Otherwise (or if the merger is busy or the
+    /// write fails) the batch goes to the ingest file.
     fn commit_indexed(&mut self) -> bool {
-        if !prefers_indexed(&self.acker.jobs) {
+        if !direct::prefers_indexed(&self.acker.jobs) {
             return false;
         }
         let (through, _) = self.body.state.merged_mark();
@@ -168,38 +163,50 @@ impl Writer {
             }
             return false;
         }
-        let now_us = Timestamp::now().as_micros();
-        let written = insert_indexed(
-            &mut self.conn,
-            &mut self.indexed,
-            &self.acker.jobs,
-            &self.body.state,
-            now_us,
-        );
-        let outcomes = match written {
-            Ok(Some(written)) => written,
-            Ok(None) => return false,
-            Err(e) => {
-                // Busy is expected now and then (someone held the main
-                // database's lock past the wait); anything else is news.
-                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) {
-                    log::debug!("a batch goes to the ingest file: the main database is busy");
-                } else {
-                    log::warn!("a batch goes to the ingest file: writing it into the indexed table failed: {e}");
-                }
-                return false;
-            }
+        let Some(merger) = &self.merger else {
+            return false;
         };
-        self.pulse.beat();
-        let metrics = &self.acker.metrics;
-        Metrics::add(&metrics.commits, 1);
-        Metrics::add(&metrics.indexed_commits, 1);
-        if self.indexed_trimmer.after_commit(&self.indexed).is_some() {
-            Metrics::add(&metrics.checkpoints, 1);
+        let jobs = std::mem::take(&mut self.acker.jobs);
+        let now_us = Timestamp::now().as_micros();
+        match direct::hand_over(&mut self.conn, &merger.tx, jobs, now_us) {
+            Ok((jobs, outcomes)) => {
+                self.pulse.beat();
+                let metrics = &self.acker.metrics;
+                Metrics::add(&metrics.commits, 1);
+                Metrics::add(&metrics.indexed_commits, 1);
+                self.acker.jobs = jobs;
+                self.acker.outcomes = outcomes;
+                self.acker.answer();
+                true
+            }
+            Err((jobs, why)) => {
+                match why {
+                    NotDirect::Unmerged => {}
+                    // Expected now and then (a retention pass, a sync
+                    // write, another process's lock); anything else is news.
+                    NotDirect::MergerBusy => {
+                        log::debug!("a batch goes to the ingest file: the merger is busy")
+                    }
+                    NotDirect::Failed(e)
+                        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) =>
+                    {
+                        log::debug!("a batch goes to the ingest file: the main database is busy")
+                    }
+                    NotDirect::Failed(e) => log::warn!(
+                        "a batch goes to the ingest file: writing it into the indexed table \
+                         failed: {e}"
+                    ),
+                    NotDirect::NoMerger => {
+                        log::error!("the merger thread is gone; a batch goes to the ingest file")
+                    }
+                }
+                // Empty only if the merger took the batch and then died
+                // (a panic): nothing is left to write.
+                let nothing_left = jobs.is_empty();
+                self.acker.jobs = jobs;
+                nothing_left
+            }
         }
-        self.acker.outcomes = outcomes;
-        self.acker.answer();
-        true
     }
 
     /// Keeps a log job for this batch; hands a session change to the merger,

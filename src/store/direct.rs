@@ -1,0 +1,207 @@
+//! Batches straight into `logs`. A batch of log jobs whose rows come from
+//! few sessions (or are large) skips the ingest file, when no ingest row
+//! awaits merging. Two threads share the work, so that the main database
+//! keeps one read-write owner:
+//!
+//! 1. the writer takes the ingest file's write lock without a snapshot of
+//!    the main database ([`ingest::lock_ids`]) and hands the batch to the
+//!    merger ([`hand_over`]);
+//! 2. the merger hands out the batch's ids above every row of both files
+//!    ([`IdAllocator::for_indexed`]), commits the rows into `logs`
+//!    ([`commit`]) and publishes them as merged;
+//! 3. the writer then lets go of the lock: nobody (no `codi2` without a
+//!    daemon) hands out ids in between.
+//!
+//! The writer holds no snapshot of the main database meanwhile, so the
+//! merger's WAL policy after the commit can start the WAL over. A batch
+//! the merger has not taken within [`DIRECT_WAIT`] is taken back and goes
+//! to the ingest file, as does one that finds unmerged ingest rows or
+//! whose commit fails.
+
+use super::ingest::{self, IdAllocator};
+use super::merger::{MergeState, MergerMsg};
+use super::tx::JobResult;
+use super::{schema, LogRow, WriteJob, WriteOp};
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use rusqlite::{Connection, TransactionBehavior};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Bytes SQLite writes for one index leaf page a commit dirties.
+const INDEX_PAGE_BYTES: usize = schema::PAGE_SIZE as usize;
+
+/// How long a batch bound straight for `logs` waits for the merger to take
+/// it (it may be busy with a retention pass or a sync write), and then how
+/// long the merger waits for the main database's lock (a `codi2` without a
+/// daemon may hold it), before the batch goes to the ingest file instead:
+/// acknowledgments never wait long.
+pub(super) const DIRECT_WAIT: Duration = Duration::from_millis(200);
+
+/// Whether a batch of log jobs costs less written straight into `logs` than
+/// through the ingest file: when its rows come from so few sessions that
+/// the session-index leaves they dirty (about one page each per commit)
+/// weigh less than the rows' own bytes, which the ingest file writes twice.
+pub(super) fn prefers_indexed(jobs: &[WriteJob]) -> bool {
+    let rows = || {
+        jobs.iter().flat_map(|job| match &job.op {
+            WriteOp::Logs(rows) => rows.as_slice(),
+            _ => &[],
+        })
+    };
+    let bytes: usize = rows().map(LogRow::stored_len).sum();
+    let most_sessions = bytes / INDEX_PAGE_BYTES;
+    let mut sessions = HashSet::new();
+    for row in rows() {
+        if sessions.insert(row.session_id.as_deref()) && sessions.len() > most_sessions {
+            return false;
+        }
+    }
+    !sessions.is_empty()
+}
+
+/// A batch the writer hands the merger, under the ingest file's lock.
+#[derive(Debug)]
+pub struct DirectBatch {
+    /// The jobs, until the merger takes them or the writer takes them back
+    /// (whoever empties the slot first).
+    slot: Arc<Mutex<Option<Vec<WriteJob>>>>,
+    now_us: i64,
+    done: Sender<Written>,
+}
+
+/// What became of a batch the merger took: the jobs, and each one's
+/// outcome (`None` when unmerged ingest rows kept them out of `logs`), or
+/// the error that did.
+type Written = (Vec<WriteJob>, rusqlite::Result<Option<Vec<JobResult>>>);
+
+/// A batch written straight into `logs`: its jobs, and each one's outcome.
+type Answered = (Vec<WriteJob>, Vec<JobResult>);
+
+/// A batch not written straight into `logs`: its jobs back, and why.
+type TakenBack = (Vec<WriteJob>, NotDirect);
+
+/// Why a batch was not written straight into `logs`.
+#[derive(Debug)]
+pub(super) enum NotDirect {
+    /// The ingest file holds rows not yet merged: rows with larger ids in
+    /// `logs` would hide them from readers.
+    Unmerged,
+    /// The merger did not take the batch within [`DIRECT_WAIT`].
+    MergerBusy,
+    /// The merger is gone.
+    NoMerger,
+    /// Taking the ingest file's lock, or the commit, failed.
+    Failed(rusqlite::Error),
+}
+
+/// Hands `jobs` (log jobs only) to the merger to commit straight into
+/// `logs`, holding the ingest file's write lock (taken on `ingest`, the
+/// writer's connection) until the merger has answered. Returns the jobs
+/// with each one's outcome, or the jobs back and why they were not
+/// written, to go to the ingest file.
+pub(super) fn hand_over(
+    ingest: &mut Connection,
+    merger: &Sender<MergerMsg>,
+    jobs: Vec<WriteJob>,
+    now_us: i64,
+) -> Result<Answered, TakenBack> {
+    let lock = match ingest::lock_ids(ingest) {
+        Ok(lock) => lock,
+        Err(e) => return Err((jobs, NotDirect::Failed(e))),
+    };
+    let slot = Arc::new(Mutex::new(Some(jobs)));
+    let (done, written) = crossbeam_channel::bounded(1);
+    let batch = DirectBatch {
+        slot: Arc::clone(&slot),
+        now_us,
+        done,
+    };
+    let take_back = |why| {
+        let jobs = slot.lock().take();
+        jobs.map(|jobs| (jobs, why))
+    };
+    if merger.send(MergerMsg::Direct(batch)).is_err() {
+        let jobs = slot.lock().take().unwrap_or_default();
+        return Err((jobs, NotDirect::NoMerger));
+    }
+    let outcome = match written.recv_timeout(DIRECT_WAIT) {
+        Ok(written) => written,
+        Err(RecvTimeoutError::Timeout) => match take_back(NotDirect::MergerBusy) {
+            Some(back) => return Err(back),
+            // The merger took the batch just now: its answer follows.
+            None => match written.recv() {
+                Ok(written) => written,
+                // It took the jobs with it; they are answered as dropped.
+                Err(_) => return Err((Vec::new(), NotDirect::NoMerger)),
+            },
+        },
+        Err(RecvTimeoutError::Disconnected) => match take_back(NotDirect::NoMerger) {
+            Some(back) => return Err(back),
+            None => return Err((Vec::new(), NotDirect::NoMerger)),
+        },
+    };
+    // Let go of the lock only once the rows are committed (or not).
+    drop(lock);
+    match outcome {
+        (jobs, Ok(Some(outcomes))) => Ok((jobs, outcomes)),
+        (jobs, Ok(None)) => Err((jobs, NotDirect::Unmerged)),
+        (jobs, Err(e)) => Err((jobs, NotDirect::Failed(e))),
+    }
+}
+
+/// The merger's half: commits `batch` into `logs` on `main` (its
+/// connection) unless the writer has taken it back, publishes the rows as
+/// merged in `state`, and tells the writer. Returns whether it committed.
+pub(super) fn commit_handed(main: &mut Connection, state: &MergeState, batch: DirectBatch) -> bool {
+    let DirectBatch { slot, now_us, done } = batch;
+    let Some(jobs) = slot.lock().take() else {
+        return false;
+    };
+    let written = main
+        .busy_timeout(DIRECT_WAIT)
+        .and_then(|()| commit(main, state, &jobs, now_us));
+    if let Err(e) = main.busy_timeout(schema::BUSY_TIMEOUT) {
+        log::error!("the merger cannot set its busy timeout back: {e}");
+    }
+    let committed = matches!(written, Ok(Some(_)));
+    // The writer waits for this answer; it is gone only if it panicked.
+    let _ = done.send((jobs, written));
+    committed
+}
+
+/// Inserts the rows of `jobs` (log jobs only) into `logs` in one
+/// transaction on `main` (a connection with the ingest file attached as
+/// `ingest`), with ids above every row of both files, and publishes them
+/// as merged in `state`; `None` (nothing written) while the ingest file
+/// holds rows not yet merged. Call while the ingest file's write lock is
+/// held ([`ingest::lock_ids`]), so that nobody else hands out ids.
+pub(super) fn commit(
+    main: &mut Connection,
+    state: &MergeState,
+    jobs: &[WriteJob],
+    now_us: i64,
+) -> rusqlite::Result<Option<Vec<JobResult>>> {
+    let tx = main.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let Some(mut ids) = IdAllocator::for_indexed(&tx, state.merged_through())? else {
+        return Ok(None);
+    };
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    let mut newest = Uuid::nil();
+    for job in jobs {
+        let WriteOp::Logs(rows) = &job.op else {
+            return Err(rusqlite::Error::InvalidQuery);
+        };
+        newest = rows.iter().map(|r| r.uuid).fold(newest, std::cmp::max);
+        outcomes.push(Ok(ingest::insert_rows_indexed(
+            &tx, &mut ids, rows, now_us,
+        )?));
+    }
+    tx.commit()?;
+    if ids.last() > state.merged_through() {
+        state.note_merged(ids.last(), newest);
+    }
+    Ok(Some(outcomes))
+}
