@@ -191,7 +191,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             db,
             &config.server_hub,
             Arc::clone(&hub_tuning),
-            writer.take_sync_link(),
+            Some(writer.main_write_link()),
             writer.merge_state(),
             Arc::clone(&metrics),
         ) {

@@ -45,7 +45,7 @@ use crate::config::ServerHubConfig;
 use crate::fault;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
-use crate::store::merger::{MergeState, SyncRequest, SyncWrite};
+use crate::store::merger::{MainWriteError, MainWriteLink, MergeState};
 use crate::store::{schema, StoreError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -56,7 +56,8 @@ use std::time::{Duration, Instant};
 
 /// The `sync_state` target of logs.
 pub const LOGS: &str = "logs";
-/// How long the sync waits for the merger to make one of its writes.
+/// How long the sync waits for the merger to take up one of its writes, and
+/// then again for its answer.
 const WRITE_WAIT: Duration = Duration::from_secs(30);
 /// How long a stop waits for a request under way before it leaves the
 /// thread behind (its batch is re-sent at the next start).
@@ -136,13 +137,13 @@ impl SyncHandle {
 /// Starts the sync thread for the store at `db` with `hub` (which must
 /// have a URL), reading the merged mark from `merge` and its tuning from
 /// `tuning`; its writes go to the merger through `writes` (the writer's
-/// [`take_sync_link`](crate::store::writer::WriterHandle::take_sync_link)),
+/// [`main_write_link`](crate::store::writer::WriterHandle::main_write_link)),
 /// or without it on its own connection.
 pub fn spawn_sync(
     db: &Path,
     hub: &ServerHubConfig,
     tuning: LiveTuning,
-    writes: Option<Sender<SyncRequest>>,
+    writes: Option<MainWriteLink>,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
 ) -> Result<SyncHandle, StoreError> {
@@ -285,7 +286,7 @@ struct Sync {
     acked: std::cell::Cell<Option<i64>>,
     /// Where writes go to the merger, the main database's owner; `None`:
     /// on this thread's own connection (tests).
-    writes: Option<Sender<SyncRequest>>,
+    writes: Option<MainWriteLink>,
     merge: Arc<MergeState>,
     metrics: Arc<Metrics>,
     stopped: Receiver<()>,
@@ -676,20 +677,12 @@ impl Sync {
             apply(&tx).map_err(db_error)?;
             return tx.commit().map_err(db_error);
         };
-        let (answer, answered) = crossbeam_channel::bounded(1);
-        let write = SyncWrite {
-            durable,
-            apply: Box::new(apply),
-        };
         writes
-            .send((write, answer))
-            .map_err(|_| "the merger has stopped".to_owned())?;
-        match answered.recv_timeout(WRITE_WAIT) {
-            Ok(done) => done.map_err(|e| format!("the database: {e}")),
-            Err(_) => Err(format!(
-                "the merger did not make the sync's write within {WRITE_WAIT:?}"
-            )),
-        }
+            .write(durable, WRITE_WAIT, apply)
+            .map_err(|e| match e {
+                MainWriteError::Refused(e) => format!("the database: {e}"),
+                e => format!("the sync's write: {e}"),
+            })
     }
 }
 

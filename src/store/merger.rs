@@ -5,8 +5,10 @@
 //! policy, and between merges runs retention and session expiry (see
 //! [`super::retention`]). It also commits the batches the writer hands it
 //! to write straight into `logs` ([`super::direct`]), which are only sent
-//! while nothing awaits merging. It never holds the ingest file's write
-//! lock, so a long merge cannot delay an acknowledgment of the ingest file.
+//! while nothing awaits merging, and the writes of the threads that only
+//! read the main database (hub sync, the export watcher: [`MainWrite`]).
+//! It never holds the ingest file's write lock, so a long merge cannot
+//! delay an acknowledgment of the ingest file.
 
 use super::direct::{self, DirectBatch};
 use super::ingest::{self, Merged};
@@ -15,11 +17,11 @@ use super::tx::{spawn_named, Acker, JobResult, TxBody};
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer, FINAL_CHECKPOINT_LOCK_WAIT};
 use super::{ops, StoreError, WriteJob, WriteOp};
 use crate::metrics::Metrics;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use parking_lot::Mutex;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -148,25 +150,27 @@ pub enum MergerMsg {
 /// where to say how it went (the rows inserted, or the error).
 pub type SalvageRequest = (super::recovery::SalvageStep, Sender<Result<usize, String>>);
 
-/// A write of hub sync's state (`sync_state`, `hub_changes`) for the
-/// merger to make between merges: the main database keeps one read-write
-/// owner, and the sync no longer waits in SQLite's busy handler behind a
-/// merger that frees its lock only for an instant between transactions
-/// (up to a second per write at 100,000 logs/s).
-pub struct SyncWrite {
+/// A write to the main database for the merger to make between merges, on
+/// behalf of a thread that only reads that database: hub sync's state
+/// (`sync_state`, `hub_changes`) and the export watcher's rows and watches
+/// (`export_archive`, `monitored_paths`). The main database keeps one
+/// read-write owner, and those threads never wait in SQLite's busy handler
+/// behind a merger that frees its lock only for an instant between
+/// transactions (up to a second per write at 100,000 logs/s).
+pub struct MainWrite {
     /// Commit with `synchronous = FULL`: the commit syncs the WAL, and
     /// with it every earlier commit (the rows a batch was read from).
     pub durable: bool,
     /// The statements, in one transaction.
-    pub apply: SyncStatements,
+    pub apply: MainStatements,
 }
 
-/// The statements of a [`SyncWrite`].
-pub type SyncStatements = Box<dyn FnOnce(&Transaction) -> rusqlite::Result<()> + Send>;
+/// The statements of a [`MainWrite`].
+pub type MainStatements = Box<dyn FnOnce(&Transaction) -> rusqlite::Result<()> + Send>;
 
-impl std::fmt::Debug for SyncWrite {
+impl std::fmt::Debug for MainWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.debug_struct("SyncWrite")
+        f.debug_struct("MainWrite")
             .field("durable", &self.durable)
             .finish_non_exhaustive()
     }
@@ -175,8 +179,8 @@ impl std::fmt::Debug for SyncWrite {
 /// Runs `write` on `conn` in one transaction, committed at `synchronous =
 /// FULL` when it is durable (the connection's own setting is put back
 /// afterwards, whatever happened).
-fn apply_sync_write(conn: &mut Connection, write: SyncWrite) -> rusqlite::Result<()> {
-    let SyncWrite { durable, apply } = write;
+fn apply_main_write(conn: &mut Connection, write: MainWrite) -> rusqlite::Result<()> {
+    let MainWrite { durable, apply } = write;
     let normal: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
     if durable {
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -192,8 +196,157 @@ fn apply_sync_write(conn: &mut Connection, write: SyncWrite) -> rusqlite::Result
     done
 }
 
-/// A [`SyncWrite`] and where to say how it went.
-pub type SyncRequest = (SyncWrite, Sender<Result<(), String>>);
+/// A [`MainWriteRequest`] nobody has taken up yet.
+const PENDING: u8 = 0;
+/// The merger took the request up: it is being (or has been) made.
+const TAKEN: u8 = 1;
+/// Its sender stopped waiting first: it is never made.
+const WITHDRAWN: u8 = 2;
+
+/// A [`MainWrite`] on its way to the merger, and where to say how it went
+/// (sent by [`MainWriteLink::write`]).
+pub struct MainWriteRequest {
+    write: MainWrite,
+    answer: Sender<Result<(), String>>,
+    /// [`PENDING`], then [`TAKEN`] by the merger or [`WITHDRAWN`] by the
+    /// sender, whichever comes first.
+    state: Arc<AtomicU8>,
+}
+
+impl MainWriteRequest {
+    /// The write and where its answer goes, for the merger to make; `None`
+    /// when its sender has stopped waiting, and then it is never made.
+    fn take(self) -> Option<(MainWrite, Sender<Result<(), String>>)> {
+        self.state
+            .compare_exchange(PENDING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        Some((self.write, self.answer))
+    }
+}
+
+impl std::fmt::Debug for MainWriteRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("MainWriteRequest")
+            .field("write", &self.write)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`MainWrite`] was not made, or may not have been.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MainWriteError {
+    /// The merger is gone (the daemon is stopping, or it failed): nothing
+    /// was written.
+    #[error("the merger has stopped, so nothing was written")]
+    Stopped,
+    /// The merger did not take the write up within the wait; it was
+    /// withdrawn and is never made.
+    #[error("the merger did not take the write up within {0:?}; it was withdrawn unwritten")]
+    Withdrawn(Duration),
+    /// The merger took the write up but did not answer within a second
+    /// wait: it may still be committed.
+    #[error("the merger took the write up but did not answer within {0:?} more; it may still be committed")]
+    Unanswered(Duration),
+    /// The database refused it: the transaction was rolled back.
+    #[error("the database refused the write: {0}")]
+    Refused(String),
+}
+
+impl MainWriteError {
+    /// Whether the write may still be committed after this error: only
+    /// when the merger took it up and has not answered
+    /// ([`Unanswered`](Self::Unanswered)).
+    pub fn may_still_commit(&self) -> bool {
+        matches!(self, MainWriteError::Unanswered(_))
+    }
+}
+
+/// Drops the writes still queued on `rx`, unmade (their senders hear
+/// `Stopped` at once, not at the end of their wait), and then `rx`, so
+/// that a later write cannot be sent. One sent between the two waits out
+/// its wait and is withdrawn.
+fn refuse_queued(rx: Receiver<MainWriteRequest>) {
+    while let Ok(request) = rx.try_recv() {
+        drop(request);
+    }
+    drop(rx);
+}
+
+/// Where a thread that only reads the main database sends its writes: to
+/// the merger, the database's one read-write owner, which makes them
+/// between merges. Each such thread has its own clone (see
+/// [`WriterHandle::main_write_link`](super::writer::WriterHandle::main_write_link)).
+#[derive(Debug, Clone)]
+pub struct MainWriteLink {
+    tx: Sender<MainWriteRequest>,
+}
+
+impl MainWriteLink {
+    /// The link that sends on `tx`, the channel the merger polls.
+    pub(super) fn new(tx: Sender<MainWriteRequest>) -> Self {
+        MainWriteLink { tx }
+    }
+
+    /// Has the merger run `apply` in one transaction, committed at
+    /// `synchronous = FULL` if `durable`, and waits for the outcome: at
+    /// most `wait` for the merger to take it up (else it is withdrawn and
+    /// never made), then at most `wait` again for the merger's answer.
+    pub fn write(
+        &self,
+        durable: bool,
+        wait: Duration,
+        apply: impl FnOnce(&Transaction) -> rusqlite::Result<()> + Send + 'static,
+    ) -> Result<(), MainWriteError> {
+        let state = Arc::new(AtomicU8::new(PENDING));
+        let (answer, answered) = crossbeam_channel::bounded(1);
+        let request = MainWriteRequest {
+            write: MainWrite {
+                durable,
+                apply: Box::new(apply),
+            },
+            answer,
+            state: Arc::clone(&state),
+        };
+        // A wait too long for an `Instant` is no wait limit at all.
+        let deadline = Instant::now().checked_add(wait);
+        let sent = match deadline {
+            Some(deadline) => self.tx.send_deadline(request, deadline),
+            None => self
+                .tx
+                .send(request)
+                .map_err(|e| SendTimeoutError::Disconnected(e.0)),
+        };
+        match sent {
+            Ok(()) => {}
+            // Never queued, so never made.
+            Err(SendTimeoutError::Timeout(_)) => return Err(MainWriteError::Withdrawn(wait)),
+            Err(SendTimeoutError::Disconnected(_)) => return Err(MainWriteError::Stopped),
+        }
+        let outcome = |got: Result<Result<(), String>, RecvTimeoutError>| match got {
+            Ok(done) => Ok(done.map_err(MainWriteError::Refused)),
+            // The merger dropped the request unmade (it stopped), or
+            // failed while making it (rolled back).
+            Err(RecvTimeoutError::Disconnected) => Ok(Err(MainWriteError::Stopped)),
+            Err(RecvTimeoutError::Timeout) => Err(()),
+        };
+        let first = match deadline {
+            Some(deadline) => answered.recv_deadline(deadline),
+            None => answered.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        if let Ok(done) = outcome(first) {
+            return done;
+        }
+        let withdrawn = state
+            .compare_exchange(PENDING, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if withdrawn {
+            return Err(MainWriteError::Withdrawn(wait));
+        }
+        // Taken up: the merger is making it, and its answer comes once the
+        // transaction ends.
+        outcome(answered.recv_timeout(wait)).unwrap_or(Err(MainWriteError::Unanswered(wait)))
+    }
+}
 
 /// The running merger thread.
 #[derive(Debug)]
@@ -222,8 +375,9 @@ pub(super) struct Upkeep {
     pub(super) retention: Retention,
     /// Salvage steps from the salvage thread ([`super::salvager`]).
     pub(super) salvage: Receiver<SalvageRequest>,
-    /// Hub sync's writes ([`SyncWrite`]).
-    pub(super) sync: Receiver<SyncRequest>,
+    /// The writes of the threads that only read the main database (hub
+    /// sync, the export watcher: [`MainWrite`]).
+    pub(super) main_writes: Receiver<MainWriteRequest>,
 }
 
 /// Starts the merger thread (`codi-merger`) on `conn`, a connection of
@@ -242,7 +396,7 @@ pub(super) fn spawn_merger(
     let Upkeep {
         retention,
         salvage,
-        sync,
+        main_writes,
     } = upkeep;
     wal::configure_writer(&conn, &policy)?;
     let trimmer = WalTrimmer::new(&conn, policy, Arc::clone(&wal_state))?.waiting_for_readers();
@@ -268,7 +422,7 @@ pub(super) fn spawn_merger(
     };
     let thread = spawn_named("codi-merger", move || {
         crate::sched::lower_current_thread_priority(crate::sched::WRITER_NICE);
-        merger.run(&rx, salvage, sync)
+        merger.run(&rx, salvage, main_writes)
     })?;
     Ok(MergerHandle {
         tx,
@@ -311,7 +465,7 @@ impl Merger {
         mut self,
         rx: &Receiver<MergerMsg>,
         mut salvage: Receiver<SalvageRequest>,
-        mut sync: Receiver<SyncRequest>,
+        mut main_writes: Receiver<MainWriteRequest>,
     ) {
         loop {
             let wait = if self.merge_due() {
@@ -331,12 +485,13 @@ impl Merger {
                     }
                     Ok(None)
                 }
-                recv(sync) -> request => {
+                recv(main_writes) -> request => {
                     match request {
-                        Ok((write, answer)) => {
-                            let _ = answer.send(self.sync_write(write));
-                        }
-                        Err(_) => sync = crossbeam_channel::never(),
+                        // Unless its sender stopped waiting first.
+                        Ok(request) => if let Some((write, answer)) = request.take() {
+                            let _ = answer.send(self.main_write(write));
+                        },
+                        Err(_) => main_writes = crossbeam_channel::never(),
                     }
                     Ok(None)
                 }
@@ -376,6 +531,9 @@ impl Merger {
                 self.retention_pass();
             }
         }
+        // Writes still queued fail now rather than after the final merges
+        // and checkpoint.
+        refuse_queued(main_writes);
         // The ingest writer has committed its last batch: merge it all (a
         // failing merge leaves the rest for the next start).
         loop {
@@ -422,9 +580,11 @@ impl Merger {
         }
     }
 
-    /// Makes one of hub sync's writes, at `synchronous = FULL` if it asks.
-    fn sync_write(&mut self, write: SyncWrite) -> Result<(), String> {
-        apply_sync_write(&mut self.conn, write).map_err(|e| e.to_string())?;
+    /// Makes one [`MainWrite`], at `synchronous = FULL` if it asks; the WAL
+    /// policy after it counts it as the main database's activity (its
+    /// checkpointer's idle TRUNCATE waits).
+    fn main_write(&mut self, write: MainWrite) -> Result<(), String> {
+        apply_main_write(&mut self.conn, write).map_err(|e| e.to_string())?;
         if self.trimmer.after_commit(&self.conn).is_some() {
             Metrics::add(&self.acker.metrics.checkpoints, 1);
         }
@@ -518,14 +678,18 @@ pub(super) fn merge_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::InflightBudget;
+    use crate::reply::Replies;
+    use crate::store::writer::{spawn_writer, WriterSettings};
+    use std::sync::atomic::AtomicBool;
 
     #[test]
-    fn a_durable_sync_write_commits_at_full_and_puts_normal_back() {
+    fn a_durable_main_write_commits_at_full_and_puts_normal_back() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = super::super::schema::open_rw(&dir.path().join("codi.db"), 1).unwrap();
         let seen = |durable: bool, conn: &mut Connection| -> i64 {
             let (tx, rx) = crossbeam_channel::bounded(1);
-            let write = SyncWrite {
+            let write = MainWrite {
                 durable,
                 apply: Box::new(move |t: &Transaction| {
                     let level: i64 = t.pragma_query_value(None, "synchronous", |r| r.get(0))?;
@@ -537,9 +701,9 @@ mod tests {
                     Ok(())
                 }),
             };
-            apply_sync_write(conn, write).unwrap();
+            apply_main_write(conn, write).unwrap();
             // The write has returned, so its closure has run (or never will).
-            rx.try_recv().expect("the sync write ran its closure")
+            rx.try_recv().expect("the main write ran its closure")
         };
         let level = |conn: &Connection| -> i64 {
             conn.pragma_query_value(None, "synchronous", |r| r.get(0))
@@ -549,5 +713,129 @@ mod tests {
         assert_eq!(seen(true, &mut conn), 2, "FULL inside a durable write");
         assert_eq!(level(&conn), 1, "put back");
         assert_eq!(seen(false, &mut conn), 1, "NORMAL otherwise");
+    }
+
+    /// A write that records whether its closure ran.
+    fn flagged(ran: &Arc<AtomicBool>) -> impl FnOnce(&Transaction) -> rusqlite::Result<()> {
+        let ran = Arc::clone(ran);
+        move |_| {
+            ran.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_real_merger_makes_a_write_and_one_sent_after_it_stopped_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("codi.db");
+        let (jobs, writer) = spawn_writer(
+            &db,
+            &WriterSettings::default(),
+            Replies::new(Vec::new()),
+            Arc::new(Metrics::default()),
+            Arc::new(InflightBudget::new(1 << 20)),
+        )
+        .unwrap();
+        let link = writer.main_write_link();
+        link.write(false, Duration::from_secs(30), |tx| {
+            tx.execute("INSERT INTO sync_state (target) VALUES ('made')", [])
+                .map(drop)
+        })
+        .unwrap();
+        let refused = link.write(false, Duration::from_secs(30), |tx| {
+            tx.execute("INSERT INTO no_such_table VALUES (1)", [])
+                .map(drop)
+        });
+        assert!(
+            matches!(&refused, Err(MainWriteError::Refused(e)) if e.contains("no_such_table")),
+            "{refused:?}"
+        );
+        let made: i64 = super::super::schema::open_ro(&db)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sync_state WHERE target = 'made'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(made, 1, "committed by the merger");
+
+        // The daemon's stop: the last job sender goes, the writer and the
+        // merger finish.
+        drop(jobs);
+        writer.join();
+        let ran = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let late = link.write(false, Duration::from_secs(30), flagged(&ran));
+        assert_eq!(late, Err(MainWriteError::Stopped));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no wait for a merger that is gone: {:?}",
+            started.elapsed()
+        );
+        assert!(!ran.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_write_queued_when_the_merger_stops_fails_without_being_made() {
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let link = MainWriteLink::new(tx);
+        let ran = Arc::new(AtomicBool::new(false));
+        let merger = std::thread::spawn(move || {
+            // Queued, then the merger goes without taking it up.
+            while rx.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            refuse_queued(rx);
+        });
+        let started = Instant::now();
+        let got = link.write(false, Duration::from_secs(30), flagged(&ran));
+        merger.join().unwrap();
+        assert_eq!(got, Err(MainWriteError::Stopped));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not its whole wait"
+        );
+        assert!(!ran.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_write_not_taken_up_in_time_is_withdrawn_and_never_made() {
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let link = MainWriteLink::new(tx);
+        let ran = Arc::new(AtomicBool::new(false));
+        let wait = Duration::from_millis(50);
+        let started = Instant::now();
+        let got = link.write(false, wait, flagged(&ran));
+        assert_eq!(got, Err(MainWriteError::Withdrawn(wait)));
+        assert!(started.elapsed() >= wait);
+        assert!(!got.unwrap_err().may_still_commit());
+        // The merger gets to it late: it finds it withdrawn.
+        let request: MainWriteRequest = rx.try_recv().expect("it was queued");
+        assert!(
+            request.take().is_none(),
+            "a withdrawn write is not handed out"
+        );
+        assert!(!ran.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_write_taken_up_but_unanswered_may_still_commit() {
+        let (tx, rx) = crossbeam_channel::bounded::<MainWriteRequest>(2);
+        let link = MainWriteLink::new(tx);
+        let (gave_up, heard) = crossbeam_channel::bounded::<()>(1);
+        let merger = std::thread::spawn(move || {
+            let (write, answer) = rx.recv().unwrap().take().expect("still pending");
+            // Slow: answers only once the sender has given up.
+            heard.recv().unwrap();
+            drop(write);
+            let _ = answer.send(Ok(()));
+        });
+        let wait = Duration::from_millis(50);
+        let got = link.write(false, wait, |_| Ok(()));
+        gave_up.send(()).unwrap();
+        merger.join().unwrap();
+        assert_eq!(got, Err(MainWriteError::Unanswered(wait)));
+        assert!(got.unwrap_err().may_still_commit());
     }
 }

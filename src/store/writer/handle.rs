@@ -57,7 +57,7 @@ pub struct WriterHandle {
     writer: JoinHandle<()>,
     main_wal: Arc<WalState>,
     salvage: Option<Sender<merger::SalvageRequest>>,
-    sync: Option<Sender<merger::SyncRequest>>,
+    main_writes: Sender<merger::MainWriteRequest>,
     claims: Arc<ArchiveClaims>,
     merge: Arc<MergeState>,
 }
@@ -81,10 +81,12 @@ impl WriterHandle {
         self.salvage.take()
     }
 
-    /// Where hub sync's writes go to the merger (once: for the sync
-    /// thread, [`crate::hub::sync`]).
-    pub fn take_sync_link(&mut self) -> Option<Sender<merger::SyncRequest>> {
-        self.sync.take()
+    /// Where a thread that only reads the main database sends its writes
+    /// to the merger, the database's one read-write owner: a link for each
+    /// such thread (hub sync, the export watcher). Writes on it fail with
+    /// `Stopped` once the merger has finished.
+    pub fn main_write_link(&self) -> merger::MainWriteLink {
+        merger::MainWriteLink::new(self.main_writes.clone())
     }
 
     /// The archive paths the export watcher is about to record, which
@@ -145,7 +147,8 @@ pub fn spawn_writer(
     // `MergeState::durable_through`).
     let main_wal = Arc::new(WalState::marking(Arc::clone(&state) as Arc<dyn DurableMark>));
     let (salvage_tx, salvage_rx) = crossbeam_channel::bounded(1);
-    let (sync_tx, sync_rx) = crossbeam_channel::bounded(1);
+    // Room for one waiting write of each thread that sends them.
+    let (main_writes, main_writes_rx) = crossbeam_channel::bounded(2);
     let claims = Arc::new(ArchiveClaims::default());
     let merger = merger::spawn_merger(
         main,
@@ -158,7 +161,7 @@ pub fn spawn_writer(
             retention: Retention::new(settings.retention.clone(), Arc::clone(&claims))
                 .with_free_space(Box::new(retention::DbFilesystem(db_path.to_owned()))),
             salvage: salvage_rx,
-            sync: sync_rx,
+            main_writes: main_writes_rx,
         },
     )?;
     let pulse = metrics
@@ -189,7 +192,7 @@ pub fn spawn_writer(
             writer,
             main_wal,
             salvage: Some(salvage_tx),
-            sync: Some(sync_tx),
+            main_writes,
             claims,
             merge: merge_for_handle,
         },
