@@ -216,7 +216,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     )?;
     let watcher = spawn_watcher(
         db,
-        writer.main_wal(),
+        writer.main_write_link(),
         writer.archive_claims(),
         ExportSettings {
             default_patterns: config.monitor.export_patterns.clone(),

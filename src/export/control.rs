@@ -150,19 +150,23 @@ impl Watcher {
             self.daemon_uid,
         )
         .map_err(invalid)?;
-        let saved = self.conn.execute(
-            "INSERT INTO monitored_paths (path, recursive, patterns, active, session_id, owner_uid) \
-             VALUES (?1, ?2, ?3, 1, ?4, ?5) ON CONFLICT(path) DO UPDATE SET \
-             recursive = excluded.recursive, patterns = excluded.patterns, active = 1, \
-             session_id = excluded.session_id, owner_uid = excluded.owner_uid",
-            params![
-                root.path_str(),
-                root.recursive,
-                root.patterns_json(),
-                root.session_id,
-                uid
-            ],
+        let saved = (
+            root.path_str(),
+            root.recursive,
+            root.patterns_json(),
+            root.session_id.clone(),
         );
+        let saved = self.write_main("save a watch", move |tx| {
+            let (path, recursive, patterns, session_id) = saved;
+            tx.execute(
+                "INSERT INTO monitored_paths (path, recursive, patterns, active, session_id, \
+                 owner_uid) VALUES (?1, ?2, ?3, 1, ?4, ?5) ON CONFLICT(path) DO UPDATE SET \
+                 recursive = excluded.recursive, patterns = excluded.patterns, active = 1, \
+                 session_id = excluded.session_id, owner_uid = excluded.owner_uid",
+                params![path, recursive, patterns, session_id, uid],
+            )
+            .map(drop)
+        });
         if let Err(e) = saved {
             return Err(invalid(format!("cannot save the watch: {e}")));
         }
@@ -233,10 +237,11 @@ impl Watcher {
                 ),
             ));
         }
-        if let Err(e) = self.conn.execute(
-            "DELETE FROM monitored_paths WHERE path = ?1",
-            [root.path_str()],
-        ) {
+        let path = root.path_str();
+        if let Err(e) = self.write_main("remove a watch", move |tx| {
+            tx.execute("DELETE FROM monitored_paths WHERE path = ?1", [path])
+                .map(drop)
+        }) {
             return Err(invalid(format!("cannot remove the watch: {e}")));
         }
         let root = self.roots.remove(index);
@@ -298,10 +303,16 @@ impl Watcher {
              directory's owner",
             root.path.display()
         );
-        let _ = self.conn.execute(
-            "UPDATE monitored_paths SET owner_uid = ?2 WHERE path = ?1",
-            params![root.path_str(), uid],
-        );
+        let path = root.path_str();
+        // A failure is logged; the watch keeps this owner in memory and
+        // takes it again at the next start.
+        let _ = self.write_main("save a watch's owner", move |tx| {
+            tx.execute(
+                "UPDATE monitored_paths SET owner_uid = ?2 WHERE path = ?1",
+                params![path, uid],
+            )
+            .map(drop)
+        });
     }
 }
 

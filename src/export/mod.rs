@@ -37,6 +37,10 @@
 //! `state` (opening, what earlier runs recorded), `event_loop`, `scan`,
 //! `control` (requests), `detect` (is this file due?), `ingest` (copy and
 //! queue its row), `session`, `commit` and `removal` (move mode).
+//!
+//! Its database connection only reads: its writes (archive rows, saved
+//! watches) go to the merger, the main database's one read-write owner,
+//! and the watcher waits for each (`commit`).
 
 pub mod archive;
 mod commit;
@@ -49,12 +53,14 @@ mod roots;
 mod scan;
 mod session;
 mod state;
+#[cfg(test)]
+mod test_store;
 pub mod walk;
 
 use crate::metrics::Metrics;
 use crate::reply::{Replies, ReplyTo};
+use crate::store::merger::MainWriteLink;
 use crate::store::retention::ArchiveClaims;
-use crate::store::wal::WalState;
 use crate::store::StoreError;
 use crossbeam_channel::{Sender, TrySendError};
 use inotify::{Inotify, WatchDescriptor};
@@ -197,7 +203,8 @@ pub struct WatcherHandle {
 }
 
 impl WatcherHandle {
-    /// Stops the watcher (after the batch it is archiving) and waits.
+    /// Stops the watcher (after the batch it is archiving, whose rows it
+    /// commits through the merger first) and waits.
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
@@ -207,14 +214,15 @@ impl WatcherHandle {
     }
 }
 
-/// Opens its database connection, loads the saved watches and starts the
-/// watcher thread `codi-exports`, which first catches up on exports that
-/// appeared while the daemon was down. Its commits are reported to `wal`,
-/// the main database's WAL state; the archive files its rows will
-/// reference are claimed in `claims` until they are committed.
+/// Opens its read-only database connection, loads the saved watches and
+/// starts the watcher thread `codi-exports`, which first catches up on
+/// exports that appeared while the daemon was down. Its writes go to the
+/// merger through `writes` (so start it after the writer and stop it
+/// before); the archive files its rows will reference are claimed in
+/// `claims` until they are committed.
 pub fn spawn_watcher(
     db_path: &Path,
-    wal: Arc<WalState>,
+    writes: MainWriteLink,
     claims: Arc<ArchiveClaims>,
     settings: ExportSettings,
     replies: Replies,
@@ -223,7 +231,7 @@ pub fn spawn_watcher(
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = Watcher::open(
         db_path,
-        wal,
+        writes,
         claims,
         settings,
         replies,
@@ -303,7 +311,11 @@ enum SourceFate {
 }
 
 struct Watcher {
+    /// Read-only: every write goes through `writes`.
     conn: Connection,
+    /// Where the writes go: the merger, the main database's one read-write
+    /// owner.
+    writes: MainWriteLink,
     settings: ExportSettings,
     inotify: Inotify,
     poll: Poll,
@@ -352,7 +364,6 @@ struct Watcher {
     batch: Vec<Record>,
     replies: Replies,
     metrics: Arc<Metrics>,
-    wal: Arc<WalState>,
     /// Archive files the rows of `batch` will reference: retention
     /// (`store::retention`) does not delete them meanwhile.
     claims: Arc<ArchiveClaims>,

@@ -136,38 +136,18 @@ fn remove_archived(
 
 #[cfg(test)]
 mod tests {
-    use crate::export::{archive, key, ArchiveMode, ExportSettings, Watcher, EVENT_BUFFER};
-    use crate::metrics::Metrics;
-    use crate::reply::Replies;
-    use crate::store::retention::ArchiveClaims;
-    use crate::store::wal::WalState;
+    use crate::export::test_store::TestStore;
+    use crate::export::{archive, key, ArchiveMode, Watcher, EVENT_BUFFER};
     use std::fs::{self, File, OpenOptions};
     use std::path::Path;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
     use std::time::Duration;
 
-    /// A watcher in move mode on a fresh database under `base`, not
-    /// running: the test drives its steps.
-    fn move_watcher(base: &Path) -> Watcher {
-        let settings = ExportSettings {
-            default_patterns: vec!["*.md".into()],
-            scan_interval: Duration::from_secs(3600),
-            batch_size: 100,
-            archive_dir: base.join("archive"),
-            mode: ArchiveMode::Move,
-            max_watches_per_root: 1000,
-        };
-        Watcher::open(
-            &base.join("data/codi.db"),
-            Arc::new(WalState::default()),
-            Arc::new(ArchiveClaims::default()),
-            settings,
-            Replies::new(Vec::new()),
-            Arc::new(Metrics::default()),
-            Arc::new(AtomicBool::new(false)),
-        )
-        .unwrap()
+    /// The storage threads on a fresh database under `base`, and a watcher
+    /// on it in move mode, not running: the test drives its steps.
+    fn move_watcher(base: &Path) -> (Watcher, TestStore) {
+        let store = TestStore::start(&base.join("data/codi.db"));
+        let w = store.watcher(&base.join("archive"), ArchiveMode::Move);
+        (w, store)
     }
 
     /// What the loop does after a wakeup: reads inotify's events, archives
@@ -196,7 +176,7 @@ mod tests {
         let base = fs::canonicalize(tmp.path()).unwrap();
         let work = base.join("work");
         fs::create_dir(&work).unwrap();
-        let mut w = move_watcher(&base);
+        let (mut w, _store) = move_watcher(&base);
         let uid = w.daemon_uid;
         let dir = w
             .start(&key(&work), true, Vec::new(), None, Some(uid))
@@ -239,7 +219,7 @@ mod tests {
         for p in [&idle, &open, &replaced, &linked] {
             fs::write(p, b"same size").unwrap();
         }
-        let mut w = move_watcher(&base);
+        let (mut w, _store) = move_watcher(&base);
         let uid = w.daemon_uid;
         let dir = w
             .start(&key(&work), true, Vec::new(), None, Some(uid))

@@ -377,10 +377,16 @@ impl Watcher {
                 self.settings.scan_interval
             );
         }
-        let _ = self.conn.execute(
-            "UPDATE monitored_paths SET active = ?2 WHERE path = ?1",
-            rusqlite::params![dir.to_string_lossy(), present],
-        );
+        let path = dir.to_string_lossy().into_owned();
+        // For whoever reads the database; the watcher itself goes by
+        // `root.active`, so a failure is only logged.
+        let _ = self.write_main("save whether a watched directory is present", move |tx| {
+            tx.execute(
+                "UPDATE monitored_paths SET active = ?2 WHERE path = ?1",
+                rusqlite::params![path, present],
+            )
+            .map(drop)
+        });
     }
 
     /// Watches `start` (and, under a recursive root, every directory below

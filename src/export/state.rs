@@ -9,8 +9,8 @@ use super::{
 };
 use crate::metrics::Metrics;
 use crate::reply::Replies;
+use crate::store::merger::MainWriteLink;
 use crate::store::retention::ArchiveClaims;
-use crate::store::wal::WalState;
 use crate::store::{schema, StoreError};
 use inotify::Inotify;
 use mio::unix::SourceFd;
@@ -93,22 +93,23 @@ pub(super) fn content_key(hash: &str) -> Option<u64> {
 }
 
 impl Watcher {
-    /// Opens its database connection, the archive directory, inotify and
-    /// the poll, and loads the saved watches;
+    /// Opens its database connection (read-only: its writes go through
+    /// `writes`), the archive directory, inotify and the poll, and loads
+    /// the saved watches;
     /// [`spawn_watcher`](super::spawn_watcher) runs it.
     pub(super) fn open(
         db_path: &Path,
-        wal: Arc<WalState>,
+        writes: MainWriteLink,
         claims: Arc<ArchiveClaims>,
         settings: ExportSettings,
         replies: Replies,
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
     ) -> Result<Watcher, StoreError> {
-        let conn = schema::open_rw(db_path, 8)?;
-        // The merger's checkpointer keeps the main database's WAL in check; a
-        // checkpoint inside this thread's commits would only slow detection.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // The merger owns the database's writes and its WAL policy (its
+        // commits of this thread's writes count as activity, so its
+        // checkpointer's idle TRUNCATE waits for them).
+        let conn = schema::open_ro(db_path)?;
         let io_err = |action, path: &Path| {
             let path = path.to_owned();
             move |source| StoreError::Io {
@@ -148,6 +149,7 @@ impl Watcher {
             failed: HashMap::new(),
             errors: load_errors(&conn)?,
             conn,
+            writes,
             settings: ExportSettings {
                 archive_dir,
                 ..settings
@@ -170,7 +172,6 @@ impl Watcher {
             batch: Vec::new(),
             replies,
             metrics,
-            wal,
             claims,
             stop,
             next_scan: Instant::now(),

@@ -400,9 +400,8 @@ impl WalTrimmer {
     /// The same, backfilling with a RESTART that waits at most 10 ms for
     /// readers to leave the WAL: for the one connection that owns a file's
     /// writes (the merger's, of the main database). It holds the write
-    /// lock meanwhile, so the file's other writers (direct batches, the
-    /// export watcher) may wait that long too; the other trimmers stay
-    /// PASSIVE.
+    /// lock meanwhile, so any other writer of the file may wait that long
+    /// too; the other trimmers stay PASSIVE.
     pub fn waiting_for_readers(mut self) -> Self {
         self.wait_for_readers = true;
         self
