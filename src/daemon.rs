@@ -2,9 +2,12 @@
 //! every thread and queue before any loop runs, then waits for a signal.
 //!
 //! Shutdown order matters for the delivery promise: loops stop accepting,
-//! answer what they already read and exit; their exit drops the last senders
-//! of the writer's queue, so the writer drains, commits and checkpoints; only
-//! then does the process exit.
+//! answer what they already read and exit; the threads that write through
+//! the merger (the export watcher, with its final flush, the salvager, hub
+//! sync) stop next; then the last sender of the writer's queue goes, so the
+//! writer drains, commits and checkpoints, and the merger finishes; only
+//! then does the process exit. Those threads start after the writer, so
+//! the merger is there for their first write.
 
 use crate::access::Access;
 use crate::admin::{self, AdminHandle};
@@ -175,6 +178,10 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
         Arc::clone(&metrics),
         Arc::clone(&budget),
     )?;
+    // Keeps the writer, and so the merger, running once the loops have
+    // exited, until every thread that writes through the merger has
+    // stopped (the export watcher's final flush goes through it).
+    let writer_kept = writer_tx.clone();
     let salvager = writer.take_salvage_link().and_then(|link| {
         match spawn_salvager(db, link, Arc::clone(&metrics)) {
             Ok(s) => Some(s),
@@ -390,6 +397,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     if let Some(hub_sync) = hub_sync {
         hub_sync.stop();
     }
+    drop(writer_kept);
     writer.join();
     readers.join();
     if let Some(admin) = admin {
