@@ -11,6 +11,7 @@ use codi_monitor::budget::InflightBudget;
 use codi_monitor::health::report::{HealthSettings, Sources};
 use codi_monitor::metrics::histogram::{Sharded, IPC_BOUNDS};
 use codi_monitor::metrics::Metrics;
+use codi_monitor::store::watermarks::Watermarks;
 use criterion::{criterion_group, criterion_main, Criterion};
 use parking_lot::Mutex;
 use std::hint::black_box;
@@ -65,6 +66,7 @@ fn render(c: &mut Criterion) {
         storage: Mutex::new(None),
         admin: Mutex::new("bench".into()),
         hub: Mutex::new("off".into()),
+        watermarks: Arc::new(Watermarks::default()),
     });
     let registry = exposition::registry(sources);
     c.bench_function("metrics_render", |b| {

@@ -157,6 +157,13 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     let answer_pool = Arc::new(InflightBudget::new(answer_pool_bytes(
         config.storage.inflight_bytes,
     )));
+    let (writer_tx, mut writer) = spawn_writer(
+        db,
+        &writer_settings,
+        replies.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&budget),
+    )?;
     let health = Arc::new(Sources {
         metrics: Arc::clone(&metrics),
         budget: Arc::clone(&budget),
@@ -170,14 +177,8 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             (true, Some(url)) => format!("shipping to {url} as host {}", config.server_hub.host_id),
             _ => "off (server_hub.enabled = false)".into(),
         }),
+        watermarks: writer.watermarks(),
     });
-    let (writer_tx, mut writer) = spawn_writer(
-        db,
-        &writer_settings,
-        replies.clone(),
-        Arc::clone(&metrics),
-        Arc::clone(&budget),
-    )?;
     // Keeps the writer, and so the merger, running once the loops have
     // exited, until every thread that writes through the merger has
     // stopped (the export watcher's final flush goes through it).
@@ -199,7 +200,7 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
             &config.server_hub,
             Arc::clone(&hub_tuning),
             Some(writer.main_write_link()),
-            writer.merge_state(),
+            writer.watermarks(),
             Arc::clone(&metrics),
         ) {
             Ok(s) => Some(s),

@@ -265,6 +265,21 @@ impl Collector for DaemonCollector {
             "The in-flight budget (storage.inflight_bytes).",
             src.budget.limit() as i64,
         )?;
+        let marks = src.watermarks.marks();
+        gauges(
+            e,
+            "codi_log_id",
+            "Where log ids stand in storage: every log up to this id is committed, in the \
+             indexed table, there on disk, gone from the ingest file, or at the hub.",
+            "mark",
+            [
+                ("committed", marks.committed),
+                ("merged", marks.merged),
+                ("durable", marks.durable),
+                ("ingest_deleted", marks.ingest_deleted),
+                ("shipped", marks.shipped),
+            ],
+        )?;
         one(
             e,
             "codi_commit_duration_seconds",
@@ -671,7 +686,12 @@ mod tests {
         m.ipc_duration.record_duration(0, Duration::from_micros(30));
         m.ipc_duration.record_duration(1, Duration::from_secs(60));
         m.record_commit(Duration::from_millis(3), 120);
+        src.watermarks.note_committed(40);
+        src.watermarks.note_shipped(12);
         let t = text(Arc::clone(&src));
+        assert_eq!(value(&t, "codi_log_id{mark=\"committed\"}"), 40.0);
+        assert_eq!(value(&t, "codi_log_id{mark=\"merged\"}"), 0.0);
+        assert_eq!(value(&t, "codi_log_id{mark=\"shipped\"}"), 12.0);
         assert!(t.contains("# TYPE codi_logs_total counter\n"), "{t}");
         assert_eq!(value(&t, "codi_logs_total"), 7.0);
         assert_eq!(

@@ -10,6 +10,7 @@ use super::{Severity, Trouble};
 use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::proto::{ComponentStatus, Payload, Timestamp};
+use crate::store::watermarks::Watermarks;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -62,6 +63,8 @@ pub struct Sources {
     pub admin: Mutex<String>,
     /// Where hub sync ships to, or that it is off.
     pub hub: Mutex<String>,
+    /// Where log ids stand in storage.
+    pub watermarks: Arc<Watermarks>,
 }
 
 /// The health answer: the daemon's version and uptime and each component.
@@ -415,6 +418,7 @@ pub(crate) mod tests {
             storage: Mutex::new(None),
             admin: Mutex::new("off".into()),
             hub: Mutex::new("off".into()),
+            watermarks: Arc::new(Watermarks::default()),
         }
     }
 

@@ -6,7 +6,7 @@
 //! in flight (its id range and digest), never a per-row update:
 //!
 //! 1. A batch is formed from the ids above the watermark up to the
-//!    merger's merged mark ([`MergeState::merged_through`]): rows in
+//!    merger's merged mark ([`Watermarks::merged_through`]): rows in
 //!    `logs`, every id below it filled.
 //! 2. Its id range and digest are committed (`synchronous = FULL`) before
 //!    it is sent. That commit syncs the main database's WAL, and with it
@@ -45,7 +45,8 @@ use crate::config::ServerHubConfig;
 use crate::fault;
 use crate::metrics::Metrics;
 use crate::proto::Timestamp;
-use crate::store::merger::{MainWriteError, MainWriteLink, MergeState};
+use crate::store::merger::{MainWriteError, MainWriteLink};
+use crate::store::watermarks::Watermarks;
 use crate::store::{schema, StoreError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -144,7 +145,7 @@ pub fn spawn_sync(
     hub: &ServerHubConfig,
     tuning: LiveTuning,
     writes: Option<MainWriteLink>,
-    merge: Arc<MergeState>,
+    merge: Arc<Watermarks>,
     metrics: Arc<Metrics>,
 ) -> Result<SyncHandle, StoreError> {
     let mut setup = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
@@ -287,7 +288,7 @@ struct Sync {
     /// Where writes go to the merger, the main database's owner; `None`:
     /// on this thread's own connection (tests).
     writes: Option<MainWriteLink>,
-    merge: Arc<MergeState>,
+    merge: Arc<Watermarks>,
     metrics: Arc<Metrics>,
     stopped: Receiver<()>,
 }
@@ -440,6 +441,9 @@ impl Sync {
             mark = mark.max(last);
             in_flight = None;
         }
+        if target == Target::Logs {
+            self.merge.note_shipped(mark);
+        }
         let again = match in_flight {
             Some(in_flight) => Some(self.again(target, in_flight).map_err(sql)?),
             None => None,
@@ -531,6 +535,9 @@ impl Sync {
             .send(target.table(&self.hub), &name, &batch.body)?;
         let sent = sending.elapsed();
         fault::point("hub-after-send");
+        if target == Target::Logs {
+            self.merge.note_shipped(batch.last);
+        }
         if target == Target::Logs && batch.more {
             // More wait: the watermark goes with the next batch's record.
             self.acked.set(Some(batch.last));
@@ -803,7 +810,7 @@ mod tests {
         config.server_hub.batch_bytes = batch_bytes;
         let mut conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_WRITE).unwrap();
         prepare_targets(&mut conn).unwrap();
-        let merge = MergeState::new(i64::MAX, i64::MAX, uuid::Uuid::nil());
+        let merge = Watermarks::new(i64::MAX, i64::MAX, uuid::Uuid::nil());
         Sync {
             conn,
             transport: Transport::new(&config.server_hub).unwrap(),

@@ -19,8 +19,9 @@
 //! whose commit fails.
 
 use super::ingest::{self, IdAllocator};
-use super::merger::{MergeState, MergerMsg};
+use super::merger::MergerMsg;
 use super::tx::JobResult;
+use super::watermarks::Watermarks;
 use super::{schema, LogRow, WriteJob, WriteOp};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use parking_lot::Mutex;
@@ -155,7 +156,7 @@ pub(super) fn hand_over(
 /// The merger's half: commits `batch` into `logs` on `main` (its
 /// connection) unless the writer has taken it back, publishes the rows as
 /// merged in `state`, and tells the writer. Returns whether it committed.
-pub(super) fn commit_handed(main: &mut Connection, state: &MergeState, batch: DirectBatch) -> bool {
+pub(super) fn commit_handed(main: &mut Connection, state: &Watermarks, batch: DirectBatch) -> bool {
     let DirectBatch { slot, now_us, done } = batch;
     let Some(jobs) = slot.lock().take() else {
         return false;
@@ -180,7 +181,7 @@ pub(super) fn commit_handed(main: &mut Connection, state: &MergeState, batch: Di
 /// held ([`ingest::lock_ids`]), so that nobody else hands out ids.
 pub(super) fn commit(
     main: &mut Connection,
-    state: &MergeState,
+    state: &Watermarks,
     jobs: &[WriteJob],
     now_us: i64,
 ) -> rusqlite::Result<Option<Vec<JobResult>>> {

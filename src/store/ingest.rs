@@ -26,7 +26,7 @@
 //! - A row is deleted from `ingest_logs` only once its copy in `logs` is
 //!   durable: not merely committed (at `synchronous=NORMAL` a commit sits
 //!   unsynced in the WAL) but copied into the database file by a
-//!   checkpoint that synced it ([`super::merger::MergeState::durable_through`]).
+//!   checkpoint that synced it ([`super::watermarks::Watermarks::durable_through`]).
 //!   So at every moment, and after a power cut, it is in one file or both.
 //! - A reader takes its snapshot of the ingest file before the one of the
 //!   main database ([`begin_read`]) and skips ingest rows at or below the

@@ -15,17 +15,16 @@ use super::ingest::{self, Merged};
 use super::retention::Retention;
 use super::tx::{spawn_named, Acker, JobResult, TxBody};
 use super::wal::{self, Checkpointer, WalPolicy, WalState, WalTrimmer, FINAL_CHECKPOINT_LOCK_WAIT};
+use super::watermarks::Watermarks;
 use super::{ops, StoreError, WriteJob, WriteOp};
 use crate::metrics::Metrics;
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use parking_lot::Mutex;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use uuid::Uuid;
 
 /// Unmerged rows from which a merge starts at once rather than on the next
 /// tick: a thousand sessions then have about 16 rows each per chunk.
@@ -41,98 +40,6 @@ pub const MERGE_INTERVAL: Duration = Duration::from_millis(200);
 /// committing more: bounds the ingest file and the rows a query scans
 /// without an index when clients outpace the indexed table.
 pub const MAX_UNMERGED_ROWS: i64 = 262_144;
-
-/// Progress shared by the ingest writer, the merger and the main
-/// database's checkpointer.
-#[derive(Debug, Default)]
-pub struct MergeState {
-    /// The largest id the ingest writer has committed.
-    committed_through: AtomicI64,
-    /// Every ingest row up to this id is in `logs`.
-    merged_through: AtomicI64,
-    /// Every ingest row up to this id is in `logs` on disk: a checkpoint
-    /// of the main database copied and synced the commit that put it
-    /// there. Only rows up to here may leave the ingest file, or a power
-    /// cut could take a row from both files.
-    durable_through: AtomicI64,
-    /// The largest uuid in `logs` as of (at least) `merged_through`.
-    logs_max_uuid: Mutex<Uuid>,
-}
-
-impl MergeState {
-    /// State of a store whose ingest file holds ids up to `committed` and
-    /// whose `logs` table holds ids up to `merged` and uuids up to
-    /// `max_uuid`.
-    ///
-    /// Nothing is durable yet: the rows in `logs` may still be only in the
-    /// main database's WAL, unsynced, until its checkpointer has run.
-    pub fn new(committed: i64, merged: i64, max_uuid: Uuid) -> Self {
-        MergeState {
-            committed_through: AtomicI64::new(committed.max(merged)),
-            merged_through: AtomicI64::new(merged),
-            durable_through: AtomicI64::new(0),
-            logs_max_uuid: Mutex::new(max_uuid),
-        }
-    }
-
-    /// Every ingest row up to the returned id is in `logs`, and no uuid in
-    /// `logs` from those rows is above the returned uuid.
-    pub fn merged_mark(&self) -> (i64, Uuid) {
-        let through = self.merged_through.load(Ordering::Acquire);
-        (through, *self.logs_max_uuid.lock())
-    }
-
-    /// Records a commit of the ingest writer up to `id`.
-    pub fn note_committed(&self, id: i64) {
-        self.committed_through.fetch_max(id, Ordering::Relaxed);
-    }
-
-    /// Every ingest row up to this id is in `logs` (perhaps only in its
-    /// WAL: see [`durable_through`](Self::durable_through)).
-    pub fn merged_through(&self) -> i64 {
-        self.merged_through.load(Ordering::Acquire)
-    }
-
-    /// Every ingest row up to this id is in `logs` on disk and may be
-    /// deleted from the ingest file; never above
-    /// [`merged_through`](Self::merged_through).
-    pub fn durable_through(&self) -> i64 {
-        self.durable_through.load(Ordering::Acquire)
-    }
-
-    /// Committed rows not yet merged.
-    pub fn unmerged(&self) -> i64 {
-        (self.committed_through.load(Ordering::Relaxed) - self.merged_through()).max(0)
-    }
-
-    /// Publishes a merge (or rows written straight into `logs`, up to
-    /// `through`); the uuid first, so that a reader of the new `through`
-    /// sees a uuid at least as new.
-    pub(super) fn note_merged(&self, through: i64, max_uuid: Uuid) {
-        {
-            let mut newest = self.logs_max_uuid.lock();
-            *newest = (*newest).max(max_uuid);
-        }
-        self.merged_through.fetch_max(through, Ordering::Release);
-        // Rows `codi2` committed standalone count as committed once merged.
-        self.committed_through.fetch_max(through, Ordering::Relaxed);
-    }
-}
-
-/// The main database's checkpoints make merges durable: its checkpointer
-/// reads the merged-through id before each checkpoint and, if the
-/// checkpoint copied the whole WAL, publishes it as durable.
-impl wal::DurableMark for MergeState {
-    fn committed(&self) -> i64 {
-        // Acquire: pairs with `note_merged`, which publishes the mark
-        // after the commit that reached it returned.
-        self.merged_through.load(Ordering::Acquire)
-    }
-
-    fn made_durable(&self, mark: i64) {
-        self.durable_through.fetch_max(mark, Ordering::Release);
-    }
-}
 
 /// What the ingest writer sends the merger.
 #[derive(Debug)]
@@ -389,7 +296,7 @@ pub(super) fn spawn_merger(
     db_path: &Path,
     wal_state: Arc<WalState>,
     policy: WalPolicy,
-    state: Arc<MergeState>,
+    state: Arc<Watermarks>,
     acker: Acker,
     upkeep: Upkeep,
 ) -> Result<MergerHandle, StoreError> {
@@ -451,7 +358,7 @@ struct Merger {
     /// Stopped before the final checkpoint.
     checkpointer: Option<Checkpointer>,
     trimmer: WalTrimmer,
-    state: Arc<MergeState>,
+    state: Arc<Watermarks>,
     progress: Sender<()>,
     acker: Acker,
     last_merge: Instant,
@@ -652,7 +559,7 @@ impl Merger {
 /// mark in `state`.
 pub(super) fn merge_once(
     conn: &mut Connection,
-    state: &MergeState,
+    state: &Watermarks,
     max_rows: usize,
 ) -> rusqlite::Result<Merged> {
     let floor = ingest::merged_floor(conn)?.max(state.merged_through());

@@ -23,6 +23,7 @@ pub mod standalone;
 mod tx;
 pub mod verify;
 pub mod wal;
+pub mod watermarks;
 pub mod writer;
 
 #[cfg(test)]

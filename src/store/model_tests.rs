@@ -20,11 +20,12 @@
 
 use super::direct;
 use super::ingest::{self, IdAllocator, PendingUuids, ALL_LOGS};
-use super::merger::{self, MergeState, MERGE_MAX_ROWS};
+use super::merger::{self, MERGE_MAX_ROWS};
 use super::power_cut::{self, WalIndex};
 use super::standalone::StandaloneStore;
 use super::tx::{self, TxBody};
 use super::wal::FINAL_CHECKPOINT_LOCK_WAIT;
+use super::watermarks::Watermarks;
 use super::writer::{self, IngestBody, MAX_PENDING_ROWS};
 use super::{ops, retention, schema, wal, LogRow, WriteJob, WriteOp};
 use crate::metrics::Metrics;
@@ -215,7 +216,7 @@ struct Daemon {
     /// The checkpointers'.
     main_checkpointer: Connection,
     ingest_checkpointer: Connection,
-    state: Arc<MergeState>,
+    state: Arc<Watermarks>,
     body: IngestBody,
 }
 
@@ -613,6 +614,7 @@ fn run(ops: &[Op]) {
                 // The batch may now go: these ids are the hub's.
                 if let Some(&(newest, _)) = shipped.last() {
                     model.logs_mark = model.logs_mark.max(newest);
+                    d.state.note_shipped(newest);
                 }
                 for (id, uuid) in shipped {
                     model.in_logs.entry(id).or_insert(uuid);
@@ -630,7 +632,9 @@ fn run(ops: &[Op]) {
         let d = daemon.as_ref().unwrap();
         check(&files, &mut model, op);
         check_watermark(&files, &mut model, op, d.state.durable_through());
-        assert!(d.state.durable_through() <= d.state.merged_through());
+        if let Err(broken) = d.state.marks().hold() {
+            panic!("after {op:?}: {broken}");
+        }
     }
 }
 

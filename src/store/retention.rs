@@ -84,7 +84,8 @@
 //! content). It claims that path in [`ArchiveClaims`] under the same lock
 //! it checks the file under, and a claimed path is never deleted.
 
-use super::merger::{MergeState, MERGE_MIN_ROWS};
+use super::merger::MERGE_MIN_ROWS;
+use super::watermarks::Watermarks;
 use crate::export::walk;
 use crate::health::report::bytes;
 use crate::health::watchdog::{self, DiskThresholds};
@@ -459,7 +460,7 @@ impl Retention {
     pub fn run(
         &mut self,
         conn: &mut Connection,
-        state: &MergeState,
+        state: &Watermarks,
         metrics: &Metrics,
     ) -> rusqlite::Result<Expired> {
         let now_us = crate::proto::Timestamp::now().as_micros();
@@ -543,7 +544,7 @@ impl Retention {
     pub fn pass(
         &mut self,
         conn: &mut Connection,
-        state: &MergeState,
+        state: &Watermarks,
         now_us: i64,
         deadline: Instant,
     ) -> rusqlite::Result<Expired> {
@@ -754,7 +755,7 @@ impl Retention {
     fn time_out_sessions(
         &mut self,
         conn: &mut Connection,
-        state: &MergeState,
+        state: &Watermarks,
         cutoff: i64,
         now_us: i64,
         deadline: Instant,
@@ -1562,7 +1563,7 @@ mod tests {
                 [],
             )
             .unwrap();
-        let state = MergeState::new(4, 3, Uuid::nil());
+        let state = Watermarks::new(4, 3, Uuid::nil());
         let mut r = Retention::new(
             policy(Some(30), Some(hour)),
             Arc::new(ArchiveClaims::default()),
@@ -1610,7 +1611,7 @@ mod tests {
             [],
         )
         .unwrap();
-        let state = MergeState::new(0, 0, Uuid::nil());
+        let state = Watermarks::new(0, 0, Uuid::nil());
         let on = RetentionPolicy {
             keep_unshipped: true,
             ..policy(Some(30), None)
@@ -1639,7 +1640,7 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(changes(&conn), n);
-        let state = MergeState::new(0, 0, Uuid::nil());
+        let state = Watermarks::new(0, 0, Uuid::nil());
         let claims = Arc::new(ArchiveClaims::default());
         let on = RetentionPolicy {
             keep_unshipped: true,
@@ -1670,7 +1671,7 @@ mod tests {
         // Started last of all: behind every active one.
         session(&tx, "idle", n, None);
         tx.commit().unwrap();
-        let state = MergeState::new(n, n, Uuid::nil());
+        let state = Watermarks::new(n, n, Uuid::nil());
         let mut r = Retention::new(
             policy(None, Some(Duration::from_secs(3600))),
             Arc::new(ArchiveClaims::default()),
@@ -1831,7 +1832,7 @@ mod tests {
                 .unwrap()
         };
         let before = pages(&conn);
-        let state = MergeState::new(3_001, 3_001, Uuid::nil());
+        let state = Watermarks::new(3_001, 3_001, Uuid::nil());
         let mut r = Retention::new(policy(Some(30), None), Arc::new(ArchiveClaims::default()));
         let mut e = Expired::default();
         while {
@@ -1881,7 +1882,7 @@ mod tests {
         for id in 1..=3 {
             insert_log(&conn, id, None, old);
         }
-        let state = MergeState::new(3, 3, Uuid::nil());
+        let state = Watermarks::new(3, 3, Uuid::nil());
         let metrics = Metrics::default();
         let mut r = Retention::new(policy(Some(30), None), Arc::new(ArchiveClaims::default()));
         assert!(r.due());
@@ -2064,7 +2065,7 @@ mod tests {
         fill(&mut conn, 1, 2_000);
         let used = DbSize::of(&conn).unwrap().used;
         let mut r = capped(used + 1).with_free_space(Box::new(Space::new(&path, 1 << 30)));
-        let state = MergeState::new(2_000, 2_000, Uuid::nil());
+        let state = Watermarks::new(2_000, 2_000, Uuid::nil());
         let e = r.pass(&mut conn, &state, NOW, later()).unwrap();
         assert_eq!(e, Expired::default());
         assert_eq!(ids(&conn).len(), 2_000);
@@ -2156,7 +2157,7 @@ mod tests {
     fn a_run_counts_rotation_and_says_so_in_the_health() {
         let (_dir, _path, mut conn) = store();
         fill(&mut conn, 1, 3_000);
-        let state = MergeState::new(3_000, 3_000, Uuid::nil());
+        let state = Watermarks::new(3_000, 3_000, Uuid::nil());
         let metrics = Metrics::default();
         let mut r = capped(1);
         assert!(r.due());

@@ -4,8 +4,8 @@
 //! states what it expects of a correct salvage.
 
 use super::*;
-use crate::store::merger::MergeState;
 use crate::store::retention::{self, ArchiveClaims, ArchiveRoot, Retention, RetentionPolicy};
+use crate::store::watermarks::Watermarks;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -183,7 +183,7 @@ fn sessions_salvaged_from_a_version_5_store_still_time_out() {
         ..RetentionPolicy::default()
     };
     let mut retention = Retention::new(policy, Arc::new(ArchiveClaims::default()));
-    let state = MergeState::new(0, 0, uuid::Uuid::nil());
+    let state = Watermarks::new(0, 0, uuid::Uuid::nil());
     let far = Instant::now() + Duration::from_secs(60);
     let e = retention
         .pass(&mut conn, &state, Timestamp::now().as_micros(), far)

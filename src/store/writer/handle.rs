@@ -9,10 +9,11 @@ use crate::budget::InflightBudget;
 use crate::metrics::Metrics;
 use crate::reply::Replies;
 use crate::store::ingest;
-use crate::store::merger::{self, MergeState};
+use crate::store::merger;
 use crate::store::retention::{self, ArchiveClaims, Retention, RetentionPolicy};
 use crate::store::tx::{spawn_named, Acker};
 use crate::store::wal::{self, Checkpointer, DurableMark, WalPolicy, WalState, WalTrimmer};
+use crate::store::watermarks::Watermarks;
 use crate::store::{schema, StoreError, WriteJob};
 use crossbeam_channel::Sender;
 use std::path::Path;
@@ -59,13 +60,14 @@ pub struct WriterHandle {
     salvage: Option<Sender<merger::SalvageRequest>>,
     main_writes: Sender<merger::MainWriteRequest>,
     claims: Arc<ArchiveClaims>,
-    merge: Arc<MergeState>,
+    watermarks: Arc<Watermarks>,
 }
 
 impl WriterHandle {
-    /// Where merges stand, the durable mark included (for hub sync).
-    pub fn merge_state(&self) -> Arc<MergeState> {
-        Arc::clone(&self.merge)
+    /// Where log ids stand in storage (hub sync reads the merged mark and
+    /// moves the shipped one).
+    pub fn watermarks(&self) -> Arc<Watermarks> {
+        Arc::clone(&self.watermarks)
     }
 
     /// The main database's WAL state: other threads that commit to the main
@@ -129,7 +131,7 @@ pub fn spawn_writer(
     wal::configure_writer(&conn, &settings.wal)?;
     let (state, pending) = recover(&mut conn, ingest::logs_max_uuid(&main)?)?;
     let state = Arc::new(state);
-    let merge_for_handle = Arc::clone(&state);
+    let watermarks_for_handle = Arc::clone(&state);
     // From the rows just read: a row another process adds later has a
     // larger id and makes the writer read them again.
     let last_own_id = pending.last_id();
@@ -144,7 +146,7 @@ pub fn spawn_writer(
         Arc::clone(&metrics),
     )?;
     // The main database's checkpoints make merges durable (see
-    // `MergeState::durable_through`).
+    // `Watermarks::durable_through`).
     let main_wal = Arc::new(WalState::marking(Arc::clone(&state) as Arc<dyn DurableMark>));
     let (salvage_tx, salvage_rx) = crossbeam_channel::bounded(1);
     // Room for one waiting write of each thread that sends them.
@@ -194,7 +196,7 @@ pub fn spawn_writer(
             salvage: Some(salvage_tx),
             main_writes,
             claims,
-            merge: merge_for_handle,
+            watermarks: watermarks_for_handle,
         },
     ))
 }

@@ -3,9 +3,9 @@
 //! main database has made durable.
 
 use crate::store::ingest::{self, IdAllocator, PendingUuids};
-use crate::store::merger::MergeState;
 use crate::store::ops::OpOutcome;
 use crate::store::tx::{JobResult, TxBody};
+use crate::store::watermarks::Watermarks;
 use crate::store::WriteOp;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ const FINAL_DELETE_ROWS: usize = 65_536;
 /// Log rows go into the ingest table, after deleting some rows the merger
 /// has already moved and the main database has synced.
 pub(in crate::store) struct IngestBody {
-    pub(super) state: Arc<MergeState>,
+    pub(super) state: Arc<Watermarks>,
     /// The merge mark read before the current transaction began.
     mark: (i64, Uuid),
     /// Ingest rows up to this id may be deleted: the durable mark read
@@ -33,6 +33,9 @@ pub(in crate::store) struct IngestBody {
     ids: Option<IdAllocator>,
     /// Merged rows the next transaction may delete.
     delete_rows: usize,
+    /// Every ingest row up to here is gone once the current transaction
+    /// commits: its deletions left none up to the durable mark.
+    deleted_through: Option<i64>,
     /// The uuids in the ingest table.
     pending: PendingUuids,
     /// The largest ingest id this writer knows of: a larger one means a
@@ -48,7 +51,7 @@ impl IngestBody {
     /// of which this writer knows ids up to `last_own_id`; logs are refused
     /// once it holds `max_pending` rows.
     pub(in crate::store) fn new(
-        state: Arc<MergeState>,
+        state: Arc<Watermarks>,
         pending: PendingUuids,
         last_own_id: i64,
         max_pending: usize,
@@ -59,6 +62,7 @@ impl IngestBody {
             deletable: 0,
             ids: None,
             delete_rows: 0,
+            deleted_through: None,
             pending,
             last_own_id,
             max_pending,
@@ -96,6 +100,7 @@ impl IngestBody {
             tx.commit()?;
             self.pending.commit();
             if deleted < FINAL_DELETE_ROWS {
+                self.state.note_ingest_deleted(through);
                 return Ok::<_, rusqlite::Error>(());
             }
         })();
@@ -122,7 +127,10 @@ impl TxBody for IngestBody {
     fn begin(&mut self, tx: &Transaction) -> rusqlite::Result<()> {
         let (through, _) = self.mark;
         self.begin_pending(tx)?;
-        ingest::delete_merged(tx, self.deletable, self.delete_rows, &mut self.pending)?;
+        let deleted =
+            ingest::delete_merged(tx, self.deletable, self.delete_rows, &mut self.pending)?;
+        // Fewer than asked for: none up to the mark is left.
+        self.deleted_through = (deleted < self.delete_rows).then_some(self.deletable);
         self.ids = Some(IdAllocator::new(tx, through)?);
         Ok(())
     }
@@ -147,6 +155,9 @@ impl TxBody for IngestBody {
 
     fn committed(&mut self) {
         self.pending.commit();
+        if let Some(through) = self.deleted_through.take() {
+            self.state.note_ingest_deleted(through);
+        }
         if let Some(ids) = self.ids.take() {
             self.last_own_id = self.last_own_id.max(ids.last());
             self.state.note_committed(ids.last());

@@ -2,7 +2,7 @@
 //! writer starts, read from the files before any thread runs.
 
 use crate::store::ingest::{self, PendingUuids};
-use crate::store::merger::MergeState;
+use crate::store::watermarks::Watermarks;
 use crate::store::StoreError;
 use rusqlite::{Connection, TransactionBehavior};
 use uuid::Uuid;
@@ -19,7 +19,7 @@ use uuid::Uuid;
 pub(in crate::store) fn recover(
     conn: &mut Connection,
     logs_max_uuid: Uuid,
-) -> Result<(MergeState, PendingUuids), StoreError> {
+) -> Result<(Watermarks, PendingUuids), StoreError> {
     let merged: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM store.logs", [], |r| {
         r.get(0)
     })?;
@@ -33,5 +33,5 @@ pub(in crate::store) fn recover(
             committed - merged
         );
     }
-    Ok((MergeState::new(committed, merged, logs_max_uuid), pending))
+    Ok((Watermarks::new(committed, merged, logs_max_uuid), pending))
 }

@@ -5,10 +5,10 @@ use crate::proto::{AckStatus, LogLevel, Payload};
 use crate::reply::{self, Completion, Replies, ReplyTo};
 use crate::store::direct::prefers_indexed;
 use crate::store::ingest::PendingUuids;
-use crate::store::merger::MergeState;
 use crate::store::ops::OpOutcome;
 use crate::store::tx::{write_batch, BatchStats, JobResult, TxBody};
 use crate::store::wal::WalPolicy;
+use crate::store::watermarks::Watermarks;
 use crate::store::{schema, LogRow, StoreError, WriteJob, WriteOp};
 use crate::testing::recv;
 use crossbeam_channel::{Receiver, Sender};
@@ -364,7 +364,7 @@ fn logs_are_refused_with_a_reason_once_the_ingest_file_is_full() {
     drop(schema::open_rw(&path, 4).unwrap());
     let mut conn = schema::open_ingest_rw(&path, 4).unwrap();
     let mut body = IngestBody::new(
-        Arc::new(MergeState::new(0, 0, Uuid::nil())),
+        Arc::new(Watermarks::new(0, 0, Uuid::nil())),
         PendingUuids::default(),
         0,
         2,
