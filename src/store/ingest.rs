@@ -15,14 +15,15 @@
 //! file's acknowledged commits need.
 //!
 //! The rules that keep every row visible exactly once:
-//! - Row ids are handed out by whoever inserts into `ingest_logs` (under its
-//!   write lock), above every id in either file; a row keeps its id when it
+//! - Row ids are handed out under the ingest file's write lock, above every
+//!   id in either file; a row keeps its id when it
 //!   moves.
 //! - Rows move in id order, so `logs` always holds a prefix of the ids.
 //! - A batch that costs less written straight into `logs` (rows from few
 //!   sessions, or large rows) goes there only while no ingest row awaits
-//!   merging, with ids handed out under the ingest file's write lock: the
-//!   prefix rule holds for it too.
+//!   merging, with ids the merger hands out while the writer holds the
+//!   ingest file's write lock ([`super::direct`]): the prefix rule holds
+//!   for it too.
 //! - A row is deleted from `ingest_logs` only once its copy in `logs` is
 //!   durable: not merely committed (at `synchronous=NORMAL` a commit sits
 //!   unsynced in the WAL) but copied into the database file by a
