@@ -14,7 +14,7 @@
 //!
 //! The writer holds no snapshot of the main database meanwhile, so the
 //! merger's WAL policy after the commit can start the WAL over. A batch
-//! the merger has not taken within [`DIRECT_WAIT`] is taken back and goes
+//! the merger has not taken within [`DIRECT_TAKE_WAIT`] is taken back and goes
 //! to the ingest file, as does one that finds unmerged ingest rows or
 //! whose commit fails.
 
@@ -34,12 +34,20 @@ use uuid::Uuid;
 /// Bytes SQLite writes for one index leaf page a commit dirties.
 const INDEX_PAGE_BYTES: usize = schema::PAGE_SIZE as usize;
 
-/// How long a batch bound straight for `logs` waits for the merger to take
-/// it (it may be busy with a retention pass or a sync write), and then how
-/// long the merger waits for the main database's lock (a `codi2` without a
-/// daemon may hold it), before the batch goes to the ingest file instead:
-/// acknowledgments never wait long.
-pub(super) const DIRECT_WAIT: Duration = Duration::from_millis(200);
+/// How long the merger waits for the main database's lock (a `codi2`
+/// without a daemon may hold it) for a batch bound straight for `logs`,
+/// before the batch goes to the ingest file instead.
+pub(super) const DIRECT_LOCK_WAIT: Duration = Duration::from_millis(200);
+
+/// How long the writer waits for the merger to take a batch before taking
+/// it back for the ingest file. The merger may be busy for a while with a
+/// WAL restart after a large batch (copying the WAL back), a sync write
+/// or a retention pass; the writer would have paused as long to do that
+/// work itself. Shorter, a batch taken back during a WAL restart sent the
+/// next ones to the ingest file too under steady load (no batch goes
+/// straight in while ingest rows await merging), and 1 KB batches lost a
+/// third of their throughput.
+pub(super) const DIRECT_TAKE_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether a batch of log jobs costs less written straight into `logs` than
 /// through the ingest file: when its rows come from so few sessions that
@@ -90,7 +98,7 @@ pub(super) enum NotDirect {
     /// The ingest file holds rows not yet merged: rows with larger ids in
     /// `logs` would hide them from readers.
     Unmerged,
-    /// The merger did not take the batch within [`DIRECT_WAIT`].
+    /// The merger did not take the batch within [`DIRECT_TAKE_WAIT`].
     MergerBusy,
     /// The merger is gone.
     NoMerger,
@@ -128,7 +136,7 @@ pub(super) fn hand_over(
         let jobs = slot.lock().take().unwrap_or_default();
         return Err((jobs, NotDirect::NoMerger));
     }
-    let outcome = match written.recv_timeout(DIRECT_WAIT) {
+    let outcome = match written.recv_timeout(DIRECT_TAKE_WAIT) {
         Ok(written) => written,
         Err(RecvTimeoutError::Timeout) => match take_back(NotDirect::MergerBusy) {
             Some(back) => return Err(back),
@@ -162,7 +170,7 @@ pub(super) fn commit_handed(main: &mut Connection, state: &Watermarks, batch: Di
         return false;
     };
     let written = main
-        .busy_timeout(DIRECT_WAIT)
+        .busy_timeout(DIRECT_LOCK_WAIT)
         .and_then(|()| commit(main, state, &jobs, now_us));
     if let Err(e) = main.busy_timeout(schema::BUSY_TIMEOUT) {
         log::error!("the merger cannot set its busy timeout back: {e}");

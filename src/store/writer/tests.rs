@@ -81,9 +81,9 @@ fn session_logs(session: Option<&str>, count: usize, len: usize) -> Vec<LogRow> 
         .collect()
 }
 
-/// Far above [`DIRECT_WAIT`], far below the writer's own lock wait.
+/// Far above [`DIRECT_LOCK_WAIT`], far below the writer's own lock wait.
 ///
-/// [`DIRECT_WAIT`]: crate::store::direct::DIRECT_WAIT
+/// [`DIRECT_LOCK_WAIT`]: crate::store::direct::DIRECT_LOCK_WAIT
 const WRITER_TEST_WAIT: Duration = Duration::from_secs(20);
 
 fn job(seq: u64, op: WriteOp, cost: usize) -> WriteJob {
