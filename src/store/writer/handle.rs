@@ -56,7 +56,6 @@ impl Default for WriterSettings {
 #[derive(Debug)]
 pub struct WriterHandle {
     writer: JoinHandle<()>,
-    main_wal: Arc<WalState>,
     salvage: Option<Sender<merger::SalvageRequest>>,
     main_writes: Sender<merger::MainWriteRequest>,
     claims: Arc<ArchiveClaims>,
@@ -68,12 +67,6 @@ impl WriterHandle {
     /// moves the shipped one).
     pub fn watermarks(&self) -> Arc<Watermarks> {
         Arc::clone(&self.watermarks)
-    }
-
-    /// The main database's WAL state: other threads that commit to the main
-    /// database (the export watcher) report their commits here.
-    pub fn main_wal(&self) -> Arc<WalState> {
-        Arc::clone(&self.main_wal)
     }
 
     /// Where salvage steps go to the merger (once: for the salvage thread,
@@ -192,7 +185,6 @@ pub fn spawn_writer(
         jobs_tx,
         WriterHandle {
             writer,
-            main_wal,
             salvage: Some(salvage_tx),
             main_writes,
             claims,
