@@ -15,8 +15,9 @@
 //! The writer holds no snapshot of the main database meanwhile, so the
 //! merger's WAL policy after the commit can start the WAL over. A batch
 //! the merger has not taken within [`DIRECT_TAKE_WAIT`] is taken back and goes
-//! to the ingest file, as does one that finds unmerged ingest rows or
-//! whose commit fails.
+//! to the ingest file, as does one that finds unmerged ingest rows, one
+//! whose commit fails, and one the merger dies holding ([`Taken`] gives
+//! its jobs back).
 
 use super::ingest::{self, IdAllocator};
 use super::merger::MergerMsg;
@@ -128,29 +129,23 @@ pub(super) fn hand_over(
         now_us,
         done,
     };
-    let take_back = |why| {
-        let jobs = slot.lock().take();
-        jobs.map(|jobs| (jobs, why))
-    };
+    // The merger gives the jobs back into the slot if it dies holding
+    // them (a panic), so whatever it did not answer is found there.
+    let take_back = |why| (slot.lock().take().unwrap_or_default(), why);
     if merger.send(MergerMsg::Direct(batch)).is_err() {
-        let jobs = slot.lock().take().unwrap_or_default();
-        return Err((jobs, NotDirect::NoMerger));
+        return Err(take_back(NotDirect::NoMerger));
     }
     let outcome = match written.recv_timeout(DIRECT_TAKE_WAIT) {
         Ok(written) => written,
-        Err(RecvTimeoutError::Timeout) => match take_back(NotDirect::MergerBusy) {
-            Some(back) => return Err(back),
+        Err(RecvTimeoutError::Timeout) => match slot.lock().take() {
+            Some(jobs) => return Err((jobs, NotDirect::MergerBusy)),
             // The merger took the batch just now: its answer follows.
             None => match written.recv() {
                 Ok(written) => written,
-                // It took the jobs with it; they are answered as dropped.
-                Err(_) => return Err((Vec::new(), NotDirect::NoMerger)),
+                Err(_) => return Err(take_back(NotDirect::NoMerger)),
             },
         },
-        Err(RecvTimeoutError::Disconnected) => match take_back(NotDirect::NoMerger) {
-            Some(back) => return Err(back),
-            None => return Err((Vec::new(), NotDirect::NoMerger)),
-        },
+        Err(RecvTimeoutError::Disconnected) => return Err(take_back(NotDirect::NoMerger)),
     };
     // Let go of the lock only once the rows are committed (or not).
     drop(lock);
@@ -165,20 +160,62 @@ pub(super) fn hand_over(
 /// connection) unless the writer has taken it back, publishes the rows as
 /// merged in `state`, and tells the writer. Returns whether it committed.
 pub(super) fn commit_handed(main: &mut Connection, state: &Watermarks, batch: DirectBatch) -> bool {
-    let DirectBatch { slot, now_us, done } = batch;
-    let Some(jobs) = slot.lock().take() else {
+    let Some(mut taken) = Taken::from(batch) else {
         return false;
     };
     let written = main
         .busy_timeout(DIRECT_LOCK_WAIT)
-        .and_then(|()| commit(main, state, &jobs, now_us));
+        .and_then(|()| commit(main, state, taken.jobs(), taken.now_us));
     if let Err(e) = main.busy_timeout(schema::BUSY_TIMEOUT) {
         log::error!("the merger cannot set its busy timeout back: {e}");
     }
     let committed = matches!(written, Ok(Some(_)));
-    // The writer waits for this answer; it is gone only if it panicked.
-    let _ = done.send((jobs, written));
+    taken.answer(written);
     committed
+}
+
+/// A batch the merger has taken out of its slot. Answered, it goes back to
+/// the writer with its outcome; dropped unanswered (the merger panicked),
+/// its jobs go back into the slot before the writer hears the answer
+/// channel close, so that none is lost unanswered with the thread.
+struct Taken {
+    jobs: Option<Vec<WriteJob>>,
+    slot: Arc<Mutex<Option<Vec<WriteJob>>>>,
+    now_us: i64,
+    done: Sender<Written>,
+}
+
+impl Taken {
+    /// Empties the batch's slot, unless the writer has taken it back.
+    fn from(batch: DirectBatch) -> Option<Taken> {
+        let DirectBatch { slot, now_us, done } = batch;
+        let jobs = slot.lock().take()?;
+        Some(Taken {
+            jobs: Some(jobs),
+            slot,
+            now_us,
+            done,
+        })
+    }
+
+    fn jobs(&self) -> &[WriteJob] {
+        self.jobs.as_deref().unwrap_or_default()
+    }
+
+    /// Sends the jobs and their outcome to the writer.
+    fn answer(&mut self, written: rusqlite::Result<Option<Vec<JobResult>>>) {
+        let jobs = self.jobs.take().unwrap_or_default();
+        // The writer waits for this answer; it is gone only if it panicked.
+        let _ = self.done.send((jobs, written));
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(jobs) = self.jobs.take() {
+            *self.slot.lock() = Some(jobs);
+        }
+    }
 }
 
 /// Inserts the rows of `jobs` (log jobs only) into `logs` in one
@@ -213,4 +250,87 @@ pub(super) fn commit(
         state.note_merged(ids.last(), newest);
     }
     Ok(Some(outcomes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::LogLevel;
+    use crate::reply::ReplyTo;
+
+    fn log_job(seq: u64) -> WriteJob {
+        let row = LogRow {
+            uuid: Uuid::now_v7(),
+            timestamp_us: 7,
+            level: LogLevel::Info,
+            component: "c".into(),
+            session_id: Some("s".into()),
+            message: "m".into(),
+            metadata_json: None,
+            uid: None,
+        };
+        WriteJob {
+            reply: ReplyTo {
+                worker: 0,
+                token: 0,
+                serial: 0,
+                seq,
+                query: false,
+            },
+            request_id: Uuid::from_u128(seq.into()),
+            op: WriteOp::Logs(vec![row]),
+            cost: 1,
+        }
+    }
+
+    #[test]
+    fn a_merger_that_dies_holding_a_batch_gives_its_jobs_back_to_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        drop(schema::open_rw(&path, 4).unwrap());
+        let mut ingest = schema::open_ingest_rw(&path, 4).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let merger = std::thread::spawn(move || {
+            let Ok(MergerMsg::Direct(batch)) = rx.recv() else {
+                panic!("no batch came");
+            };
+            let _taken = Taken::from(batch).expect("the slot holds the jobs");
+            panic!("the merger dies holding the batch");
+        });
+
+        let jobs = vec![log_job(1), log_job(2)];
+        let (back, why) = hand_over(&mut ingest, &tx, jobs, 0).expect_err("nothing committed");
+
+        assert!(merger.join().is_err(), "the merger panicked");
+        assert!(matches!(why, NotDirect::NoMerger), "{why:?}");
+        let seqs: Vec<u64> = back.iter().map(|job| job.reply.seq).collect();
+        assert_eq!(seqs, [1, 2], "every job comes back, in order");
+    }
+
+    #[test]
+    fn a_batch_the_merger_answers_comes_back_with_its_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("codi.db");
+        let mut main = schema::open_rw(&path, 4).unwrap();
+        let mut ingest = schema::open_ingest_rw(&path, 4).unwrap();
+        let state = Arc::new(Watermarks::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let merger_state = Arc::clone(&state);
+        let merger = std::thread::spawn(move || match rx.recv() {
+            Ok(MergerMsg::Direct(batch)) => commit_handed(&mut main, &merger_state, batch),
+            _ => false,
+        });
+
+        let (jobs, outcomes) =
+            hand_over(&mut ingest, &tx, vec![log_job(1), log_job(2)], 0).expect("committed");
+
+        assert!(merger.join().unwrap(), "the merger committed");
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(outcomes.len(), 2);
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        assert!(
+            state.merged_through() >= 2,
+            "the rows are published as merged"
+        );
+    }
 }

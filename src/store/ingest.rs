@@ -31,7 +31,7 @@
 //!   So at every moment, and after a power cut, it is in one file or both.
 //! - A reader takes its snapshot of the ingest file before the one of the
 //!   main database ([`begin_read`]) and skips ingest rows at or below the
-//!   largest id of `logs` ([`ALL_LOGS`]): a row merged between the two
+//!   largest id of `logs` ([`VISIBLE_INGEST_ROW`]): a row merged between the two
 //!   snapshots is then seen once, in `logs`.
 //! - Ids are never handed out at or below the merge mark, which is
 //!   recorded in the ingest file whenever merged rows are deleted.
@@ -52,6 +52,7 @@ use rusqlite::{
     TransactionBehavior,
 };
 use std::collections::{HashSet, VecDeque};
+use std::sync::LazyLock;
 use uuid::Uuid;
 
 /// A temporary view of every stored log, with `logs`' columns: the indexed
@@ -59,11 +60,20 @@ use uuid::Uuid;
 /// [`super::schema::open_ro`]; read it inside [`begin_read`].
 pub const ALL_LOGS: &str = "all_logs";
 
+/// Visibility, defined once: the ingest rows a reader sees beside `logs`
+/// are those above the largest id of `logs`; a merged row is seen in
+/// `logs` only. A condition on a row of `ingest.ingest_logs`, read inside
+/// [`begin_read`]; [`ALL_LOGS`] and [`super::query`] both apply it.
+pub const VISIBLE_INGEST_ROW: &str = "id > (SELECT coalesce(max(id), 0) FROM main.logs)";
+
 /// The statement creating [`ALL_LOGS`] on a connection with the ingest file
 /// attached as `ingest`.
-pub(super) const CREATE_ALL_LOGS: &str = "CREATE TEMP VIEW IF NOT EXISTS all_logs AS \
-    SELECT * FROM main.logs UNION ALL \
-    SELECT * FROM ingest.ingest_logs WHERE id > (SELECT coalesce(max(id), 0) FROM main.logs)";
+pub(super) static CREATE_ALL_LOGS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "CREATE TEMP VIEW IF NOT EXISTS {ALL_LOGS} AS SELECT * FROM main.logs UNION ALL \
+         SELECT * FROM ingest.ingest_logs WHERE {VISIBLE_INGEST_ROW}"
+    )
+});
 
 /// Where ids stand, seen from the ingest writer's connection (the ingest
 /// file as `main`, the main database as `store`), inside its write
@@ -454,7 +464,7 @@ pub fn holds_rows_above(conn: &Connection, floor: i64) -> rusqlite::Result<bool>
 /// Starts a read transaction on a connection of [`super::schema::open_ro`]
 /// or [`super::schema::open_rw`], taking the ingest file's snapshot before
 /// the main database's (see the module's rules). Read [`ALL_LOGS`], or
-/// both tables with ingest ids above [`merged_floor`], inside it.
+/// `logs` and the ingest rows [`VISIBLE_INGEST_ROW`] admits, inside it.
 pub fn begin_read(conn: &Connection) -> rusqlite::Result<Transaction<'_>> {
     let tx = conn.unchecked_transaction()?;
     tx.prepare_cached("SELECT max(id) FROM ingest.ingest_logs")?

@@ -48,7 +48,8 @@ pub const MAX_QUERY_READ_BYTES: usize = 2 * 1024 * 1024;
 /// Longest message a cut entry keeps (see the module docs).
 pub const TRUNCATED_MESSAGE_BYTES: usize = 64 * 1024;
 
-/// The columns the first step sorts by.
+/// The columns the first step sorts by; each side adds a third, whether
+/// the row is in the ingest file.
 const KEY_COLUMNS: &str = "id, timestamp";
 
 /// A row's stored text bytes. `octet_length` of a column reads only the
@@ -198,13 +199,12 @@ pub fn select_by(
     // One read transaction, so the count and the entries agree; it reads
     // the indexed table and the ingest rows not yet merged into it.
     let tx = ingest::begin_read(conn)?;
-    let floor = ingest::merged_floor(&tx)?;
     let ingest_clause = format!(
-        "{clause}{} id > ?",
-        if clause.is_empty() { " WHERE" } else { " AND" }
+        "{clause}{} {}",
+        if clause.is_empty() { " WHERE" } else { " AND" },
+        ingest::VISIBLE_INGEST_ROW
     );
-    let mut both: Vec<SqlValue> = params.iter().chain(params.iter()).cloned().collect();
-    both.push(SqlValue::Integer(floor));
+    let both: Vec<SqlValue> = params.iter().chain(params.iter()).cloned().collect();
     let total: i64 = tx
         .prepare_cached(&format!(
             "SELECT (SELECT COUNT(*) FROM main.logs{clause}) + \
@@ -232,15 +232,15 @@ pub fn select_by(
     // later one. Read oldest first, each row would be newer than all
     // kept so far and replace one: 4x the time (docs/PERFORMANCE.md).
     let ingest_rows = if filter.after_id.is_some() {
-        format!("SELECT {KEY_COLUMNS} FROM ingest.ingest_logs{ingest_clause}")
+        format!("SELECT {KEY_COLUMNS}, 1 FROM ingest.ingest_logs{ingest_clause}")
     } else {
         format!(
-            "SELECT * FROM (SELECT {KEY_COLUMNS} FROM ingest.ingest_logs{ingest_clause} \
+            "SELECT * FROM (SELECT {KEY_COLUMNS}, 1 FROM ingest.ingest_logs{ingest_clause} \
              ORDER BY id DESC LIMIT -1)"
         )
     };
     let sql = format!(
-        "SELECT * FROM (SELECT {KEY_COLUMNS} FROM main.logs{clause} ORDER BY {order} LIMIT ?) \
+        "SELECT * FROM (SELECT {KEY_COLUMNS}, 0 FROM main.logs{clause} ORDER BY {order} LIMIT ?) \
          UNION ALL \
          SELECT * FROM ({ingest_rows} ORDER BY {order} LIMIT ?) ORDER BY {order} LIMIT ?"
     );
@@ -250,7 +250,7 @@ pub fn select_by(
         .cloned()
         .chain([limit.clone()])
         .chain(params.iter().cloned())
-        .chain([SqlValue::Integer(floor), limit.clone(), limit])
+        .chain([limit.clone(), limit])
         .collect();
     let mut keys = tx.prepare_cached(&sql)?;
     let mut fetch_main = tx.prepare_cached(&FETCH_MAIN)?;
@@ -263,9 +263,7 @@ pub fn select_by(
             break;
         }
         let id: i64 = key.get(0)?;
-        // Ids at or below the floor live in `logs`, the others in the
-        // ingest file (`store::ingest`).
-        let fetch = if id > floor {
+        let fetch = if key.get(2)? {
             &mut fetch_ingest
         } else {
             &mut fetch_main

@@ -278,7 +278,7 @@ pub fn open_rw(path: &Path, cache_size_mb: u32) -> Result<Connection, StoreError
     migrate(&mut ingest_conn, &ingest, &INGEST_MIGRATIONS)?;
     drop(ingest_conn);
     attach_read_only(&conn, &ingest, "ingest")?;
-    conn.execute_batch(super::ingest::CREATE_ALL_LOGS)?;
+    conn.execute_batch(&super::ingest::CREATE_ALL_LOGS)?;
     Ok(conn)
 }
 
@@ -408,7 +408,7 @@ pub fn open_ro(path: &Path) -> Result<Connection, StoreError> {
     let ingest = ingest_path(path);
     attach_read_only(&conn, &ingest, "ingest")?;
     check_version_of(&conn, "ingest", &ingest, INGEST_VERSION)?;
-    conn.execute_batch(super::ingest::CREATE_ALL_LOGS)?;
+    conn.execute_batch(&super::ingest::CREATE_ALL_LOGS)?;
     conn.pragma_update(None, "query_only", true)?;
     Ok(conn)
 }

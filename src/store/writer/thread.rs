@@ -200,11 +200,8 @@ impl Writer {
                         log::error!("the merger thread is gone; a batch goes to the ingest file")
                     }
                 }
-                // Empty only if the merger took the batch and then died
-                // (a panic): nothing is left to write.
-                let nothing_left = jobs.is_empty();
                 self.acker.jobs = jobs;
-                nothing_left
+                false
             }
         }
     }
