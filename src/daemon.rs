@@ -83,8 +83,8 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
     notifier.arm(&metrics.heartbeats);
     // First of all, so a second daemon on this database touches nothing
     // (not even a socket) before it is refused.
-    let _db_lock = DatabaseLock::acquire(&config.storage.sqlite_path)?;
-    let unchecked = recover_damaged_files(&config.storage.sqlite_path)?;
+    let db_lock = DatabaseLock::acquire(&config.storage.sqlite_path)?;
+    let unchecked = recover_damaged_files(&config.storage.sqlite_path, &db_lock)?;
     let access = resolve_access(&config).map_err(DaemonError::Access)?;
     let max_connections = fit_to_descriptor_limit(
         config.monitor.max_connections,
@@ -420,12 +420,15 @@ pub fn run(config: Config, overrides: Overrides) -> Result<(), DaemonError> {
 /// ([`crate::store::recovery`]).
 ///
 /// Returns the files served before their check finished.
-fn recover_damaged_files(db: &std::path::Path) -> Result<Vec<std::path::PathBuf>, StoreError> {
+fn recover_damaged_files(
+    db: &std::path::Path,
+    lock: &DatabaseLock,
+) -> Result<Vec<std::path::PathBuf>, StoreError> {
     recovery::finish_set_aside(db)?;
     let started = Instant::now();
     let found = recovery::inspect(db, recovery::CHECK_DEADLINE, false)?;
     if !found.damage.is_empty() {
-        let moved = recovery::set_aside(db, &found.damage)?;
+        let moved = recovery::set_aside(db, lock, &found.damage)?;
         log::error!(
             "{} damaged file(s) replaced in {:.1?}; serving on fresh files while their rows are \
              salvaged",

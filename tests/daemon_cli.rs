@@ -67,6 +67,94 @@ mod cli {
         assert_eq!(entries[0].level, LogLevel::Warn);
     }
 
+    /// A daemon holds the database from its start to its exit, socket or
+    /// not (it is starting, or stopping): codi2 waits rather than write
+    /// beside it, and writes once the daemon is gone.
+    #[test]
+    fn codi2_writes_nothing_while_a_daemon_holds_the_database_and_writes_once_it_is_gone() {
+        use codi_monitor::store::lock::DatabaseLock;
+        let sandbox = Sandbox::new();
+        let held = DatabaseLock::acquire(&sandbox.db()).unwrap();
+        let mut cmd = codi2(&sandbox, &["--timeout", "20s", "log", "after the daemon"]);
+        let waiting = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !sandbox.db().exists(),
+            "codi2 wrote while a daemon held the database"
+        );
+        drop(held);
+        let out = waiting.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", show(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("wrote directly"),
+            "{}",
+            show(&out)
+        );
+        assert_eq!(stored_messages(&sandbox), ["after the daemon"]);
+    }
+
+    /// A stream written directly goes on through a daemon that starts
+    /// meanwhile: its next write finds the database held and goes to the
+    /// daemon's socket.
+    #[test]
+    fn a_stream_in_standalone_mode_goes_on_through_a_daemon_that_starts() {
+        use std::io::Write;
+        let sandbox = Sandbox::new();
+        let mut cmd = codi2(&sandbox, &["--timeout", "20s", "log", "-c", "handoff", "-"]);
+        let mut streaming = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = streaming.stdin.take().unwrap();
+        writeln!(stdin, "written directly").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(20), || ingest_rows(&sandbox) == 1),
+            "the first line is stored directly"
+        );
+        let d = Daemon::start(Arc::clone(&sandbox), Opts::default());
+        writeln!(stdin, "through the daemon").unwrap();
+        drop(stdin);
+        let out = streaming.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", show(&out));
+        assert_eq!(
+            stored_messages(&sandbox),
+            ["written directly", "through the daemon"]
+        );
+        let mut c = d.unix();
+        let answer = c.request(&query(
+            LogFilter {
+                component: Some("handoff".into()),
+                ..LogFilter::default()
+            },
+            10,
+        ));
+        assert_eq!(results(&answer).1, 2, "the daemon serves both");
+        let received = || {
+            let metrics = d.http_get("/metrics").text();
+            series(&metrics, "codi_logs_received_total")
+        };
+        assert_eq!(received(), 1.0, "the second line came through the daemon");
+    }
+
+    #[test]
+    fn codi2_names_a_daemon_that_holds_the_database_and_does_not_answer() {
+        use codi_monitor::store::lock::DatabaseLock;
+        let sandbox = Sandbox::new();
+        let _held = DatabaseLock::acquire(&sandbox.db()).unwrap();
+        let out = run(codi2(&sandbox, &["--timeout", "1s", "log", "never stored"]));
+        assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let holder = format!("held by process {}", std::process::id());
+        assert!(stderr.contains(&holder), "{}", show(&out));
+        assert!(!sandbox.db().exists(), "nothing written: {}", show(&out));
+    }
+
     #[test]
     fn log_ping_status_and_stdin_through_a_daemon() {
         let sandbox = Sandbox::new();
@@ -160,6 +248,14 @@ mod cli {
             .arg("1s")
             .args(args);
         cmd
+    }
+
+    /// Rows in the ingest file, 0 while it is not there (or not yet made).
+    fn ingest_rows(sandbox: &Sandbox) -> i64 {
+        let ingest = sandbox.path().join("data/codi.db-ingest");
+        rusqlite::Connection::open_with_flags(&ingest, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("SELECT count(*) FROM ingest_logs", [], |r| r.get(0)))
+            .unwrap_or(0)
     }
 
     fn stored_messages(sandbox: &Sandbox) -> Vec<String> {

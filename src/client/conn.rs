@@ -267,6 +267,13 @@ impl Connection {
         &self.endpoint
     }
 
+    /// Says goodbye on a connection given up on: the daemon (one draining
+    /// to stop, above all) closes its end at once instead of waiting for
+    /// this client to go.
+    pub fn hang_up(&self) {
+        let _ = self.stream.shutdown_write();
+    }
+
     fn io_error(&self, source: io::Error) -> ConnError {
         match source.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {

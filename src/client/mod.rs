@@ -31,7 +31,7 @@ use standalone::{Access, Standalone};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// First wait before reconnecting; doubled on each further try.
@@ -109,6 +109,19 @@ pub enum ClientError {
     /// The daemon said something that makes no sense here.
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+impl ClientError {
+    /// Whether a daemon held the database, so that nothing was written to
+    /// it directly ([`StoreError::HeldByDaemon`]).
+    pub fn is_held_by_daemon(&self) -> bool {
+        match self {
+            ClientError::Standalone { source, .. } | ClientError::Store(source) => {
+                matches!(**source, StoreError::HeldByDaemon { .. })
+            }
+            _ => false,
+        }
+    }
 }
 
 impl From<StoreError> for ClientError {
@@ -204,7 +217,7 @@ impl Client {
                 }
             }
         };
-        let backend = Backend::Standalone(Box::new(open_standalone(&opts, tried)?));
+        let backend = fall_back(&opts, &mut distrusted, tried)?;
         Ok(Client::with(opts, backend, distrusted))
     }
 
@@ -244,7 +257,10 @@ impl Client {
     /// Sends `msg` without waiting for its answer (pipelining).
     pub fn send(&mut self, msg: Message) -> Result<(), ClientError> {
         if let Backend::Standalone(_) = self.backend {
-            return self.answer_locally(msg);
+            return match self.answer_locally(msg) {
+                Err(e) if e.is_held_by_daemon() => self.reconnect(e.to_string()),
+                done => done,
+            };
         }
         self.outstanding.push_back(msg);
         let Backend::Daemon(conn) = &mut self.backend else {
@@ -309,7 +325,14 @@ impl Client {
     /// After a transient failure: back off, reconnect (or go standalone if
     /// the daemon is gone) and resend every unanswered request.
     fn recover(&mut self, first: ConnError) -> Result<(), ClientError> {
-        let mut last = first.to_string();
+        self.reconnect(first.to_string())
+    }
+
+    /// Backs off and reconnects, as [`Client::recover`], after `last`.
+    fn reconnect(&mut self, mut last: String) -> Result<(), ClientError> {
+        if let Backend::Daemon(conn) = &self.backend {
+            conn.hang_up();
+        }
         loop {
             self.failures += 1;
             if self.failures > self.opts.retry.tries {
@@ -319,40 +342,72 @@ impl Client {
                 });
             }
             thread::sleep(self.opts.retry.delay(self.failures));
-            let mut conn = match try_endpoints(&self.opts, &mut self.distrusted)? {
-                Attempt::Connected(conn) => conn,
+            let backend = match try_endpoints(&self.opts, &mut self.distrusted)? {
+                Attempt::Connected(conn) => Backend::Daemon(conn),
                 Attempt::AllDown(tried) if self.opts.standalone_db.is_some() => {
-                    return self.go_standalone(tried);
+                    match fall_back(&self.opts, &mut self.distrusted, tried) {
+                        Ok(backend) => backend,
+                        Err(e) if e.is_held_by_daemon() => {
+                            last = e.to_string();
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Attempt::AllDown(tried) | Attempt::Failed(tried) => {
                     last = tried;
                     continue;
                 }
             };
-            let resent = self.outstanding.iter().try_for_each(|m| conn.send(m));
-            self.backend = Backend::Daemon(conn);
-            match resent {
+            match self.resume(backend) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() => last = e.to_string(),
-                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+                Err(Resumed::Again(why)) => last = why,
+                Err(Resumed::Failed(e)) => return Err(e),
             }
         }
     }
 
-    /// Switches to the database and answers every unanswered request there.
-    fn go_standalone(&mut self, tried: String) -> Result<(), ClientError> {
-        self.backend = Backend::Standalone(Box::new(open_standalone(&self.opts, tried)?));
-        for msg in std::mem::take(&mut self.outstanding) {
-            self.answer_locally(msg)?;
+    /// Carries on with `backend`: resends every unanswered request to the
+    /// daemon, or answers each one locally.
+    fn resume(&mut self, backend: Backend) -> Result<(), Resumed> {
+        self.backend = backend;
+        match &mut self.backend {
+            Backend::Daemon(conn) => match self.outstanding.iter().try_for_each(|m| conn.send(m)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_transient() => Err(Resumed::Again(e.to_string())),
+                Err(e) => Err(Resumed::Failed(ClientError::Protocol(e.to_string()))),
+            },
+            Backend::Standalone(_) => {
+                while let Some(msg) = self.outstanding.pop_front() {
+                    match self.answer_locally(msg) {
+                        Ok(()) => {}
+                        // A daemon started meanwhile: the rest go to it.
+                        Err(e) if e.is_held_by_daemon() => {
+                            return Err(Resumed::Again(e.to_string()))
+                        }
+                        Err(e) => return Err(Resumed::Failed(e)),
+                    }
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn answer_locally(&mut self, request: Message) -> Result<(), ClientError> {
         let Backend::Standalone(store) = &mut self.backend else {
             unreachable!("only called in standalone mode")
         };
-        let (answer, access) = store.answer(&request)?;
+        let (answer, access) = match store.answer(&request) {
+            Ok(answered) => answered,
+            Err(e) => {
+                let e = ClientError::from(e);
+                if e.is_held_by_daemon() {
+                    // Unanswered: it goes to the daemon that holds the database.
+                    self.outstanding.push_front(request);
+                }
+                return Err(e);
+            }
+        };
         if !self.noticed && access != Access::None {
             self.noticed = true;
             let db = store.db().display();
@@ -364,6 +419,41 @@ impl Client {
         }
         self.ready.push_back(Answered { request, answer });
         Ok(())
+    }
+}
+
+/// Why [`Client::resume`] did not carry on.
+enum Resumed {
+    /// A transient failure: reconnect again.
+    Again(String),
+    /// A failure that ends the request.
+    Failed(ClientError),
+}
+
+/// How often a client whose database a daemon holds looks again for the
+/// daemon's endpoints and the database's lock.
+const HELD_POLL: Duration = Duration::from_millis(50);
+
+/// After every endpoint failed (`tried`): the database directly, unless a
+/// daemon holds it (one starting or stopping, or one that does not
+/// answer); then, for up to the client's timeout, whichever comes first of
+/// an endpoint that answers and the database let go of.
+fn fall_back(
+    opts: &ClientOptions,
+    distrusted: &mut Vec<Endpoint>,
+    mut tried: String,
+) -> Result<Backend, ClientError> {
+    let until = Instant::now() + opts.timeout;
+    loop {
+        match open_standalone(opts, tried) {
+            Ok(store) => return Ok(Backend::Standalone(Box::new(store))),
+            Err(e) if !e.is_held_by_daemon() || Instant::now() >= until => return Err(e),
+            Err(_) => thread::sleep(HELD_POLL),
+        }
+        match try_endpoints(opts, distrusted)? {
+            Attempt::Connected(conn) => return Ok(Backend::Daemon(conn)),
+            Attempt::AllDown(again) | Attempt::Failed(again) => tried = again,
+        }
     }
 }
 

@@ -324,3 +324,45 @@ fn an_untrusted_socket_is_skipped_with_one_notice_and_the_next_endpoint_used() {
         "nothing connected to it"
     );
 }
+
+/// A daemon draining to stop half-closes its connections and waits for
+/// each client to go (up to a second): a client that gives up on one says
+/// so at once, not only once it has reconnected elsewhere.
+#[test]
+fn a_client_hangs_up_a_connection_it_gives_up_on_before_it_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let first = read_frame(&mut s).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        // Draining: read until the client goes.
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let reconnected_first = listener.accept().is_ok();
+        listener.set_nonblocking(false).unwrap();
+        assert!(
+            !reconnected_first,
+            "the client hung up only after it had reconnected"
+        );
+        let (mut s, _) = listener.accept().unwrap();
+        let again = read_frame(&mut s).unwrap();
+        assert_eq!(again.id, first.id, "the same request, resent");
+        write_msg(&mut s, &accepted(&again));
+    });
+    let mut opts = options(vec![Endpoint::Unix(path)]);
+    // Far longer than the server needs to look for a second connection.
+    opts.retry.base = Duration::from_secs(1);
+    let mut client = Client::connect(opts).unwrap();
+    let answer = client.request(log("resent")).unwrap();
+    assert!(matches!(
+        answer.payload,
+        Payload::Acknowledgment {
+            status: AckStatus::Accepted,
+            ..
+        }
+    ));
+    server.join().unwrap();
+}

@@ -35,9 +35,9 @@ use uuid::Uuid;
 /// Bytes SQLite writes for one index leaf page a commit dirties.
 const INDEX_PAGE_BYTES: usize = schema::PAGE_SIZE as usize;
 
-/// How long the merger waits for the main database's lock (a `codi2`
-/// without a daemon may hold it) for a batch bound straight for `logs`,
-/// before the batch goes to the ingest file instead.
+/// How long the merger waits for the main database's lock (an operator's
+/// `codi-monitor recover --acknowledge` may hold it) for a batch bound
+/// straight for `logs`, before the batch goes to the ingest file instead.
 pub(super) const DIRECT_LOCK_WAIT: Duration = Duration::from_millis(200);
 
 /// How long the writer waits for the merger to take a batch before taking

@@ -147,6 +147,19 @@ pub enum StoreError {
         /// Who holds it, as far as the lock file says.
         holder: String,
     },
+    /// A daemon (or `codi-monitor recover`) holds the database: a `codi2`
+    /// must not write it directly ([`lock::StandaloneWrite`]).
+    #[error(
+        "database `{path}` is held by {holder} (a codi-monitor daemon, or `codi-monitor \
+         recover`); nothing was written to it directly",
+        path = path.display()
+    )]
+    HeldByDaemon {
+        /// The database file.
+        path: PathBuf,
+        /// Who holds it, as far as its lock file says.
+        holder: String,
+    },
     /// A file of the database is damaged, or a recovery of it is under
     /// way: a standalone write would go where nothing reads it.
     #[error(

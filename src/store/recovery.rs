@@ -36,6 +36,7 @@
 //! interior page, and every table of a file whose schema page is damaged.
 //! The rows skipped are counted as an upper bound from the gaps in rowids.
 
+use super::lock::DatabaseLock;
 use super::schema::{self, ingest_path, with_suffix};
 use super::StoreError;
 use crate::proto::Timestamp;
@@ -142,43 +143,6 @@ pub fn is_corruption(e: &rusqlite::Error) -> bool {
         e.sqlite_error_code(),
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
     )
-}
-
-/// `<db>.recovery-lock`: each standalone write holds it shared, a
-/// set-aside exclusively, so that no write lands in a file being moved.
-fn recovery_lock_path(db: &Path) -> PathBuf {
-    with_suffix(db, ".recovery-lock")
-}
-
-/// A hold on the store's recovery lock; released when dropped.
-#[derive(Debug)]
-pub struct RecoveryLock(#[allow(dead_code)] fs::File);
-
-/// Takes the recovery lock of the store at `db`, shared for a standalone
-/// write or `exclusive` for a set-aside, waiting for the other kind.
-pub fn recovery_lock(db: &Path, exclusive: bool) -> Result<RecoveryLock, StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = recovery_lock_path(db);
-    let io_err = |source| StoreError::Io {
-        action: "lock",
-        path: path.clone(),
-        source,
-    };
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io_err)?;
-    let how = if exclusive {
-        rustix::fs::FlockOperation::LockExclusive
-    } else {
-        rustix::fs::FlockOperation::LockShared
-    };
-    rustix::fs::flock(&file, how).map_err(|e| io_err(e.into()))?;
-    Ok(RecoveryLock(file))
 }
 
 /// Which files (device, inode) the store at `db` is now, to tell whether
@@ -580,14 +544,16 @@ fn unique_name(file: &Path, infix: &str, stamp: &str) -> PathBuf {
 
 /// Moves the damaged files of the store at `db` aside and puts fresh ones
 /// in their place (see the module doc), recording a pending recovery per
-/// moved file. Run with the database lock held and no connection open.
-pub fn set_aside(db: &Path, damage: &[Damage]) -> Result<Vec<Recovery>, StoreError> {
+/// moved file. Run with no connection open, holding `db`'s lock (which
+/// keeps every `codi2` write out, see [`super::lock`]).
+pub fn set_aside(
+    db: &Path,
+    _sole_writer: &DatabaseLock,
+    damage: &[Damage],
+) -> Result<Vec<Recovery>, StoreError> {
     if damage.is_empty() {
         return Ok(Vec::new());
     }
-    // Waits out a standalone write under way; later ones see the files
-    // replaced and store nothing.
-    let _writers_out = recovery_lock(db, true)?;
     let now = Timestamp::now();
     let stamp = file_stamp(now);
     let floor = highest_id(db).saturating_add(ID_MARGIN);
@@ -1235,7 +1201,7 @@ fn next_readable(conn: &Connection, table: &str, after: i64) -> Option<i64> {
 /// what is damaged (everything when `force`, to rebuild by hand) and
 /// salvages every pending recovery at once; returns those salvaged.
 pub fn recover_offline(db: &Path, force: bool) -> Result<Vec<Recovery>, StoreError> {
-    let _lock = super::lock::DatabaseLock::acquire(db)?;
+    let lock = DatabaseLock::acquire(db)?;
     finish_set_aside(db)?;
     let mut damage = inspect(db, Duration::MAX, true)?.damage;
     if damage.is_empty() && force {
@@ -1245,7 +1211,7 @@ pub fn recover_offline(db: &Path, force: bool) -> Result<Vec<Recovery>, StoreErr
             reason: "a rebuild was asked for (codi-monitor recover --force)".into(),
         });
     }
-    set_aside(db, &damage)?;
+    set_aside(db, &lock, &damage)?;
     let mut conn = schema::open_rw(db, 64)?;
     let columns_conn = schema::open_file(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let pending = recoveries(&conn, "state = 'pending'")?;

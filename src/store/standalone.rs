@@ -2,10 +2,12 @@
 //! schema, the same SQL ([`super::ingest`], [`super::ops`],
 //! [`super::query`]), one transaction per operation. Logs go into the
 //! ingest file, as the daemon's do; the daemon's merger moves them into the
-//! indexed table once it runs. The busy timeout lets it share the files
-//! with a daemon that starts meanwhile.
+//! indexed table once it runs. Every write holds the right to write
+//! ([`StandaloneWrite`]), which no `codi2` gets while a daemon holds the
+//! database; the busy timeout lets several `codi2`s share the files.
 
 use super::ingest::{self, IdAllocator, PendingUuids};
+use super::lock::StandaloneWrite;
 use super::ops::{self, OpOutcome};
 use super::query::run_query;
 use super::{recovery, schema, StoreError, WriteOp};
@@ -51,6 +53,8 @@ impl StandaloneStore {
             ));
         }
         let open = || -> Result<Self, StoreError> {
+            // Opening creates and migrates the files: a write.
+            let _right_to_write = StandaloneWrite::take(path)?;
             let conn = schema::open_rw(path, STANDALONE_CACHE_MB)?;
             let ingest = schema::open_ingest_rw(path, STANDALONE_CACHE_MB)?;
             Ok(StandaloneStore {
@@ -67,7 +71,7 @@ impl StandaloneStore {
     /// Refused as [`StoreError::Damaged`] when a recovery replaced the
     /// files since they were opened (the write would go to a moved file).
     pub fn apply(&mut self, op: &WriteOp) -> Result<OpOutcome, StoreError> {
-        let _no_set_aside = recovery::recovery_lock(&self.path, false)?;
+        let _right_to_write = StandaloneWrite::take(&self.path)?;
         if recovery::in_progress(&self.path) || recovery::identity(&self.path) != self.identity {
             return Err(StoreError::Damaged {
                 path: self.path.clone(),

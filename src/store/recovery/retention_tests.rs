@@ -26,7 +26,8 @@ fn set_main_aside(db: &Path) -> Vec<Recovery> {
         kind: FileKind::Main,
         reason: "review".into(),
     }];
-    set_aside(db, &damage).unwrap()
+    let lock = DatabaseLock::acquire(db).unwrap();
+    set_aside(db, &lock, &damage).unwrap()
 }
 
 /// Salvages every pending recovery of `db` into it, running `between` on

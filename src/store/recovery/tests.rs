@@ -54,7 +54,8 @@ fn full_set_aside(db: &Path) {
         kind: FileKind::Main,
         reason: "attack".into(),
     }];
-    assert!(set_aside(db, &damage).unwrap().len() >= 2);
+    let lock = DatabaseLock::acquire(db).unwrap();
+    assert!(set_aside(db, &lock, &damage).unwrap().len() >= 2);
 }
 
 /// A restart after the crash: what the daemon does before serving, then
@@ -231,7 +232,8 @@ fn an_ingest_file_the_daemon_may_not_read_keeps_its_acknowledged_logs() {
     let ingest = ingest_path(&db);
     fs::set_permissions(&ingest, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
     if let Ok(found) = inspect(&db, CHECK_DEADLINE, false) {
-        let _ = set_aside(&db, &found.damage);
+        let lock = DatabaseLock::acquire(&db).unwrap();
+        let _ = set_aside(&db, &lock, &found.damage);
     }
     let _ = recover_offline(&db, false);
     for entry in fs::read_dir(db.parent().unwrap()).unwrap() {
