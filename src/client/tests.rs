@@ -366,3 +366,34 @@ fn a_client_hangs_up_a_connection_it_gives_up_on_before_it_reconnects() {
     ));
     server.join().unwrap();
 }
+
+/// A standalone write that finds the database held goes back to the front
+/// of the queue for the daemon; when the handoff fails (no socket within
+/// the timeout, retries used up), the request stays unanswered, and a
+/// later `recv` answers it once the database is free, not a panic.
+#[test]
+fn a_request_a_failed_handoff_left_is_answered_by_the_next_recv() {
+    use crate::store::lock::DatabaseLock;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data/codi.db");
+    let mut opts = options(vec![Endpoint::Unix(dir.path().join("none.sock"))]);
+    opts.standalone_db = Some(db.clone());
+    opts.timeout = Duration::from_millis(100);
+    opts.retry.tries = 1;
+    let mut client = Client::connect(opts).unwrap();
+    assert_eq!(client.standalone_db(), Some(db.as_path()));
+    let daemon = DatabaseLock::acquire(&db).unwrap();
+    let held = log("held");
+    let e = client.send(held.clone()).unwrap_err();
+    assert!(matches!(e, ClientError::GaveUp { .. }), "{e}");
+    assert_eq!(client.pending(), 1, "the request is kept, unanswered");
+    let e = client.recv().unwrap_err();
+    assert!(matches!(e, ClientError::GaveUp { .. }), "still held: {e}");
+    assert_eq!(client.pending(), 1, "still kept");
+    drop(daemon);
+    let done = client.recv().unwrap().expect("answered");
+    assert_eq!(done.request.id, held.id);
+    assert_eq!(done.answer.payload, accepted(&held).payload);
+    assert_eq!(client.pending(), 0);
+    assert!(client.recv().unwrap().is_none(), "answered once");
+}

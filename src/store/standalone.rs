@@ -121,6 +121,38 @@ mod tests {
     use crate::store::{batch_entry_id, LogRow};
     use uuid::Uuid;
 
+    /// A daemon restarting to salvage (the store marked suspect, or its
+    /// files being set aside) holds the database until it serves: codi2
+    /// waits for it rather than give up on a damage about to be repaired.
+    #[test]
+    fn a_daemon_salvaging_the_files_is_held_by_daemon_not_damage() {
+        use crate::store::lock::DatabaseLock;
+        use crate::store::schema::with_suffix;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(StandaloneStore::open(&path).unwrap());
+        let is_held = |e: &StoreError| matches!(e, StoreError::HeldByDaemon { .. });
+        let is_damaged = |e: &StoreError| matches!(e, StoreError::Damaged { .. });
+
+        recovery::mark_suspect(&path, "found corrupt").unwrap();
+        let daemon = DatabaseLock::acquire(&path).unwrap();
+        let e = StandaloneStore::open(&path).unwrap_err();
+        assert!(is_held(&e), "suspect, a daemon starting: {e}");
+        drop(daemon);
+        let e = StandaloneStore::open(&path).unwrap_err();
+        assert!(is_damaged(&e), "suspect, no daemon: {e}");
+        std::fs::remove_file(recovery::suspect_path(&path)).unwrap();
+
+        // A set-aside under way: its fresh file is in place.
+        std::fs::write(with_suffix(&path, ".new"), b"").unwrap();
+        let daemon = DatabaseLock::acquire(&path).unwrap();
+        let e = StandaloneStore::open(&path).unwrap_err();
+        assert!(is_held(&e), "set-aside under way: {e}");
+        drop(daemon);
+        let e = StandaloneStore::open(&path).unwrap_err();
+        assert!(is_damaged(&e), "a set-aside left half done: {e}");
+    }
+
     #[test]
     fn writes_and_reads_alongside_another_connection() {
         let dir = tempfile::tempdir().unwrap();
