@@ -290,8 +290,19 @@ impl Client {
             let Some(front) = self.outstanding.front() else {
                 return Ok(None);
             };
+            if let Backend::Standalone(_) = self.backend {
+                // Standalone answers are ready at once, but a handoff to a
+                // daemon that failed leaves its request here: answered now
+                // if the database is free again, else handed over again.
+                let request = self.outstanding.pop_front().expect("front exists");
+                match self.answer_locally(request) {
+                    Err(e) if e.is_held_by_daemon() => self.reconnect(e.to_string())?,
+                    done => done?,
+                }
+                continue;
+            }
             let Backend::Daemon(conn) = &mut self.backend else {
-                unreachable!("standalone answers are ready at once")
+                unreachable!("checked above")
             };
             match conn.recv() {
                 Ok(answer) => {

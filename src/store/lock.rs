@@ -14,7 +14,9 @@
 //!
 //! So a daemon and a `codi2` never write the files at the same time: while
 //! a daemon holds the database, its writer is the only writer of the
-//! ingest file and its merger the only one of the main database.
+//! ingest file and its merger the only one of the main database (but for
+//! an operator's `codi-monitor recover --acknowledge`, which takes no lock:
+//! docs/ARCHITECTURE.md, "One owner per file").
 
 use super::schema::{prepare_directory, with_suffix};
 use super::StoreError;

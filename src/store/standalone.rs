@@ -39,11 +39,19 @@ impl StandaloneStore {
     /// with the same checks and settings as the daemon.
     /// A damaged file, one the daemon found corrupt, or a recovery under
     /// way is [`StoreError::Damaged`]: nothing is written then.
+    /// A daemon that holds the database is [`StoreError::HeldByDaemon`]
+    /// first, even while it salvages the files: it serves them soon.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let refuse = |detail: &str| StoreError::Damaged {
             path: path.to_owned(),
             detail: detail.to_owned(),
         };
+        // Opening creates and migrates the files: a write. Taken before
+        // the checks, so that no set-aside starts between them and the
+        // open, and so that a daemon salvaging the files (it set them
+        // aside, or found them suspect) is waited for, not reported as
+        // damage nobody deals with.
+        let _right_to_write = StandaloneWrite::take(path)?;
         if recovery::in_progress(path) {
             return Err(refuse("a recovery of it is under way"));
         }
@@ -53,8 +61,6 @@ impl StandaloneStore {
             ));
         }
         let open = || -> Result<Self, StoreError> {
-            // Opening creates and migrates the files: a write.
-            let _right_to_write = StandaloneWrite::take(path)?;
             let conn = schema::open_rw(path, STANDALONE_CACHE_MB)?;
             let ingest = schema::open_ingest_rw(path, STANDALONE_CACHE_MB)?;
             Ok(StandaloneStore {
