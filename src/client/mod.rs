@@ -341,10 +341,10 @@ impl Client {
 
     /// Backs off and reconnects, as [`Client::recover`], after `last`.
     fn reconnect(&mut self, mut last: String) -> Result<(), ClientError> {
-        if let Backend::Daemon(conn) = &self.backend {
-            conn.hang_up();
-        }
         loop {
+            if let Backend::Daemon(conn) = &self.backend {
+                conn.hang_up();
+            }
             self.failures += 1;
             if self.failures > self.opts.retry.tries {
                 return Err(ClientError::GaveUp {
@@ -428,6 +428,9 @@ impl Client {
             };
             (self.opts.notice)(&sentence);
         }
+        // An answer, as from a daemon: the next failure starts a fresh
+        // round of retries.
+        self.failures = 0;
         self.ready.push_back(Answered { request, answer });
         Ok(())
     }
