@@ -177,6 +177,40 @@ fn partly_sent_frames_cost_memory_only_for_bytes_received_and_within_the_pool() 
     drop((announced, partial));
 }
 
+/// A batch of `n` logs of 1 KiB each.
+fn large_batch(n: usize) -> Message {
+    let text = "x".repeat(1024);
+    Message::new(Payload::LogBatch {
+        entries: (0..n)
+            .map(|_| fields(LogLevel::Info, "large", &text))
+            .collect(),
+    })
+}
+
+/// A read buffer grown for a large frame is charged to the receive pool:
+/// connections that sent one and then sit idle must not keep another
+/// connection's large frame out of the pool.
+#[test]
+fn idle_connections_never_keep_a_large_frame_out_of_the_receive_pool() {
+    let sandbox = Sandbox::new();
+    sandbox.write_config("[storage]\ninflight_bytes = 2097152\n");
+    let d = Daemon::start(Arc::clone(&sandbox), Opts::default().with_config());
+    // Three buffers of about 700 KiB still held would leave the 2 MiB pool
+    // no room for a fourth frame of 900 KiB.
+    let idle: Vec<Client> = (0..3)
+        .map(|_| {
+            let mut c = d.unix();
+            c.expect_accepted(&large_batch(650));
+            c
+        })
+        .collect();
+    let mut c = d.unix();
+    c.expect_accepted(&large_batch(850));
+    for mut kept in idle {
+        kept.expect_accepted(&large_batch(650));
+    }
+}
+
 #[test]
 fn token_guesses_are_throttled_per_address_and_logged() {
     let d = Daemon::start_default();

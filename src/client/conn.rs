@@ -149,6 +149,14 @@ impl Stream {
         }
     }
 
+    /// Sets how long a write may block.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// Half-closes: no more bytes will be sent.
     pub fn shutdown_write(&self) -> io::Result<()> {
         match self {

@@ -53,6 +53,8 @@ impl Client {
 
     fn from_stream(stream: Stream) -> Client {
         stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        // A daemon that stops reading fails the test instead of hanging it.
+        stream.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
         Client {
             stream,
             buf: Vec::new(),
