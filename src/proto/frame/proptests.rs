@@ -385,12 +385,39 @@ fn apply(frame: &mut Vec<u8>, m: &Mutation) {
     }
 }
 
+/// `decode_message` as it was before strings were borrowed: a decoder that
+/// reads from a slice, and refuses whatever it leaves unread. The borrowing
+/// decoder must accept exactly what this one accepts, as the same message.
+fn decode_by_reader(body: &[u8]) -> Result<Message, String> {
+    let mut rest = body;
+    let mut decoder = rmp_serde::Deserializer::new(&mut rest);
+    decoder.set_max_depth(MAX_NESTING);
+    let msg = Message::deserialize(&mut decoder).map_err(|e| e.to_string())?;
+    match rest.len() {
+        0 => Ok(msg),
+        n => Err(format!("{n} bytes after the message")),
+    }
+}
+
 /// What a decoder may do with any input: decode it, or refuse it with an
 /// error. A message it accepts must itself be encodable and come back
 /// unchanged from its own encoding, so that the daemon can always echo,
 /// store and answer what it took.
 fn check_decodes_or_refuses(body: &[u8]) -> Result<(), TestCaseError> {
-    if let Ok(msg) = decode_message(body) {
+    let decoded = decode_message(body);
+    let by_reader = decode_by_reader(body);
+    prop_assert_eq!(
+        decoded.is_ok(),
+        by_reader.is_ok(),
+        "the borrowing decoder says {:?}, a reader that counts what is left says {:?}",
+        decoded.as_ref().map_err(ToString::to_string),
+        by_reader
+    );
+    if let (Ok(msg), Ok(other)) = (&decoded, &by_reader) {
+        // Compared as bytes: a NaN in metadata equals nothing.
+        prop_assert_eq!(frame(msg), frame(other));
+    }
+    if let Ok(msg) = decoded {
         let mut out = Vec::new();
         match encode_message(&msg, &mut out) {
             Ok(()) => {
@@ -752,17 +779,224 @@ proptest! {
         deep.extend(nested_bytes(depth, &kinds));
         deep.extend_from_slice(&body[pos + mark.len()..]);
         // A loop thread has 8 MiB; a quarter of that must already suffice.
-        let (decoded, body_depth) = std::thread::Builder::new()
+        let (decoded, by_reader, body_depth) = std::thread::Builder::new()
             .stack_size(2 * 1024 * 1024)
             .spawn(move || {
                 let r = decode_message(&deep).map(|_| ());
-                (r.map_err(|e| e.to_string()), depth)
+                (r.map_err(|e| e.to_string()), decode_by_reader(&deep).map(|_| ()), depth)
             })
             .unwrap()
             .join()
             .expect("decoding must not overflow the stack");
+        prop_assert_eq!(decoded.is_ok(), by_reader.is_ok(), "{:?} / {:?}", decoded, by_reader);
         if body_depth > MAX_NESTING {
             prop_assert!(decoded.is_err(), "{body_depth} levels were accepted");
         }
+    }
+}
+
+/// A named-map message with these three fields, as bytes.
+fn named(id: Value, timestamp: Value, payload: Value) -> Vec<u8> {
+    to_bytes(&Value::Map(vec![
+        ("id".into(), id),
+        ("timestamp".into(), timestamp),
+        ("payload".into(), payload),
+    ]))
+}
+
+/// A string no value can hold, put in place by [`splice_raw`].
+const RAW: &str = "\u{1}raw\u{1}";
+
+/// `body` with every encoded [`RAW`] replaced by `raw` as written, so that
+/// a test can put bytes no value can hold (a str of invalid UTF-8) anywhere.
+fn splice_raw(body: Vec<u8>, raw: &[u8]) -> Vec<u8> {
+    let mark = to_bytes(&Value::from(RAW));
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body.as_slice();
+    while let Some(pos) = rest.windows(mark.len()).position(|w| w == mark.as_slice()) {
+        out.extend_from_slice(&rest[..pos]);
+        out.extend_from_slice(raw);
+        rest = &rest[pos + mark.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// Hand-made edges where borrowing could change what is accepted: strings
+/// as bin and bin as strings, invalid UTF-8, ids in every form, extension
+/// values, enums in unusual shapes, containers with too many or too few
+/// items, and bytes after the message. Each must decode exactly as a
+/// reader that counts what is left decodes it.
+#[test]
+fn hand_made_edges_decode_as_a_reader_would() {
+    let raw = || Value::from(RAW);
+    let id = || Value::Binary(vec![7; 16]);
+    let ts = || Value::from("2026-12-08T00:00:00Z");
+    let (info, c, nil) = (|| Value::from("Info"), || Value::from("c"), || Value::Nil);
+    let bin = |b: &[u8]| Value::Binary(b.to_vec());
+    let ext = |t: i8, n: usize| Value::Ext(t, vec![0; n]);
+    let one = |key: &str, value: Value| Value::Map(vec![(key.into(), value)]);
+    let entry = |level: Value, component: Value, metadata: Value| {
+        let fields = [
+            ("level", level),
+            ("component", component),
+            ("message", "m".into()),
+        ];
+        let mut fields: Vec<(Value, Value)> =
+            fields.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        fields.push(("metadata".into(), metadata));
+        named(id(), ts(), one("LogEntry", Value::Map(fields)))
+    };
+    let ping = |id: Value, ts: Value| named(id, ts, "Ping".into());
+    let payload = |p: Value| named(id(), ts(), p);
+    let bad_utf8: &[u8] = &[0xa2, 0xff, 0xfe];
+    let bad_16: Vec<u8> = [0xb0].into_iter().chain(0xf0..=0xff).collect();
+    let uuid_text = "0193f1e2-7c4a-7b3e-9d2f-1a2b3c4d5e6f";
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("plain", entry(info(), c(), nil())),
+        (
+            "component bad UTF-8",
+            splice_raw(entry(info(), raw(), nil()), bad_utf8),
+        ),
+        ("component as bin", entry(info(), bin(b"c"), nil())),
+        ("component as bad bin", entry(info(), bin(&[0xff]), nil())),
+        ("component as ext", entry(info(), ext(1, 1), nil())),
+        (
+            "metadata bad UTF-8",
+            splice_raw(entry(info(), c(), raw()), bad_utf8),
+        ),
+        ("metadata ext timestamp", entry(info(), c(), ext(-1, 12))),
+        (
+            "metadata ext of 0 bytes",
+            splice_raw(entry(info(), c(), raw()), &[0xc7, 0, 5]),
+        ),
+        ("metadata bin", entry(info(), c(), bin(&[1, 2]))),
+        ("level as bin", entry(bin(b"Info"), c(), nil())),
+        ("level as index", entry(Value::from(2), c(), nil())),
+        ("level as map", entry(one("Info", nil()), c(), nil())),
+        (
+            "level bad UTF-8",
+            splice_raw(entry(raw(), c(), nil()), bad_utf8),
+        ),
+        ("id as string", ping(uuid_text.into(), ts())),
+        (
+            "id as 32 digits",
+            ping(uuid_text.replace('-', "").into(), ts()),
+        ),
+        ("id as 16 chars", ping("0123456789abcdef".into(), ts())),
+        (
+            "id as 16 bytes of bad UTF-8",
+            splice_raw(ping(raw(), ts()), &bad_16),
+        ),
+        (
+            "id as 16 ints",
+            ping(Value::Array(vec![Value::from(1); 16]), ts()),
+        ),
+        (
+            "id as 17 ints",
+            ping(Value::Array(vec![Value::from(1); 17]), ts()),
+        ),
+        ("id as 15 bytes", ping(bin(&[1; 15]), ts())),
+        ("id as ext", ping(ext(1, 16), ts())),
+        ("timestamp as bin", ping(id(), bin(b"2026-12-08T00:00:00Z"))),
+        ("timestamp as ext", ping(id(), ext(-1, 8))),
+        (
+            "timestamp bad UTF-8",
+            splice_raw(ping(id(), raw()), bad_utf8),
+        ),
+        ("payload as bin", payload(bin(b"Ping"))),
+        ("payload as map to nil", payload(one("Ping", nil()))),
+        ("payload as map to 0", payload(one("Ping", Value::from(0)))),
+        (
+            "payload as map of two",
+            payload(Value::Map(vec![("Ping".into(), nil()); 2])),
+        ),
+        (
+            "payload as array",
+            payload(Value::Array(vec!["Ping".into()])),
+        ),
+        ("payload as index", payload(Value::from(0))),
+        (
+            "patterns as empty bin",
+            payload(one(
+                "StartMonitoring",
+                Value::Array(vec!["/".into(), true.into(), bin(&[])]),
+            )),
+        ),
+        (
+            "entries as empty bin",
+            payload(one("LogBatch", one("entries", bin(&[])))),
+        ),
+        (
+            "positional entry of six",
+            payload(one(
+                "LogEntry",
+                Value::Array(vec![info(), c(), "m".into(), nil(), nil(), nil()]),
+            )),
+        ),
+        (
+            "positional entry of three",
+            payload(one("LogEntry", Value::Array(vec![info(), c(), "m".into()]))),
+        ),
+        (
+            "positional message",
+            to_bytes(&Value::Array(vec![id(), ts(), "Ping".into()])),
+        ),
+        (
+            "positional message of four",
+            to_bytes(&Value::Array(vec![id(), ts(), "Ping".into(), nil()])),
+        ),
+        (
+            "positional message of two",
+            to_bytes(&Value::Array(vec![id(), ts()])),
+        ),
+    ];
+    // A map that says it has one entry more than it has; then that entry,
+    // unknown.
+    let mut short = ping(id(), ts());
+    short[0] = 0x84;
+    cases.push(("map one entry short", short.clone()));
+    short.extend(to_bytes(&"x".into()));
+    short.extend(to_bytes(&Value::from(1)));
+    cases.push(("unknown field", short));
+    let whole = ping(id(), ts());
+    for tail in [
+        &[0xc0][..],
+        &[0xc1],
+        &[0xd9],
+        &[0xd9, 5],
+        &[0xdd, 0xff, 0xff, 0xff, 0xff],
+        &whole,
+    ] {
+        let mut body = whole.clone();
+        body.extend_from_slice(tail);
+        cases.push(("bytes after", body));
+    }
+    for (name, body) in &cases {
+        let decoded = decode_message(body).map_err(|e| e.to_string());
+        let by_reader = decode_by_reader(body);
+        assert_eq!(
+            decoded.is_ok(),
+            by_reader.is_ok(),
+            "{name}: {decoded:?} / {by_reader:?}"
+        );
+        if let (Ok(a), Ok(b)) = (&decoded, &by_reader) {
+            assert_eq!(frame(a), frame(b), "{name}");
+        }
+    }
+    // The edges are real ones: some of each kind are accepted.
+    let accepted = |name: &str| {
+        cases
+            .iter()
+            .any(|(n, b)| *n == name && decode_message(b).is_ok())
+    };
+    for name in [
+        "component as bin",
+        "metadata bad UTF-8",
+        "id as 16 bytes of bad UTF-8",
+        "level as map",
+        "patterns as empty bin",
+    ] {
+        assert!(accepted(name), "{name}");
     }
 }
