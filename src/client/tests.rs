@@ -397,3 +397,42 @@ fn a_request_a_failed_handoff_left_is_answered_by_the_next_recv() {
     assert_eq!(client.pending(), 0);
     assert!(client.recv().unwrap().is_none(), "answered once");
 }
+
+/// An answer given locally, as one from a daemon, starts a fresh round of
+/// retries: a stream written directly waits out every daemon that holds
+/// the database for a moment, not only the first few of its life.
+#[test]
+fn each_hold_a_standalone_stream_waits_out_gets_the_full_retry_budget() {
+    use crate::store::lock::DatabaseLock;
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data/codi.db");
+    let mut opts = options(vec![Endpoint::Unix(dir.path().join("none.sock"))]);
+    opts.standalone_db = Some(db.clone());
+    opts.timeout = Duration::from_secs(10);
+    opts.retry.tries = 1;
+    let mut client = Client::connect(opts).unwrap();
+    assert_eq!(client.standalone_db(), Some(db.as_path()));
+    for round in 0..3 {
+        let (held_tx, held_rx) = mpsc::channel();
+        let db = db.clone();
+        // A daemon that holds the database for a moment, then exits
+        // without ever serving a socket.
+        let holder = thread::spawn(move || {
+            let lock = DatabaseLock::acquire(&db).unwrap();
+            held_tx.send(()).unwrap();
+            thread::sleep(Duration::from_millis(200));
+            drop(lock);
+        });
+        held_rx.recv().unwrap();
+        let msg = log(&format!("round {round}"));
+        client
+            .send(msg.clone())
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let done = client.recv().unwrap().expect("answered");
+        assert_eq!(done.request.id, msg.id);
+        assert_eq!(done.answer.payload, accepted(&msg).payload);
+        holder.join().unwrap();
+    }
+    assert_eq!(client.standalone_db(), Some(db.as_path()));
+}
