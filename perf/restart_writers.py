@@ -8,10 +8,11 @@ CALLERS threads each running `codi2 log` one call after another, and
 RESTARTS restarts of the daemon as systemd does them (SIGTERM, wait for
 the exit, start again, wait for READY), RESTART_EVERY seconds apart.
 Every call's start and end is recorded, and whether it wrote directly
-("wrote directly" on stderr). A direct write whose whole call lies inside
-a daemon's lifetime (spawn to exit) wrote beside a running daemon: those
-are counted. Printed per run: calls, direct writes, direct writes beside
-a daemon, failed calls, call latency p50/p99/max, and stored == accepted.
+("wrote directly" on stderr). Direct writes whose whole call lies inside
+a daemon's lifetime (spawn to exit) are counted: a daemon held, or was
+about to take, the database meanwhile. Printed per run: calls, direct
+writes, those within a daemon's lifetime, failed calls, call latency
+p50/p99/max, stored == accepted, and the slowest stop (SIGTERM to exit).
 
 Environment: ROUNDS (2), CALLERS (4), RESTARTS (5), RESTART_EVERY (1.5).
 Loopback and temp files only; it stops by itself.
@@ -54,9 +55,12 @@ def start_daemon(bin_dir, socket, db):
 
 
 def stop_daemon(proc):
+    """SIGTERM, then the wait for the exit; returns (exit time, seconds the stop took)."""
+    asked = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
-    return time.monotonic()
+    exited = time.monotonic()
+    return exited, exited - asked
 
 
 def caller(bin_dir, socket, db, stop, calls, n):
@@ -93,6 +97,7 @@ def one_run(label, bin_dir):
         os.chmod(tmp, 0o700)
         socket, db = f"{tmp}/m.sock", f"{tmp}/data/codi.db"
         lifetimes = []
+        stops = []
         proc, spawned = start_daemon(bin_dir, socket, db)
         stop = threading.Event()
         calls = [[] for _ in range(CALLERS)]
@@ -104,13 +109,17 @@ def one_run(label, bin_dir):
             t.start()
         for _ in range(RESTARTS):
             time.sleep(RESTART_EVERY)
-            lifetimes.append((spawned, stop_daemon(proc)))
+            exited, took = stop_daemon(proc)
+            lifetimes.append((spawned, exited))
+            stops.append(took)
             proc, spawned = start_daemon(bin_dir, socket, db)
         time.sleep(RESTART_EVERY)
         stop.set()
         for t in threads:
             t.join()
-        lifetimes.append((spawned, stop_daemon(proc)))
+        exited, took = stop_daemon(proc)
+        lifetimes.append((spawned, exited))
+        stops.append(took)
         every = [c for per in calls for c in per]
         direct = [c for c in every if c[3]]
         beside = [
@@ -120,10 +129,10 @@ def one_run(label, bin_dir):
         accepted = len(every) - len(failed)
         latency = [(c[1] - c[0]) * 1000 for c in every]
         print(
-            f"{label}: calls {len(every)}, direct {len(direct)}, direct beside a daemon "
+            f"{label}: calls {len(every)}, direct {len(direct)}, direct within a daemon's lifetime "
             f"{len(beside)}, failed {len(failed)}, latency ms p50 {percentile(latency, 0.5):.1f} "
             f"p99 {percentile(latency, 0.99):.1f} max {max(latency):.1f}, "
-            f"stored {stored(db)} accepted {accepted}",
+            f"stored {stored(db)} accepted {accepted}, slowest stop {max(stops) * 1000:.0f} ms",
             flush=True,
         )
 

@@ -70,77 +70,20 @@ pub fn decode_message(body: &[u8]) -> Result<Message, DecodeError> {
     let mut decoder = rmp_serde::Deserializer::from_read_ref(body);
     decoder.set_max_depth(MAX_NESTING);
     let msg = Message::deserialize(&mut decoder)?;
-    // A borrowing decoder does not tell how much it read: the message's
-    // own length is measured apart.
-    match first_value_len(body) {
-        Some(len) if len < body.len() => {
-            Err(DecodeError(rmp_serde::decode::Error::Syntax(format!(
-                "{} bytes after the message in a frame of {} bytes",
-                body.len() - len,
-                body.len()
-            ))))
+    // A borrowing decoder does not tell how much it read: one more marker
+    // is asked for, and only "no byte left" means the body ended with the
+    // message.
+    match u8::deserialize(&mut decoder) {
+        Err(rmp_serde::decode::Error::InvalidMarkerRead(e))
+            if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Ok(msg)
         }
-        _ => Ok(msg),
+        _ => Err(DecodeError(rmp_serde::decode::Error::Syntax(format!(
+            "bytes after the message in a frame of {} bytes",
+            body.len()
+        )))),
     }
-}
-
-/// Bytes the first MessagePack value at the start of `bytes` spans, or
-/// `None` if it is cut short or malformed (the decoder says what is wrong
-/// then). Reads markers and lengths only, skipping every string, binary
-/// and extension body: one pass, no allocation, no recursion (a count of
-/// values still to read, which may never exceed the bytes left, since
-/// each value takes at least one).
-fn first_value_len(bytes: &[u8]) -> Option<usize> {
-    use rmp::Marker;
-    let mut at = 0usize;
-    let mut pending: u64 = 1;
-    while pending > 0 {
-        pending -= 1;
-        let marker = Marker::from_u8(*bytes.get(at)?);
-        at += 1;
-        // A big-endian length of `n` bytes at `at`, stepped over.
-        let mut length = |n: usize| -> Option<u64> {
-            let field = bytes.get(at..at.checked_add(n)?)?;
-            at += n;
-            Some(field.iter().fold(0, |v, &b| v << 8 | u64::from(b)))
-        };
-        let (body, values): (u64, u64) = match marker {
-            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
-                (0, 0)
-            }
-            Marker::U8 | Marker::I8 => (1, 0),
-            Marker::U16 | Marker::I16 => (2, 0),
-            Marker::U32 | Marker::I32 | Marker::F32 => (4, 0),
-            Marker::U64 | Marker::I64 | Marker::F64 => (8, 0),
-            Marker::FixStr(n) => (n.into(), 0),
-            Marker::Str8 | Marker::Bin8 => (length(1)?, 0),
-            Marker::Str16 | Marker::Bin16 => (length(2)?, 0),
-            Marker::Str32 | Marker::Bin32 => (length(4)?, 0),
-            Marker::FixArray(n) => (0, n.into()),
-            Marker::Array16 => (0, length(2)?),
-            Marker::Array32 => (0, length(4)?),
-            Marker::FixMap(n) => (0, 2 * u64::from(n)),
-            Marker::Map16 => (0, 2 * length(2)?),
-            Marker::Map32 => (0, 2 * length(4)?),
-            // A type byte, then the data.
-            Marker::FixExt1 => (2, 0),
-            Marker::FixExt2 => (3, 0),
-            Marker::FixExt4 => (5, 0),
-            Marker::FixExt8 => (9, 0),
-            Marker::FixExt16 => (17, 0),
-            Marker::Ext8 => (length(1)? + 1, 0),
-            Marker::Ext16 => (length(2)? + 1, 0),
-            Marker::Ext32 => (length(4)? + 1, 0),
-            Marker::Reserved => return None,
-        };
-        at = at.checked_add(usize::try_from(body).ok()?)?;
-        let left = bytes.len().checked_sub(at)?;
-        pending = pending.checked_add(values)?;
-        if pending > left as u64 {
-            return None;
-        }
-    }
-    Some(at)
 }
 
 /// Appends `msg` as one frame (named-map encoding) to `out`.
@@ -502,54 +445,6 @@ mod tests {
         assert!(err.contains("bytes after the message"), "{err}");
         let nil_after = [&out[HEADER_LEN..], &[0xc0]].concat();
         assert!(decode_message(&nil_after).is_err());
-    }
-
-    /// Every marker family, at the widths the property test's small values
-    /// do not reach (16- and 32-bit lengths, every fixed extension).
-    #[test]
-    fn the_first_values_length_covers_every_marker_width() {
-        let long = |n: usize| "x".repeat(n);
-        let values = [
-            rmpv::Value::from(u8::MAX),
-            rmpv::Value::from(u16::MAX),
-            rmpv::Value::from(u32::MAX),
-            rmpv::Value::from(u64::MAX),
-            rmpv::Value::from(i8::MIN),
-            rmpv::Value::from(i16::MIN),
-            rmpv::Value::from(i32::MIN),
-            rmpv::Value::from(i64::MIN),
-            rmpv::Value::F32(1.5),
-            rmpv::Value::F64(1.5),
-            rmpv::Value::from(long(300)),
-            rmpv::Value::from(long(70_000)),
-            rmpv::Value::Binary(vec![7; 300]),
-            rmpv::Value::Binary(vec![7; 70_000]),
-            rmpv::Value::Array(vec![rmpv::Value::Nil; 20]),
-            rmpv::Value::Array(vec![rmpv::Value::Nil; 70_000]),
-            rmpv::Value::Map(vec![(rmpv::Value::Nil, rmpv::Value::Nil); 20]),
-            rmpv::Value::Map(vec![(rmpv::Value::Nil, rmpv::Value::Nil); 70_000]),
-            rmpv::Value::Ext(1, vec![1]),
-            rmpv::Value::Ext(1, vec![1; 2]),
-            rmpv::Value::Ext(1, vec![1; 4]),
-            rmpv::Value::Ext(1, vec![1; 8]),
-            rmpv::Value::Ext(1, vec![1; 16]),
-            rmpv::Value::Ext(1, vec![1; 3]),
-            rmpv::Value::Ext(1, vec![1; 300]),
-            rmpv::Value::Ext(1, vec![1; 70_000]),
-        ];
-        for v in values {
-            let mut bytes = Vec::new();
-            rmpv::encode::write_value(&mut bytes, &v).unwrap();
-            let len = bytes.len();
-            assert_eq!(first_value_len(&bytes[..len - 1]), None, "{:#x}", bytes[0]);
-            bytes.push(0xc0);
-            assert_eq!(first_value_len(&bytes), Some(len), "{:#x}", bytes[0]);
-        }
-        // Counts far beyond the bytes there are end the walk at once.
-        assert_eq!(first_value_len(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0]), None);
-        assert_eq!(first_value_len(&[0xdf, 0xff, 0xff, 0xff, 0xff]), None);
-        assert_eq!(first_value_len(&[0xdb, 0xff, 0xff, 0xff, 0xff]), None);
-        assert_eq!(first_value_len(&[0xc1]), None, "the reserved marker");
     }
 
     #[test]

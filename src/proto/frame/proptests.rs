@@ -498,21 +498,6 @@ proptest! {
     }
 
     #[test]
-    fn the_first_values_length_is_measured_exactly(
-        v in value(),
-        trailing in prop::collection::vec(any::<u8>(), 0..8),
-    ) {
-        let mut bytes = Vec::new();
-        rmpv::encode::write_value(&mut bytes, &v).unwrap();
-        let len = bytes.len();
-        for cut in 0..len {
-            prop_assert_eq!(first_value_len(&bytes[..cut]), None, "cut at {}", cut);
-        }
-        bytes.extend(trailing);
-        prop_assert_eq!(first_value_len(&bytes), Some(len));
-    }
-
-    #[test]
     fn any_header_is_read_without_panic(header in any::<[u8; 4]>(), tail in prop::collection::vec(any::<u8>(), 0..8)) {
         let mut buf = header.to_vec();
         buf.extend(tail);
