@@ -75,13 +75,32 @@ mod cli {
         use codi_monitor::store::lock::DatabaseLock;
         let sandbox = Sandbox::new();
         let held = DatabaseLock::acquire(&sandbox.db()).unwrap();
+        // Each look codi2 takes at the database opens its writers' lock.
+        let mut looks = inotify::Inotify::init().unwrap();
+        looks
+            .watches()
+            .add(sandbox.path().join("data"), inotify::WatchMask::OPEN)
+            .unwrap();
         let mut cmd = codi2(&sandbox, &["--timeout", "20s", "log", "after the daemon"]);
         let waiting = cmd
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        let mut buffer = [0u8; 4096];
+        let mut seen = 0;
+        let looked_twice = wait_until(Duration::from_secs(20), || {
+            if let Ok(events) = looks.read_events(&mut buffer) {
+                seen += events
+                    .filter(|e| e.name.is_some_and(|n| n == "codi.db.writers-lock"))
+                    .count();
+            }
+            seen >= 2
+        });
+        assert!(
+            looked_twice,
+            "codi2 did not look at the database's lock again"
+        );
         assert!(
             !sandbox.db().exists(),
             "codi2 wrote while a daemon held the database"

@@ -257,10 +257,7 @@ impl Client {
     /// Sends `msg` without waiting for its answer (pipelining).
     pub fn send(&mut self, msg: Message) -> Result<(), ClientError> {
         if let Backend::Standalone(_) = self.backend {
-            return match self.answer_locally(msg) {
-                Err(e) if e.is_held_by_daemon() => self.reconnect(e.to_string()),
-                done => done,
-            };
+            return self.answer_or_hand_over(msg);
         }
         self.outstanding.push_back(msg);
         let Backend::Daemon(conn) = &mut self.backend else {
@@ -269,7 +266,7 @@ impl Client {
         let msg = self.outstanding.back().expect("just pushed");
         match conn.send(msg) {
             Ok(()) => Ok(()),
-            Err(e) if e.is_transient() => self.recover(e),
+            Err(e) if e.is_transient() => self.reconnect(e.to_string()),
             Err(e) => {
                 self.outstanding.pop_back();
                 Err(match e {
@@ -295,10 +292,7 @@ impl Client {
                 // daemon that failed leaves its request here: answered now
                 // if the database is free again, else handed over again.
                 let request = self.outstanding.pop_front().expect("front exists");
-                match self.answer_locally(request) {
-                    Err(e) if e.is_held_by_daemon() => self.reconnect(e.to_string())?,
-                    done => done?,
-                }
+                self.answer_or_hand_over(request)?;
                 continue;
             }
             let Backend::Daemon(conn) = &mut self.backend else {
@@ -318,7 +312,7 @@ impl Client {
                     let request = self.outstanding.pop_front().expect("front exists");
                     return Ok(Some(Answered { request, answer }));
                 }
-                Err(e) if e.is_transient() => self.recover(e)?,
+                Err(e) if e.is_transient() => self.reconnect(e.to_string())?,
                 Err(e) => return Err(ClientError::Protocol(e.to_string())),
             }
         }
@@ -333,13 +327,9 @@ impl Client {
         }
     }
 
-    /// After a transient failure: back off, reconnect (or go standalone if
-    /// the daemon is gone) and resend every unanswered request.
-    fn recover(&mut self, first: ConnError) -> Result<(), ClientError> {
-        self.reconnect(first.to_string())
-    }
-
-    /// Backs off and reconnects, as [`Client::recover`], after `last`.
+    /// After a transient failure (`last`): back off, reconnect (or go
+    /// standalone if the daemon is gone) and resend every unanswered
+    /// request.
     fn reconnect(&mut self, mut last: String) -> Result<(), ClientError> {
         loop {
             if let Backend::Daemon(conn) = &self.backend {
@@ -401,6 +391,15 @@ impl Client {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Answers `request` from the database, or, if a daemon holds it now,
+    /// hands every unanswered request to that daemon.
+    fn answer_or_hand_over(&mut self, request: Message) -> Result<(), ClientError> {
+        match self.answer_locally(request) {
+            Err(e) if e.is_held_by_daemon() => self.reconnect(e.to_string()),
+            done => done,
         }
     }
 

@@ -62,7 +62,8 @@ impl DatabaseLock {
     /// directory if needed, and writes this process's id into the file;
     /// then waits (at most [`STANDALONE_WRITES_WAIT`]) for the `codi2`
     /// writes under way. Fails with [`StoreError::DatabaseInUse`] if
-    /// another daemon holds the database, or a `codi2` write does not end.
+    /// another daemon holds the database, [`StoreError::StandaloneWriteStuck`]
+    /// if a `codi2` write does not end.
     pub fn acquire(db: &Path) -> Result<DatabaseLock, StoreError> {
         Self::acquire_waiting(db, STANDALONE_WRITES_WAIT)
     }
@@ -102,13 +103,10 @@ impl DatabaseLock {
         )
         .map_err(io_err("lock", &writers_path))?
         {
-            return Err(StoreError::DatabaseInUse {
+            return Err(StoreError::StandaloneWriteStuck {
                 path: db.to_owned(),
                 lock: writers_path,
-                holder: format!(
-                    "a `codi2` writing without the daemon for over {}s",
-                    writes_wait.as_secs_f32()
-                ),
+                waited: writes_wait,
             });
         }
         Ok(DatabaseLock {

@@ -147,6 +147,24 @@ pub enum StoreError {
         /// Who holds it, as far as the lock file says.
         holder: String,
     },
+    /// A `codi2` writing without the daemon kept the right to write for
+    /// longer than a starting daemon waits.
+    #[error(
+        "database `{path}`: a `codi2` writing it without the daemon still holds `{lock}` after \
+         {}s (stopped or stuck?); find it with `fuser {lock}`, end it, and start the daemon \
+         again",
+        waited.as_secs_f32(),
+        path = path.display(),
+        lock = lock.display()
+    )]
+    StandaloneWriteStuck {
+        /// The database file.
+        path: PathBuf,
+        /// The writers' lock file.
+        lock: PathBuf,
+        /// How long the daemon waited.
+        waited: std::time::Duration,
+    },
     /// A daemon (or `codi-monitor recover`) holds the database: a `codi2`
     /// must not write it directly ([`lock::StandaloneWrite`]).
     #[error(
